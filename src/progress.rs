@@ -1,0 +1,1 @@
+//! Progress bars and plain periodic lines for every stage (filled by the store/prepare owner).

@@ -1,5 +1,13 @@
-//! Stage 3 (skeleton; its owner replaces this file).
+//! Stage 3: Conformer-CTC finetuning on cached features, decoding and scoring.
+//! (Skeleton: the training owner owns this file.)
 use clap::Args;
+
+pub mod ctc;
+pub mod metrics;
+pub mod model;
+pub mod ops;
+pub mod search;
+pub mod tokenizer;
 
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {}

@@ -1,5 +1,12 @@
-//! Models (skeleton; its owners replace this file).
+//! Models: wav2vec 2.0 / HuBERT encoders, checkpoint loading, Kaldi fbank, the Conformer.
+//! (Skeleton: the checkpoint owner owns this file and `model-info`.)
 use clap::Args;
+
+pub mod checkpoint;
+pub mod config;
+pub mod conformer;
+pub mod fbank;
+pub mod wav2vec2;
 
 #[derive(Args, Debug)]
 pub struct ModelInfoArgs {}

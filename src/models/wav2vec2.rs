@@ -1,0 +1,1 @@
+//! (skeleton: its owner fills this file)

@@ -1,0 +1,426 @@
+//! Training data: where feature batches come from, length-bucketed batches, normalisation,
+//! and CTC targets.
+//!
+//! Everything here works from the store's index (lengths, transcripts) and its stats/; no
+//! feature byte is read before a batch needs it, so launch cost does not grow with the data.
+use crate::finetune::tokenizer::Tokenizer;
+use crate::store::FeatureStore;
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {reason}")]
+    Source { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Where feature batches come from: a feature store (cached), or an audio store run through
+/// a frozen SSL model at every step (`onthefly`).
+pub trait FeatureSource: Send + Sync {
+    /// Store path, for messages.
+    fn path(&self) -> &Path;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn id(&self, i: usize) -> &str;
+    fn text(&self, i: usize) -> Option<&str>;
+    /// Feature frames of item `i` (from the index: no data is read).
+    fn frames(&self, i: usize) -> usize;
+    fn dim(&self) -> usize;
+    /// Hidden-state numbers available (fbank: [0]).
+    fn layers(&self) -> &[usize];
+    fn frame_rate(&self) -> f64;
+    /// Padded batch `[B, L, T, D]` (zeros past each length) and the lengths.
+    fn batch(
+        &self,
+        items: &[usize],
+        layers: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<usize>), DataError>;
+    /// Per-dimension (mean, variance) of one layer over the whole store.
+    fn stats(&self, layer: usize) -> Result<(Vec<f64>, Vec<f64>), DataError>;
+}
+
+/// A feature store opened for training or decoding.
+pub struct StoreSource {
+    store: FeatureStore,
+    path: PathBuf,
+}
+
+impl StoreSource {
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        let store = FeatureStore::open(path).map_err(|e| DataError::Source {
+            path: path.to_path_buf(),
+            reason: format!("cannot open feature store: {e}"),
+        })?;
+        Ok(Self {
+            store,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn store(&self) -> &FeatureStore {
+        &self.store
+    }
+
+    fn err(&self, reason: String) -> DataError {
+        DataError::Source {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+}
+
+impl FeatureSource for StoreSource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn len(&self) -> usize {
+        self.store.len()
+    }
+    fn id(&self, i: usize) -> &str {
+        &self.store.rows()[i].id
+    }
+    fn text(&self, i: usize) -> Option<&str> {
+        self.store.rows()[i].text.as_deref()
+    }
+    fn frames(&self, i: usize) -> usize {
+        self.store.rows()[i].length as usize
+    }
+    fn dim(&self) -> usize {
+        self.store.dim()
+    }
+    fn layers(&self) -> &[usize] {
+        self.store.layers()
+    }
+    fn frame_rate(&self) -> f64 {
+        self.store.frame_rate()
+    }
+    fn batch(
+        &self,
+        items: &[usize],
+        layers: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<usize>), DataError> {
+        self.store
+            .batch(items, layers, device)
+            .map_err(|e| self.err(format!("cannot read a batch: {e}")))
+    }
+    fn stats(&self, layer: usize) -> Result<(Vec<f64>, Vec<f64>), DataError> {
+        self.store
+            .stats(layer)
+            .map_err(|e| self.err(format!("cannot read stats of layer {layer}: {e}")))
+    }
+}
+
+/// Group `items` into batches of at most `batch_frames` padded frames (batch size times the
+/// longest item), after sorting by length so that padding stays small. The grouping is fixed;
+/// only the order of batches changes per epoch (seeded by `seed` and `epoch`), as in ESPnet's
+/// sorted batch bins. An item longer than `batch_frames` forms a batch of its own.
+pub fn make_batches(
+    frames: &[usize],
+    items: &[usize],
+    batch_frames: usize,
+    shuffle: Option<(u64, usize)>,
+) -> Vec<Vec<usize>> {
+    let mut sorted: Vec<usize> = items.to_vec();
+    sorted.sort_by_key(|&i| (frames[i], i));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    for i in sorted {
+        // ascending order: the new item is the longest of the batch
+        if !cur.is_empty() && (cur.len() + 1) * frames[i].max(1) > batch_frames {
+            batches.push(std::mem::take(&mut cur));
+        }
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    if let Some((seed, epoch)) = shuffle {
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0xBA7C, epoch as u64]));
+        batches.shuffle(&mut rng);
+    }
+    batches
+}
+
+/// Derive an independent RNG seed from a base seed and a path of numbers (splitmix64), so
+/// every epoch/step gets its own stream and a resumed run redraws exactly the same numbers.
+pub fn mix_seed(seed: u64, path: &[u64]) -> u64 {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for &p in path {
+        h = splitmix(h ^ splitmix(p.wrapping_add(0x632B_E59B_D9B4_E019)));
+    }
+    h
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Input normalisation, chosen in `[model] normalize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormalizeKind {
+    /// Per utterance and layer: mean and variance over the utterance's own frames.
+    Utterance,
+    /// Per layer, with the training store's stats/ (mean and variance of each layer). Each
+    /// layer is normalised with its own statistics *before* the learned weighted sum, so the
+    /// sum combines unit-variance inputs and the layer weights stay comparable.
+    Global,
+    None,
+}
+
+/// Global statistics as saved in the experiment (`EXP/global_stats.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalStats {
+    /// Hidden-state numbers, in the order of the batch's layer axis.
+    pub layers: Vec<usize>,
+    /// `[layer][dim]`
+    pub mean: Vec<Vec<f64>>,
+    pub var: Vec<Vec<f64>>,
+}
+
+impl GlobalStats {
+    pub fn from_source(source: &dyn FeatureSource, layers: &[usize]) -> Result<Self, DataError> {
+        let mut mean = Vec::with_capacity(layers.len());
+        let mut var = Vec::with_capacity(layers.len());
+        for &l in layers {
+            let (m, v) = source.stats(l)?;
+            if m.len() != source.dim() || v.len() != source.dim() {
+                return Err(DataError::Source {
+                    path: source.path().to_path_buf(),
+                    reason: format!(
+                        "stats of layer {l} have {} values, features have dim {}",
+                        m.len(),
+                        source.dim()
+                    ),
+                });
+            }
+            mean.push(m);
+            var.push(v);
+        }
+        Ok(Self {
+            layers: layers.to_vec(),
+            mean,
+            var,
+        })
+    }
+}
+
+/// Applies the chosen normalisation to a batch `[B, L, T, D]`; padding stays zero.
+pub enum Normalizer {
+    None,
+    Utterance,
+    Global { mean: Tensor, inv_std: Tensor },
+}
+
+impl Normalizer {
+    pub fn new(
+        kind: NormalizeKind,
+        stats: Option<&GlobalStats>,
+        device: &Device,
+    ) -> Result<Self, DataError> {
+        Ok(match kind {
+            NormalizeKind::None => Normalizer::None,
+            NormalizeKind::Utterance => Normalizer::Utterance,
+            NormalizeKind::Global => {
+                let stats = stats.ok_or_else(|| DataError::Source {
+                    path: PathBuf::from("global_stats.json"),
+                    reason: "global normalisation needs the training store's stats".into(),
+                })?;
+                let l = stats.layers.len();
+                let d = stats.mean.first().map(|m| m.len()).unwrap_or(0);
+                let mean: Vec<f32> = stats.mean.iter().flatten().map(|&m| m as f32).collect();
+                // floor as ESPnet's GlobalMVN (eps 1e-20 on variance); 1e-10 keeps f32 sane
+                let inv: Vec<f32> = stats
+                    .var
+                    .iter()
+                    .flatten()
+                    .map(|&v| (1.0 / v.max(1e-10).sqrt()) as f32)
+                    .collect();
+                Normalizer::Global {
+                    mean: Tensor::from_vec(mean, (1, l, 1, d), device)?,
+                    inv_std: Tensor::from_vec(inv, (1, l, 1, d), device)?,
+                }
+            }
+        })
+    }
+
+    // Mirrors ESPnet's GlobalMVN / UtteranceMVN (utterance: with norm_vars=True).
+    pub fn apply(&self, feats: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
+        let (b, _l, t, _d) = feats.dims4()?;
+        let mask = time_mask(b, t, lengths, feats.device())?;
+        match self {
+            Normalizer::None => Ok(feats.clone()),
+            Normalizer::Global { mean, inv_std } => feats
+                .broadcast_sub(mean)?
+                .broadcast_mul(inv_std)?
+                .broadcast_mul(&mask),
+            Normalizer::Utterance => {
+                let n: Vec<f32> = lengths.iter().map(|&n| n.max(1) as f32).collect();
+                let n = Tensor::from_vec(n, (b, 1, 1, 1), feats.device())?;
+                let x = feats.broadcast_mul(&mask)?;
+                let mean = x.sum_keepdim(2)?.broadcast_div(&n)?;
+                let centered = x.broadcast_sub(&mean)?.broadcast_mul(&mask)?;
+                let var = centered.sqr()?.sum_keepdim(2)?.broadcast_div(&n)?;
+                let inv = (var + 1e-10)?.sqrt()?.recip()?;
+                centered.broadcast_mul(&inv)
+            }
+        }
+    }
+}
+
+/// `[B, 1, T, 1]` with 1 on valid frames and 0 on padding.
+pub fn time_mask(b: usize, t: usize, lengths: &[usize], dev: &Device) -> candle_core::Result<Tensor> {
+    let mut m = vec![0f32; b * t];
+    for (u, &len) in lengths.iter().enumerate().take(b) {
+        m[u * t..u * t + len.min(t)].fill(1.0);
+    }
+    Tensor::from_vec(m, (b, 1, t, 1), dev)
+}
+
+/// CTC targets of one split, indexed like the source; items without usable text are left out.
+pub struct Targets {
+    /// Usable items (have a transcript with at least one known token), in store order.
+    pub items: Vec<usize>,
+    /// Token ids per store item (empty for unusable items).
+    pub tokens: Vec<Vec<u32>>,
+    /// Characters not in the vocabulary (mapped to `<unk>`).
+    pub unknown_chars: usize,
+    pub no_text: usize,
+    pub no_known_chars: usize,
+    pub too_long: usize,
+}
+
+impl Targets {
+    /// Encode every transcript. `max_frames > 0` drops longer items (training only).
+    pub fn encode(
+        source: &dyn FeatureSource,
+        tok: &Tokenizer,
+        max_frames: usize,
+    ) -> Result<Self, DataError> {
+        let mut t = Targets {
+            items: Vec::with_capacity(source.len()),
+            tokens: Vec::with_capacity(source.len()),
+            unknown_chars: 0,
+            no_text: 0,
+            no_known_chars: 0,
+            too_long: 0,
+        };
+        for i in 0..source.len() {
+            let Some(text) = source.text(i) else {
+                t.no_text += 1;
+                t.tokens.push(Vec::new());
+                continue;
+            };
+            let (ids, unk) = encode_text(tok, text);
+            t.unknown_chars += unk;
+            let known = ids.iter().any(|&id| !tok_is_unk(tok, id));
+            if !known {
+                t.no_known_chars += 1;
+                t.tokens.push(Vec::new());
+                continue;
+            }
+            if max_frames > 0 && source.frames(i) > max_frames {
+                t.too_long += 1;
+                t.tokens.push(Vec::new());
+                continue;
+            }
+            t.items.push(i);
+            t.tokens.push(ids);
+        }
+        if source.is_empty() {
+            return Err(DataError::Source {
+                path: source.path().to_path_buf(),
+                reason: "the store has no utterances".into(),
+            });
+        }
+        if t.no_text == source.len() {
+            return Err(DataError::Source {
+                path: source.path().to_path_buf(),
+                reason: "no utterance has a transcript (index.jsonl `text`); \
+                         prepare the corpus from a manifest with transcripts"
+                    .into(),
+            });
+        }
+        if t.items.is_empty() {
+            return Err(DataError::Source {
+                path: source.path().to_path_buf(),
+                reason: format!(
+                    "no usable utterance: {} without transcript, {} whose transcript has no \
+                     character known to the tokenizer, {} longer than train.max_frames",
+                    t.no_text, t.no_known_chars, t.too_long
+                ),
+            });
+        }
+        Ok(t)
+    }
+
+    /// One line for the log: what was left out and why.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} usable; left out: {} without transcript, {} with no known character, {} too long; \
+             {} unknown characters mapped to <unk>",
+            self.items.len(),
+            self.no_text,
+            self.no_known_chars,
+            self.too_long,
+            self.unknown_chars
+        )
+    }
+}
+
+/// Token ids of `text` and the number of characters that became `<unk>`.
+pub fn encode_text(tok: &Tokenizer, text: &str) -> (Vec<u32>, usize) {
+    let ids = tok.encode(text);
+    let unk = ids.iter().filter(|&&id| tok_is_unk(tok, id)).count();
+    (ids, unk)
+}
+
+fn tok_is_unk(tok: &Tokenizer, id: u32) -> bool {
+    id == tok.unk_id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_budget_and_cover_everything() {
+        let frames: Vec<usize> = (0..50).map(|i| 10 + (i * 37) % 90).collect();
+        let items: Vec<usize> = (0..50).collect();
+        let batches = make_batches(&frames, &items, 400, Some((3, 1)));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, items);
+        for b in &batches {
+            let max = b.iter().map(|&i| frames[i]).max().unwrap();
+            assert!(b.len() == 1 || b.len() * max <= 400);
+        }
+        let again = make_batches(&frames, &items, 400, Some((3, 1)));
+        assert_eq!(batches, again);
+        let other = make_batches(&frames, &items, 400, Some((3, 2)));
+        assert_ne!(batches, other);
+    }
+
+    #[test]
+    fn utterance_normalisation_ignores_padding() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(vec![1f32, 3., 100., 2., 4., 6.], (2, 1, 3, 1), &dev).unwrap();
+        let y = Normalizer::Utterance.apply(&x, &[2, 3]).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] + 1.0).abs() < 1e-4 && (v[1] - 1.0).abs() < 1e-4 && v[2] == 0.0);
+        assert!(v[4].abs() < 1e-6);
+    }
+}

@@ -1,0 +1,691 @@
+//! The training loop: experiment setup, epochs of length-bucketed batches, gradient
+//! accumulation, clipping, warmup schedule, validation, checkpoints, logs and plots.
+//!
+//! Reproducibility: every random draw (initialisation, batch order, SpecAugment) comes from a
+//! ChaCha8 stream seeded by (seed, what, epoch, batch), never from global state, so a run
+//! stopped anywhere and resumed from `checkpoints/last` writes the same checkpoints as an
+//! uninterrupted run. (Model dropout uses candle's unseedable RNG: set dropout to 0 where
+//! bit-exact reruns matter.)
+use crate::finetune::checkpoint::{
+    self, avg_path, epoch_path, last_path, AverageMeta, CheckpointError, CheckpointMeta,
+    EpochResult, SeededVars, RNG_SCHEME,
+};
+use crate::finetune::config::{warmup_lr, ConfigError, FinetuneConfig};
+use crate::finetune::ctc::ctc_loss;
+use crate::finetune::data::{
+    make_batches, mix_seed, DataError, FeatureSource, GlobalStats, NormalizeKind, Normalizer,
+    Targets,
+};
+use crate::finetune::metrics::ErrorCounts;
+use crate::finetune::model::AsrModel;
+use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
+use crate::finetune::plots;
+use crate::finetune::search;
+use crate::finetune::specaug;
+use crate::finetune::tokenizer::Tokenizer;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Plot(#[from] plots::PlotError),
+    #[error("{path}: {reason}")]
+    Experiment { path: PathBuf, reason: String },
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+fn exp_err(path: &Path, reason: impl std::fmt::Display) -> TrainError {
+    TrainError::Experiment {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// What an experiment was trained on (`EXP/experiment.json`); decode checks stores against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentMeta {
+    pub format_version: u32,
+    pub tool: String,
+    pub feat_dim: usize,
+    /// Hidden-state numbers fed to the model, in order.
+    pub layers: Vec<usize>,
+    pub frame_rate: f64,
+    pub vocab_size: usize,
+    pub normalize: NormalizeKind,
+    pub seed: u64,
+    pub train_store: String,
+}
+
+/// An experiment directory: config, tokenizer, normalisation stats and what it was trained on.
+pub struct Experiment {
+    pub dir: PathBuf,
+    pub config: FinetuneConfig,
+    pub meta: ExperimentMeta,
+    pub tokenizer: Tokenizer,
+    pub stats: Option<GlobalStats>,
+}
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const META_FILE: &str = "experiment.json";
+pub const TOKENS_FILE: &str = "tokens.txt";
+pub const STATS_FILE: &str = "global_stats.json";
+pub const TRAIN_LOG: &str = "train_log.jsonl";
+pub const EPOCH_LOG: &str = "epoch_log.jsonl";
+
+impl Experiment {
+    /// Open a trained (or training) experiment directory.
+    pub fn load(dir: &Path) -> Result<Self, TrainError> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.is_file() {
+            return Err(exp_err(dir, "not an experiment directory (no experiment.json); run `speechcache finetune --out` first"));
+        }
+        let meta: ExperimentMeta = read_json(&meta_path)?;
+        let config = FinetuneConfig::load(&dir.join(CONFIG_FILE))?;
+        let tok_path = dir.join(TOKENS_FILE);
+        let tokenizer = Tokenizer::load(&tok_path).map_err(|e| exp_err(&tok_path, e))?;
+        let stats = if meta.normalize == NormalizeKind::Global {
+            Some(read_json(&dir.join(STATS_FILE))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            meta,
+            tokenizer,
+            stats,
+        })
+    }
+
+    /// Build the model with seeded initial values; returns it with its vars (sorted by name).
+    pub fn build_model(&self, device: &Device) -> Result<(AsrModel, NamedVars), TrainError> {
+        let vars = SeededVars::new(mix_seed(self.meta.seed, &[0x1A17]));
+        let vb = VarBuilder::from_backend(Box::new(vars.clone()), DType::F32, device);
+        let model = AsrModel::new(
+            vb,
+            &self.config.model,
+            self.meta.layers.len(),
+            self.meta.feat_dim,
+            self.meta.vocab_size,
+        )?;
+        Ok((model, vars.named_vars()))
+    }
+
+    pub fn normalizer(&self, device: &Device) -> Result<Normalizer, TrainError> {
+        Ok(Normalizer::new(
+            self.meta.normalize,
+            self.stats.as_ref(),
+            device,
+        )?)
+    }
+
+    /// Refuse a store whose features do not fit this experiment.
+    pub fn check_source(&self, src: &dyn FeatureSource) -> Result<(), TrainError> {
+        if src.dim() != self.meta.feat_dim {
+            return Err(exp_err(
+                src.path(),
+                format!(
+                    "features have dim {}, but experiment {} was trained on dim {} (use a store made with the same model/fbank options)",
+                    src.dim(),
+                    self.dir.display(),
+                    self.meta.feat_dim
+                ),
+            ));
+        }
+        check_layers(src, &self.meta.layers)
+    }
+}
+
+fn check_layers(src: &dyn FeatureSource, layers: &[usize]) -> Result<(), TrainError> {
+    let missing: Vec<usize> = layers
+        .iter()
+        .copied()
+        .filter(|l| !src.layers().contains(l))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(exp_err(
+            src.path(),
+            format!(
+                "layers {missing:?} are needed but the store holds only {:?}",
+                src.layers()
+            ),
+        ))
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| exp_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| exp_err(path, e))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| exp_err(path, e))?;
+    checkpoint::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Everything `finetune` needs besides the data sources.
+pub struct TrainOptions {
+    pub config: PathBuf,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// Overrides `train.seed`.
+    pub seed: Option<u64>,
+    /// Stop (with a resumable checkpoint) once this many optimiser steps are done in total.
+    pub max_steps: Option<u64>,
+    /// Overrides `train.max_epochs` (the benchmark trains one epoch).
+    pub max_epochs: Option<usize>,
+    /// Print progress lines on stderr.
+    pub verbose: bool,
+}
+
+/// Timings of a run, for the log and `bench finetune`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrainSummary {
+    /// Command start to the start of the first batch (opening stores, tokenizer, model).
+    pub setup_s: f64,
+    /// Command start to the end of the first optimiser step.
+    pub first_step_s: f64,
+    /// Wall time of each epoch trained in this invocation (training part, then validation).
+    pub epoch_train_s: Vec<f64>,
+    pub epoch_valid_s: Vec<f64>,
+    pub steps: u64,
+    pub final_epoch: usize,
+    pub stopped_early: bool,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: usize,
+    pub loss: f64,
+    pub ctc_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub utts: usize,
+    pub frames: usize,
+    pub frames_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Resolve the config (CLI overrides, store layers) and create or reopen the experiment.
+fn prepare_experiment(
+    opts: &TrainOptions,
+    train: &dyn FeatureSource,
+) -> Result<(Experiment, Option<CheckpointMeta>), TrainError> {
+    let mut config = FinetuneConfig::load(&opts.config)?;
+    if let Some(seed) = opts.seed {
+        config.train.seed = seed;
+    }
+    if let Some(e) = opts.max_epochs {
+        config.train.max_epochs = e;
+    }
+    let layers = match model_layers(&config) {
+        Some(l) if !l.is_empty() => l,
+        _ => train.layers().to_vec(),
+    };
+    check_layers(train, &layers)?;
+    set_model_layers(&mut config, layers.clone());
+    let dir = &opts.out;
+    let last = last_path(dir);
+    if dir.join(META_FILE).is_file() {
+        if !opts.resume {
+            return Err(exp_err(dir, "already holds an experiment; pass --resume to continue it, or choose another --out"));
+        }
+        let exp = Experiment::load(dir)?;
+        if exp.config != config {
+            return Err(exp_err(&opts.config, format!(
+                "differs from the experiment's {}; resuming needs the same config and seed",
+                dir.join(CONFIG_FILE).display()
+            )));
+        }
+        exp.check_source(train)?;
+        let ckpt = if last.is_file() {
+            Some(checkpoint::load_meta::<CheckpointMeta>(&last)?)
+        } else {
+            None
+        };
+        return Ok((exp, ckpt));
+    }
+    if opts.resume && opts.verbose {
+        eprintln!("finetune: {} has no experiment yet; starting from scratch", dir.display());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
+    let texts = (0..train.len()).filter_map(|i| train.text(i));
+    let tokenizer = Tokenizer::build(texts);
+    let normalize = model_normalize(&config);
+    let stats = if normalize == NormalizeKind::Global {
+        let s = GlobalStats::from_source(train, &layers)?;
+        write_json(&dir.join(STATS_FILE), &s)?;
+        Some(s)
+    } else {
+        None
+    };
+    let tok_path = dir.join(TOKENS_FILE);
+    tokenizer.save(&tok_path).map_err(|e| exp_err(&tok_path, e))?;
+    let text = config.to_toml()?;
+    checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    let meta = ExperimentMeta {
+        format_version: 1,
+        tool: format!("speechcache {}", env!("CARGO_PKG_VERSION")),
+        feat_dim: train.dim(),
+        layers,
+        frame_rate: train.frame_rate(),
+        vocab_size: tokenizer.len(),
+        normalize,
+        seed: config.train.seed,
+        train_store: train.path().display().to_string(),
+    };
+    // experiment.json last: its presence marks a complete setup
+    write_json(&dir.join(META_FILE), &meta)?;
+    Ok((
+        Experiment {
+            dir: dir.to_path_buf(),
+            config,
+            meta,
+            tokenizer,
+            stats,
+        },
+        None,
+    ))
+}
+
+/// `[model] layers` of the config (None: all stored layers).
+fn model_layers(cfg: &FinetuneConfig) -> Option<Vec<usize>> {
+    cfg.model.layers.clone()
+}
+
+fn set_model_layers(cfg: &mut FinetuneConfig, layers: Vec<usize>) {
+    cfg.model.layers = Some(layers);
+}
+
+fn model_normalize(cfg: &FinetuneConfig) -> NormalizeKind {
+    cfg.model.normalize
+}
+
+/// Train (or resume) an experiment on `train`, validating on `valid` after every epoch.
+pub fn train(
+    opts: &TrainOptions,
+    train: &dyn FeatureSource,
+    valid: &dyn FeatureSource,
+    started: Instant,
+) -> Result<TrainSummary, TrainError> {
+    let (exp, resume_from) = prepare_experiment(opts, train)?;
+    exp.check_source(valid)?;
+    let cfg = &exp.config;
+    let dev = &opts.device;
+    let say = |msg: String| {
+        if opts.verbose {
+            eprintln!("finetune: {msg}");
+        }
+    };
+
+    let train_t = Targets::encode(train, &exp.tokenizer, cfg.train.max_frames)?;
+    let valid_t = Targets::encode(valid, &exp.tokenizer, 0)?;
+    say(format!("train {}: {}", train.path().display(), train_t.summary()));
+    say(format!("valid {}: {}", valid.path().display(), valid_t.summary()));
+
+    let (model, vars) = exp.build_model(dev)?;
+    let normalizer = exp.normalizer(dev)?;
+    let mut opt = Adam::new(vars.clone(), &cfg.optim)?;
+    let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    say(format!(
+        "model: {} parameters in {} tensors; vocabulary {}; layers {:?}",
+        n_params,
+        vars.len(),
+        exp.meta.vocab_size,
+        exp.meta.layers
+    ));
+
+    let mut history: Vec<EpochResult> = Vec::new();
+    let (mut epoch, mut skip) = (1usize, 0usize);
+    if let Some(meta) = &resume_from {
+        let last = last_path(&exp.dir);
+        let tensors = checkpoint::load_tensors(&last, dev)?;
+        checkpoint::assign(&vars, &tensors, &last)?;
+        opt.load_state(&tensors)?;
+        history = meta.history.clone();
+        (epoch, skip) = if meta.epoch_complete {
+            (meta.epoch + 1, 0)
+        } else {
+            (meta.epoch, meta.batches_done)
+        };
+        truncate_log(&exp.dir.join(TRAIN_LOG), |l: &StepLog| l.step <= meta.step)?;
+        truncate_log(&exp.dir.join(EPOCH_LOG), |l: &EpochResult| l.epoch <= meta.epoch && (meta.epoch_complete || l.epoch < meta.epoch))?;
+        say(format!(
+            "resuming at epoch {epoch}, batch {skip}, step {}",
+            meta.step
+        ));
+    }
+
+    let mut log = open_append(&exp.dir.join(TRAIN_LOG))?;
+    let mut summary = TrainSummary::default();
+    let seed = exp.meta.seed;
+    let train_frames: Vec<usize> = (0..train.len()).map(|i| train.frames(i)).collect();
+    let accum = cfg.optim.accum_grad;
+    let mut checked_grads = false;
+    let mut first_step_seen = false;
+    summary.setup_s = started.elapsed().as_secs_f64();
+    say(format!("setup took {:.3} s", summary.setup_s));
+
+    while epoch <= cfg.train.max_epochs {
+        let shuffle = cfg.train.shuffle.then_some((seed, epoch));
+        let batches = make_batches(&train_frames, &train_t.items, cfg.train.batch_frames, shuffle);
+        let epoch_start = Instant::now();
+        let (mut loss_sum, mut loss_utts) = (0f64, 0usize);
+        let mut bi = skip;
+        skip = 0;
+        let mut stopped = false;
+        while bi < batches.len() {
+            let group_end = (bi + accum).min(batches.len());
+            let step_start = Instant::now();
+            let mut acc = GradAccumulator::new(vars.len());
+            let (mut g_loss, mut g_utts, mut g_frames) = (0f64, 0usize, 0usize);
+            let group = group_end - bi;
+            for (b, items) in batches.iter().enumerate().take(group_end).skip(bi) {
+                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
+                let (feats, lens) = train.batch(items, &exp.meta.layers, dev)?;
+                let feats = normalizer.apply(&feats, &lens)?;
+                let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
+                let targets: Vec<Vec<u32>> = items.iter().map(|&i| train_t.tokens[i].clone()).collect();
+                let per_utt = utterance_losses(&model, &feats, &lens, &targets, &exp.tokenizer, true)?;
+                let n = items.len() as f64;
+                let mean = (per_utt.sum_all()? / n)?;
+                let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let grads = (mean / group as f64)?.backward()?;
+                acc.add(&vars, &grads)?;
+                g_loss += loss_value * n;
+                g_utts += items.len();
+                g_frames += lens.iter().sum::<usize>();
+            }
+            if !checked_grads {
+                let missing = acc.missing(&vars);
+                if !missing.is_empty() {
+                    return Err(exp_err(&exp.dir, format!(
+                        "these trainable parameters got no gradient in the first step (a no-backward op cuts the graph): {}",
+                        missing.join(", ")
+                    )));
+                }
+                checked_grads = true;
+            }
+            let mut grads = acc.take(&vars)?;
+            let lr = warmup_lr(cfg.optim.lr, cfg.optim.warmup_steps, opt.step_count() + 1);
+            let norm = clip_by_global_norm(&mut grads, cfg.optim.grad_clip)?;
+            if norm.is_finite() {
+                opt.step(&grads, lr)?;
+            } else {
+                // as ESPnet: a non-finite gradient skips the update (the step count still moves
+                // so the schedule and the log stay aligned)
+                opt.skip_step();
+                say(format!("step {}: gradient norm is not finite; update skipped", opt.step_count()));
+            }
+            bi = group_end;
+            let step = opt.step_count();
+            let dt = step_start.elapsed().as_secs_f64();
+            if !first_step_seen {
+                first_step_seen = true;
+                summary.first_step_s = started.elapsed().as_secs_f64();
+                say(format!("first optimizer step done {:.3} s after start", summary.first_step_s));
+            }
+            let mean_loss = g_loss / g_utts.max(1) as f64;
+            loss_sum += g_loss;
+            loss_utts += g_utts;
+            let entry = StepLog {
+                step,
+                epoch,
+                loss: mean_loss,
+                ctc_loss: mean_loss,
+                lr,
+                grad_norm: norm,
+                utts: g_utts,
+                frames: g_frames,
+                frames_per_s: g_frames as f64 / dt.max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            write_line(&mut log, &exp.dir.join(TRAIN_LOG), &entry)?;
+            summary.steps += 1;
+            if step % cfg.train.log_every as u64 == 0 {
+                say(format!(
+                    "epoch {epoch} batch {bi}/{} step {step}: loss {mean_loss:.3} lr {lr:.3e} |grad| {norm:.3} {:.0} frames/s ({:.1} s)",
+                    batches.len(),
+                    entry.frames_per_s,
+                    entry.elapsed_s
+                ));
+            }
+            if opts.max_steps.is_some_and(|m| step >= m) && bi < batches.len() {
+                stopped = true;
+                break;
+            }
+        }
+        summary.epoch_train_s.push(epoch_start.elapsed().as_secs_f64());
+        if stopped {
+            let meta = CheckpointMeta {
+                epoch,
+                batches_done: bi,
+                epoch_complete: false,
+                step: opt.step_count(),
+                seed,
+                rng: RNG_SCHEME.into(),
+                history: history.clone(),
+            };
+            save_last(&exp.dir, &vars, &opt, &meta)?;
+            say(format!(
+                "stopped at step {} (--max-steps), epoch {epoch} batch {bi}/{}; continue with --resume",
+                opt.step_count(),
+                batches.len()
+            ));
+            summary.stopped_early = true;
+            summary.final_epoch = epoch;
+            return Ok(summary);
+        }
+        let valid_start = Instant::now();
+        let (valid_loss, valid_cer) = validate(&exp, &model, &normalizer, valid, &valid_t, dev)?;
+        summary.epoch_valid_s.push(valid_start.elapsed().as_secs_f64());
+        let result = EpochResult {
+            epoch,
+            step: opt.step_count(),
+            train_loss: loss_sum / loss_utts.max(1) as f64,
+            valid_loss,
+            valid_cer,
+            valid_utts: valid_t.items.len(),
+        };
+        say(format!(
+            "epoch {epoch} done: train loss {:.3}, valid loss {valid_loss:.3}, valid CER {:.2}% ({:.1} s train, {:.1} s valid)",
+            result.train_loss,
+            100.0 * valid_cer,
+            summary.epoch_train_s.last().copied().unwrap_or(0.0),
+            summary.epoch_valid_s.last().copied().unwrap_or(0.0)
+        ));
+        history.push(result.clone());
+        end_of_epoch(&exp, &vars, &opt, &history, &model, epoch, batches.len(), dev)?;
+        let mut elog = open_append(&exp.dir.join(EPOCH_LOG))?;
+        write_line(&mut elog, &exp.dir.join(EPOCH_LOG), &result)?;
+        summary.final_epoch = epoch;
+        if opts.max_steps.is_some_and(|m| opt.step_count() >= m) {
+            summary.stopped_early = epoch < cfg.train.max_epochs;
+            say(format!("stopped at step {} (--max-steps) after epoch {epoch}", opt.step_count()));
+            break;
+        }
+        epoch += 1;
+    }
+    Ok(summary)
+}
+
+/// Per-utterance CTC losses `[B]` of one batch.
+fn utterance_losses(
+    model: &AsrModel,
+    feats: &Tensor,
+    lens: &[usize],
+    targets: &[Vec<u32>],
+    tok: &Tokenizer,
+    train: bool,
+) -> Result<Tensor, TrainError> {
+    let (logits, out_lens) = model.forward(feats, lens, train)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let (per_utt, _stats) = ctc_loss(&log_probs, targets, &out_lens, tok.blank_id(), true)?;
+    Ok(per_utt)
+}
+
+/// Mean CTC loss per utterance and greedy CER over the validation split.
+fn validate(
+    exp: &Experiment,
+    model: &AsrModel,
+    normalizer: &Normalizer,
+    valid: &dyn FeatureSource,
+    targets: &Targets,
+    dev: &Device,
+) -> Result<(f64, f64), TrainError> {
+    let frames: Vec<usize> = (0..valid.len()).map(|i| valid.frames(i)).collect();
+    let batches = make_batches(&frames, &targets.items, exp.config.train.batch_frames, None);
+    let (mut loss, mut n) = (0f64, 0usize);
+    let mut errors = ErrorCounts::default();
+    for items in &batches {
+        let (feats, lens) = valid.batch(items, &exp.meta.layers, dev)?;
+        let feats = normalizer.apply(&feats, &lens)?;
+        let (logits, out_lens) = model.forward(&feats, &lens, false)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();
+        let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, exp.tokenizer.blank_id(), true)?;
+        loss += per_utt.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        n += items.len();
+        let lp = log_probs.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        for (u, &i) in items.iter().enumerate() {
+            let row = lp.get(u)?.narrow(0, 0, out_lens[u])?;
+            let hyp = search::greedy(&row, exp.tokenizer.blank_id())?;
+            let hyp_text = exp.tokenizer.decode(&hyp);
+            let ref_text = valid.text(i).unwrap_or_default();
+            errors.add(&char_errors(ref_text, &hyp_text));
+        }
+    }
+    Ok((loss / n.max(1) as f64, errors.rate()))
+}
+
+fn char_errors(reference: &str, hypothesis: &str) -> ErrorCounts {
+    crate::finetune::metrics::cer(reference, hypothesis)
+}
+
+fn save_last(exp: &Path, vars: &NamedVars, opt: &Adam, meta: &CheckpointMeta) -> Result<(), TrainError> {
+    let mut tensors = checkpoint::model_tensors(vars);
+    tensors.extend(opt.state_tensors()?);
+    checkpoint::save(&last_path(exp), &tensors, Some(meta))?;
+    Ok(())
+}
+
+/// Epoch checkpoint, `last`, n-best pruning and averaging, plots.
+#[allow(clippy::too_many_arguments)]
+fn end_of_epoch(
+    exp: &Experiment,
+    vars: &NamedVars,
+    opt: &Adam,
+    history: &[EpochResult],
+    model: &AsrModel,
+    epoch: usize,
+    n_batches: usize,
+    dev: &Device,
+) -> Result<(), TrainError> {
+    let meta = CheckpointMeta {
+        epoch,
+        batches_done: n_batches,
+        epoch_complete: true,
+        step: opt.step_count(),
+        seed: exp.meta.seed,
+        rng: RNG_SCHEME.into(),
+        history: history.to_vec(),
+    };
+    let dir = &exp.dir;
+    checkpoint::save(&epoch_path(dir, epoch), &checkpoint::model_tensors(vars), history.last())?;
+    save_last(dir, vars, opt, &meta)?;
+    let keep = checkpoint::nbest(history, exp.config.train.keep_nbest);
+    for r in history {
+        if !keep.contains(&r.epoch) {
+            for p in [epoch_path(dir, r.epoch), checkpoint::sidecar(&epoch_path(dir, r.epoch))] {
+                if p.is_file() {
+                    std::fs::remove_file(&p).map_err(|e| exp_err(&p, e))?;
+                }
+            }
+        }
+    }
+    if !keep.is_empty() {
+        let avg = checkpoint::average(dir, &keep, dev)?;
+        let losses = keep
+            .iter()
+            .filter_map(|e| history.iter().find(|r| r.epoch == *e).map(|r| r.valid_loss))
+            .collect();
+        checkpoint::save(&avg_path(dir), &avg, Some(&AverageMeta { epochs: keep, valid_losses: losses }))?;
+    }
+    write_plots(exp, history, model, epoch)
+}
+
+fn write_plots(exp: &Experiment, history: &[EpochResult], model: &AsrModel, epoch: usize) -> Result<(), TrainError> {
+    let dir = exp.dir.join("plots");
+    std::fs::create_dir_all(&dir).map_err(|e| exp_err(&dir, e))?;
+    let steps: Vec<StepLog> = read_log(&exp.dir.join(TRAIN_LOG))?;
+    let train: Vec<(u64, f64)> = steps.iter().map(|s| (s.step, s.loss)).collect();
+    let valid: Vec<(u64, f64)> = history.iter().map(|r| (r.step, r.valid_loss)).collect();
+    plots::plot_losses(&dir.join("loss.png"), &train, &valid)?;
+    let weights = model.layer_weights()?;
+    if weights.len() == exp.meta.layers.len() {
+        plots::plot_layer_weights(&dir.join("layer_weights.png"), &exp.meta.layers, &weights, epoch)?;
+    }
+    Ok(())
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File, TrainError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| exp_err(path, e))
+}
+
+fn write_line<T: Serialize>(f: &mut std::fs::File, path: &Path, v: &T) -> Result<(), TrainError> {
+    let mut line = serde_json::to_string(v).map_err(|e| exp_err(path, e))?;
+    line.push('\n');
+    f.write_all(line.as_bytes()).map_err(|e| exp_err(path, e))
+}
+
+/// Read a JSON-lines log (missing file: empty).
+pub fn read_log<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, TrainError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(exp_err(path, e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| exp_err(path, e)))
+        .collect()
+}
+
+/// Keep only the log lines that `keep` accepts (steps after the resumed checkpoint are redone).
+fn truncate_log<T: Serialize + for<'de> Deserialize<'de>>(
+    path: &Path,
+    keep: impl Fn(&T) -> bool,
+) -> Result<(), TrainError> {
+    let rows: Vec<T> = read_log(path)?;
+    let mut text = String::new();
+    for r in rows.iter().filter(|r| keep(r)) {
+        text.push_str(&serde_json::to_string(r).map_err(|e| exp_err(path, e))?);
+        text.push('\n');
+    }
+    checkpoint::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}

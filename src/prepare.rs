@@ -3,7 +3,10 @@
 use crate::audio::{self, DecodeOptions, DecodedAudio};
 use crate::manifest::{self, InputFormat, Utterance};
 use crate::progress::{human_bytes, parse_size, Progress};
-use crate::store::{json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind, StoreWriter, WriterSpec};
+use crate::store::{
+    json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind, StoreWriter,
+    WriterSpec,
+};
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -95,7 +98,10 @@ pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
     print_summary(args, &summary)?;
     let real_failures = summary.failed - summary.skipped;
     if args.strict && real_failures > 0 {
-        anyhow::bail!("{real_failures} inputs failed (--strict); see {}", args.out.join("errors.jsonl").display());
+        anyhow::bail!(
+            "{real_failures} inputs failed (--strict); see {}",
+            args.out.join("errors.jsonl").display()
+        );
     }
     Ok(())
 }
@@ -137,7 +143,10 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
         );
     }
     let threads = args.jobs.unwrap_or_else(default_jobs).max(1);
-    let total_utts: usize = jobs[first.min(jobs.len())..].iter().map(|j| j.utterances.len()).sum();
+    let total_utts: usize = jobs[first.min(jobs.len())..]
+        .iter()
+        .map(|j| j.utterances.len())
+        .sum();
     let mut progress = Progress::new("prepare", total_utts as u64, args.quiet);
     let mut times = StageTimes::default();
     let options = ProcessOptions {
@@ -145,7 +154,9 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
         speeds: speed_copies(&args.speed),
         min_duration: args.min_duration,
         max_duration: args.max_duration,
-        decode: DecodeOptions { keep_damaged: args.keep_damaged },
+        decode: DecodeOptions {
+            keep_damaged: args.keep_damaged,
+        },
     };
     let window = threads * 4;
     ordered_parallel(
@@ -156,7 +167,10 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| process_job(job, &options)))
                 .unwrap_or_else(|panic| {
                     let reason = format!("crashed while processing: {}", panic_message(&panic));
-                    (fail_all(job, &job.source.display().to_string(), &reason), StageTimes::default())
+                    (
+                        fail_all(job, &job.source.display().to_string(), &reason),
+                        StageTimes::default(),
+                    )
                 })
         },
         |offset, (result, job_times)| {
@@ -176,7 +190,10 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
     let meta = writer.finish()?;
     times.write += t.elapsed().as_secs_f64();
     let errors: Vec<ErrorRow> = crate::store::read_jsonl(&args.out.join("errors.jsonl"))?;
-    let skipped = errors.iter().filter(|e| e.reason.starts_with(SKIPPED)).count() as u64;
+    let skipped = errors
+        .iter()
+        .filter(|e| e.reason.starts_with(SKIPPED))
+        .count() as u64;
     Ok((
         PrepareSummary {
             items: meta.totals.items,
@@ -200,7 +217,10 @@ fn default_jobs() -> usize {
 
 fn validate(args: &PrepareArgs) -> anyhow::Result<()> {
     if args.sample_rate < 1000 || args.sample_rate > 384_000 {
-        anyhow::bail!("--sample-rate {} is out of range (1000–384000 Hz)", args.sample_rate);
+        anyhow::bail!(
+            "--sample-rate {} is out of range (1000–384000 Hz)",
+            args.sample_rate
+        );
     }
     for &f in &args.speed {
         if !(0.5..=2.0).contains(&f) {
@@ -226,7 +246,10 @@ fn group_jobs(utterances: Vec<Utterance>) -> Vec<Job> {
     for utt in utterances {
         match jobs.last_mut() {
             Some(job) if job.source == utt.source => job.utterances.push(utt),
-            _ => jobs.push(Job { source: utt.source.clone(), utterances: vec![utt] }),
+            _ => jobs.push(Job {
+                source: utt.source.clone(),
+                utterances: vec![utt],
+            }),
         }
     }
     jobs
@@ -293,7 +316,12 @@ fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
     let path = job.source.display().to_string();
     let decoded = match decoded {
         Ok(Ok(d)) => d,
-        Ok(Err(e)) => return (fail_all(job, &path, &error_reason(&e.to_string(), &path)), times),
+        Ok(Err(e)) => {
+            return (
+                fail_all(job, &path, &error_reason(&e.to_string(), &path)),
+                times,
+            )
+        }
         Err(panic) => {
             let reason = format!("decoder crashed: {}", panic_message(&panic));
             return (fail_all(job, &path, &reason), times);
@@ -303,7 +331,11 @@ fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
     for utt in &job.utterances {
         match cut_utterance(utt, &decoded, opts, &mut times) {
             Ok(items) => result.items.extend(items),
-            Err(reason) => result.errors.push(ErrorRow { path: path.clone(), id: Some(utt.id.clone()), reason }),
+            Err(reason) => result.errors.push(ErrorRow {
+                path: path.clone(),
+                id: Some(utt.id.clone()),
+                reason,
+            }),
         }
     }
     (result, times)
@@ -315,7 +347,11 @@ fn fail_all(job: &Job, path: &str, reason: &str) -> InputResult {
         errors: job
             .utterances
             .iter()
-            .map(|u| ErrorRow { path: path.to_string(), id: Some(u.id.clone()), reason: reason.to_string() })
+            .map(|u| ErrorRow {
+                path: path.to_string(),
+                id: Some(u.id.clone()),
+                reason: reason.to_string(),
+            })
             .collect(),
     }
 }
@@ -373,12 +409,16 @@ fn cut_utterance(
     let seconds = (end - begin) as f64 / sr;
     if let Some(min) = opts.min_duration {
         if seconds < min {
-            return Err(format!("{SKIPPED} {seconds:.2} s is shorter than --min-duration {min} s"));
+            return Err(format!(
+                "{SKIPPED} {seconds:.2} s is shorter than --min-duration {min} s"
+            ));
         }
     }
     if let Some(max) = opts.max_duration {
         if seconds > max {
-            return Err(format!("{SKIPPED} {seconds:.2} s is longer than --max-duration {max} s"));
+            return Err(format!(
+                "{SKIPPED} {seconds:.2} s is longer than --max-duration {max} s"
+            ));
         }
     }
     let t = Instant::now();
@@ -386,16 +426,29 @@ fn cut_utterance(
         .map_err(|e| e.to_string())?;
     let mut items = Vec::with_capacity(1 + opts.speeds.len());
     for &factor in &opts.speeds {
-        let perturbed = audio::speed_perturb(&resampled, opts.rate, factor).map_err(|e| e.to_string())?;
-        items.push((row_for(utt, audio, opts.rate, perturbed.len(), Some(factor)), ItemData::Audio(perturbed)));
+        let perturbed =
+            audio::speed_perturb(&resampled, opts.rate, factor).map_err(|e| e.to_string())?;
+        items.push((
+            row_for(utt, audio, opts.rate, perturbed.len(), Some(factor)),
+            ItemData::Audio(perturbed),
+        ));
     }
     times.resample += t.elapsed().as_secs_f64();
-    let original = (row_for(utt, audio, opts.rate, resampled.len(), None), ItemData::Audio(resampled));
+    let original = (
+        row_for(utt, audio, opts.rate, resampled.len(), None),
+        ItemData::Audio(resampled),
+    );
     items.insert(0, original);
     Ok(items)
 }
 
-fn row_for(utt: &Utterance, audio: &DecodedAudio, rate: u32, samples: usize, speed: Option<f64>) -> IndexRow {
+fn row_for(
+    utt: &Utterance,
+    audio: &DecodedAudio,
+    rate: u32,
+    samples: usize,
+    speed: Option<f64>,
+) -> IndexRow {
     let prefix = speed.map(|f| format!("sp{f}-")).unwrap_or_default();
     IndexRow {
         id: format!("{prefix}{}", utt.id),
@@ -425,7 +478,10 @@ pub fn ordered_parallel<T: Sync, R: Send>(
         ready: std::collections::BTreeMap<usize, R>,
         consumed: usize,
     }
-    let shared = Mutex::new(Shared { ready: Default::default(), consumed: 0 });
+    let shared = Mutex::new(Shared {
+        ready: Default::default(),
+        consumed: 0,
+    });
     let changed = Condvar::new();
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
@@ -480,14 +536,30 @@ pub fn ordered_parallel<T: Sync, R: Send>(
 
 fn print_summary(args: &PrepareArgs, s: &PrepareSummary) -> anyhow::Result<()> {
     let errors: Vec<ErrorRow> = crate::store::read_jsonl(&args.out.join("errors.jsonl"))?;
-    let failed: Vec<&ErrorRow> = errors.iter().filter(|e| !e.reason.starts_with(SKIPPED)).collect();
+    let failed: Vec<&ErrorRow> = errors
+        .iter()
+        .filter(|e| !e.reason.starts_with(SKIPPED))
+        .collect();
     for e in failed.iter().take(10) {
-        eprintln!("cannot decode {}: {} (skipped; see {})", e.path, e.reason, args.out.join("errors.jsonl").display());
+        eprintln!(
+            "cannot decode {}: {} (skipped; see {})",
+            e.path,
+            e.reason,
+            args.out.join("errors.jsonl").display()
+        );
     }
     if failed.len() > 10 {
-        eprintln!("... and {} more failures in {}", failed.len() - 10, args.out.join("errors.jsonl").display());
+        eprintln!(
+            "... and {} more failures in {}",
+            failed.len() - 10,
+            args.out.join("errors.jsonl").display()
+        );
     }
-    let xrt = if s.wall_seconds > 0.0 { s.audio_seconds / s.wall_seconds } else { 0.0 };
+    let xrt = if s.wall_seconds > 0.0 {
+        s.audio_seconds / s.wall_seconds
+    } else {
+        0.0
+    };
     println!(
         "prepared {}: {} utterances, {:.3} h of audio, {} failed, {} skipped by duration, {} in shards, {:.1} s wall, {:.0}x real time{}",
         args.out.display(),

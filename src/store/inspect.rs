@@ -33,14 +33,21 @@ pub struct VerifyReport {
 pub fn verify_store(dir: &Path) -> Result<VerifyReport, StoreError> {
     let meta = StoreMeta::load(dir)?;
     let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
-    let mut report = VerifyReport { shards: meta.totals.shards, rows: rows.len(), ..Default::default() };
+    let mut report = VerifyReport {
+        shards: meta.totals.shards,
+        rows: rows.len(),
+        ..Default::default()
+    };
     let mut by_shard: BTreeMap<u32, Vec<IndexRow>> = BTreeMap::new();
     for row in &rows {
         by_shard.entry(row.shard).or_default().push(row.clone());
     }
     if let Some((&last, _)) = by_shard.iter().next_back() {
         if last >= meta.totals.shards {
-            report.problems.push(format!("index names shard {last}, meta.json lists {}", meta.totals.shards));
+            report.problems.push(format!(
+                "index names shard {last}, meta.json lists {}",
+                meta.totals.shards
+            ));
         }
     }
     let mut total_length = 0;
@@ -48,15 +55,31 @@ pub fn verify_store(dir: &Path) -> Result<VerifyReport, StoreError> {
         let shard_rows = by_shard.remove(&shard).unwrap_or_default();
         let length: u64 = shard_rows.iter().map(|r| r.length).sum();
         total_length += length;
-        if let Err(e) = check_sealed_shard(dir, meta.kind, meta.dtype, &meta.layers, meta.dim, shard, length, &shard_rows) {
+        if let Err(e) = check_sealed_shard(
+            dir,
+            meta.kind,
+            meta.dtype,
+            &meta.layers,
+            meta.dim,
+            shard,
+            length,
+            &shard_rows,
+        ) {
             report.problems.push(e.to_string());
         }
     }
     if total_length != meta.totals.length {
-        report.problems.push(format!("rows cover {total_length}, meta.json says {}", meta.totals.length));
+        report.problems.push(format!(
+            "rows cover {total_length}, meta.json says {}",
+            meta.totals.length
+        ));
     }
     if rows.len() as u64 != meta.totals.items {
-        report.problems.push(format!("{} rows, meta.json says {}", rows.len(), meta.totals.items));
+        report.problems.push(format!(
+            "{} rows, meta.json says {}",
+            rows.len(),
+            meta.totals.items
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for row in &rows {
@@ -81,7 +104,11 @@ pub fn run_verify(args: &VerifyArgs) -> anyhow::Result<()> {
         for p in &report.problems {
             eprintln!("{}: {p}", args.store.display());
         }
-        anyhow::bail!("{}: {} problems found", args.store.display(), report.problems.len())
+        anyhow::bail!(
+            "{}: {} problems found",
+            args.store.display(),
+            report.problems.len()
+        )
     }
 }
 
@@ -95,10 +122,15 @@ pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
     let mut rates: BTreeMap<String, usize> = BTreeMap::new();
     let mut channels: BTreeMap<String, usize> = BTreeMap::new();
     for r in &rows {
-        *rates.entry(r.orig_rate.map_or("?".into(), |x| x.to_string())).or_default() += 1;
-        *channels.entry(r.orig_channels.map_or("?".into(), |x| x.to_string())).or_default() += 1;
+        *rates
+            .entry(r.orig_rate.map_or("?".into(), |x| x.to_string()))
+            .or_default() += 1;
+        *channels
+            .entry(r.orig_channels.map_or("?".into(), |x| x.to_string()))
+            .or_default() += 1;
     }
-    let speakers: std::collections::BTreeSet<&str> = rows.iter().filter_map(|r| r.speaker.as_deref()).collect();
+    let speakers: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r.speaker.as_deref()).collect();
     let with_text = rows.iter().filter(|r| r.text.is_some()).count();
     let damaged = rows.iter().filter(|r| r.damaged.is_some()).count();
     let histogram = duration_histogram(&durations);
@@ -132,17 +164,31 @@ pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
         hours,
         meta.totals.shards,
         meta.totals.bytes,
-        if hours > 0.0 { meta.totals.bytes as f64 / 1e6 / hours } else { 0.0 }
+        if hours > 0.0 {
+            meta.totals.bytes as f64 / 1e6 / hours
+        } else {
+            0.0
+        }
     );
     if !durations.is_empty() {
-        let (min, max) = durations.iter().fold((f64::MAX, 0f64), |(a, b), d| (a.min(*d), b.max(*d)));
+        let (min, max) = durations
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), d| (a.min(*d), b.max(*d)));
         println!(
             "  duration  min {min:.2} s   mean {:.2} s   max {max:.2} s",
             meta.totals.seconds / durations.len() as f64
         );
     }
-    println!("  speakers {}   with transcript {with_text}   damaged but kept {damaged}", speakers.len());
-    let list = |m: &BTreeMap<String, usize>| m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ");
+    println!(
+        "  speakers {}   with transcript {with_text}   damaged but kept {damaged}",
+        speakers.len()
+    );
+    let list = |m: &BTreeMap<String, usize>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!("  original rates (Hz) {}", list(&rates));
     println!("  original channels   {}", list(&channels));
     println!("  duration histogram:");
@@ -156,7 +202,11 @@ pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
         println!("    {}: {}", e.path, e.reason);
     }
     if errors.len() > 20 {
-        println!("    ... {} more in {}", errors.len() - 20, dir.join("errors.jsonl").display());
+        println!(
+            "    ... {} more in {}",
+            errors.len() - 20,
+            dir.join("errors.jsonl").display()
+        );
     }
     Ok(())
 }

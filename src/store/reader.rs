@@ -21,7 +21,10 @@ impl AudioStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let meta = StoreMeta::load(dir)?;
         if meta.kind != StoreKind::Audio {
-            return Err(StoreError::refused(dir, "is a feature store, not an audio store"));
+            return Err(StoreError::refused(
+                dir,
+                "is a feature store, not an audio store",
+            ));
         }
         let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
         let shards = (0..meta.totals.shards)
@@ -31,7 +34,12 @@ impl AudioStore {
             shard.as_slice::<f32>()?;
         }
         check_row_ranges(dir, &rows, |s| shards.get(s as usize).map(|m| m.shape[0]))?;
-        Ok(Self { dir: dir.to_path_buf(), meta, rows, shards })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            rows,
+            shards,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -72,7 +80,10 @@ pub enum FeatureView<'a> {
     F16(ArrayView2<'a, f16>),
     Bf16(ArrayView2<'a, bf16>),
     /// value = q · scale[frame]
-    Int8 { values: ArrayView2<'a, i8>, scale: &'a [f32] },
+    Int8 {
+        values: ArrayView2<'a, i8>,
+        scale: &'a [f32],
+    },
 }
 
 impl FeatureView<'_> {
@@ -142,20 +153,32 @@ impl FeatureStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let meta = StoreMeta::load(dir)?;
         if meta.kind != StoreKind::Features {
-            return Err(StoreError::refused(dir, "is an audio store, not a feature store"));
+            return Err(StoreError::refused(
+                dir,
+                "is an audio store, not a feature store",
+            ));
         }
-        let dim = meta
-            .dim
-            .ok_or_else(|| StoreError::corrupt(&dir.join("meta.json"), "feature store without dim"))?;
+        let dim = meta.dim.ok_or_else(|| {
+            StoreError::corrupt(&dir.join("meta.json"), "feature store without dim")
+        })?;
         let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
         let mut shards = Vec::new();
         for n in 0..meta.totals.shards {
             shards.push(open_feature_shard(dir, &meta, n)?);
         }
         check_row_ranges(dir, &rows, |s| {
-            shards.get(s as usize).and_then(|sh| sh.layers.first()).map(|m| m.shape[0])
+            shards
+                .get(s as usize)
+                .and_then(|sh| sh.layers.first())
+                .map(|m| m.shape[0])
         })?;
-        Ok(Self { dir: dir.to_path_buf(), meta, rows, shards, dim })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            rows,
+            shards,
+            dim,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -187,12 +210,19 @@ impl FeatureStore {
     }
 
     fn layer_position(&self, layer: usize) -> Result<usize, StoreError> {
-        self.meta.layers.iter().position(|&l| l == layer).ok_or_else(|| {
-            StoreError::refused(
-                &self.dir,
-                format!("layer {layer} is not in this store (it has {:?})", self.meta.layers),
-            )
-        })
+        self.meta
+            .layers
+            .iter()
+            .position(|&l| l == layer)
+            .ok_or_else(|| {
+                StoreError::refused(
+                    &self.dir,
+                    format!(
+                        "layer {layer} is not in this store (it has {:?})",
+                        self.meta.layers
+                    ),
+                )
+            })
     }
 
     /// Utterance `i`, hidden state `layer` (a number from `layers()`), zero-copy.
@@ -243,7 +273,10 @@ impl FeatureStore {
         let path = self.dir.join("stats").join(layer_file(layer));
         let file = MappedNpy::open(&path, "<f8")?;
         if file.shape != [2, self.dim as u64] {
-            return Err(StoreError::corrupt(&path, format!("shape {:?}, expected [2, {}]", file.shape, self.dim)));
+            return Err(StoreError::corrupt(
+                &path,
+                format!("shape {:?}, expected [2, {}]", file.shape, self.dim),
+            ));
         }
         let data = file.as_slice::<f64>()?;
         Ok((data[..self.dim].to_vec(), data[self.dim..].to_vec()))
@@ -284,18 +317,27 @@ fn open_feature_shard(dir: &Path, meta: &StoreMeta, n: u32) -> Result<FeatureSha
     for &layer in &meta.layers {
         let file = MappedNpy::open(&shard_dir.join(layer_file(layer)), meta.dtype.npy_descr())?;
         if file.shape.len() != 2 || file.shape[1] != dim {
-            return Err(StoreError::corrupt(&file.path, format!("shape {:?}, expected [frames, {dim}]", file.shape)));
+            return Err(StoreError::corrupt(
+                &file.path,
+                format!("shape {:?}, expected [frames, {dim}]", file.shape),
+            ));
         }
         if let Some(first) = layers.first() {
             let first: &MappedNpy = first;
             if first.shape[0] != file.shape[0] {
-                return Err(StoreError::corrupt(&file.path, "layers of one shard differ in frame count"));
+                return Err(StoreError::corrupt(
+                    &file.path,
+                    "layers of one shard differ in frame count",
+                ));
             }
         }
         scales.push(if meta.dtype == Dtype::Int8 {
             let s = MappedNpy::open(&shard_dir.join(scale_file(layer)), "<f4")?;
             if s.shape != [file.shape[0]] {
-                return Err(StoreError::corrupt(&s.path, "scale count differs from frame count"));
+                return Err(StoreError::corrupt(
+                    &s.path,
+                    "scale count differs from frame count",
+                ));
             }
             Some(s)
         } else {
@@ -315,12 +357,20 @@ fn check_row_ranges(
     let index = dir.join("index.jsonl");
     for (n, row) in rows.iter().enumerate() {
         let len = shard_len(row.shard).ok_or_else(|| {
-            StoreError::corrupt(&index, format!("line {}: shard {} does not exist", n + 1, row.shard))
+            StoreError::corrupt(
+                &index,
+                format!("line {}: shard {} does not exist", n + 1, row.shard),
+            )
         })?;
         if row.offset + row.length > len {
             return Err(StoreError::corrupt(
                 &index,
-                format!("line {}: {} ends past the end of shard {}", n + 1, row.id, row.shard),
+                format!(
+                    "line {}: {} ends past the end of shard {}",
+                    n + 1,
+                    row.id,
+                    row.shard
+                ),
             ));
         }
     }
@@ -344,15 +394,17 @@ pub(crate) fn row_checksum(
         };
         let bytes = values.bytes();
         let range = start * item..(start + len) * item;
-        let slice = bytes
-            .get(range)
-            .ok_or_else(|| StoreError::corrupt(&values.path, format!("{} is out of range", row.id)))?;
+        let slice = bytes.get(range).ok_or_else(|| {
+            StoreError::corrupt(&values.path, format!("{} is out of range", row.id))
+        })?;
         crc.update(slice);
         if let Some(scales) = scales {
             let s = scales
                 .bytes()
                 .get(start * 4..(start + len) * 4)
-                .ok_or_else(|| StoreError::corrupt(&scales.path, format!("{} is out of range", row.id)))?;
+                .ok_or_else(|| {
+                    StoreError::corrupt(&scales.path, format!("{} is out of range", row.id))
+                })?;
             crc.update(s);
         }
     }
@@ -378,7 +430,10 @@ pub(crate) fn check_sealed_shard(
             let mut f = Vec::new();
             let mut s = Vec::new();
             for &layer in layers {
-                f.push(MappedNpy::open(&base.join(layer_file(layer)), dtype.npy_descr())?);
+                f.push(MappedNpy::open(
+                    &base.join(layer_file(layer)),
+                    dtype.npy_descr(),
+                )?);
                 s.push(if dtype == Dtype::Int8 {
                     Some(MappedNpy::open(&base.join(scale_file(layer)), "<f4")?)
                 } else {
@@ -390,27 +445,41 @@ pub(crate) fn check_sealed_shard(
     };
     for file in &files {
         if file.shape.first() != Some(&length) {
-            return Err(StoreError::corrupt(&file.path, format!("{:?} rows, sealed with {length}", file.shape)));
+            return Err(StoreError::corrupt(
+                &file.path,
+                format!("{:?} rows, sealed with {length}", file.shape),
+            ));
         }
     }
-    let pairs: Vec<(&MappedNpy, Option<&MappedNpy>)> =
-        files.iter().zip(scales.iter().map(|s| s.as_ref())).collect();
+    let pairs: Vec<(&MappedNpy, Option<&MappedNpy>)> = files
+        .iter()
+        .zip(scales.iter().map(|s| s.as_ref()))
+        .collect();
     let mut expected_offset = 0;
     for row in rows {
         if row.offset != expected_offset {
-            return Err(StoreError::corrupt(&base, format!("{} does not follow the previous row", row.id)));
+            return Err(StoreError::corrupt(
+                &base,
+                format!("{} does not follow the previous row", row.id),
+            ));
         }
         expected_offset += row.length;
         let sum = row_checksum(kind, dtype, dim.unwrap_or(1), &pairs, row)?;
         if sum != row.checksum {
             return Err(StoreError::corrupt(
                 &base,
-                format!("checksum mismatch for {} (stored {}, found {sum})", row.id, row.checksum),
+                format!(
+                    "checksum mismatch for {} (stored {}, found {sum})",
+                    row.id, row.checksum
+                ),
             ));
         }
     }
     if expected_offset != length {
-        return Err(StoreError::corrupt(&base, format!("rows cover {expected_offset} of {length}")));
+        return Err(StoreError::corrupt(
+            &base,
+            format!("rows cover {expected_offset} of {length}"),
+        ));
     }
     Ok(())
 }

@@ -2,9 +2,8 @@
 use super::npy::{header_bytes, HEADER_LEN};
 use super::reader::check_sealed_shard;
 use super::{
-    json_sha256, layer_file, read_jsonl, scale_file, shard_name, tmp_path, to_jsonl,
-    write_atomic, Dtype, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta, Totals,
-    FORMAT_VERSION,
+    json_sha256, layer_file, read_jsonl, scale_file, shard_name, tmp_path, to_jsonl, write_atomic,
+    Dtype, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta, Totals, FORMAT_VERSION,
 };
 use half::{bf16, f16};
 use ndarray::Array2;
@@ -81,16 +80,28 @@ struct StreamedNpy {
 }
 
 impl StreamedNpy {
-    fn create(path: PathBuf, descr: &'static str, row_len: Option<usize>) -> Result<Self, StoreError> {
+    fn create(
+        path: PathBuf,
+        descr: &'static str,
+        row_len: Option<usize>,
+    ) -> Result<Self, StoreError> {
         let file = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
         let mut file = BufWriter::with_capacity(4 << 20, file);
         file.write_all(&[b' '; HEADER_LEN])
             .map_err(|e| StoreError::io(&path, e))?;
-        Ok(Self { file, path, descr, row_len, count: 0 })
+        Ok(Self {
+            file,
+            path,
+            descr,
+            row_len,
+            count: 0,
+        })
     }
 
     fn append(&mut self, bytes: &[u8], rows: u64) -> Result<(), StoreError> {
-        self.file.write_all(bytes).map_err(|e| StoreError::io(&self.path, e))?;
+        self.file
+            .write_all(bytes)
+            .map_err(|e| StoreError::io(&self.path, e))?;
         self.count += rows;
         Ok(())
     }
@@ -105,7 +116,10 @@ impl StreamedNpy {
         let path = self.path.clone();
         let io = |e| StoreError::io(&path, e);
         self.file.flush().map_err(io)?;
-        let mut file = self.file.into_inner().map_err(|e| StoreError::io(&path, e.into_error()))?;
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| StoreError::io(&path, e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&header).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -301,8 +315,8 @@ impl StoreWriter {
             fingerprint: self.fingerprint.clone(),
             options: self.spec.options.clone(),
         };
-        let text = serde_json::to_vec_pretty(&progress)
-            .map_err(|e| StoreError::Format(e.to_string()))?;
+        let text =
+            serde_json::to_vec_pretty(&progress).map_err(|e| StoreError::Format(e.to_string()))?;
         write_atomic(&dir.join(IN_PROGRESS), &text)
     }
 
@@ -385,7 +399,11 @@ impl StoreWriter {
                 .iter()
                 .map(|l| {
                     let values = (l.len() * self.spec.dtype.bytes_per_value()) as u64;
-                    let scales = if self.spec.dtype == Dtype::Int8 { l.nrows() as u64 * 4 } else { 0 };
+                    let scales = if self.spec.dtype == Dtype::Int8 {
+                        l.nrows() as u64 * 4
+                    } else {
+                        0
+                    };
                     values + scales
                 })
                 .sum(),
@@ -411,9 +429,17 @@ impl StoreWriter {
                 for &layer in &self.spec.layers {
                     let dim = self.spec.dim;
                     let descr = self.spec.dtype.npy_descr();
-                    files.push(StreamedNpy::create(tmp.join(layer_file(layer)), descr, dim)?);
+                    files.push(StreamedNpy::create(
+                        tmp.join(layer_file(layer)),
+                        descr,
+                        dim,
+                    )?);
                     if self.spec.dtype == Dtype::Int8 {
-                        files.push(StreamedNpy::create(tmp.join(scale_file(layer)), "<f4", None)?);
+                        files.push(StreamedNpy::create(
+                            tmp.join(scale_file(layer)),
+                            "<f4",
+                            None,
+                        )?);
                     }
                 }
             }
@@ -425,7 +451,9 @@ impl StoreWriter {
             length: 0,
             bytes: 0,
             rows: Vec::new(),
-            sums: (0..layers).map(|_| (vec![0.0; dim], vec![0.0; dim])).collect(),
+            sums: (0..layers)
+                .map(|_| (vec![0.0; dim], vec![0.0; dim]))
+                .collect(),
         });
         Ok(())
     }
@@ -501,7 +529,9 @@ impl StoreWriter {
     }
 
     fn seal_current(&mut self, next_input: usize) -> Result<(), StoreError> {
-        let Some(shard) = self.current.take() else { return Ok(()) };
+        let Some(shard) = self.current.take() else {
+            return Ok(());
+        };
         let final_path = self.dir.join(shard_name(self.spec.kind, shard.number));
         for file in shard.files {
             file.seal()?;
@@ -518,7 +548,10 @@ impl StoreWriter {
             errors: std::mem::take(&mut self.pending_errors),
             sums: shard.sums,
         };
-        write_atomic(&self.seal_path(record.shard), &to_jsonl(std::slice::from_ref(&record))?)?;
+        write_atomic(
+            &self.seal_path(record.shard),
+            &to_jsonl(std::slice::from_ref(&record))?,
+        )?;
         sync_dir(&self.dir.join("shards"));
         self.sealed.push(record);
         Ok(())
@@ -594,8 +627,13 @@ fn describe_difference(stored: &serde_json::Value, now: &serde_json::Value) -> S
         .into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
         .map(|k| {
-            let show = |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
-            format!("{k}: {} in the store, {} now", show(a.get(k)), show(b.get(k)))
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+            format!(
+                "{k}: {} in the store, {} now",
+                show(a.get(k)),
+                show(b.get(k))
+            )
         })
         .collect();
     if diffs.is_empty() {

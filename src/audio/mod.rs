@@ -45,12 +45,6 @@ pub fn resample_to(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>
 }
 
 /// sox `speed FACTOR` at `rate_hz`: tempo and pitch change together; output has len/FACTOR samples.
-pub fn speed_perturb(
-    _samples: &[f32],
-    _rate_hz: u32,
-    _factor: f64,
-) -> Result<Vec<f32>, AudioError> {
-    Err(AudioError::Resample(
-        "speed perturbation is not built yet".into(),
-    ))
+pub fn speed_perturb(_samples: &[f32], _rate_hz: u32, _factor: f64) -> Result<Vec<f32>, AudioError> {
+    Err(AudioError::Resample("speed perturbation is not built yet".into()))
 }

@@ -1,9 +1,576 @@
-//! Stage 1 (skeleton; the prepare owner fills this in).
+//! Stage 1: corpus → audio store. Decoding and resampling run on all cores; the store is
+//! written in input order by one writer, so the result is byte-identical at any `--jobs`.
+use crate::audio::{self, DecodeOptions, DecodedAudio};
+use crate::manifest::{self, InputFormat, Utterance};
+use crate::progress::{human_bytes, parse_size, Progress};
+use crate::store::{
+    json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind, StoreWriter,
+    WriterSpec,
+};
+use anyhow::Context;
 use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-#[derive(Args, Debug)]
-pub struct PrepareArgs {}
+#[derive(Args, Debug, Clone)]
+pub struct PrepareArgs {
+    /// A corpus directory, fairseq .tsv, Kaldi data dir (or its wav.scp) or .jsonl manifest; repeatable.
+    #[arg(long = "input", required = true, value_name = "PATH")]
+    pub inputs: Vec<PathBuf>,
+    /// Output audio store directory (created; an interrupted run there is resumed).
+    #[arg(long, value_name = "STORE")]
+    pub out: PathBuf,
+    /// How to read the inputs; `auto` detects each from its shape.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: InputFormat,
+    /// Output sample rate in Hz.
+    #[arg(long, default_value_t = 16000)]
+    pub sample_rate: u32,
+    /// Decoding threads (default: all cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Seal a shard before it grows past this size (e.g. 1GiB, 256MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub shard_size: u64,
+    /// Skip utterances shorter than this many seconds (listed in errors.jsonl as skipped).
+    #[arg(long, value_name = "S")]
+    pub min_duration: Option<f64>,
+    /// Skip utterances longer than this many seconds (listed in errors.jsonl as skipped).
+    #[arg(long, value_name = "S")]
+    pub max_duration: Option<f64>,
+    /// Speed perturbation factors (sox `speed`), e.g. 0.9,1.0,1.1: adds copies with ids `sp0.9-...`.
+    #[arg(long, value_delimiter = ',', value_name = "F,F,...")]
+    pub speed: Vec<f64>,
+    /// Keep the decodable part of damaged files (flagged in their index row) instead of failing them.
+    #[arg(long)]
+    pub keep_damaged: bool,
+    /// Exit non-zero when any file failed.
+    #[arg(long)]
+    pub strict: bool,
+    /// Replace a store at --out that was made with different options.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
 
-pub fn run(_args: &PrepareArgs) -> anyhow::Result<()> {
-    anyhow::bail!("prepare is not built yet")
+/// One unit of parallel work: a source file and the utterances cut from it, in input order.
+struct Job {
+    source: PathBuf,
+    utterances: Vec<Utterance>,
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone, Default)]
+pub struct PrepareSummary {
+    pub items: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub audio_seconds: f64,
+    pub bytes: u64,
+    pub wall_seconds: f64,
+    pub resumed_items: usize,
+    pub already_complete: bool,
+}
+
+/// Time spent per stage, summed over jobs (for `bench prepare`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    pub decode: f64,
+    pub resample: f64,
+    pub write: f64,
+}
+
+pub fn run(args: &PrepareArgs) -> anyhow::Result<()> {
+    let summary = prepare(args)?;
+    if summary.already_complete {
+        println!(
+            "{} is already complete ({} utterances, {:.2} h); nothing to do",
+            args.out.display(),
+            summary.items,
+            summary.audio_seconds / 3600.0
+        );
+        return Ok(());
+    }
+    print_summary(args, &summary)?;
+    let real_failures = summary.failed - summary.skipped;
+    if args.strict && real_failures > 0 {
+        anyhow::bail!(
+            "{real_failures} inputs failed (--strict); see {}",
+            args.out.join("errors.jsonl").display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the stage and returns its summary (the CLI prints it).
+pub fn prepare(args: &PrepareArgs) -> anyhow::Result<PrepareSummary> {
+    prepare_timed(args).map(|(s, _)| s)
+}
+
+/// `prepare` plus per-stage times.
+pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, StageTimes)> {
+    let started = Instant::now();
+    validate(args)?;
+    let utterances = manifest::load_inputs(&args.inputs, args.format)?;
+    let jobs = group_jobs(utterances);
+    let spec = writer_spec(args, &jobs);
+    let mut writer = StoreWriter::create_or_resume(&args.out, spec)
+        .with_context(|| format!("cannot write the store at {}", args.out.display()))?;
+    if let Some(meta) = writer.completed_meta() {
+        return Ok((
+            PrepareSummary {
+                items: meta.totals.items,
+                failed: meta.totals.failed,
+                audio_seconds: meta.totals.seconds,
+                bytes: meta.totals.bytes,
+                already_complete: true,
+                ..Default::default()
+            },
+            StageTimes::default(),
+        ));
+    }
+    let first = writer.next_input();
+    let resumed_items = writer.resumed_items();
+    if first > 0 && !args.quiet {
+        eprintln!(
+            "resuming {}: {resumed_items} utterances in sealed shards, continuing at input {first} of {}",
+            args.out.display(),
+            jobs.len()
+        );
+    }
+    let threads = args.jobs.unwrap_or_else(default_jobs).max(1);
+    let total_utts: usize = jobs[first.min(jobs.len())..]
+        .iter()
+        .map(|j| j.utterances.len())
+        .sum();
+    let mut progress = Progress::new("prepare", total_utts as u64, args.quiet);
+    let mut times = StageTimes::default();
+    let options = ProcessOptions {
+        rate: args.sample_rate,
+        speeds: speed_copies(&args.speed),
+        min_duration: args.min_duration,
+        max_duration: args.max_duration,
+        decode: DecodeOptions {
+            keep_damaged: args.keep_damaged,
+        },
+    };
+    let window = threads * 4;
+    ordered_parallel(
+        &jobs[first.min(jobs.len())..],
+        threads,
+        window,
+        |job| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| process_job(job, &options)))
+                .unwrap_or_else(|panic| {
+                    let reason = format!("crashed while processing: {}", panic_message(&panic));
+                    (
+                        fail_all(job, &job.source.display().to_string(), &reason),
+                        StageTimes::default(),
+                    )
+                })
+        },
+        |offset, (result, job_times)| {
+            let t = Instant::now();
+            let seconds: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
+            let n = jobs[first + offset].utterances.len() as u64;
+            writer.push_input(first + offset, result)?;
+            times.decode += job_times.decode;
+            times.resample += job_times.resample;
+            times.write += t.elapsed().as_secs_f64();
+            progress.advance(n, seconds);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    let t = Instant::now();
+    let meta = writer.finish()?;
+    times.write += t.elapsed().as_secs_f64();
+    let errors: Vec<ErrorRow> = crate::store::read_jsonl(&args.out.join("errors.jsonl"))?;
+    let skipped = errors
+        .iter()
+        .filter(|e| e.reason.starts_with(SKIPPED))
+        .count() as u64;
+    Ok((
+        PrepareSummary {
+            items: meta.totals.items,
+            failed: meta.totals.failed,
+            skipped,
+            audio_seconds: meta.totals.seconds,
+            bytes: meta.totals.bytes,
+            wall_seconds: started.elapsed().as_secs_f64(),
+            resumed_items,
+            already_complete: false,
+        },
+        times,
+    ))
+}
+
+const SKIPPED: &str = "skipped:";
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn validate(args: &PrepareArgs) -> anyhow::Result<()> {
+    if args.sample_rate < 1000 || args.sample_rate > 384_000 {
+        anyhow::bail!(
+            "--sample-rate {} is out of range (1000–384000 Hz)",
+            args.sample_rate
+        );
+    }
+    for &f in &args.speed {
+        if !(0.5..=2.0).contains(&f) {
+            anyhow::bail!("--speed factor {f} is out of range (0.5–2.0)");
+        }
+    }
+    if let (Some(lo), Some(hi)) = (args.min_duration, args.max_duration) {
+        if lo > hi {
+            anyhow::bail!("--min-duration {lo} is larger than --max-duration {hi}");
+        }
+    }
+    for input in &args.inputs {
+        if !input.exists() {
+            anyhow::bail!("{}: no such file or directory", input.display());
+        }
+    }
+    Ok(())
+}
+
+/// Consecutive utterances of one source become one job, so a recording is decoded once.
+fn group_jobs(utterances: Vec<Utterance>) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    for utt in utterances {
+        match jobs.last_mut() {
+            Some(job) if job.source == utt.source => job.utterances.push(utt),
+            _ => jobs.push(Job {
+                source: utt.source.clone(),
+                utterances: vec![utt],
+            }),
+        }
+    }
+    jobs
+}
+
+/// The factors that add copies (1.0 is the original itself), in the order given.
+fn speed_copies(speeds: &[f64]) -> Vec<f64> {
+    let mut out: Vec<f64> = Vec::new();
+    for &f in speeds {
+        if (f - 1.0).abs() > 1e-9 && !out.iter().any(|g| (g - f).abs() < 1e-9) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+fn writer_spec(args: &PrepareArgs, jobs: &[Job]) -> WriterSpec {
+    let utterances: Vec<&Utterance> = jobs.iter().flat_map(|j| &j.utterances).collect();
+    let manifest_hash = json_sha256(&serde_json::to_value(&utterances).unwrap_or_default());
+    WriterSpec {
+        kind: StoreKind::Audio,
+        dtype: Dtype::F32,
+        sample_rate: Some(args.sample_rate),
+        frame_rate: None,
+        dim: None,
+        layers: Vec::new(),
+        options: serde_json::json!({
+            "sample_rate": args.sample_rate,
+            "shard_size": args.shard_size,
+            "min_duration": args.min_duration,
+            "max_duration": args.max_duration,
+            "speed": speed_copies(&args.speed),
+            "keep_damaged": args.keep_damaged,
+            "resampler": "rubato-fft",
+        }),
+        source: serde_json::json!({
+            "inputs": args.inputs,
+            "format": args.format,
+            "utterances": utterances.len(),
+            "manifest_sha256": manifest_hash,
+        }),
+        extra: serde_json::Value::Null,
+        shard_bytes: args.shard_size,
+        overwrite: args.overwrite,
+    }
+}
+
+struct ProcessOptions {
+    rate: u32,
+    speeds: Vec<f64>,
+    min_duration: Option<f64>,
+    max_duration: Option<f64>,
+    decode: DecodeOptions,
+}
+
+/// Decodes a source once and cuts, filters, resamples and perturbs each of its utterances.
+fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
+    let mut times = StageTimes::default();
+    let t = Instant::now();
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        audio::decode_file(&job.source, opts.decode)
+    }));
+    times.decode = t.elapsed().as_secs_f64();
+    let path = job.source.display().to_string();
+    let decoded = match decoded {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            return (
+                fail_all(job, &path, &error_reason(&e.to_string(), &path)),
+                times,
+            )
+        }
+        Err(panic) => {
+            let reason = format!("decoder crashed: {}", panic_message(&panic));
+            return (fail_all(job, &path, &reason), times);
+        }
+    };
+    let mut result = InputResult::default();
+    for utt in &job.utterances {
+        match cut_utterance(utt, &decoded, opts, &mut times) {
+            Ok(items) => result.items.extend(items),
+            Err(reason) => result.errors.push(ErrorRow {
+                path: path.clone(),
+                id: Some(utt.id.clone()),
+                reason,
+            }),
+        }
+    }
+    (result, times)
+}
+
+fn fail_all(job: &Job, path: &str, reason: &str) -> InputResult {
+    InputResult {
+        items: Vec::new(),
+        errors: job
+            .utterances
+            .iter()
+            .map(|u| ErrorRow {
+                path: path.to_string(),
+                id: Some(u.id.clone()),
+                reason: reason.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The decoder's message without a repeated "cannot decode PATH:" prefix.
+fn error_reason(message: &str, path: &str) -> String {
+    let prefix = format!("cannot decode {path}: ");
+    message.strip_prefix(&prefix).unwrap_or(message).to_string()
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+fn cut_utterance(
+    utt: &Utterance,
+    audio: &DecodedAudio,
+    opts: &ProcessOptions,
+    times: &mut StageTimes,
+) -> Result<Vec<(IndexRow, ItemData)>, String> {
+    let sr = audio.sample_rate as f64;
+    let total = audio.samples.len();
+    let begin = (utt.start * sr).round() as usize;
+    if begin >= total && !(begin == 0 && total == 0) {
+        return Err(format!(
+            "segment starts at {:.2} s, past the end of the recording ({:.2} s)",
+            utt.start,
+            total as f64 / sr
+        ));
+    }
+    let end = match utt.duration {
+        Some(d) => {
+            let end = ((utt.start + d) * sr).round() as usize;
+            // Kaldi's extract-segments tolerates a small overrun of the recording's end.
+            if end > total + (0.1 * sr) as usize {
+                return Err(format!(
+                    "segment ends at {:.2} s, past the end of the recording ({:.2} s)",
+                    utt.start + d,
+                    total as f64 / sr
+                ));
+            }
+            end.min(total)
+        }
+        None => total,
+    };
+    if end <= begin {
+        return Err("no audio (0 samples)".into());
+    }
+    let seconds = (end - begin) as f64 / sr;
+    if let Some(min) = opts.min_duration {
+        if seconds < min {
+            return Err(format!(
+                "{SKIPPED} {seconds:.2} s is shorter than --min-duration {min} s"
+            ));
+        }
+    }
+    if let Some(max) = opts.max_duration {
+        if seconds > max {
+            return Err(format!(
+                "{SKIPPED} {seconds:.2} s is longer than --max-duration {max} s"
+            ));
+        }
+    }
+    let t = Instant::now();
+    let resampled = audio::resample_to(&audio.samples[begin..end], audio.sample_rate, opts.rate)
+        .map_err(|e| e.to_string())?;
+    let mut items = Vec::with_capacity(1 + opts.speeds.len());
+    for &factor in &opts.speeds {
+        let perturbed =
+            audio::speed_perturb(&resampled, opts.rate, factor).map_err(|e| e.to_string())?;
+        items.push((
+            row_for(utt, audio, opts.rate, perturbed.len(), Some(factor)),
+            ItemData::Audio(perturbed),
+        ));
+    }
+    times.resample += t.elapsed().as_secs_f64();
+    let original = (
+        row_for(utt, audio, opts.rate, resampled.len(), None),
+        ItemData::Audio(resampled),
+    );
+    items.insert(0, original);
+    Ok(items)
+}
+
+fn row_for(
+    utt: &Utterance,
+    audio: &DecodedAudio,
+    rate: u32,
+    samples: usize,
+    speed: Option<f64>,
+) -> IndexRow {
+    let prefix = speed.map(|f| format!("sp{f}-")).unwrap_or_default();
+    IndexRow {
+        id: format!("{prefix}{}", utt.id),
+        text: utt.text.clone(),
+        speaker: utt.speaker.as_ref().map(|s| format!("{prefix}{s}")),
+        source: utt.source.display().to_string(),
+        start: utt.start,
+        duration: samples as f64 / rate as f64,
+        orig_rate: Some(audio.sample_rate),
+        orig_channels: Some(audio.channels),
+        damaged: audio.damage.clone(),
+        speed,
+        ..Default::default()
+    }
+}
+
+/// Maps `work` over `items` on `threads` threads and hands results to `consume` in input order,
+/// keeping at most `window` results in flight so memory stays bounded.
+pub fn ordered_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    window: usize,
+    work: impl Fn(&T) -> R + Sync,
+    mut consume: impl FnMut(usize, R) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    struct Shared<R> {
+        ready: std::collections::BTreeMap<usize, R>,
+        consumed: usize,
+    }
+    let shared = Mutex::new(Shared {
+        ready: Default::default(),
+        consumed: 0,
+    });
+    let changed = Condvar::new();
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let lock = || shared.lock().unwrap_or_else(|p| p.into_inner());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= items.len() {
+                    break;
+                }
+                {
+                    let mut state = lock();
+                    while i >= state.consumed + window && !abort.load(Ordering::SeqCst) {
+                        state = changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                if abort.load(Ordering::SeqCst) {
+                    break;
+                }
+                let result = work(&items[i]);
+                lock().ready.insert(i, result);
+                changed.notify_all();
+            });
+        }
+        let mut outcome = Ok(());
+        for i in 0..items.len() {
+            let result = {
+                let mut state = lock();
+                loop {
+                    if let Some(r) = state.ready.remove(&i) {
+                        break r;
+                    }
+                    state = changed
+                        .wait_timeout(state, Duration::from_millis(200))
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            };
+            if let Err(e) = consume(i, result) {
+                outcome = Err(e);
+                abort.store(true, Ordering::SeqCst);
+                changed.notify_all();
+                break;
+            }
+            lock().consumed = i + 1;
+            changed.notify_all();
+        }
+        outcome
+    })
+}
+
+fn print_summary(args: &PrepareArgs, s: &PrepareSummary) -> anyhow::Result<()> {
+    let errors: Vec<ErrorRow> = crate::store::read_jsonl(&args.out.join("errors.jsonl"))?;
+    let failed: Vec<&ErrorRow> = errors
+        .iter()
+        .filter(|e| !e.reason.starts_with(SKIPPED))
+        .collect();
+    for e in failed.iter().take(10) {
+        eprintln!(
+            "cannot decode {}: {} (skipped; see {})",
+            e.path,
+            e.reason,
+            args.out.join("errors.jsonl").display()
+        );
+    }
+    if failed.len() > 10 {
+        eprintln!(
+            "... and {} more failures in {}",
+            failed.len() - 10,
+            args.out.join("errors.jsonl").display()
+        );
+    }
+    let xrt = if s.wall_seconds > 0.0 {
+        s.audio_seconds / s.wall_seconds
+    } else {
+        0.0
+    };
+    println!(
+        "prepared {}: {} utterances, {:.3} h of audio, {} failed, {} skipped by duration, {} in shards, {:.1} s wall, {:.0}x real time{}",
+        args.out.display(),
+        s.items,
+        s.audio_seconds / 3600.0,
+        failed.len(),
+        s.skipped,
+        human_bytes(s.bytes),
+        s.wall_seconds,
+        xrt,
+        if s.resumed_items > 0 { format!(" (resumed after {} utterances)", s.resumed_items) } else { String::new() }
+    );
+    Ok(())
 }

@@ -1,0 +1,713 @@
+//! Writing a store with crash safety and resume (see the module docs in `store`).
+use super::npy::{header_bytes, HEADER_LEN};
+use super::reader::check_sealed_shard;
+use super::{
+    json_sha256, layer_file, read_jsonl, scale_file, shard_name, tmp_path, to_jsonl, write_atomic,
+    Dtype, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta, Totals, FORMAT_VERSION,
+};
+use half::{bf16, f16};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Marks a store whose writer has not finished; holds the fingerprint it is being written with.
+pub(crate) const IN_PROGRESS: &str = "in_progress.json";
+
+/// What a writer produces; `options` and `source` define the content and are compared on resume.
+#[derive(Debug, Clone)]
+pub struct WriterSpec {
+    pub kind: StoreKind,
+    pub dtype: Dtype,
+    pub sample_rate: Option<u32>,
+    pub frame_rate: Option<f64>,
+    pub dim: Option<usize>,
+    pub layers: Vec<usize>,
+    pub options: serde_json::Value,
+    pub source: serde_json::Value,
+    pub extra: serde_json::Value,
+    /// A shard is sealed before it would grow past this many bytes (one input never splits).
+    pub shard_bytes: u64,
+    /// Replace a store made with other options instead of refusing.
+    pub overwrite: bool,
+}
+
+/// One item's samples (audio) or its layers, each `[frames, dim]` (features).
+#[derive(Debug, Clone)]
+pub enum ItemData {
+    Audio(Vec<f32>),
+    Features(Vec<Array2<f32>>),
+}
+
+/// What one input (a file, a recording with segments, an utterance) produced.
+#[derive(Debug, Clone, Default)]
+pub struct InputResult {
+    /// Rows with id and metadata set; the writer fills shard, offset, length and checksum.
+    pub items: Vec<(IndexRow, ItemData)>,
+    /// Why this input (or some of its items) produced nothing.
+    pub errors: Vec<ErrorRow>,
+}
+
+/// A sealed shard's committed rows, written after the shard itself is in place.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SealRecord {
+    shard: u32,
+    /// Inputs before this index are fully covered by this and earlier shards.
+    next_input: usize,
+    length: u64,
+    bytes: u64,
+    rows: Vec<IndexRow>,
+    errors: Vec<ErrorRow>,
+    /// Features: per layer, per-dim sums and sums of squares over this shard's frames.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    sums: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct InProgress {
+    fingerprint: String,
+    options: serde_json::Value,
+}
+
+/// One `.npy` file being streamed; its header is patched with the final shape at seal time.
+struct StreamedNpy {
+    file: BufWriter<File>,
+    path: PathBuf,
+    descr: &'static str,
+    row_len: Option<usize>,
+    count: u64,
+}
+
+impl StreamedNpy {
+    fn create(
+        path: PathBuf,
+        descr: &'static str,
+        row_len: Option<usize>,
+    ) -> Result<Self, StoreError> {
+        let file = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
+        let mut file = BufWriter::with_capacity(4 << 20, file);
+        file.write_all(&[b' '; HEADER_LEN])
+            .map_err(|e| StoreError::io(&path, e))?;
+        Ok(Self {
+            file,
+            path,
+            descr,
+            row_len,
+            count: 0,
+        })
+    }
+
+    fn append(&mut self, bytes: &[u8], rows: u64) -> Result<(), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.count += rows;
+        Ok(())
+    }
+
+    /// Writes the real header, flushes and fsyncs.
+    fn seal(mut self) -> Result<(), StoreError> {
+        let shape: Vec<u64> = match self.row_len {
+            Some(d) => vec![self.count, d as u64],
+            None => vec![self.count],
+        };
+        let header = header_bytes(self.descr, &shape)?;
+        let path = self.path.clone();
+        let io = |e| StoreError::io(&path, e);
+        self.file.flush().map_err(io)?;
+        let mut file = self
+            .file
+            .into_inner()
+            .map_err(|e| StoreError::io(&path, e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(&header).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// The shard being filled.
+struct OpenShard {
+    number: u32,
+    files: Vec<StreamedNpy>,
+    length: u64,
+    bytes: u64,
+    rows: Vec<IndexRow>,
+    sums: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+/// Writes a store in input order; resumable after a kill at any point.
+pub struct StoreWriter {
+    dir: PathBuf,
+    spec: WriterSpec,
+    fingerprint: String,
+    complete: Option<StoreMeta>,
+    sealed: Vec<SealRecord>,
+    next_input: usize,
+    current: Option<OpenShard>,
+    /// Errors of inputs since the last seal.
+    pending_errors: Vec<ErrorRow>,
+    scratch: Vec<u8>,
+}
+
+impl StoreWriter {
+    /// Opens `dir` for writing: a new store, a resume of an interrupted run with the same
+    /// fingerprint, or a finished store (then `is_complete()` and nothing is written).
+    pub fn create_or_resume(dir: &Path, spec: WriterSpec) -> Result<Self, StoreError> {
+        if spec.kind == StoreKind::Features && spec.dim.is_none() {
+            return Err(StoreError::Format("a feature store needs its dim".into()));
+        }
+        let fingerprint = fingerprint_of(&spec);
+        let mut writer = StoreWriter {
+            dir: dir.to_path_buf(),
+            spec,
+            fingerprint,
+            complete: None,
+            sealed: Vec::new(),
+            next_input: 0,
+            current: None,
+            pending_errors: Vec::new(),
+            scratch: Vec::new(),
+        };
+        writer.claim_directory()?;
+        if writer.complete.is_none() {
+            writer.load_sealed()?;
+        }
+        Ok(writer)
+    }
+
+    /// The finished store's meta when a previous run with the same fingerprint completed.
+    pub fn completed_meta(&self) -> Option<&StoreMeta> {
+        self.complete.as_ref()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete.is_some()
+    }
+
+    /// The first input not covered by sealed shards (where a resumed run starts).
+    pub fn next_input(&self) -> usize {
+        self.next_input
+    }
+
+    /// Items already committed by an earlier, interrupted run.
+    pub fn resumed_items(&self) -> usize {
+        self.sealed.iter().map(|s| s.rows.len()).sum()
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Appends input `index` (which must be `next_input()`).
+    pub fn push_input(&mut self, index: usize, result: InputResult) -> Result<(), StoreError> {
+        if self.complete.is_some() {
+            return Err(StoreError::refused(&self.dir, "store is already complete"));
+        }
+        if index != self.next_input {
+            return Err(StoreError::Format(format!(
+                "inputs must be pushed in order: got {index}, expected {}",
+                self.next_input
+            )));
+        }
+        let incoming: u64 = result.items.iter().map(|(_, d)| self.item_bytes(d)).sum();
+        let full = self
+            .current
+            .as_ref()
+            .is_some_and(|s| !s.rows.is_empty() && s.bytes + incoming > self.spec.shard_bytes);
+        if full {
+            self.seal_current(index)?;
+        }
+        for (row, data) in result.items {
+            self.append_item(row, data)?;
+        }
+        self.pending_errors.extend(result.errors);
+        self.next_input = index + 1;
+        Ok(())
+    }
+
+    /// Seals the last shard and writes `index.jsonl`, `errors.jsonl`, `stats/` and `meta.json`.
+    pub fn finish(mut self) -> Result<StoreMeta, StoreError> {
+        if let Some(meta) = self.complete.take() {
+            return Ok(meta);
+        }
+        if self.current.as_ref().is_some_and(|s| !s.rows.is_empty()) {
+            self.seal_current(self.next_input)?;
+        }
+        self.discard_current()?;
+        let mut rows: Vec<IndexRow> = Vec::new();
+        let mut errors: Vec<ErrorRow> = Vec::new();
+        let mut totals = Totals::default();
+        for seal in &self.sealed {
+            totals.length += seal.length;
+            totals.bytes += seal.bytes;
+            totals.seconds += seal.rows.iter().map(|r| r.duration).sum::<f64>();
+            rows.extend(seal.rows.iter().cloned());
+            errors.extend(seal.errors.iter().cloned());
+        }
+        errors.append(&mut self.pending_errors);
+        totals.items = rows.len() as u64;
+        totals.failed = errors.len() as u64;
+        totals.shards = self.sealed.len() as u32;
+        if self.spec.kind == StoreKind::Features {
+            self.write_stats(totals.length)?;
+        }
+        write_atomic(&self.dir.join("index.jsonl"), &to_jsonl(&rows)?)?;
+        write_atomic(&self.dir.join("errors.jsonl"), &to_jsonl(&errors)?)?;
+        let meta = StoreMeta {
+            kind: self.spec.kind,
+            format_version: FORMAT_VERSION,
+            tool: format!("speechcache {}", env!("CARGO_PKG_VERSION")),
+            dtype: self.spec.dtype,
+            sample_rate: self.spec.sample_rate,
+            frame_rate: self.spec.frame_rate,
+            dim: self.spec.dim,
+            layers: self.spec.layers.clone(),
+            options: self.spec.options.clone(),
+            source: self.spec.source.clone(),
+            fingerprint: self.fingerprint.clone(),
+            checksum: "crc32".into(),
+            totals,
+            extra: self.spec.extra.clone(),
+        };
+        meta.save(&self.dir)?;
+        for seal in &self.sealed {
+            remove_if_exists(&self.seal_path(seal.shard))?;
+        }
+        remove_if_exists(&self.dir.join(IN_PROGRESS))?;
+        sync_dir(&self.dir);
+        Ok(meta)
+    }
+
+    fn claim_directory(&mut self) -> Result<(), StoreError> {
+        let dir = self.dir.clone();
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::refused(&dir, "exists and is not a directory"));
+        }
+        if dir.join("meta.json").exists() {
+            let meta = StoreMeta::load(&dir)?;
+            if meta.fingerprint == self.fingerprint {
+                self.complete = Some(meta);
+                return Ok(());
+            }
+            self.refuse_or_clear(&meta.options)?;
+        } else if dir.join(IN_PROGRESS).exists() {
+            let path = dir.join(IN_PROGRESS);
+            let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+            let progress: InProgress = serde_json::from_str(&text)
+                .map_err(|e| StoreError::corrupt(&path, e.to_string()))?;
+            if progress.fingerprint != self.fingerprint {
+                self.refuse_or_clear(&progress.options)?;
+            }
+        } else if dir.is_dir() {
+            let mut entries = std::fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            if entries.next().is_some() {
+                return Err(StoreError::refused(
+                    &dir,
+                    "exists, is not empty and is not a speechcache store; choose a new or empty directory",
+                ));
+            }
+        }
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).map_err(|e| StoreError::io(&shards, e))?;
+        let progress = InProgress {
+            fingerprint: self.fingerprint.clone(),
+            options: self.spec.options.clone(),
+        };
+        let text =
+            serde_json::to_vec_pretty(&progress).map_err(|e| StoreError::Format(e.to_string()))?;
+        write_atomic(&dir.join(IN_PROGRESS), &text)
+    }
+
+    fn refuse_or_clear(&self, stored_options: &serde_json::Value) -> Result<(), StoreError> {
+        if !self.spec.overwrite {
+            let what = describe_difference(stored_options, &self.spec.options);
+            return Err(StoreError::refused(
+                &self.dir,
+                format!(
+                    "this store was made with different options or inputs ({what}); \
+                     use a new --out directory, or --overwrite to replace it"
+                ),
+            ));
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(|e| StoreError::io(&self.dir, e))
+    }
+
+    /// Finds the contiguous run of sealed shards, verifies them, and removes anything unsealed.
+    fn load_sealed(&mut self) -> Result<(), StoreError> {
+        let shards_dir = self.dir.join("shards");
+        let mut number = 0u32;
+        loop {
+            let seal_path = self.seal_path(number);
+            if !seal_path.exists() {
+                break;
+            }
+            let mut records: Vec<SealRecord> = read_jsonl(&seal_path)?;
+            let Some(seal) = records.pop() else { break };
+            let verified = check_sealed_shard(
+                &self.dir,
+                self.spec.kind,
+                self.spec.dtype,
+                &self.spec.layers,
+                self.spec.dim,
+                seal.shard,
+                seal.length,
+                &seal.rows,
+            );
+            if verified.is_err() {
+                // A damaged sealed shard and everything after it is redone.
+                break;
+            }
+            self.next_input = seal.next_input;
+            self.sealed.push(seal);
+            number += 1;
+        }
+        let keep: Vec<String> = (0..number)
+            .flat_map(|n| {
+                let base = shard_name(self.spec.kind, n);
+                [base.clone(), format!("{base}.seal.json")]
+            })
+            .map(|name| name.trim_start_matches("shards/").to_string())
+            .collect();
+        let entries = std::fs::read_dir(&shards_dir).map_err(|e| StoreError::io(&shards_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(&shards_dir, e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !keep.contains(&name) {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| StoreError::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_path(&self, shard: u32) -> PathBuf {
+        self.dir
+            .join(format!("{}.seal.json", shard_name(self.spec.kind, shard)))
+    }
+
+    fn item_bytes(&self, data: &ItemData) -> u64 {
+        match data {
+            ItemData::Audio(s) => (s.len() * 4) as u64,
+            ItemData::Features(layers) => layers
+                .iter()
+                .map(|l| {
+                    let values = (l.len() * self.spec.dtype.bytes_per_value()) as u64;
+                    let scales = if self.spec.dtype == Dtype::Int8 {
+                        l.nrows() as u64 * 4
+                    } else {
+                        0
+                    };
+                    values + scales
+                })
+                .sum(),
+        }
+    }
+
+    fn open_shard(&mut self) -> Result<(), StoreError> {
+        if self.current.is_some() {
+            return Ok(());
+        }
+        let number = self.sealed.len() as u32;
+        let final_path = self.dir.join(shard_name(self.spec.kind, number));
+        let tmp = tmp_path(&final_path);
+        let mut files = Vec::new();
+        let layers = self.spec.layers.len();
+        match self.spec.kind {
+            StoreKind::Audio => files.push(StreamedNpy::create(tmp, "<f4", None)?),
+            StoreKind::Features => {
+                if tmp.exists() {
+                    std::fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+                }
+                std::fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+                for &layer in &self.spec.layers {
+                    let dim = self.spec.dim;
+                    let descr = self.spec.dtype.npy_descr();
+                    files.push(StreamedNpy::create(
+                        tmp.join(layer_file(layer)),
+                        descr,
+                        dim,
+                    )?);
+                    if self.spec.dtype == Dtype::Int8 {
+                        files.push(StreamedNpy::create(
+                            tmp.join(scale_file(layer)),
+                            "<f4",
+                            None,
+                        )?);
+                    }
+                }
+            }
+        }
+        let dim = self.spec.dim.unwrap_or(0);
+        self.current = Some(OpenShard {
+            number,
+            files,
+            length: 0,
+            bytes: 0,
+            rows: Vec::new(),
+            sums: (0..layers)
+                .map(|_| (vec![0.0; dim], vec![0.0; dim]))
+                .collect(),
+        });
+        Ok(())
+    }
+
+    fn append_item(&mut self, mut row: IndexRow, data: ItemData) -> Result<(), StoreError> {
+        self.open_shard()?;
+        let dtype = self.spec.dtype;
+        let kind = self.spec.kind;
+        let expected_layers = self.spec.layers.len();
+        let expected_dim = self.spec.dim;
+        let bytes = self.item_bytes(&data);
+        let Some(shard) = self.current.as_mut() else {
+            return Err(StoreError::Format("no open shard".into()));
+        };
+        let mut crc = crc32fast::Hasher::new();
+        let length = match (kind, data) {
+            (StoreKind::Audio, ItemData::Audio(samples)) => {
+                let raw: &[u8] = bytemuck::cast_slice(&samples);
+                crc.update(raw);
+                shard.files[0].append(raw, samples.len() as u64)?;
+                samples.len() as u64
+            }
+            (StoreKind::Features, ItemData::Features(layers)) => {
+                if layers.len() != expected_layers {
+                    return Err(StoreError::Format(format!(
+                        "item {} has {} layers, store has {expected_layers}",
+                        row.id,
+                        layers.len()
+                    )));
+                }
+                let frames = layers.first().map_or(0, |l| l.nrows());
+                let per_layer_files = if dtype == Dtype::Int8 { 2 } else { 1 };
+                for (li, values) in layers.iter().enumerate() {
+                    if values.nrows() != frames || Some(values.ncols()) != expected_dim {
+                        return Err(StoreError::Format(format!(
+                            "item {}: layer shape {:?}, expected [{frames}, {}]",
+                            row.id,
+                            values.shape(),
+                            expected_dim.unwrap_or(0)
+                        )));
+                    }
+                    let values = values.as_standard_layout();
+                    let flat = values.as_slice().unwrap_or(&[]);
+                    accumulate_sums(&mut shard.sums[li], flat, expected_dim.unwrap_or(1));
+                    let file = li * per_layer_files;
+                    encode_values(dtype, flat, expected_dim.unwrap_or(1), &mut self.scratch);
+                    crc.update(&self.scratch);
+                    shard.files[file].append(&self.scratch, frames as u64)?;
+                    if dtype == Dtype::Int8 {
+                        let scales = frame_scales(flat, expected_dim.unwrap_or(1));
+                        let raw: &[u8] = bytemuck::cast_slice(&scales);
+                        crc.update(raw);
+                        shard.files[file + 1].append(raw, frames as u64)?;
+                    }
+                }
+                frames as u64
+            }
+            _ => {
+                return Err(StoreError::Format(format!(
+                    "item {}: data kind does not match the store kind",
+                    row.id
+                )))
+            }
+        };
+        row.shard = shard.number;
+        row.offset = shard.length;
+        row.length = length;
+        row.checksum = crc32_hex_from(crc);
+        shard.length += length;
+        shard.bytes += bytes;
+        shard.rows.push(row);
+        Ok(())
+    }
+
+    fn seal_current(&mut self, next_input: usize) -> Result<(), StoreError> {
+        let Some(shard) = self.current.take() else {
+            return Ok(());
+        };
+        let final_path = self.dir.join(shard_name(self.spec.kind, shard.number));
+        for file in shard.files {
+            file.seal()?;
+        }
+        let tmp = tmp_path(&final_path);
+        std::fs::rename(&tmp, &final_path).map_err(|e| StoreError::io(&final_path, e))?;
+        sync_dir(&self.dir.join("shards"));
+        let record = SealRecord {
+            shard: shard.number,
+            next_input,
+            length: shard.length,
+            bytes: shard.bytes,
+            rows: shard.rows,
+            errors: std::mem::take(&mut self.pending_errors),
+            sums: shard.sums,
+        };
+        write_atomic(
+            &self.seal_path(record.shard),
+            &to_jsonl(std::slice::from_ref(&record))?,
+        )?;
+        sync_dir(&self.dir.join("shards"));
+        self.sealed.push(record);
+        Ok(())
+    }
+
+    /// Removes an open shard that received no rows (its inputs only produced errors).
+    fn discard_current(&mut self) -> Result<(), StoreError> {
+        if let Some(shard) = self.current.take() {
+            let final_path = self.dir.join(shard_name(self.spec.kind, shard.number));
+            drop(shard.files);
+            let tmp = tmp_path(&final_path);
+            if tmp.is_dir() {
+                std::fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+            } else {
+                remove_if_exists(&tmp)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_stats(&self, frames: u64) -> Result<(), StoreError> {
+        let stats_dir = self.dir.join("stats");
+        std::fs::create_dir_all(&stats_dir).map_err(|e| StoreError::io(&stats_dir, e))?;
+        let dim = self.spec.dim.unwrap_or(0);
+        let n = frames.max(1) as f64;
+        for (li, &layer) in self.spec.layers.iter().enumerate() {
+            let mut sum = vec![0.0f64; dim];
+            let mut sumsq = vec![0.0f64; dim];
+            for seal in &self.sealed {
+                if let Some((s, q)) = seal.sums.get(li) {
+                    sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                    sumsq.iter_mut().zip(q).for_each(|(a, b)| *a += b);
+                }
+            }
+            let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+            let var: Vec<f64> = sumsq
+                .iter()
+                .zip(&mean)
+                .map(|(q, m)| (q / n - m * m).max(0.0))
+                .collect();
+            let mut bytes = header_bytes("<f8", &[2, dim as u64])?;
+            bytes.extend_from_slice(bytemuck::cast_slice(&mean));
+            bytes.extend_from_slice(bytemuck::cast_slice(&var));
+            write_atomic(&stats_dir.join(layer_file(layer)), &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn fingerprint_of(spec: &WriterSpec) -> String {
+    json_sha256(&serde_json::json!({
+        "format_version": FORMAT_VERSION,
+        "kind": spec.kind,
+        "dtype": spec.dtype,
+        "sample_rate": spec.sample_rate,
+        "frame_rate": spec.frame_rate,
+        "dim": spec.dim,
+        "layers": spec.layers,
+        "options": spec.options,
+        "source": spec.source,
+    }))
+}
+
+/// "sample_rate: 16000 → 8000, speed: … " or "same options, different inputs".
+fn describe_difference(stored: &serde_json::Value, now: &serde_json::Value) -> String {
+    let (Some(a), Some(b)) = (stored.as_object(), now.as_object()) else {
+        return "different options".into();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+            format!(
+                "{k}: {} in the store, {} now",
+                show(a.get(k)),
+                show(b.get(k))
+            )
+        })
+        .collect();
+    if diffs.is_empty() {
+        "same options, different inputs or model".into()
+    } else {
+        diffs.join("; ")
+    }
+}
+
+fn crc32_hex_from(hasher: crc32fast::Hasher) -> String {
+    format!("{:08x}", hasher.finalize())
+}
+
+/// Converts f32 values to the stored representation (int8: per-frame symmetric scale).
+fn encode_values(dtype: Dtype, values: &[f32], dim: usize, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        Dtype::F32 => out.extend_from_slice(bytemuck::cast_slice(values)),
+        Dtype::F16 => {
+            out.reserve(values.len() * 2);
+            for v in values {
+                out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        Dtype::Bf16 => {
+            out.reserve(values.len() * 2);
+            for v in values {
+                out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        Dtype::Int8 => {
+            out.reserve(values.len());
+            for frame in values.chunks(dim.max(1)) {
+                let scale = frame_scale(frame);
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                for v in frame {
+                    let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    out.push(q as u8);
+                }
+            }
+        }
+    }
+}
+
+/// Symmetric int8 scale of one frame: max |x| / 127.
+fn frame_scale(frame: &[f32]) -> f32 {
+    frame.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0
+}
+
+fn frame_scales(values: &[f32], dim: usize) -> Vec<f32> {
+    values.chunks(dim.max(1)).map(frame_scale).collect()
+}
+
+fn accumulate_sums(sums: &mut (Vec<f64>, Vec<f64>), values: &[f32], dim: usize) {
+    for frame in values.chunks(dim.max(1)) {
+        for ((s, q), v) in sums.0.iter_mut().zip(sums.1.iter_mut()).zip(frame) {
+            let v = *v as f64;
+            *s += v;
+            *q += v * v;
+        }
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
+/// fsync a directory so renames inside it survive a power cut (best effort).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

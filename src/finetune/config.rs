@@ -1,4 +1,4 @@
-//! The finetune configuration file (TOML): `[model]`, `[specaug]`, `[optim]`, `[train]`.
+//! The finetune configuration file (TOML): `[data]`, `[model]`, `[specaug]`, `[optim]`, `[train]`.
 //!
 //! Every table refuses unknown keys (`deny_unknown_fields`), so a typo is an error that names
 //! the key and the file instead of a silently ignored setting. Defaults follow ESPnet's
@@ -24,7 +24,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneConfig {
-    /// Featurizer (layers, normalisation), pre-encoder and Conformer encoder.
+    /// Which stored layers to read.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// Featurizer (weighted sum, normalisation), pre-encoder and Conformer encoder.
     pub model: AsrModelConfig,
     #[serde(default)]
     pub specaug: SpecAugConfig,
@@ -32,6 +35,16 @@ pub struct FinetuneConfig {
     pub optim: OptimConfig,
     #[serde(default)]
     pub train: TrainConfig,
+}
+
+/// What to read from the feature store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Hidden-state numbers to feed the featurizer's weighted sum (e.g. `[6, 9, 12]`); left
+    /// out = every layer the training store holds. The experiment records the resolved list.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
 }
 
 /// Maximum width of a mask: a number of frames/bins, or a fraction of the utterance length.

@@ -168,19 +168,6 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Input normalisation, chosen in `[model] normalize`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormalizeKind {
-    /// Per utterance and layer: mean and variance over the utterance's own frames.
-    Utterance,
-    /// Per layer, with the training store's stats/ (mean and variance of each layer). Each
-    /// layer is normalised with its own statistics *before* the learned weighted sum, so the
-    /// sum combines unit-variance inputs and the layer weights stay comparable.
-    Global,
-    None,
-}
-
 /// Global statistics as saved in the experiment (`EXP/global_stats.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalStats {
@@ -218,76 +205,18 @@ impl GlobalStats {
     }
 }
 
-/// Applies the chosen normalisation to a batch `[B, L, T, D]`; padding stays zero.
-pub enum Normalizer {
-    None,
-    Utterance,
-    Global { mean: Tensor, inv_std: Tensor },
-}
-
-impl Normalizer {
-    pub fn new(
-        kind: NormalizeKind,
-        stats: Option<&GlobalStats>,
-        device: &Device,
-    ) -> Result<Self, DataError> {
-        Ok(match kind {
-            NormalizeKind::None => Normalizer::None,
-            NormalizeKind::Utterance => Normalizer::Utterance,
-            NormalizeKind::Global => {
-                let stats = stats.ok_or_else(|| DataError::Source {
-                    path: PathBuf::from("global_stats.json"),
-                    reason: "global normalisation needs the training store's stats".into(),
-                })?;
-                let l = stats.layers.len();
-                let d = stats.mean.first().map(|m| m.len()).unwrap_or(0);
-                let mean: Vec<f32> = stats.mean.iter().flatten().map(|&m| m as f32).collect();
-                // floor as ESPnet's GlobalMVN (eps 1e-20 on variance); 1e-10 keeps f32 sane
-                let inv: Vec<f32> = stats
-                    .var
-                    .iter()
-                    .flatten()
-                    .map(|&v| (1.0 / v.max(1e-10).sqrt()) as f32)
-                    .collect();
-                Normalizer::Global {
-                    mean: Tensor::from_vec(mean, (1, l, 1, d), device)?,
-                    inv_std: Tensor::from_vec(inv, (1, l, 1, d), device)?,
-                }
-            }
-        })
+impl GlobalStats {
+    /// `(mean, std)` as `[L, D]` tensors for `AsrModel::set_global_stats`.
+    pub fn to_tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let l = self.layers.len();
+        let d = self.mean.first().map(|m| m.len()).unwrap_or(0);
+        let mean: Vec<f32> = self.mean.iter().flatten().map(|&m| m as f32).collect();
+        let std: Vec<f32> = self.var.iter().flatten().map(|&v| v.max(0.0).sqrt() as f32).collect();
+        Ok((
+            Tensor::from_vec(mean, (l, d), device)?,
+            Tensor::from_vec(std, (l, d), device)?,
+        ))
     }
-
-    // Mirrors ESPnet's GlobalMVN / UtteranceMVN (utterance: with norm_vars=True).
-    pub fn apply(&self, feats: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
-        let (b, _l, t, _d) = feats.dims4()?;
-        let mask = time_mask(b, t, lengths, feats.device())?;
-        match self {
-            Normalizer::None => Ok(feats.clone()),
-            Normalizer::Global { mean, inv_std } => feats
-                .broadcast_sub(mean)?
-                .broadcast_mul(inv_std)?
-                .broadcast_mul(&mask),
-            Normalizer::Utterance => {
-                let n: Vec<f32> = lengths.iter().map(|&n| n.max(1) as f32).collect();
-                let n = Tensor::from_vec(n, (b, 1, 1, 1), feats.device())?;
-                let x = feats.broadcast_mul(&mask)?;
-                let mean = x.sum_keepdim(2)?.broadcast_div(&n)?;
-                let centered = x.broadcast_sub(&mean)?.broadcast_mul(&mask)?;
-                let var = centered.sqr()?.sum_keepdim(2)?.broadcast_div(&n)?;
-                let inv = (var + 1e-10)?.sqrt()?.recip()?;
-                centered.broadcast_mul(&inv)
-            }
-        }
-    }
-}
-
-/// `[B, 1, T, 1]` with 1 on valid frames and 0 on padding.
-pub fn time_mask(b: usize, t: usize, lengths: &[usize], dev: &Device) -> candle_core::Result<Tensor> {
-    let mut m = vec![0f32; b * t];
-    for (u, &len) in lengths.iter().enumerate().take(b) {
-        m[u * t..u * t + len.min(t)].fill(1.0);
-    }
-    Tensor::from_vec(m, (b, 1, t, 1), dev)
 }
 
 /// CTC targets of one split, indexed like the source; items without usable text are left out.
@@ -300,14 +229,17 @@ pub struct Targets {
     pub unknown_chars: usize,
     pub no_text: usize,
     pub no_known_chars: usize,
-    pub too_long: usize,
+    /// Shorter than the model's subsampling needs, or longer than `train.max_frames`.
+    pub out_of_range: usize,
 }
 
 impl Targets {
-    /// Encode every transcript. `max_frames > 0` drops longer items (training only).
+    /// Encode every transcript; items shorter than `min_frames` (the model's subsampling
+    /// minimum) or, when `max_frames > 0`, longer than `max_frames` are left out.
     pub fn encode(
         source: &dyn FeatureSource,
         tok: &Tokenizer,
+        min_frames: usize,
         max_frames: usize,
     ) -> Result<Self, DataError> {
         let mut t = Targets {
@@ -316,7 +248,7 @@ impl Targets {
             unknown_chars: 0,
             no_text: 0,
             no_known_chars: 0,
-            too_long: 0,
+            out_of_range: 0,
         };
         for i in 0..source.len() {
             let Some(text) = source.text(i) else {
@@ -326,14 +258,15 @@ impl Targets {
             };
             let (ids, unk) = encode_text(tok, text);
             t.unknown_chars += unk;
-            let known = ids.iter().any(|&id| !tok_is_unk(tok, id));
+            let known = ids.iter().any(|&id| id != Tokenizer::UNK_ID);
             if !known {
                 t.no_known_chars += 1;
                 t.tokens.push(Vec::new());
                 continue;
             }
-            if max_frames > 0 && source.frames(i) > max_frames {
-                t.too_long += 1;
+            let n = source.frames(i);
+            if n < min_frames || (max_frames > 0 && n > max_frames) {
+                t.out_of_range += 1;
                 t.tokens.push(Vec::new());
                 continue;
             }
@@ -359,8 +292,8 @@ impl Targets {
                 path: source.path().to_path_buf(),
                 reason: format!(
                     "no usable utterance: {} without transcript, {} whose transcript has no \
-                     character known to the tokenizer, {} longer than train.max_frames",
-                    t.no_text, t.no_known_chars, t.too_long
+                     character known to the tokenizer, {} too short for the subsampling or longer than train.max_frames",
+                    t.no_text, t.no_known_chars, t.out_of_range
                 ),
             });
         }
@@ -370,12 +303,12 @@ impl Targets {
     /// One line for the log: what was left out and why.
     pub fn summary(&self) -> String {
         format!(
-            "{} usable; left out: {} without transcript, {} with no known character, {} too long; \
+            "{} usable; left out: {} without transcript, {} with no known character, {} too short/long; \
              {} unknown characters mapped to <unk>",
             self.items.len(),
             self.no_text,
             self.no_known_chars,
-            self.too_long,
+            self.out_of_range,
             self.unknown_chars
         )
     }
@@ -383,13 +316,7 @@ impl Targets {
 
 /// Token ids of `text` and the number of characters that became `<unk>`.
 pub fn encode_text(tok: &Tokenizer, text: &str) -> (Vec<u32>, usize) {
-    let ids = tok.encode(text);
-    let unk = ids.iter().filter(|&&id| tok_is_unk(tok, id)).count();
-    (ids, unk)
-}
-
-fn tok_is_unk(tok: &Tokenizer, id: u32) -> bool {
-    id == tok.unk_id()
+    tok.encode(text)
 }
 
 #[cfg(test)]
@@ -412,15 +339,5 @@ mod tests {
         assert_eq!(batches, again);
         let other = make_batches(&frames, &items, 400, Some((3, 2)));
         assert_ne!(batches, other);
-    }
-
-    #[test]
-    fn utterance_normalisation_ignores_padding() {
-        let dev = Device::Cpu;
-        let x = Tensor::from_vec(vec![1f32, 3., 100., 2., 4., 6.], (2, 1, 3, 1), &dev).unwrap();
-        let y = Normalizer::Utterance.apply(&x, &[2, 3]).unwrap();
-        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!((v[0] + 1.0).abs() < 1e-4 && (v[1] - 1.0).abs() < 1e-4 && v[2] == 0.0);
-        assert!(v[4].abs() < 1e-6);
     }
 }

@@ -8,7 +8,8 @@ use crate::finetune::checkpoint::{self, avg_path, epoch_path, last_path};
 use crate::finetune::data::{encode_text, make_batches, FeatureSource};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::search;
-use crate::finetune::train::{Experiment, TrainError};
+use crate::finetune::tokenizer::Tokenizer;
+use crate::finetune::train::{log_prob_rows, Experiment, TrainError};
 use candle_core::{DType, Device, D};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -98,10 +99,10 @@ impl Score {
     fn from_counts(c: &ErrorCounts) -> Self {
         Self {
             rate: c.rate(),
-            reference: c.reference,
-            substitutions: c.substitutions,
-            deletions: c.deletions,
-            insertions: c.insertions,
+            reference: c.ref_len,
+            substitutions: c.sub,
+            deletions: c.del,
+            insertions: c.ins,
         }
     }
 }
@@ -132,26 +133,29 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     let tensors = checkpoint::load_tensors(&ckpt, dev)?;
     checkpoint::assign(&vars, &tensors, &ckpt)?;
     drop(tensors);
-    let normalizer = exp.normalizer(dev)?;
-    let blank = exp.tokenizer.blank_id();
+    let blank = Tokenizer::BLANK_ID;
 
+    // utterances shorter than the subsampling's minimum get an empty hypothesis
     let frames: Vec<usize> = (0..data.len()).map(|i| data.frames(i)).collect();
-    let all: Vec<usize> = (0..data.len()).collect();
-    let batches = make_batches(&frames, &all, exp.config.train.batch_frames, None);
+    let decodable: Vec<usize> = (0..data.len()).filter(|&i| frames[i] >= exp.min_frames()).collect();
+    let batches = make_batches(&frames, &decodable, exp.config.train.batch_frames, None);
     let mut hyps: Vec<String> = vec![String::new(); data.len()];
     for (bn, items) in batches.iter().enumerate() {
         let (feats, lens) = data.batch(items, &exp.meta.layers, dev)?;
-        let feats = normalizer.apply(&feats, &lens)?;
         let (logits, out_lens) = model.forward(&feats, &lens, false)?;
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;
         for (u, &i) in items.iter().enumerate() {
-            let row = lp.get(u)?.narrow(0, 0, out_lens[u])?;
+            let rows = log_prob_rows(&lp, u, out_lens[u])?;
             let ids = if opts.beam <= 1 {
-                search::greedy(&row, blank)?
+                search::greedy(rows.view(), blank)
             } else {
-                search::prefix_beam_search(&row, opts.beam, blank)?
+                search::prefix_beam_search(rows.view(), opts.beam, blank)
+                    .into_iter()
+                    .next()
+                    .map(|(ids, _)| ids)
+                    .unwrap_or_default()
             };
             hyps[i] = exp.tokenizer.decode(&ids);
         }
@@ -193,8 +197,8 @@ fn score(data: &dyn FeatureSource, exp: &Experiment, hyps: &[String]) -> DecodeR
                 unknown += encode_text(&exp.tokenizer, r).1;
                 let c = metrics::cer(r, hyp);
                 let w = metrics::wer(r, hyp);
-                chars.add(&c);
-                words.add(&w);
+                chars += c;
+                words += w;
                 scored += 1;
                 (Some(Score::from_counts(&c)), Some(Score::from_counts(&w)))
             }

@@ -1,24 +1,149 @@
 //! Stage 3: Conformer-CTC finetuning on cached features, decoding and scoring.
-//! (Skeleton: the training owner owns this file.)
+//!
+//! `finetune` reads a training and a validation feature store, trains into an experiment
+//! directory (config, tokens, stats, checkpoints, logs, plots) and can be resumed exactly;
+//! `decode` runs an experiment over a feature store and scores CER/WER.
 use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
 
+pub mod checkpoint;
+pub mod config;
 pub mod ctc;
+pub mod data;
+pub mod decode;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod optim;
+pub mod plots;
 pub mod search;
+pub mod specaug;
 pub mod tokenizer;
+pub mod train;
 
 #[derive(Args, Debug)]
-pub struct FinetuneArgs {}
-
-#[derive(Args, Debug)]
-pub struct DecodeArgs {}
-
-pub fn run_finetune(_args: &FinetuneArgs) -> anyhow::Result<()> {
-    anyhow::bail!("finetune is not built yet")
+#[command(after_help = "Example:\n  speechcache finetune --train feats/train --valid feats/dev \\\n      --config manifests/conf/demo_fbank.toml --out exp/demo\n\n\
+EXP receives: config.toml (resolved), experiment.json, tokens.txt, global_stats.json (global\n\
+normalisation), checkpoints/{last,epoch_NNNN}.safetensors (+ .json), avg.safetensors,\n\
+train_log.jsonl (one line per step), epoch_log.jsonl (valid loss/CER per epoch),\n\
+plots/loss.png and plots/layer_weights.png.")]
+pub struct FinetuneArgs {
+    /// Training feature store (from `speechcache extract`); its transcripts define the tokens.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Validation feature store (loss and greedy CER after every epoch).
+    #[arg(long)]
+    pub valid: PathBuf,
+    /// TOML config: [data], [model], [specaug], [optim], [train] (see manifests/conf/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Experiment directory to create (or continue with --resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the experiment in --out from checkpoints/last (same config and seed).
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed for initialisation, batch order, SpecAugment and dropout (overrides train.seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many optimiser steps in total (a resumable checkpoint is written).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// No progress lines.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
-pub fn run_decode(_args: &DecodeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("decode is not built yet")
+#[derive(Args, Debug)]
+#[command(after_help = "Writes hyp.trn/ref.trn (sclite `text (uttid)`), hyp.txt/ref.txt (`uttid text`),\n\
+result.txt (CER/WER totals with substitutions/deletions/insertions, then per utterance) and\n\
+result.json into --out (default EXP/decode_<store>_<checkpoint>_beam<N>).")]
+pub struct DecodeArgs {
+    /// Experiment directory written by `speechcache finetune`.
+    #[arg(long)]
+    pub exp: PathBuf,
+    /// Feature store to decode (same features and dim as the training store).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// 1 = CTC greedy (best path); N > 1 = CTC prefix beam search with beam N.
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    /// avg (mean of the n best epochs), last, or an epoch number.
+    #[arg(long, default_value = "avg")]
+    pub checkpoint: decode::CheckpointChoice,
+    /// Output directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `cpu`, `cuda`, `cuda:N` → a candle device.
+pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| anyhow::anyhow!("--device {s}: expected cpu, cuda or cuda:N"))?,
+        None => anyhow::bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    };
+    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!("--device {s}: {e} (was speechcache built with `--features cuda`?)")
+    })
+}
+
+pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let device = parse_device(&args.device)?;
+    let train_src = data::StoreSource::open(&args.train)?;
+    let valid_src = data::StoreSource::open(&args.valid)?;
+    let opts = train::TrainOptions {
+        config: args.config.clone(),
+        out: args.out.clone(),
+        resume: args.resume,
+        device,
+        seed: args.seed,
+        max_steps: args.max_steps,
+        max_epochs: None,
+        verbose: !args.quiet,
+    };
+    let summary = train::train(&opts, &train_src, &valid_src, started)?;
+    if !args.quiet {
+        eprintln!(
+            "finetune: {} steps in this run; first step done {:.3} s after start; experiment in {}",
+            summary.steps,
+            summary.first_step_s,
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run_decode(args: &DecodeArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let data_src = data::StoreSource::open(&args.data)?;
+    let opts = decode::DecodeOptions {
+        exp: args.exp.clone(),
+        checkpoint: args.checkpoint.clone(),
+        beam: args.beam,
+        out: args.out.clone(),
+        device,
+        verbose: !args.quiet,
+    };
+    let result = decode::decode(&opts, &data_src)?;
+    print!("{}", decode::summary_text(&result));
+    println!("written to {}", result.out_dir);
+    Ok(())
 }

@@ -153,20 +153,21 @@ pub fn plot_layer_weights(
         .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..ymax)
         .map_err(|e| perr(path, e))?;
     let labels: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+    let label_of = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            labels.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh();
     if text {
         mesh.x_desc("hidden state (layer)")
             .y_desc("weight")
             .x_labels(n)
-            .x_label_formatter(&|x: &f64| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 {
-                    labels.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            });
+            .x_label_formatter(&label_of);
     } else {
         mesh.x_labels(0).y_labels(0);
     }

@@ -12,12 +12,10 @@ use crate::finetune::checkpoint::{
 };
 use crate::finetune::config::{warmup_lr, ConfigError, FinetuneConfig};
 use crate::finetune::ctc::ctc_loss;
-use crate::finetune::data::{
-    make_batches, mix_seed, DataError, FeatureSource, GlobalStats, NormalizeKind, Normalizer,
-    Targets,
-};
-use crate::finetune::metrics::ErrorCounts;
-use crate::finetune::model::AsrModel;
+use crate::finetune::data::{make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets};
+use crate::finetune::metrics::{self, ErrorCounts};
+use crate::finetune::model::{AsrModel, FeatureNormalize};
+use crate::finetune::ops::RUNNING_STAT_NAMES;
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
@@ -46,6 +44,10 @@ pub enum TrainError {
     Experiment { path: PathBuf, reason: String },
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),
+    #[error("model: {0}")]
+    Conformer(#[from] crate::models::conformer::ConformerError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::finetune::tokenizer::TokenizerError),
 }
 
 fn exp_err(path: &Path, reason: impl std::fmt::Display) -> TrainError {
@@ -65,7 +67,7 @@ pub struct ExperimentMeta {
     pub layers: Vec<usize>,
     pub frame_rate: f64,
     pub vocab_size: usize,
-    pub normalize: NormalizeKind,
+    pub normalize: FeatureNormalize,
     pub seed: u64,
     pub train_store: String,
 }
@@ -96,8 +98,8 @@ impl Experiment {
         let meta: ExperimentMeta = read_json(&meta_path)?;
         let config = FinetuneConfig::load(&dir.join(CONFIG_FILE))?;
         let tok_path = dir.join(TOKENS_FILE);
-        let tokenizer = Tokenizer::load(&tok_path).map_err(|e| exp_err(&tok_path, e))?;
-        let stats = if meta.normalize == NormalizeKind::Global {
+        let tokenizer = Tokenizer::load(&tok_path)?;
+        let stats = if meta.normalize == FeatureNormalize::Global {
             Some(read_json(&dir.join(STATS_FILE))?)
         } else {
             None
@@ -111,26 +113,29 @@ impl Experiment {
         })
     }
 
-    /// Build the model with seeded initial values; returns it with its vars (sorted by name).
+    /// Build the model with seeded initial values (and the global stats when normalising
+    /// globally). Returns it with all its vars (what a checkpoint holds, batch-norm running
+    /// statistics included), sorted by name.
     pub fn build_model(&self, device: &Device) -> Result<(AsrModel, NamedVars), TrainError> {
         let vars = SeededVars::new(mix_seed(self.meta.seed, &[0x1A17]));
-        let vb = VarBuilder::from_backend(Box::new(vars.clone()), DType::F32, device);
-        let model = AsrModel::new(
+        let vb = VarBuilder::from_backend(Box::new(vars.clone()), DType::F32, device.clone());
+        let mut model = AsrModel::new(
             vb,
             &self.config.model,
             self.meta.layers.len(),
             self.meta.feat_dim,
             self.meta.vocab_size,
         )?;
+        if let Some(stats) = &self.stats {
+            let (mean, std) = stats.to_tensors(device)?;
+            model.set_global_stats(&mean, &std)?;
+        }
         Ok((model, vars.named_vars()))
     }
 
-    pub fn normalizer(&self, device: &Device) -> Result<Normalizer, TrainError> {
-        Ok(Normalizer::new(
-            self.meta.normalize,
-            self.stats.as_ref(),
-            device,
-        )?)
+    /// Shortest input the model's subsampling accepts.
+    pub fn min_frames(&self) -> usize {
+        self.config.model.encoder.input_layer.min_input_length()
     }
 
     /// Refuse a store whose features do not fit this experiment.
@@ -238,12 +243,12 @@ fn prepare_experiment(
     if let Some(e) = opts.max_epochs {
         config.train.max_epochs = e;
     }
-    let layers = match model_layers(&config) {
-        Some(l) if !l.is_empty() => l,
+    let layers = match &config.data.layers {
+        Some(l) if !l.is_empty() => l.clone(),
         _ => train.layers().to_vec(),
     };
     check_layers(train, &layers)?;
-    set_model_layers(&mut config, layers.clone());
+    config.data.layers = Some(layers.clone());
     let dir = &opts.out;
     let last = last_path(dir);
     if dir.join(META_FILE).is_file() {
@@ -271,8 +276,8 @@ fn prepare_experiment(
     std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
     let texts = (0..train.len()).filter_map(|i| train.text(i));
     let tokenizer = Tokenizer::build(texts);
-    let normalize = model_normalize(&config);
-    let stats = if normalize == NormalizeKind::Global {
+    let normalize = config.model.featurizer.normalize;
+    let stats = if normalize == FeatureNormalize::Global {
         let s = GlobalStats::from_source(train, &layers)?;
         write_json(&dir.join(STATS_FILE), &s)?;
         Some(s)
@@ -280,7 +285,7 @@ fn prepare_experiment(
         None
     };
     let tok_path = dir.join(TOKENS_FILE);
-    tokenizer.save(&tok_path).map_err(|e| exp_err(&tok_path, e))?;
+    tokenizer.save(&tok_path)?;
     let text = config.to_toml()?;
     checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
     let meta = ExperimentMeta {
@@ -308,18 +313,6 @@ fn prepare_experiment(
     ))
 }
 
-/// `[model] layers` of the config (None: all stored layers).
-fn model_layers(cfg: &FinetuneConfig) -> Option<Vec<usize>> {
-    cfg.model.layers.clone()
-}
-
-fn set_model_layers(cfg: &mut FinetuneConfig, layers: Vec<usize>) {
-    cfg.model.layers = Some(layers);
-}
-
-fn model_normalize(cfg: &FinetuneConfig) -> NormalizeKind {
-    cfg.model.normalize
-}
 
 /// Train (or resume) an experiment on `train`, validating on `valid` after every epoch.
 pub fn train(
@@ -328,6 +321,7 @@ pub fn train(
     valid: &dyn FeatureSource,
     started: Instant,
 ) -> Result<TrainSummary, TrainError> {
+    check_inputs(train, valid)?;
     let (exp, resume_from) = prepare_experiment(opts, train)?;
     exp.check_source(valid)?;
     let cfg = &exp.config;
@@ -338,13 +332,13 @@ pub fn train(
         }
     };
 
-    let train_t = Targets::encode(train, &exp.tokenizer, cfg.train.max_frames)?;
-    let valid_t = Targets::encode(valid, &exp.tokenizer, 0)?;
+    let train_t = Targets::encode(train, &exp.tokenizer, exp.min_frames(), cfg.train.max_frames)?;
+    let valid_t = Targets::encode(valid, &exp.tokenizer, exp.min_frames(), 0)?;
     say(format!("train {}: {}", train.path().display(), train_t.summary()));
     say(format!("valid {}: {}", valid.path().display(), valid_t.summary()));
 
-    let (model, vars) = exp.build_model(dev)?;
-    let normalizer = exp.normalizer(dev)?;
+    let (model, all_vars) = exp.build_model(dev)?;
+    let vars = trainable(&all_vars);
     let mut opt = Adam::new(vars.clone(), &cfg.optim)?;
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     say(format!(
@@ -360,7 +354,7 @@ pub fn train(
     if let Some(meta) = &resume_from {
         let last = last_path(&exp.dir);
         let tensors = checkpoint::load_tensors(&last, dev)?;
-        checkpoint::assign(&vars, &tensors, &last)?;
+        checkpoint::assign(&all_vars, &tensors, &last)?;
         opt.load_state(&tensors)?;
         history = meta.history.clone();
         (epoch, skip) = if meta.epoch_complete {
@@ -402,11 +396,11 @@ pub fn train(
             let group = group_end - bi;
             for (b, items) in batches.iter().enumerate().take(group_end).skip(bi) {
                 let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
+                model.seed_dropout(mix_seed(seed, &[0xD80F, epoch as u64, b as u64]))?;
                 let (feats, lens) = train.batch(items, &exp.meta.layers, dev)?;
-                let feats = normalizer.apply(&feats, &lens)?;
                 let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
                 let targets: Vec<Vec<u32>> = items.iter().map(|&i| train_t.tokens[i].clone()).collect();
-                let per_utt = utterance_losses(&model, &feats, &lens, &targets, &exp.tokenizer, true)?;
+                let per_utt = utterance_losses(&model, &feats, &lens, &targets, true)?;
                 let n = items.len() as f64;
                 let mean = (per_utt.sum_all()? / n)?;
                 let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -486,7 +480,7 @@ pub fn train(
                 rng: RNG_SCHEME.into(),
                 history: history.clone(),
             };
-            save_last(&exp.dir, &vars, &opt, &meta)?;
+            save_last(&exp.dir, &all_vars, &opt, &meta)?;
             say(format!(
                 "stopped at step {} (--max-steps), epoch {epoch} batch {bi}/{}; continue with --resume",
                 opt.step_count(),
@@ -497,7 +491,7 @@ pub fn train(
             return Ok(summary);
         }
         let valid_start = Instant::now();
-        let (valid_loss, valid_cer) = validate(&exp, &model, &normalizer, valid, &valid_t, dev)?;
+        let (valid_loss, valid_cer) = validate(&exp, &model, valid, &valid_t, dev)?;
         summary.epoch_valid_s.push(valid_start.elapsed().as_secs_f64());
         let result = EpochResult {
             epoch,
@@ -515,7 +509,7 @@ pub fn train(
             summary.epoch_valid_s.last().copied().unwrap_or(0.0)
         ));
         history.push(result.clone());
-        end_of_epoch(&exp, &vars, &opt, &history, &model, epoch, batches.len(), dev)?;
+        end_of_epoch(&exp, &all_vars, &opt, &history, &model, epoch, batches.len(), dev)?;
         let mut elog = open_append(&exp.dir.join(EPOCH_LOG))?;
         write_line(&mut elog, &exp.dir.join(EPOCH_LOG), &result)?;
         summary.final_epoch = epoch;
@@ -529,18 +523,39 @@ pub fn train(
     Ok(summary)
 }
 
+/// Refuse unusable stores before anything is written.
+fn check_inputs(train: &dyn FeatureSource, valid: &dyn FeatureSource) -> Result<(), TrainError> {
+    for src in [train, valid] {
+        if src.is_empty() {
+            return Err(exp_err(src.path(), "the store has no utterances"));
+        }
+        if (0..src.len()).all(|i| src.text(i).is_none()) {
+            return Err(exp_err(
+                src.path(),
+                "no utterance has a transcript (index.jsonl `text`); prepare the corpus from a manifest with transcripts",
+            ));
+        }
+    }
+    if valid.dim() != train.dim() {
+        return Err(exp_err(
+            valid.path(),
+            format!("features have dim {}, the training store {} has dim {}", valid.dim(), train.path().display(), train.dim()),
+        ));
+    }
+    Ok(())
+}
+
 /// Per-utterance CTC losses `[B]` of one batch.
 fn utterance_losses(
     model: &AsrModel,
     feats: &Tensor,
     lens: &[usize],
     targets: &[Vec<u32>],
-    tok: &Tokenizer,
     train: bool,
 ) -> Result<Tensor, TrainError> {
     let (logits, out_lens) = model.forward(feats, lens, train)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let (per_utt, _stats) = ctc_loss(&log_probs, targets, &out_lens, tok.blank_id(), true)?;
+    let (per_utt, _stats) = ctc_loss(&log_probs, targets, &out_lens, Tokenizer::BLANK_ID, true)?;
     Ok(per_utt)
 }
 
@@ -548,7 +563,6 @@ fn utterance_losses(
 fn validate(
     exp: &Experiment,
     model: &AsrModel,
-    normalizer: &Normalizer,
     valid: &dyn FeatureSource,
     targets: &Targets,
     dev: &Device,
@@ -559,27 +573,36 @@ fn validate(
     let mut errors = ErrorCounts::default();
     for items in &batches {
         let (feats, lens) = valid.batch(items, &exp.meta.layers, dev)?;
-        let feats = normalizer.apply(&feats, &lens)?;
         let (logits, out_lens) = model.forward(&feats, &lens, false)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();
-        let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, exp.tokenizer.blank_id(), true)?;
+        let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, Tokenizer::BLANK_ID, true)?;
         loss += per_utt.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         n += items.len();
         let lp = log_probs.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         for (u, &i) in items.iter().enumerate() {
-            let row = lp.get(u)?.narrow(0, 0, out_lens[u])?;
-            let hyp = search::greedy(&row, exp.tokenizer.blank_id())?;
+            let hyp = search::greedy(log_prob_rows(&lp, u, out_lens[u])?.view(), Tokenizer::BLANK_ID);
             let hyp_text = exp.tokenizer.decode(&hyp);
             let ref_text = valid.text(i).unwrap_or_default();
-            errors.add(&char_errors(ref_text, &hyp_text));
+            errors += metrics::cer(ref_text, &hyp_text);
         }
     }
     Ok((loss / n.max(1) as f64, errors.rate()))
 }
 
-fn char_errors(reference: &str, hypothesis: &str) -> ErrorCounts {
-    crate::finetune::metrics::cer(reference, hypothesis)
+/// Utterance `u`'s first `frames` rows of CPU log-probs `[B, T, C]` as an ndarray `[frames, C]`.
+pub fn log_prob_rows(lp: &Tensor, u: usize, frames: usize) -> Result<ndarray::Array2<f32>, TrainError> {
+    let c = lp.dim(2)?;
+    let rows = lp.get(u)?.narrow(0, 0, frames)?.flatten_all()?.to_vec1::<f32>()?;
+    ndarray::Array2::from_shape_vec((frames, c), rows).map_err(|e| TrainError::Model(candle_core::Error::Msg(e.to_string())))
+}
+
+/// The vars an optimiser updates: all but batch-norm running statistics.
+pub fn trainable(all: &NamedVars) -> NamedVars {
+    all.iter()
+        .filter(|(name, _)| !RUNNING_STAT_NAMES.iter().any(|s| name.rsplit('.').next() == Some(s)))
+        .cloned()
+        .collect()
 }
 
 fn save_last(exp: &Path, vars: &NamedVars, opt: &Adam, meta: &CheckpointMeta) -> Result<(), TrainError> {

@@ -1,0 +1,317 @@
+//! Finetune/decode end to end on small synthetic feature stores: the loss falls and decode
+//! scores; a run stopped and resumed equals an uninterrupted one; averaging; bad input.
+use speechcache::finetune::checkpoint::{self, avg_path, epoch_path, last_path};
+use speechcache::finetune::config::FinetuneConfig;
+use speechcache::finetune::data::StoreSource;
+use speechcache::finetune::decode::{self, CheckpointChoice, DecodeOptions};
+use speechcache::finetune::train::{self, read_log, StepLog, TrainOptions};
+use speechcache::store::{Dtype, IndexRow, InputResult, ItemData, StoreKind, StoreWriter, WriterSpec};
+use candle_core::Device;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const DIM: usize = 12;
+const FRAMES_PER_CHAR: usize = 8;
+const ALPHABET: &[char] = &['a', 'b', 'c', 'd', ' '];
+
+/// Each character is `FRAMES_PER_CHAR` frames near its own prototype vector (layer 0); layer 1
+/// is a noisier copy. Transcripts are random strings over a 5-character alphabet.
+fn write_store(dir: &Path, n: usize, seed: u64, with_text: bool, dim: usize) {
+    let mut proto_rng = ChaCha8Rng::seed_from_u64(99);
+    let protos: Vec<Vec<f32>> = ALPHABET
+        .iter()
+        .map(|_| (0..dim).map(|_| proto_rng.random_range(-2.0..2.0)).collect())
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let spec = WriterSpec {
+        kind: StoreKind::Features,
+        dtype: Dtype::F32,
+        sample_rate: None,
+        frame_rate: Some(100.0),
+        dim: Some(dim),
+        layers: vec![0, 1],
+        options: serde_json::json!({"synthetic": seed}),
+        source: serde_json::json!({}),
+        extra: serde_json::Value::Null,
+        shard_bytes: 1 << 20,
+        overwrite: false,
+    };
+    let mut w = StoreWriter::create_or_resume(dir, spec).unwrap();
+    for i in 0..n {
+        let len = rng.random_range(3..7);
+        let text: String = (0..len)
+            .map(|k| {
+                // no leading/trailing/double spaces: the tokenizer normalises them away
+                let c = ALPHABET[rng.random_range(0..ALPHABET.len())];
+                if c == ' ' && (k == 0 || k == len - 1) { 'a' } else { c }
+            })
+            .collect::<String>()
+            .replace("  ", " a");
+        let t = text.chars().count() * FRAMES_PER_CHAR;
+        let mut l0 = Array2::<f32>::zeros((t, dim));
+        let mut l1 = Array2::<f32>::zeros((t, dim));
+        for (k, c) in text.chars().enumerate() {
+            let p = &protos[ALPHABET.iter().position(|&a| a == c).unwrap()];
+            for f in 0..FRAMES_PER_CHAR {
+                for d in 0..dim {
+                    let v = p[d] + rng.random_range(-0.3..0.3);
+                    l0[[k * FRAMES_PER_CHAR + f, d]] = v;
+                    l1[[k * FRAMES_PER_CHAR + f, d]] = 0.5 * v + rng.random_range(-1.0..1.0);
+                }
+            }
+        }
+        let row = IndexRow {
+            id: format!("utt{i:03}"),
+            text: with_text.then_some(text),
+            source: format!("synthetic{i}.wav"),
+            duration: t as f64 / 100.0,
+            ..Default::default()
+        };
+        w.push_input(
+            i,
+            InputResult {
+                items: vec![(row, ItemData::Features(vec![l0, l1]))],
+                errors: vec![],
+            },
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+const CONFIG: &str = r#"
+[model.featurizer]
+normalize = "global"
+
+[model.encoder]
+output_size = 32
+attention_heads = 2
+linear_units = 64
+num_blocks = 1
+cnn_module_kernel = 5
+dropout_rate = 0.1
+positional_dropout_rate = 0.1
+input_layer = "conv2d2"
+
+[specaug]
+num_time_masks = 1
+time_mask_width = { frames = 4 }
+num_freq_masks = 1
+freq_mask_width = 2
+
+[optim]
+optimizer = "adamw"
+lr = 0.004
+warmup_steps = 10
+weight_decay = 0.01
+grad_clip = 5.0
+accum_grad = 2
+
+[train]
+max_epochs = 4
+batch_frames = 600
+keep_nbest = 2
+log_every = 1000
+"#;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        write_store(&root.join("train"), 48, 1, true, DIM);
+        write_store(&root.join("valid"), 10, 2, true, DIM);
+        std::fs::write(root.join("conf.toml"), CONFIG).unwrap();
+        Self { _tmp: tmp, root }
+    }
+
+    fn opts(&self, out: &str, resume: bool, max_steps: Option<u64>) -> TrainOptions {
+        TrainOptions {
+            config: self.root.join("conf.toml"),
+            out: self.root.join(out),
+            resume,
+            device: Device::Cpu,
+            seed: Some(7),
+            max_steps,
+            max_epochs: None,
+            verbose: false,
+        }
+    }
+
+    fn train(&self, opts: &TrainOptions) -> Result<train::TrainSummary, train::TrainError> {
+        let t = StoreSource::open(&self.root.join("train")).unwrap();
+        let v = StoreSource::open(&self.root.join("valid")).unwrap();
+        train::train(opts, &t, &v, Instant::now())
+    }
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn trains_resumes_exactly_averages_and_decodes() {
+    let fx = Fixture::new();
+
+    // uninterrupted run
+    let full = fx.opts("exp_full", false, None);
+    let s = fx.train(&full).unwrap();
+    assert_eq!(s.final_epoch, 4);
+    let exp = fx.root.join("exp_full");
+    let epochs: Vec<checkpoint::EpochResult> = read_log(&exp.join("epoch_log.jsonl")).unwrap();
+    assert_eq!(epochs.len(), 4);
+    let steps: Vec<StepLog> = read_log(&exp.join("train_log.jsonl")).unwrap();
+    let first: f64 = steps[..3].iter().map(|s| s.loss).sum::<f64>() / 3.0;
+    let last: f64 = steps[steps.len() - 3..].iter().map(|s| s.loss).sum::<f64>() / 3.0;
+    assert!(last < 0.6 * first, "train loss did not fall: {first} -> {last}");
+    assert!(
+        epochs[3].valid_loss < epochs[0].valid_loss,
+        "valid loss did not fall: {:?}",
+        epochs.iter().map(|e| e.valid_loss).collect::<Vec<_>>()
+    );
+    assert!(steps.iter().all(|s| s.grad_norm.is_finite() && s.lr > 0.0));
+    assert!(exp.join("plots/loss.png").is_file());
+    assert!(exp.join("plots/layer_weights.png").is_file());
+
+    // run stopped mid-epoch 1, resumed, stopped after epoch 2's first steps, resumed again
+    let steps_epoch1 = epochs[0].step;
+    let part = fx.opts("exp_resumed", false, Some(steps_epoch1 - 1));
+    let s1 = fx.train(&part).unwrap();
+    assert!(s1.stopped_early);
+    // starting again without --resume is refused
+    let err = fx.train(&fx.opts("exp_resumed", false, None)).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+    fx.train(&fx.opts("exp_resumed", true, Some(steps_epoch1 + 2))).unwrap();
+    fx.train(&fx.opts("exp_resumed", true, None)).unwrap();
+    let res = fx.root.join("exp_resumed");
+    let kept = checkpoint::nbest(&epochs, 2);
+    for e in &kept {
+        assert_eq!(bytes(&epoch_path(&exp, *e)), bytes(&epoch_path(&res, *e)), "epoch {e} differs");
+    }
+    assert_eq!(bytes(&last_path(&exp)), bytes(&last_path(&res)), "last checkpoint differs");
+    assert_eq!(bytes(&avg_path(&exp)), bytes(&avg_path(&res)), "average differs");
+    let res_steps: Vec<StepLog> = read_log(&res.join("train_log.jsonl")).unwrap();
+    assert_eq!(res_steps.len(), steps.len());
+    for (a, b) in steps.iter().zip(&res_steps) {
+        assert_eq!((a.step, a.loss.to_bits(), a.grad_norm.to_bits()), (b.step, b.loss.to_bits(), b.grad_norm.to_bits()));
+    }
+
+    // averaging: avg = element-wise mean of the kept epochs; dropped epochs are deleted
+    assert_eq!(kept.len(), 2);
+    for e in 1..=4 {
+        assert_eq!(epoch_path(&exp, e).is_file(), kept.contains(&e));
+    }
+    let dev = Device::Cpu;
+    let a = checkpoint::load_tensors(&epoch_path(&exp, kept[0]), &dev).unwrap();
+    let b = checkpoint::load_tensors(&epoch_path(&exp, kept[1]), &dev).unwrap();
+    let avg = checkpoint::load_tensors(&avg_path(&exp), &dev).unwrap();
+    assert_eq!(avg.len(), a.len());
+    for (k, v) in &avg {
+        let want = ((&a[k] + &b[k]).unwrap() / 2.0).unwrap();
+        let diff = (v - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{k}");
+    }
+
+    // decode: greedy and beam, files and scores
+    let data = StoreSource::open(&fx.root.join("valid")).unwrap();
+    for (beam, ck) in [(1, CheckpointChoice::Average), (4, CheckpointChoice::Last)] {
+        let out = fx.root.join(format!("dec{beam}"));
+        let r = decode::decode(
+            &DecodeOptions {
+                exp: exp.clone(),
+                checkpoint: ck,
+                beam,
+                out: Some(out.clone()),
+                device: Device::Cpu,
+                verbose: false,
+            },
+            &data,
+        )
+        .unwrap();
+        assert_eq!(r.utterances, 10);
+        let cer = r.cer.as_ref().unwrap();
+        assert!(cer.rate < 0.9, "CER {}", cer.rate);
+        for f in ["hyp.trn", "ref.trn", "hyp.txt", "ref.txt", "result.txt", "result.json"] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        let ref_trn = std::fs::read_to_string(out.join("ref.trn")).unwrap();
+        assert!(ref_trn.lines().next().unwrap().ends_with("(utt000)"));
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let conf = root.join("bad.toml");
+
+    std::fs::write(&conf, format!("{CONFIG}\n[train.extra]\nx = 1\n")).unwrap();
+    let e = FinetuneConfig::load(&conf).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("extra"), "{e}");
+
+    std::fs::write(&conf, CONFIG.replace("lr = 0.004", "lr = \"fast\"")).unwrap();
+    let e = FinetuneConfig::load(&conf).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("lr"), "{e}");
+
+    std::fs::write(&conf, CONFIG.replace("num_blocks = 1", "num_blockz = 1")).unwrap();
+    let e = FinetuneConfig::load(&conf).unwrap_err().to_string();
+    assert!(e.contains("num_blockz"), "{e}");
+
+    // stores: no transcripts; empty; another dim at decode
+    write_store(&root.join("notext"), 4, 3, false, DIM);
+    write_store(&root.join("empty"), 0, 3, true, DIM);
+    write_store(&root.join("ok"), 6, 4, true, DIM);
+    write_store(&root.join("wide"), 3, 5, true, DIM + 4);
+    std::fs::write(root.join("conf.toml"), CONFIG.replace("max_epochs = 4", "max_epochs = 1")).unwrap();
+    let opts = |out: &str| TrainOptions {
+        config: root.join("conf.toml"),
+        out: root.join(out),
+        resume: false,
+        device: Device::Cpu,
+        seed: None,
+        max_steps: None,
+        max_epochs: None,
+        verbose: false,
+    };
+    let open = |n: &str| StoreSource::open(&root.join(n)).unwrap();
+    let e = train::train(&opts("e1"), &open("notext"), &open("ok"), Instant::now())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("transcript"), "{e}");
+    let e = train::train(&opts("e2"), &open("empty"), &open("ok"), Instant::now())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no utterances") || e.contains("empty"), "{e}");
+    let e = train::train(&opts("e3"), &open("ok"), &open("wide"), Instant::now())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dim"), "{e}");
+
+    train::train(&opts("e4"), &open("ok"), &open("ok"), Instant::now()).unwrap();
+    let dec = |data: &str| {
+        decode::decode(
+            &DecodeOptions {
+                exp: root.join("e4"),
+                checkpoint: CheckpointChoice::Last,
+                beam: 1,
+                out: Some(root.join("d")),
+                device: Device::Cpu,
+                verbose: false,
+            },
+            &open(data),
+        )
+    };
+    let e = dec("wide").unwrap_err().to_string();
+    assert!(e.contains("dim 16") && e.contains("dim 12"), "{e}");
+    let e = dec("empty").unwrap_err().to_string();
+    assert!(e.contains("no utterances"), "{e}");
+    let r = dec("notext").unwrap();
+    assert!(r.cer.is_none() && r.utterances == 4);
+}

@@ -1,15 +1,17 @@
 //! Finetune/decode end to end on small synthetic feature stores: the loss falls and decode
 //! scores; a run stopped and resumed equals an uninterrupted one; averaging; bad input.
+use candle_core::Device;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use speechcache::finetune::checkpoint::{self, avg_path, epoch_path, last_path};
 use speechcache::finetune::config::FinetuneConfig;
 use speechcache::finetune::data::StoreSource;
 use speechcache::finetune::decode::{self, CheckpointChoice, DecodeOptions};
 use speechcache::finetune::train::{self, read_log, StepLog, TrainOptions};
-use speechcache::store::{Dtype, IndexRow, InputResult, ItemData, StoreKind, StoreWriter, WriterSpec};
-use candle_core::Device;
-use ndarray::Array2;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use speechcache::store::{
+    Dtype, IndexRow, InputResult, ItemData, StoreKind, StoreWriter, WriterSpec,
+};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,7 +25,11 @@ fn write_store(dir: &Path, n: usize, seed: u64, with_text: bool, dim: usize) {
     let mut proto_rng = ChaCha8Rng::seed_from_u64(99);
     let protos: Vec<Vec<f32>> = ALPHABET
         .iter()
-        .map(|_| (0..dim).map(|_| proto_rng.random_range(-2.0..2.0)).collect())
+        .map(|_| {
+            (0..dim)
+                .map(|_| proto_rng.random_range(-2.0..2.0))
+                .collect()
+        })
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let spec = WriterSpec {
@@ -46,7 +52,11 @@ fn write_store(dir: &Path, n: usize, seed: u64, with_text: bool, dim: usize) {
             .map(|k| {
                 // no leading/trailing/double spaces: the tokenizer normalises them away
                 let c = ALPHABET[rng.random_range(0..ALPHABET.len())];
-                if c == ' ' && (k == 0 || k == len - 1) { 'a' } else { c }
+                if c == ' ' && (k == 0 || k == len - 1) {
+                    'a'
+                } else {
+                    c
+                }
             })
             .collect::<String>()
             .replace("  ", " a");
@@ -170,7 +180,10 @@ fn trains_resumes_exactly_averages_and_decodes() {
     let steps: Vec<StepLog> = read_log(&exp.join("train_log.jsonl")).unwrap();
     let first: f64 = steps[..3].iter().map(|s| s.loss).sum::<f64>() / 3.0;
     let last: f64 = steps[steps.len() - 3..].iter().map(|s| s.loss).sum::<f64>() / 3.0;
-    assert!(last < 0.6 * first, "train loss did not fall: {first} -> {last}");
+    assert!(
+        last < 0.6 * first,
+        "train loss did not fall: {first} -> {last}"
+    );
     assert!(
         epochs[3].valid_loss < epochs[0].valid_loss,
         "valid loss did not fall: {:?}",
@@ -188,19 +201,35 @@ fn trains_resumes_exactly_averages_and_decodes() {
     // starting again without --resume is refused
     let err = fx.train(&fx.opts("exp_resumed", false, None)).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
-    fx.train(&fx.opts("exp_resumed", true, Some(steps_epoch1 + 2))).unwrap();
+    fx.train(&fx.opts("exp_resumed", true, Some(steps_epoch1 + 2)))
+        .unwrap();
     fx.train(&fx.opts("exp_resumed", true, None)).unwrap();
     let res = fx.root.join("exp_resumed");
     let kept = checkpoint::nbest(&epochs, 2);
     for e in &kept {
-        assert_eq!(bytes(&epoch_path(&exp, *e)), bytes(&epoch_path(&res, *e)), "epoch {e} differs");
+        assert_eq!(
+            bytes(&epoch_path(&exp, *e)),
+            bytes(&epoch_path(&res, *e)),
+            "epoch {e} differs"
+        );
     }
-    assert_eq!(bytes(&last_path(&exp)), bytes(&last_path(&res)), "last checkpoint differs");
-    assert_eq!(bytes(&avg_path(&exp)), bytes(&avg_path(&res)), "average differs");
+    assert_eq!(
+        bytes(&last_path(&exp)),
+        bytes(&last_path(&res)),
+        "last checkpoint differs"
+    );
+    assert_eq!(
+        bytes(&avg_path(&exp)),
+        bytes(&avg_path(&res)),
+        "average differs"
+    );
     let res_steps: Vec<StepLog> = read_log(&res.join("train_log.jsonl")).unwrap();
     assert_eq!(res_steps.len(), steps.len());
     for (a, b) in steps.iter().zip(&res_steps) {
-        assert_eq!((a.step, a.loss.to_bits(), a.grad_norm.to_bits()), (b.step, b.loss.to_bits(), b.grad_norm.to_bits()));
+        assert_eq!(
+            (a.step, a.loss.to_bits(), a.grad_norm.to_bits()),
+            (b.step, b.loss.to_bits(), b.grad_norm.to_bits())
+        );
     }
 
     // averaging: avg = element-wise mean of the kept epochs; dropped epochs are deleted
@@ -215,7 +244,14 @@ fn trains_resumes_exactly_averages_and_decodes() {
     assert_eq!(avg.len(), a.len());
     for (k, v) in &avg {
         let want = ((&a[k] + &b[k]).unwrap() / 2.0).unwrap();
-        let diff = (v - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (v - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{k}");
     }
 
@@ -238,7 +274,14 @@ fn trains_resumes_exactly_averages_and_decodes() {
         assert_eq!(r.utterances, 10);
         let cer = r.cer.as_ref().unwrap();
         assert!(cer.rate < 0.9, "CER {}", cer.rate);
-        for f in ["hyp.trn", "ref.trn", "hyp.txt", "ref.txt", "result.txt", "result.json"] {
+        for f in [
+            "hyp.trn",
+            "ref.trn",
+            "hyp.txt",
+            "ref.txt",
+            "result.txt",
+            "result.json",
+        ] {
             assert!(out.join(f).is_file(), "{f}");
         }
         let ref_trn = std::fs::read_to_string(out.join("ref.trn")).unwrap();
@@ -269,7 +312,11 @@ fn bad_input_gives_clear_errors() {
     write_store(&root.join("empty"), 0, 3, true, DIM);
     write_store(&root.join("ok"), 6, 4, true, DIM);
     write_store(&root.join("wide"), 3, 5, true, DIM + 4);
-    std::fs::write(root.join("conf.toml"), CONFIG.replace("max_epochs = 4", "max_epochs = 1")).unwrap();
+    std::fs::write(
+        root.join("conf.toml"),
+        CONFIG.replace("max_epochs = 4", "max_epochs = 1"),
+    )
+    .unwrap();
     let opts = |out: &str| TrainOptions {
         config: root.join("conf.toml"),
         out: root.join(out),
@@ -314,4 +361,90 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("no utterances"), "{e}");
     let r = dec("notext").unwrap();
     assert!(r.cer.is_none() && r.utterances == 4);
+}
+
+#[test]
+fn example_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/conf");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            FinetuneConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+/// Launch cost on a 10-hour store (3600 utterances of 10 s, 80-dim fbank-like features at
+/// 100 frames/s, f16): opening stores, tokenizer, stats and model must take well under 1 s.
+/// `cargo test --release --test finetune -- --ignored --nocapture launch_cost`
+#[test]
+#[ignore]
+fn launch_cost_on_ten_hours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let spec = |dim| WriterSpec {
+        kind: StoreKind::Features,
+        dtype: Dtype::F16,
+        sample_rate: None,
+        frame_rate: Some(100.0),
+        dim: Some(dim),
+        layers: vec![0],
+        options: serde_json::json!({}),
+        source: serde_json::json!({}),
+        extra: serde_json::Value::Null,
+        shard_bytes: 256 << 20,
+        overwrite: false,
+    };
+    let t0 = Instant::now();
+    let mut w = StoreWriter::create_or_resume(&root.join("big"), spec(80)).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for i in 0..3600 {
+        let x = Array2::from_shape_fn((1000, 80), |_| rng.random_range(-1.0f32..1.0));
+        let row = IndexRow {
+            id: format!("u{i:05}"),
+            text: Some("the quick brown fox jumps over the lazy dog".into()),
+            source: "x".into(),
+            duration: 10.0,
+            ..Default::default()
+        };
+        w.push_input(
+            i,
+            InputResult {
+                items: vec![(row, ItemData::Features(vec![x]))],
+                errors: vec![],
+            },
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    eprintln!("wrote 10 h store in {:.1} s", t0.elapsed().as_secs_f64());
+    write_store(&root.join("valid"), 4, 2, true, 80);
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/conf/demo_fbank.toml");
+    let started = Instant::now();
+    let t = StoreSource::open(&root.join("big")).unwrap();
+    let v = StoreSource::open(&root.join("valid")).unwrap();
+    let s = train::train(
+        &TrainOptions {
+            config: conf,
+            out: root.join("exp"),
+            resume: false,
+            device: Device::Cpu,
+            seed: None,
+            max_steps: Some(1),
+            max_epochs: None,
+            verbose: true,
+        },
+        &t,
+        &v,
+        started,
+    )
+    .unwrap();
+    eprintln!(
+        "setup {:.3} s, first optimizer step done at {:.3} s",
+        s.setup_s, s.first_step_s
+    );
+    assert!(s.setup_s < 1.0);
 }

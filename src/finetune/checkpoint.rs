@@ -64,9 +64,9 @@ impl SeededVars {
 
     fn init_tensor(&self, shape: &Shape, name: &str, init: Init, dev: &Device) -> Result<Tensor> {
         let n = shape.elem_count();
-        let name_hash = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
         let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.seed, &[0x1417, name_hash]));
         let values: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
@@ -93,7 +93,9 @@ impl SeededVars {
 }
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f64, up: f64) -> Vec<f32> {
-    (0..n).map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32).collect()
+    (0..n)
+        .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
+        .collect()
 }
 
 fn normal(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
@@ -202,11 +204,8 @@ pub fn save<T: Serialize>(
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     }
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    let bytes = safetensors::serialize(
-        map.iter().map(|(k, v)| (k.as_str(), v)),
-        None,
-    )
-    .map_err(|e| file_err(path, e))?;
+    let bytes = safetensors::serialize(map.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| file_err(path, e))?;
     write_atomic(path, &bytes)?;
     if let Some(meta) = meta {
         let side = sidecar(path);
@@ -258,13 +257,20 @@ pub fn assign(
     path: &Path,
 ) -> std::result::Result<(), CheckpointError> {
     for (name, var) in vars {
-        let t = tensors
-            .get(name)
-            .ok_or_else(|| file_err(path, format!("has no parameter {name}: was it written by another model config?")))?;
+        let t = tensors.get(name).ok_or_else(|| {
+            file_err(
+                path,
+                format!("has no parameter {name}: was it written by another model config?"),
+            )
+        })?;
         if t.dims() != var.dims() {
             return Err(file_err(
                 path,
-                format!("parameter {name} has shape {:?}, the model expects {:?}", t.dims(), var.dims()),
+                format!(
+                    "parameter {name} has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
             ));
         }
         let t = t
@@ -278,8 +284,15 @@ pub fn assign(
 
 /// The epochs to keep: the `n` lowest validation losses (ties: earlier epoch first).
 pub fn nbest(history: &[EpochResult], n: usize) -> Vec<usize> {
-    let mut h: Vec<&EpochResult> = history.iter().filter(|r| r.valid_loss.is_finite()).collect();
-    h.sort_by(|a, b| a.valid_loss.total_cmp(&b.valid_loss).then(a.epoch.cmp(&b.epoch)));
+    let mut h: Vec<&EpochResult> = history
+        .iter()
+        .filter(|r| r.valid_loss.is_finite())
+        .collect();
+    h.sort_by(|a, b| {
+        a.valid_loss
+            .total_cmp(&b.valid_loss)
+            .then(a.epoch.cmp(&b.epoch))
+    });
     let mut epochs: Vec<usize> = h.iter().take(n).map(|r| r.epoch).collect();
     epochs.sort_unstable();
     epochs
@@ -342,12 +355,17 @@ mod tests {
     fn seeded_init_is_reproducible_and_name_dependent() {
         let make = |seed| {
             let vars = SeededVars::new(seed);
-            let vb = VarBuilder::from_backend(Box::new(vars.clone()), DType::F32, &Device::Cpu);
+            let vb = VarBuilder::from_backend(Box::new(vars.clone()), DType::F32, Device::Cpu);
             let _ = candle_nn::linear(4, 3, vb.pp("a")).unwrap();
             let _ = candle_nn::linear(4, 3, vb.pp("b")).unwrap();
             vars.named_vars()
                 .iter()
-                .map(|(n, v)| (n.clone(), v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         let a = make(1);

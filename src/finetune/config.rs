@@ -110,10 +110,12 @@ pub struct OptimConfig {
     /// Peak learning rate (reached at `warmup_steps`).
     #[serde(default = "d_lr")]
     pub lr: f64,
+    /// Adam betas (torch default, which ESPnet configs keep).
     #[serde(default = "d_betas")]
     pub betas: [f64; 2],
     #[serde(default = "d_eps")]
     pub eps: f64,
+    /// ESPnet Conformer recipes: 1e-6.
     #[serde(default = "d_wd")]
     pub weight_decay: f64,
     /// ESPnet `warmuplr`: lr * w^0.5 * min(step^-0.5, step * w^-1.5); 0 = constant lr.
@@ -205,16 +207,16 @@ fn d_lr() -> f64 {
     0.002
 }
 fn d_betas() -> [f64; 2] {
-    [0.9, 0.98]
+    [0.9, 0.999]
 }
 fn d_eps() -> f64 {
-    1e-9
+    1e-8
 }
 fn d_wd() -> f64 {
     1e-6
 }
 fn d_warmup() -> u64 {
-    25000
+    15000
 }
 fn d_clip() -> f64 {
     5.0
@@ -274,11 +276,14 @@ impl FinetuneConfig {
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return bad(format!("optim.betas must be in [0, 1) (got {:?})", o.betas));
         }
-        if !(o.eps > 0.0) {
+        if !(o.eps.is_finite() && o.eps > 0.0) {
             return bad(format!("optim.eps must be > 0 (got {})", o.eps));
         }
         if o.weight_decay < 0.0 {
-            return bad(format!("optim.weight_decay must be >= 0 (got {})", o.weight_decay));
+            return bad(format!(
+                "optim.weight_decay must be >= 0 (got {})",
+                o.weight_decay
+            ));
         }
         if o.accum_grad == 0 {
             return bad("optim.accum_grad must be >= 1".into());
@@ -298,7 +303,9 @@ impl FinetuneConfig {
         }
         if let MaskWidth::Ratio(r) = self.specaug.time_mask_width {
             if !(0.0..=1.0).contains(&r) {
-                return bad(format!("specaug.time_mask_width.ratio must be in [0, 1] (got {r})"));
+                return bad(format!(
+                    "specaug.time_mask_width.ratio must be in [0, 1] (got {r})"
+                ));
             }
         }
         Ok(())

@@ -211,7 +211,12 @@ impl GlobalStats {
         let l = self.layers.len();
         let d = self.mean.first().map(|m| m.len()).unwrap_or(0);
         let mean: Vec<f32> = self.mean.iter().flatten().map(|&m| m as f32).collect();
-        let std: Vec<f32> = self.var.iter().flatten().map(|&v| v.max(0.0).sqrt() as f32).collect();
+        let std: Vec<f32> = self
+            .var
+            .iter()
+            .flatten()
+            .map(|&v| v.max(0.0).sqrt() as f32)
+            .collect();
         Ok((
             Tensor::from_vec(mean, (l, d), device)?,
             Tensor::from_vec(std, (l, d), device)?,

@@ -137,7 +137,9 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
 
     // utterances shorter than the subsampling's minimum get an empty hypothesis
     let frames: Vec<usize> = (0..data.len()).map(|i| data.frames(i)).collect();
-    let decodable: Vec<usize> = (0..data.len()).filter(|&i| frames[i] >= exp.min_frames()).collect();
+    let decodable: Vec<usize> = (0..data.len())
+        .filter(|&i| frames[i] >= exp.min_frames())
+        .collect();
     let batches = make_batches(&frames, &decodable, exp.config.train.batch_frames, None);
     let mut hyps: Vec<String> = vec![String::new(); data.len()];
     for (bn, items) in batches.iter().enumerate() {
@@ -248,7 +250,11 @@ pub fn summary_text(r: &DecodeResult) -> String {
     let _ = writeln!(
         t,
         "search:     {}",
-        if r.beam <= 1 { "greedy".to_string() } else { format!("prefix beam search, beam {}", r.beam) }
+        if r.beam <= 1 {
+            "greedy".to_string()
+        } else {
+            format!("prefix beam search, beam {}", r.beam)
+        }
     );
     let _ = writeln!(
         t,
@@ -319,7 +325,11 @@ fn write_outputs(out: &Path, r: &DecodeResult) -> Result<(), TrainError> {
         std::fs::write(&p, text).map_err(|e| io(&p, e))?;
     }
     let p = out.join("result.txt");
-    std::fs::write(&p, format!("{}\nper utterance:\n\n{detail}", summary_text(r))).map_err(|e| io(&p, e))?;
+    std::fs::write(
+        &p,
+        format!("{}\nper utterance:\n\n{detail}", summary_text(r)),
+    )
+    .map_err(|e| io(&p, e))?;
     let p = out.join("result.json");
     let json = serde_json::to_string_pretty(r).map_err(|e| TrainError::Experiment {
         path: p.clone(),

@@ -23,11 +23,13 @@ pub mod tokenizer;
 pub mod train;
 
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  speechcache finetune --train feats/train --valid feats/dev \\\n      --config manifests/conf/demo_fbank.toml --out exp/demo\n\n\
+#[command(
+    after_help = "Example:\n  speechcache finetune --train feats/train --valid feats/dev \\\n      --config manifests/conf/demo_fbank.toml --out exp/demo\n\n\
 EXP receives: config.toml (resolved), experiment.json, tokens.txt, global_stats.json (global\n\
 normalisation), checkpoints/{last,epoch_NNNN}.safetensors (+ .json), avg.safetensors,\n\
 train_log.jsonl (one line per step), epoch_log.jsonl (valid loss/CER per epoch),\n\
-plots/loss.png and plots/layer_weights.png.")]
+plots/loss.png and plots/layer_weights.png."
+)]
 pub struct FinetuneArgs {
     /// Training feature store (from `speechcache extract`); its transcripts define the tokens.
     #[arg(long)]
@@ -59,9 +61,11 @@ pub struct FinetuneArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Writes hyp.trn/ref.trn (sclite `text (uttid)`), hyp.txt/ref.txt (`uttid text`),\n\
+#[command(
+    after_help = "Writes hyp.trn/ref.trn (sclite `text (uttid)`), hyp.txt/ref.txt (`uttid text`),\n\
 result.txt (CER/WER totals with substitutions/deletions/insertions, then per utterance) and\n\
-result.json into --out (default EXP/decode_<store>_<checkpoint>_beam<N>).")]
+result.json into --out (default EXP/decode_<store>_<checkpoint>_beam<N>)."
+)]
 pub struct DecodeArgs {
     /// Experiment directory written by `speechcache finetune`.
     #[arg(long)]

@@ -199,7 +199,11 @@ impl GradAccumulator {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
     for g in grads {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }

@@ -82,7 +82,10 @@ pub fn plot_losses(
     builder.margin(15);
     if text {
         builder
-            .caption("CTC loss (train: per step, valid: per epoch)", ("sans-serif", 22))
+            .caption(
+                "CTC loss (train: per step, valid: per epoch)",
+                ("sans-serif", 22),
+            )
             .x_label_area_size(40)
             .y_label_area_size(60);
     }
@@ -105,7 +108,11 @@ pub fn plot_losses(
             .label("train")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     }
-    let valid_pts: Vec<(f64, f64)> = valid.iter().filter(finite).map(|&(s, l)| (s as f64, l)).collect();
+    let valid_pts: Vec<(f64, f64)> = valid
+        .iter()
+        .filter(finite)
+        .map(|&(s, l)| (s as f64, l))
+        .collect();
     let series = chart
         .draw_series(LineSeries::new(valid_pts.clone(), RED.stroke_width(2)))
         .map_err(|e| perr(path, e))?;
@@ -175,7 +182,10 @@ pub fn plot_layer_weights(
     chart
         .draw_series(weights.iter().enumerate().map(|(i, &w)| {
             let x = i as f64;
-            Rectangle::new([(x - 0.35, 0.0), (x + 0.35, w as f64)], BLUE.mix(0.7).filled())
+            Rectangle::new(
+                [(x - 0.35, 0.0), (x + 0.35, w as f64)],
+                BLUE.mix(0.7).filled(),
+            )
         }))
         .map_err(|e| perr(path, e))?;
     root.present().map_err(|e| perr(path, e))

@@ -12,7 +12,9 @@ use crate::finetune::checkpoint::{
 };
 use crate::finetune::config::{warmup_lr, ConfigError, FinetuneConfig};
 use crate::finetune::ctc::ctc_loss;
-use crate::finetune::data::{make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets};
+use crate::finetune::data::{
+    make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
+};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::model::{AsrModel, FeatureNormalize};
 use crate::finetune::ops::RUNNING_STAT_NAMES;
@@ -229,6 +231,16 @@ pub struct StepLog {
     pub frames: usize,
     pub frames_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds of this step spent reading batches (+ SpecAugment), in forward + CTC, in
+    /// backward, and in clipping + the optimiser update.
+    #[serde(default)]
+    pub data_s: f64,
+    #[serde(default)]
+    pub forward_s: f64,
+    #[serde(default)]
+    pub backward_s: f64,
+    #[serde(default)]
+    pub update_s: f64,
 }
 
 /// Resolve the config (CLI overrides, store layers) and create or reopen the experiment.
@@ -257,10 +269,13 @@ fn prepare_experiment(
         }
         let exp = Experiment::load(dir)?;
         if exp.config != config {
-            return Err(exp_err(&opts.config, format!(
-                "differs from the experiment's {}; resuming needs the same config and seed",
-                dir.join(CONFIG_FILE).display()
-            )));
+            return Err(exp_err(
+                &opts.config,
+                format!(
+                    "differs from the experiment's {}; resuming needs the same config and seed",
+                    dir.join(CONFIG_FILE).display()
+                ),
+            ));
         }
         exp.check_source(train)?;
         let ckpt = if last.is_file() {
@@ -271,7 +286,10 @@ fn prepare_experiment(
         return Ok((exp, ckpt));
     }
     if opts.resume && opts.verbose {
-        eprintln!("finetune: {} has no experiment yet; starting from scratch", dir.display());
+        eprintln!(
+            "finetune: {} has no experiment yet; starting from scratch",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
     let texts = (0..train.len()).filter_map(|i| train.text(i));
@@ -313,7 +331,6 @@ fn prepare_experiment(
     ))
 }
 
-
 /// Train (or resume) an experiment on `train`, validating on `valid` after every epoch.
 pub fn train(
     opts: &TrainOptions,
@@ -332,10 +349,23 @@ pub fn train(
         }
     };
 
-    let train_t = Targets::encode(train, &exp.tokenizer, exp.min_frames(), cfg.train.max_frames)?;
+    let train_t = Targets::encode(
+        train,
+        &exp.tokenizer,
+        exp.min_frames(),
+        cfg.train.max_frames,
+    )?;
     let valid_t = Targets::encode(valid, &exp.tokenizer, exp.min_frames(), 0)?;
-    say(format!("train {}: {}", train.path().display(), train_t.summary()));
-    say(format!("valid {}: {}", valid.path().display(), valid_t.summary()));
+    say(format!(
+        "train {}: {}",
+        train.path().display(),
+        train_t.summary()
+    ));
+    say(format!(
+        "valid {}: {}",
+        valid.path().display(),
+        valid_t.summary()
+    ));
 
     let (model, all_vars) = exp.build_model(dev)?;
     let vars = trainable(&all_vars);
@@ -363,7 +393,9 @@ pub fn train(
             (meta.epoch, meta.batches_done)
         };
         truncate_log(&exp.dir.join(TRAIN_LOG), |l: &StepLog| l.step <= meta.step)?;
-        truncate_log(&exp.dir.join(EPOCH_LOG), |l: &EpochResult| l.epoch <= meta.epoch && (meta.epoch_complete || l.epoch < meta.epoch))?;
+        truncate_log(&exp.dir.join(EPOCH_LOG), |l: &EpochResult| {
+            l.epoch <= meta.epoch && (meta.epoch_complete || l.epoch < meta.epoch)
+        })?;
         say(format!(
             "resuming at epoch {epoch}, batch {skip}, step {}",
             meta.step
@@ -382,7 +414,12 @@ pub fn train(
 
     while epoch <= cfg.train.max_epochs {
         let shuffle = cfg.train.shuffle.then_some((seed, epoch));
-        let batches = make_batches(&train_frames, &train_t.items, cfg.train.batch_frames, shuffle);
+        let batches = make_batches(
+            &train_frames,
+            &train_t.items,
+            cfg.train.batch_frames,
+            shuffle,
+        );
         let epoch_start = Instant::now();
         let (mut loss_sum, mut loss_utts) = (0f64, 0usize);
         let mut bi = skip;
@@ -392,20 +429,30 @@ pub fn train(
             let group_end = (bi + accum).min(batches.len());
             let step_start = Instant::now();
             let mut acc = GradAccumulator::new(vars.len());
+            // seconds in: reading + SpecAugment, forward + loss, backward, clip + update
+            let mut timing = [0f64; 4];
             let (mut g_loss, mut g_utts, mut g_frames) = (0f64, 0usize, 0usize);
             let group = group_end - bi;
             for (b, items) in batches.iter().enumerate().take(group_end).skip(bi) {
-                let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
                 model.seed_dropout(mix_seed(seed, &[0xD80F, epoch as u64, b as u64]))?;
+                let t0 = Instant::now();
                 let (feats, lens) = train.batch(items, &exp.meta.layers, dev)?;
                 let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
-                let targets: Vec<Vec<u32>> = items.iter().map(|&i| train_t.tokens[i].clone()).collect();
+                let targets: Vec<Vec<u32>> =
+                    items.iter().map(|&i| train_t.tokens[i].clone()).collect();
+                let t1 = Instant::now();
                 let per_utt = utterance_losses(&model, &feats, &lens, &targets, true)?;
                 let n = items.len() as f64;
                 let mean = (per_utt.sum_all()? / n)?;
                 let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let t2 = Instant::now();
                 let grads = (mean / group as f64)?.backward()?;
                 acc.add(&vars, &grads)?;
+                timing[0] += (t1 - t0).as_secs_f64();
+                timing[1] += (t2 - t1).as_secs_f64();
+                timing[2] += t2.elapsed().as_secs_f64();
                 g_loss += loss_value * n;
                 g_utts += items.len();
                 g_frames += lens.iter().sum::<usize>();
@@ -420,6 +467,7 @@ pub fn train(
                 }
                 checked_grads = true;
             }
+            let t_update = Instant::now();
             let mut grads = acc.take(&vars)?;
             let lr = warmup_lr(cfg.optim.lr, cfg.optim.warmup_steps, opt.step_count() + 1);
             let norm = clip_by_global_norm(&mut grads, cfg.optim.grad_clip)?;
@@ -429,15 +477,22 @@ pub fn train(
                 // as ESPnet: a non-finite gradient skips the update (the step count still moves
                 // so the schedule and the log stay aligned)
                 opt.skip_step();
-                say(format!("step {}: gradient norm is not finite; update skipped", opt.step_count()));
+                say(format!(
+                    "step {}: gradient norm is not finite; update skipped",
+                    opt.step_count()
+                ));
             }
+            timing[3] = t_update.elapsed().as_secs_f64();
             bi = group_end;
             let step = opt.step_count();
             let dt = step_start.elapsed().as_secs_f64();
             if !first_step_seen {
                 first_step_seen = true;
                 summary.first_step_s = started.elapsed().as_secs_f64();
-                say(format!("first optimizer step done {:.3} s after start", summary.first_step_s));
+                say(format!(
+                    "first optimizer step done {:.3} s after start (data {:.3} s, forward {:.3} s, backward {:.3} s, update {:.3} s)",
+                    summary.first_step_s, timing[0], timing[1], timing[2], timing[3]
+                ));
             }
             let mean_loss = g_loss / g_utts.max(1) as f64;
             loss_sum += g_loss;
@@ -453,6 +508,10 @@ pub fn train(
                 frames: g_frames,
                 frames_per_s: g_frames as f64 / dt.max(1e-9),
                 elapsed_s: started.elapsed().as_secs_f64(),
+                data_s: timing[0],
+                forward_s: timing[1],
+                backward_s: timing[2],
+                update_s: timing[3],
             };
             write_line(&mut log, &exp.dir.join(TRAIN_LOG), &entry)?;
             summary.steps += 1;
@@ -469,7 +528,9 @@ pub fn train(
                 break;
             }
         }
-        summary.epoch_train_s.push(epoch_start.elapsed().as_secs_f64());
+        summary
+            .epoch_train_s
+            .push(epoch_start.elapsed().as_secs_f64());
         if stopped {
             let meta = CheckpointMeta {
                 epoch,
@@ -492,7 +553,9 @@ pub fn train(
         }
         let valid_start = Instant::now();
         let (valid_loss, valid_cer) = validate(&exp, &model, valid, &valid_t, dev)?;
-        summary.epoch_valid_s.push(valid_start.elapsed().as_secs_f64());
+        summary
+            .epoch_valid_s
+            .push(valid_start.elapsed().as_secs_f64());
         let result = EpochResult {
             epoch,
             step: opt.step_count(),
@@ -509,13 +572,25 @@ pub fn train(
             summary.epoch_valid_s.last().copied().unwrap_or(0.0)
         ));
         history.push(result.clone());
-        end_of_epoch(&exp, &all_vars, &opt, &history, &model, epoch, batches.len(), dev)?;
+        end_of_epoch(
+            &exp,
+            &all_vars,
+            &opt,
+            &history,
+            &model,
+            epoch,
+            batches.len(),
+            dev,
+        )?;
         let mut elog = open_append(&exp.dir.join(EPOCH_LOG))?;
         write_line(&mut elog, &exp.dir.join(EPOCH_LOG), &result)?;
         summary.final_epoch = epoch;
         if opts.max_steps.is_some_and(|m| opt.step_count() >= m) {
             summary.stopped_early = epoch < cfg.train.max_epochs;
-            say(format!("stopped at step {} (--max-steps) after epoch {epoch}", opt.step_count()));
+            say(format!(
+                "stopped at step {} (--max-steps) after epoch {epoch}",
+                opt.step_count()
+            ));
             break;
         }
         epoch += 1;
@@ -539,7 +614,12 @@ fn check_inputs(train: &dyn FeatureSource, valid: &dyn FeatureSource) -> Result<
     if valid.dim() != train.dim() {
         return Err(exp_err(
             valid.path(),
-            format!("features have dim {}, the training store {} has dim {}", valid.dim(), train.path().display(), train.dim()),
+            format!(
+                "features have dim {}, the training store {} has dim {}",
+                valid.dim(),
+                train.path().display(),
+                train.dim()
+            ),
         ));
     }
     Ok(())
@@ -577,11 +657,17 @@ fn validate(
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();
         let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, Tokenizer::BLANK_ID, true)?;
-        loss += per_utt.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        loss += per_utt
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         n += items.len();
         let lp = log_probs.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         for (u, &i) in items.iter().enumerate() {
-            let hyp = search::greedy(log_prob_rows(&lp, u, out_lens[u])?.view(), Tokenizer::BLANK_ID);
+            let hyp = search::greedy(
+                log_prob_rows(&lp, u, out_lens[u])?.view(),
+                Tokenizer::BLANK_ID,
+            );
             let hyp_text = exp.tokenizer.decode(&hyp);
             let ref_text = valid.text(i).unwrap_or_default();
             errors += metrics::cer(ref_text, &hyp_text);
@@ -591,21 +677,39 @@ fn validate(
 }
 
 /// Utterance `u`'s first `frames` rows of CPU log-probs `[B, T, C]` as an ndarray `[frames, C]`.
-pub fn log_prob_rows(lp: &Tensor, u: usize, frames: usize) -> Result<ndarray::Array2<f32>, TrainError> {
+pub fn log_prob_rows(
+    lp: &Tensor,
+    u: usize,
+    frames: usize,
+) -> Result<ndarray::Array2<f32>, TrainError> {
     let c = lp.dim(2)?;
-    let rows = lp.get(u)?.narrow(0, 0, frames)?.flatten_all()?.to_vec1::<f32>()?;
-    ndarray::Array2::from_shape_vec((frames, c), rows).map_err(|e| TrainError::Model(candle_core::Error::Msg(e.to_string())))
+    let rows = lp
+        .get(u)?
+        .narrow(0, 0, frames)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    ndarray::Array2::from_shape_vec((frames, c), rows)
+        .map_err(|e| TrainError::Model(candle_core::Error::Msg(e.to_string())))
 }
 
 /// The vars an optimiser updates: all but batch-norm running statistics.
 pub fn trainable(all: &NamedVars) -> NamedVars {
     all.iter()
-        .filter(|(name, _)| !RUNNING_STAT_NAMES.iter().any(|s| name.rsplit('.').next() == Some(s)))
+        .filter(|(name, _)| {
+            !RUNNING_STAT_NAMES
+                .iter()
+                .any(|s| name.rsplit('.').next() == Some(s))
+        })
         .cloned()
         .collect()
 }
 
-fn save_last(exp: &Path, vars: &NamedVars, opt: &Adam, meta: &CheckpointMeta) -> Result<(), TrainError> {
+fn save_last(
+    exp: &Path,
+    vars: &NamedVars,
+    opt: &Adam,
+    meta: &CheckpointMeta,
+) -> Result<(), TrainError> {
     let mut tensors = checkpoint::model_tensors(vars);
     tensors.extend(opt.state_tensors()?);
     checkpoint::save(&last_path(exp), &tensors, Some(meta))?;
@@ -634,12 +738,19 @@ fn end_of_epoch(
         history: history.to_vec(),
     };
     let dir = &exp.dir;
-    checkpoint::save(&epoch_path(dir, epoch), &checkpoint::model_tensors(vars), history.last())?;
+    checkpoint::save(
+        &epoch_path(dir, epoch),
+        &checkpoint::model_tensors(vars),
+        history.last(),
+    )?;
     save_last(dir, vars, opt, &meta)?;
     let keep = checkpoint::nbest(history, exp.config.train.keep_nbest);
     for r in history {
         if !keep.contains(&r.epoch) {
-            for p in [epoch_path(dir, r.epoch), checkpoint::sidecar(&epoch_path(dir, r.epoch))] {
+            for p in [
+                epoch_path(dir, r.epoch),
+                checkpoint::sidecar(&epoch_path(dir, r.epoch)),
+            ] {
                 if p.is_file() {
                     std::fs::remove_file(&p).map_err(|e| exp_err(&p, e))?;
                 }
@@ -652,12 +763,24 @@ fn end_of_epoch(
             .iter()
             .filter_map(|e| history.iter().find(|r| r.epoch == *e).map(|r| r.valid_loss))
             .collect();
-        checkpoint::save(&avg_path(dir), &avg, Some(&AverageMeta { epochs: keep, valid_losses: losses }))?;
+        checkpoint::save(
+            &avg_path(dir),
+            &avg,
+            Some(&AverageMeta {
+                epochs: keep,
+                valid_losses: losses,
+            }),
+        )?;
     }
     write_plots(exp, history, model, epoch)
 }
 
-fn write_plots(exp: &Experiment, history: &[EpochResult], model: &AsrModel, epoch: usize) -> Result<(), TrainError> {
+fn write_plots(
+    exp: &Experiment,
+    history: &[EpochResult],
+    model: &AsrModel,
+    epoch: usize,
+) -> Result<(), TrainError> {
     let dir = exp.dir.join("plots");
     std::fs::create_dir_all(&dir).map_err(|e| exp_err(&dir, e))?;
     let steps: Vec<StepLog> = read_log(&exp.dir.join(TRAIN_LOG))?;
@@ -666,7 +789,12 @@ fn write_plots(exp: &Experiment, history: &[EpochResult], model: &AsrModel, epoc
     plots::plot_losses(&dir.join("loss.png"), &train, &valid)?;
     let weights = model.layer_weights()?;
     if weights.len() == exp.meta.layers.len() {
-        plots::plot_layer_weights(&dir.join("layer_weights.png"), &exp.meta.layers, &weights, epoch)?;
+        plots::plot_layer_weights(
+            &dir.join("layer_weights.png"),
+            &exp.meta.layers,
+            &weights,
+            epoch,
+        )?;
     }
     Ok(())
 }

@@ -537,3 +537,33 @@ fn manifest_hash_is_stable_and_sensitive() {
         "2cfb1cf8711f3923fcf009259c3214572473127f3748e49dfad629e36c25a22d"
     );
 }
+
+// ---------------------------------------------------------------- bundled demo corpus
+
+#[test]
+fn demo_corpus_loads_and_is_well_formed() {
+    let train = load(Path::new("manifests/demo/train.jsonl"), InputFormat::Auto);
+    let valid = load(Path::new("manifests/demo/valid.jsonl"), InputFormat::Auto);
+    assert_eq!((train.len(), valid.len()), (120, 30));
+    // Disjoint ids: loading both inputs together succeeds.
+    let both = [
+        PathBuf::from("manifests/demo/train.jsonl"),
+        PathBuf::from("manifests/demo/valid.jsonl"),
+    ];
+    assert_eq!(load_inputs(&both, InputFormat::Auto).unwrap().len(), 150);
+    let mut bytes = 0;
+    for u in train.iter().chain(&valid) {
+        assert!(
+            u.source.starts_with("manifests/demo/audio"),
+            "{:?}",
+            u.source
+        );
+        bytes += fs::metadata(&u.source).unwrap().len();
+        assert!(!u.text.as_deref().unwrap().is_empty());
+        assert_eq!((u.start, u.duration), (0.0, None));
+    }
+    assert!(bytes < 3_000_000, "demo audio is {bytes} bytes");
+    for u in &valid {
+        assert!(train.iter().any(|t| t.speaker == u.speaker), "{}", u.id);
+    }
+}

@@ -121,17 +121,19 @@ pub(crate) fn ids_from_paths(relative: &[&Path]) -> Result<Vec<String>, (usize, 
     if unique.len() == stems.len() {
         return Ok(stems);
     }
-    let ids: Vec<String> = relative
-        .iter()
-        .map(|p| {
-            let without_ext = p.with_extension("");
-            let parts: Vec<String> = without_ext
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect();
-            clean_id(&parts.join("-"))
-        })
-        .collect();
+    let path_id = |p: &Path| {
+        let parts: Vec<String> = p
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        clean_id(&parts.join("-"))
+    };
+    let mut ids: Vec<String> = relative.iter().map(|p| path_id(&p.with_extension(""))).collect();
+    let unique: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    if unique.len() != ids.len() {
+        // Same name in two codecs (a.flac, a.mp3): keep the extension in the id.
+        ids = relative.iter().map(|p| path_id(p)).collect();
+    }
     let mut first: HashMap<&str, usize> = HashMap::new();
     for (i, id) in ids.iter().enumerate() {
         if let Some(&j) = first.get(id.as_str()) {

@@ -122,7 +122,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         other => return Err(format!("invalid size unit {other:?} in {text:?}")),
     };
     let bytes = value * scale;
-    if !(bytes >= 1.0) {
+    if bytes.is_nan() || bytes < 1.0 {
         return Err(format!("size {text:?} must be at least 1 byte"));
     }
     Ok(bytes as u64)

@@ -1,6 +1,19 @@
 //! Audio: decode any file to mono f32 at its own rate, resample, speed-perturb.
-//! (Skeleton: the audio owner fills this in; the signatures below are the contract.)
-use std::path::{Path, PathBuf};
+//!
+//! Decoding goes by content (symphonia probes the bytes; the extension is only a hint), so a
+//! FLAC file named `.wav` decodes. Ogg Opus, which symphonia cannot decode, goes through libopus
+//! behind symphonia's Ogg demuxer. Damage that symphonia hides (silent resync, clean EOF on a
+//! truncated MP3) is caught by counting decode errors and comparing the decoded length with the
+//! length the container declares; see [`decode_file`].
+use std::path::PathBuf;
+
+mod decode;
+mod mp4_edit;
+mod ogg_opus;
+mod resample;
+
+pub use decode::{decode_file, probe_info, AudioInfo};
+pub use resample::{resample_to, speed_perturb};
 
 /// A decoded file, downmixed to mono at the source rate.
 #[derive(Debug, Clone)]
@@ -12,6 +25,13 @@ pub struct DecodedAudio {
     pub codec: String,
     /// Set when the file was damaged but kept (`keep_damaged`): what was wrong.
     pub damage: Option<String>,
+}
+
+impl DecodedAudio {
+    /// Length in seconds at the source rate.
+    pub fn duration_s(&self) -> f64 {
+        self.samples.len() as f64 / f64::from(self.sample_rate.max(1))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,24 +47,4 @@ pub enum AudioError {
 pub struct DecodeOptions {
     /// Keep the decodable part of a damaged file instead of failing it.
     pub keep_damaged: bool,
-}
-
-pub fn decode_file(path: &Path, _opts: DecodeOptions) -> Result<DecodedAudio, AudioError> {
-    Err(AudioError::Decode {
-        path: path.to_path_buf(),
-        reason: "audio decoding is not built yet".into(),
-    })
-}
-
-/// Resamples mono audio from `from_hz` to `to_hz` (identity when equal).
-pub fn resample_to(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>, AudioError> {
-    if from_hz == to_hz {
-        return Ok(samples.to_vec());
-    }
-    Err(AudioError::Resample("resampling is not built yet".into()))
-}
-
-/// sox `speed FACTOR` at `rate_hz`: tempo and pitch change together; output has len/FACTOR samples.
-pub fn speed_perturb(_samples: &[f32], _rate_hz: u32, _factor: f64) -> Result<Vec<f32>, AudioError> {
-    Err(AudioError::Resample("speed perturbation is not built yet".into()))
 }

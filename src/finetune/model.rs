@@ -133,11 +133,7 @@ impl AsrModel {
             None => (None, feat_dim),
         };
         let encoder = ConformerEncoder::new(vb.pp("encoder"), &cfg.encoder, enc_in, &rng)?;
-        let ctc_lo = candle_nn::linear(
-            encoder.output_size(),
-            vocab,
-            vb.pp("ctc").pp("ctc_lo"),
-        )?;
+        let ctc_lo = candle_nn::linear(encoder.output_size(), vocab, vb.pp("ctc").pp("ctc_lo"))?;
         Ok(Self {
             featurizer,
             normalize: cfg.featurizer.normalize,
@@ -170,9 +166,11 @@ impl AsrModel {
         }
         let prep = |t: &Tensor| -> candle_core::Result<Tensor> {
             let rows = if t.rank() == 1 { 1 } else { l };
-            t.reshape((1, rows, 1, d))?.detach().to_dtype(self.ctc_dtype())
+            t.reshape((1, rows, 1, d))?
+                .detach()
+                .to_dtype(self.ctc_dtype())
         };
-        let std = prep(&std.clamp(1e-5f64, f64::MAX)?)?;
+        let std = prep(&std.maximum(1e-5f64)?)?;
         self.global_stats = Some((prep(mean)?, std));
         Ok(())
     }
@@ -206,18 +204,17 @@ impl AsrModel {
             )));
         }
         let feats = feats.to_dtype(self.ctc_dtype())?;
-        let feats = match (self.normalize, &self.global_stats) {
-            (FeatureNormalize::Global, Some((mean, std))) => {
-                feats.broadcast_sub(mean)?.broadcast_div(std)?
-            }
-            (FeatureNormalize::Global, None) => {
-                return Err(ConformerError::Input(
+        let feats =
+            match (self.normalize, &self.global_stats) {
+                (FeatureNormalize::Global, Some((mean, std))) => {
+                    feats.broadcast_sub(mean)?.broadcast_div(std)?
+                }
+                (FeatureNormalize::Global, None) => return Err(ConformerError::Input(
                     "normalize is \"global\" but no stats were set (AsrModel::set_global_stats)"
                         .into(),
-                ))
-            }
-            _ => feats,
-        };
+                )),
+                _ => feats,
+            };
         let mut x = self.featurizer.forward(&feats)?;
         if self.normalize == FeatureNormalize::Utterance {
             x = utterance_mvn(&x, lengths)?;
@@ -247,7 +244,10 @@ fn utterance_mvn(x: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
     let mask = frame_mask(lengths, t, x.dtype(), x.device())?; // [B, T, 1]
     let counts: Vec<f32> = lengths.iter().map(|&n| n.max(1) as f32).collect();
     let counts = Tensor::from_vec(counts, (b, 1, 1), x.device())?.to_dtype(x.dtype())?;
-    let mean = x.broadcast_mul(&mask)?.sum_keepdim(1)?.broadcast_div(&counts)?;
+    let mean = x
+        .broadcast_mul(&mask)?
+        .sum_keepdim(1)?
+        .broadcast_div(&counts)?;
     let centred = x.broadcast_sub(&mean)?;
     let var = centred
         .broadcast_mul(&mask)?

@@ -1,6 +1,25 @@
 //! `config.json` / `preprocessor_config.json` of wav2vec 2.0 and HuBERT checkpoints.
 //! Serde defaults equal transformers' `Wav2Vec2Config` / `HubertConfig` defaults.
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A `config.json` / `preprocessor_config.json` that cannot be read or that describes a model
+/// this encoder does not implement.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("unsupported model config: {0}")]
+    Unsupported(String),
+}
 
 /// The encoder configuration shared by wav2vec 2.0 and HuBERT (transformers' field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,9 +62,13 @@ pub struct Wav2Vec2Config {
     /// HuBERT only: LayerNorm inside the feature projection (transformers default true).
     #[serde(default = "d_true")]
     pub feat_proj_layer_norm: bool,
-    /// wav2vec2 models always have the projection LayerNorm; HuBERT follows `feat_proj_layer_norm`.
+    /// Newer HuBERT variants: BatchNorm instead of weight norm on the positional conv.
+    /// Not in transformers 4.46, so not implemented (refused by `validate`).
     #[serde(default)]
     pub conv_pos_batch_norm: bool,
+    /// MMS attention adapters inside every layer change the hidden states: refused by `validate`.
+    #[serde(default)]
+    pub adapter_attn_dim: Option<usize>,
 }
 
 fn default_model_type() -> String {
@@ -113,5 +136,257 @@ impl Default for PreprocessorConfig {
             sampling_rate: 16000,
             padding_value: 0.0,
         }
+    }
+}
+
+impl Wav2Vec2Config {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Whether this is a HuBERT checkpoint (differs only in the feature projection).
+    pub fn is_hubert(&self) -> bool {
+        self.model_type == "hubert"
+    }
+
+    /// Whether the feature projection has its LayerNorm (always for wav2vec 2.0).
+    pub fn has_feat_proj_layer_norm(&self) -> bool {
+        !self.is_hubert() || self.feat_proj_layer_norm
+    }
+
+    /// Number of hidden states `forward` returns for the whole model (`num_hidden_layers + 1`).
+    pub fn num_hidden_states(&self) -> usize {
+        self.num_hidden_layers + 1
+    }
+
+    /// Waveform samples per output frame: the product of the conv strides (320 for every
+    /// released wav2vec 2.0 / HuBERT model).
+    pub fn samples_per_frame(&self) -> usize {
+        self.conv_stride.iter().product()
+    }
+
+    /// Output frames per second at 16 kHz input (50 Hz for the default convs).
+    pub fn frame_rate(&self) -> f64 {
+        16000.0 / self.samples_per_frame() as f64
+    }
+
+    /// Samples seen by one output frame (400 for the default convs); shorter inputs give no frame.
+    pub fn receptive_field(&self) -> usize {
+        let mut field = 1;
+        for (k, s) in self.conv_kernel.iter().zip(&self.conv_stride).rev() {
+            field = (field - 1) * s + k;
+        }
+        field
+    }
+
+    /// Checks that this encoder implements the configuration exactly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Unsupported(m));
+        if self.model_type != "wav2vec2" && self.model_type != "hubert" {
+            return bad(format!(
+                "model_type {:?} (only \"wav2vec2\" and \"hubert\" are implemented)",
+                self.model_type
+            ));
+        }
+        if self.feat_extract_norm != "group" && self.feat_extract_norm != "layer" {
+            return bad(format!(
+                "feat_extract_norm {:?} (expected \"group\" or \"layer\")",
+                self.feat_extract_norm
+            ));
+        }
+        let n = self.conv_dim.len();
+        if n == 0 || self.conv_kernel.len() != n || self.conv_stride.len() != n {
+            return bad(format!(
+                "conv_dim, conv_kernel and conv_stride must have the same non-zero length (got {}, {}, {})",
+                n,
+                self.conv_kernel.len(),
+                self.conv_stride.len()
+            ));
+        }
+        if self.conv_kernel.contains(&0)
+            || self.conv_stride.contains(&0)
+            || self.conv_dim.contains(&0)
+        {
+            return bad("conv_dim, conv_kernel and conv_stride entries must be positive".into());
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_conv_pos_embedding_groups == 0
+            || self.hidden_size % self.num_conv_pos_embedding_groups != 0
+            || self.num_conv_pos_embeddings == 0
+        {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_conv_pos_embedding_groups {} (or num_conv_pos_embeddings is 0)",
+                self.hidden_size, self.num_conv_pos_embedding_groups
+            ));
+        }
+        for (field, act) in [
+            ("hidden_act", &self.hidden_act),
+            ("feat_extract_activation", &self.feat_extract_activation),
+        ] {
+            if Activation::from_name(act).is_none() {
+                return bad(format!(
+                    "{field} {act:?} (expected gelu, gelu_new, gelu_pytorch_tanh, relu, silu or swish)"
+                ));
+            }
+        }
+        if self.conv_pos_batch_norm {
+            return bad(
+                "conv_pos_batch_norm = true (BatchNorm positional conv) is not implemented".into(),
+            );
+        }
+        if self.adapter_attn_dim.is_some() {
+            return bad(
+                "adapter_attn_dim is set (MMS attention adapters) and is not implemented".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The activation functions real checkpoints name (transformers' `ACT2FN` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU with erf (transformers' "gelu").
+    Gelu,
+    /// Tanh approximation ("gelu_new", "gelu_pytorch_tanh").
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Self::GeluTanh),
+            "relu" => Some(Self::Relu),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+}
+
+/// Every tensor the encoder reads, with its shape, in the canonical naming: transformers'
+/// `Wav2Vec2Model` / `HubertModel` state-dict keys without the `wav2vec2.` / `hubert.` prefix,
+/// and the positional conv's weight norm as `weight_g` [1, 1, K] / `weight_v` [H, H/G, K].
+/// Tensors the encoder does not need (`masked_spec_embed`, heads, quantizer) are not listed.
+pub fn expected_tensors(cfg: &Wav2Vec2Config) -> Vec<(String, Vec<usize>)> {
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| out.push((name, shape));
+    let mut c_in = 1;
+    for (i, ((&c, &k), _)) in cfg
+        .conv_dim
+        .iter()
+        .zip(&cfg.conv_kernel)
+        .zip(&cfg.conv_stride)
+        .enumerate()
+    {
+        let p = format!("feature_extractor.conv_layers.{i}");
+        add(format!("{p}.conv.weight"), vec![c, c_in, k]);
+        if cfg.conv_bias {
+            add(format!("{p}.conv.bias"), vec![c]);
+        }
+        if cfg.feat_extract_norm == "layer" || i == 0 {
+            add(format!("{p}.layer_norm.weight"), vec![c]);
+            add(format!("{p}.layer_norm.bias"), vec![c]);
+        }
+        c_in = c;
+    }
+    let h = cfg.hidden_size;
+    if cfg.has_feat_proj_layer_norm() {
+        add("feature_projection.layer_norm.weight".into(), vec![c_in]);
+        add("feature_projection.layer_norm.bias".into(), vec![c_in]);
+    }
+    add("feature_projection.projection.weight".into(), vec![h, c_in]);
+    add("feature_projection.projection.bias".into(), vec![h]);
+    let k = cfg.num_conv_pos_embeddings;
+    let g = cfg.num_conv_pos_embedding_groups.max(1);
+    add("encoder.pos_conv_embed.conv.weight_g".into(), vec![1, 1, k]);
+    add(
+        "encoder.pos_conv_embed.conv.weight_v".into(),
+        vec![h, h / g, k],
+    );
+    add("encoder.pos_conv_embed.conv.bias".into(), vec![h]);
+    add("encoder.layer_norm.weight".into(), vec![h]);
+    add("encoder.layer_norm.bias".into(), vec![h]);
+    let f = cfg.intermediate_size;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layers.{l}");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            add(format!("{p}.attention.{proj}.weight"), vec![h, h]);
+            add(format!("{p}.attention.{proj}.bias"), vec![h]);
+        }
+        for norm in ["layer_norm", "final_layer_norm"] {
+            add(format!("{p}.{norm}.weight"), vec![h]);
+            add(format!("{p}.{norm}.bias"), vec![h]);
+        }
+        add(
+            format!("{p}.feed_forward.intermediate_dense.weight"),
+            vec![f, h],
+        );
+        add(format!("{p}.feed_forward.intermediate_dense.bias"), vec![f]);
+        add(format!("{p}.feed_forward.output_dense.weight"), vec![h, f]);
+        add(format!("{p}.feed_forward.output_dense.bias"), vec![h]);
+    }
+    out
+}
+
+/// Number of parameters the encoder reads (the sum over `expected_tensors`).
+pub fn parameter_count(cfg: &Wav2Vec2Config) -> usize {
+    expected_tensors(cfg)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
+}
+
+impl PreprocessorConfig {
+    /// Reads `preprocessor_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+impl Default for Wav2Vec2Config {
+    /// transformers' `Wav2Vec2Config()` (wav2vec2-base).
+    fn default() -> Self {
+        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_defaults_count_and_frames() {
+        let cfg = Wav2Vec2Config::default();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.samples_per_frame(), 320);
+        assert_eq!(cfg.frame_rate(), 50.0);
+        assert_eq!(cfg.receptive_field(), 400);
+        // facebook/wav2vec2-base: Wav2Vec2Model state dict size without masked_spec_embed (transformers 4.46).
+        assert_eq!(parameter_count(&cfg), 94_370_944);
     }
 }

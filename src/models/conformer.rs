@@ -230,10 +230,18 @@ impl ConformerConfig {
     /// Checks the config against what this implementation builds, for `input_size` features.
     pub fn validate(&self, input_size: usize) -> Result<(), ConformerError> {
         let fixed = [
-            ("positionwise_layer_type", &self.positionwise_layer_type, "linear"),
+            (
+                "positionwise_layer_type",
+                &self.positionwise_layer_type,
+                "linear",
+            ),
             ("rel_pos_type", &self.rel_pos_type, "latest"),
             ("pos_enc_layer_type", &self.pos_enc_layer_type, "rel_pos"),
-            ("selfattention_layer_type", &self.selfattention_layer_type, "rel_selfattn"),
+            (
+                "selfattention_layer_type",
+                &self.selfattention_layer_type,
+                "rel_selfattn",
+            ),
             ("activation_type", &self.activation_type, "swish"),
         ];
         for (field, value, only) in fixed {
@@ -286,8 +294,7 @@ impl ConformerConfig {
         if input_size == 0 {
             return Err(config_error("input_size", "must be positive"));
         }
-        if self.input_layer != InputLayer::Linear
-            && self.input_layer.output_length(input_size) == 0
+        if self.input_layer != InputLayer::Linear && self.input_layer.output_length(input_size) == 0
         {
             return Err(config_error(
                 "input_layer",
@@ -355,7 +362,12 @@ struct Masks {
 }
 
 impl Masks {
-    fn new(lengths: &[usize], frames: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        lengths: &[usize],
+        frames: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let frame = frame_mask(lengths, frames, dtype, device)?;
         // Large but finite, so a fully padded row stays finite; exp underflows to exactly 0.
         let attention = ((frame.reshape((lengths.len(), 1, 1, frames))? - 1.0)? * 1e9)?;
@@ -381,7 +393,12 @@ struct Conv2dSubsampling {
 }
 
 impl Conv2dSubsampling {
-    fn load(vb: VarBuilder, layer: InputLayer, idim: usize, odim: usize) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        layer: InputLayer,
+        idim: usize,
+        odim: usize,
+    ) -> candle_core::Result<Self> {
         let stride2 = if layer == InputLayer::Conv2d { 2 } else { 1 };
         let cfg = |stride| Conv2dConfig {
             stride,
@@ -464,19 +481,37 @@ impl RelPositionMultiHeadedAttention {
         x.reshape((b, t, self.heads, self.d_k))
     }
 
-    fn forward(&self, x: &Tensor, pos_emb: &Tensor, mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos_emb: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let q = self.split_heads(&self.linear_q.forward(x)?)?;
-        let k = self.split_heads(&self.linear_k.forward(x)?)?.transpose(1, 2)?.contiguous()?;
-        let v = self.split_heads(&self.linear_v.forward(x)?)?.transpose(1, 2)?.contiguous()?;
+        let k = self
+            .split_heads(&self.linear_k.forward(x)?)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = self
+            .split_heads(&self.linear_v.forward(x)?)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let p = self
             .linear_pos
             .forward(pos_emb)?
             .reshape((1, 2 * t - 1, self.heads, self.d_k))?
             .transpose(1, 2)?
             .contiguous()?; // [1, H, 2T-1, d_k]
-        let q_u = q.broadcast_add(&self.pos_bias_u)?.transpose(1, 2)?.contiguous()?;
-        let q_v = q.broadcast_add(&self.pos_bias_v)?.transpose(1, 2)?.contiguous()?;
+        let q_u = q
+            .broadcast_add(&self.pos_bias_u)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q_v = q
+            .broadcast_add(&self.pos_bias_v)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let ac = q_u.matmul(&k.t()?)?; // [B, H, T, T]
         let bd = q_v.broadcast_matmul(&p.t()?)?; // [B, H, T, 2T-1]
         let bd = rel_shift(&bd)?;
@@ -531,13 +566,19 @@ impl ConvolutionModule {
         let c = cfg.output_size;
         let norm = match cfg.cnn_module_norm {
             CnnModuleNorm::BatchNorm => ConvNorm::Batch(MaskedBatchNorm::load(vb.pp("norm"), c)?),
-            CnnModuleNorm::LayerNorm => {
-                ConvNorm::Layer(LayerNorm::load_with_eps(vb.pp("norm"), c, TORCH_LAYER_NORM_EPS)?)
-            }
+            CnnModuleNorm::LayerNorm => ConvNorm::Layer(LayerNorm::load_with_eps(
+                vb.pp("norm"),
+                c,
+                TORCH_LAYER_NORM_EPS,
+            )?),
         };
         Ok(Self {
             pointwise_conv1: PointwiseConv1d::load(vb.pp("pointwise_conv1"), c, 2 * c)?,
-            depthwise_conv: DepthwiseConv1d::load(vb.pp("depthwise_conv"), c, cfg.cnn_module_kernel)?,
+            depthwise_conv: DepthwiseConv1d::load(
+                vb.pp("depthwise_conv"),
+                c,
+                cfg.cnn_module_kernel,
+            )?,
             norm,
             pointwise_conv2: PointwiseConv1d::load(vb.pp("pointwise_conv2"), c, c)?,
         })
@@ -546,7 +587,7 @@ impl ConvolutionModule {
     fn forward(&self, x: &Tensor, masks: &Masks, train: bool) -> candle_core::Result<Tensor> {
         let c = x.dim(D::Minus1)?;
         let h = self.pointwise_conv1.forward(x)?; // [B, T, 2C]
-        // GLU over channels: first half gated by the sigmoid of the second half.
+                                                  // GLU over channels: first half gated by the sigmoid of the second half.
         let h = h
             .narrow(2, 0, c)?
             .mul(&candle_nn::ops::sigmoid(&h.narrow(2, c, c)?)?)?;
@@ -623,7 +664,11 @@ impl EncoderLayer {
         train: bool,
         f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let input = if self.normalize_before { norm.forward(x)? } else { x.clone() };
+        let input = if self.normalize_before {
+            norm.forward(x)?
+        } else {
+            x.clone()
+        };
         let mut y = self.dropout.forward(&f(&input)?, train)?;
         if scale != 1.0 {
             y = (y * scale)?;
@@ -636,7 +681,13 @@ impl EncoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, pos_emb: &Tensor, masks: &Masks, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos_emb: &Tensor,
+        masks: &Masks,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         if let Some((ff, norm)) = &self.feed_forward_macaron {
             x = self.residual(&x, norm, self.ff_scale, train, |h| ff.forward(h, train))?;

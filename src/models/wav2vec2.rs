@@ -1,1 +1,608 @@
-//! (skeleton: its owner fills this file)
+//! The wav2vec 2.0 / HuBERT encoder (transformers' `Wav2Vec2Model` and `HubertModel`), in
+//! candle, returning every hidden state as `output_hidden_states=True` does.
+//!
+//! One implementation covers both families and every variant released checkpoints use:
+//! `feat_extract_norm` "group" (GroupNorm on the first conv) or "layer" (LayerNorm after every
+//! conv), `conv_bias`, any conv stack, the projection LayerNorm switch of HuBERT
+//! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
+//! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
+//!
+//! Layout: activations are time-major `[B, T, C]` throughout. Every conv is a frame-matmul:
+//! frames are gathered with one `index_select` (`[B, T_out·K, C_in]`, reshaped to
+//! `[B·T_out, K·C_in]`) and multiplied by the weight pre-arranged at load time as
+//! `[K·C_in, C_out]`; the grouped positional conv is one batched matmul over the groups.
+//! This avoids candle's CPU conv1d (transposing output copy, one conv per group) and runs
+//! unchanged on CUDA and in f16/bf16.
+//!
+//! # Padding invariance
+//! In a padded batch, every utterance's hidden states on its valid frames equal those of the
+//! utterance run alone (up to float rounding), for every variant:
+//! - conv frames are computed from valid samples only (the output-length formula), so LayerNorm
+//!   convs need nothing more; the first conv's GroupNorm takes its per-channel statistics over
+//!   each utterance's valid frames only (transformers takes them over the padded length, so its
+//!   own batched output of group-norm models depends on the padding);
+//! - padded frames are zeroed before the positional conv, which then sees exactly the zero
+//!   padding it sees alone;
+//! - attention adds a large negative value to padded keys.
+//!
+//! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
+#[path = "wav2vec2_ops.rs"]
+mod ops;
+
+use crate::models::config::{Activation, Wav2Vec2Config};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Largest gathered-frames tensor per matmul (elements): bounds memory for long batches.
+const CHUNK_ELEMS: usize = 1 << 23;
+/// nn.LayerNorm / nn.GroupNorm default eps, used by the feature-encoder norms.
+const CONV_NORM_EPS: f64 = 1e-5;
+
+/// Output frames for `n_samples` input samples (transformers' `_get_feat_extract_output_lengths`);
+/// 0 when the input is shorter than the receptive field.
+pub fn frames_for_samples(cfg: &Wav2Vec2Config, n_samples: usize) -> usize {
+    cfg.conv_kernel
+        .iter()
+        .zip(&cfg.conv_stride)
+        .fold(n_samples, |n, (&k, &s)| conv_out_len(n, k, s))
+}
+
+fn conv_out_len(n: usize, kernel: usize, stride: usize) -> usize {
+    if n < kernel {
+        0
+    } else {
+        (n - kernel) / stride + 1
+    }
+}
+
+/// Zero mean, unit variance over the given (valid) samples, as transformers'
+/// `Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm` (variance eps 1e-7); applied when
+/// `preprocessor_config.json` has `do_normalize: true`.
+pub fn normalize_waveform(samples: &mut [f32]) {
+    if samples.is_empty() {
+        return;
+    }
+    let n = samples.len() as f64;
+    let mean = samples.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = samples
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let rstd = 1.0 / (var + 1e-7).sqrt();
+    for v in samples.iter_mut() {
+        *v = ((*v as f64 - mean) * rstd) as f32;
+    }
+}
+
+fn activation(name: &str) -> Result<Activation> {
+    Activation::from_name(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("unsupported activation {name:?}")))
+}
+
+/// nn.LayerNorm over the last dimension.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm_act(x, &self.weight, &self.bias, self.eps, None)
+    }
+}
+
+/// nn.Linear on `[B, T, in]`, as one `[B·T, in] × [in, out]` matmul.
+struct Linear {
+    /// `[in, out]` (a transposed view of the checkpoint's `[out, in]`).
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Self {
+            weight_t: vb.get((d_out, d_in), "weight")?.t()?,
+            bias: vb.get(d_out, "bias")?,
+        })
+    }
+
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let out = self.weight_t.dim(1)?;
+        x.reshape((b * t, d))?
+            .matmul(&self.weight_t)?
+            .reshape((b, t, out))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul(x)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Gathers the conv frames `x[:, t·stride + j]` for `t` in `t0..t0+n`, `j < kernel` from
+/// `x` [.., T, C] along `dim`, giving [.., n·kernel, C].
+fn gather_frames(
+    x: &Tensor,
+    dim: usize,
+    t0: usize,
+    n: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let idx: Vec<u32> = (t0..t0 + n)
+        .flat_map(|t| (0..kernel).map(move |j| (t * stride + j) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, n * kernel, x.device())?;
+    x.index_select(&idx, dim)
+}
+
+enum ConvNorm {
+    None,
+    /// GroupNorm(C, C): per-channel statistics over time (first conv of "group" models).
+    Group {
+        weight: Tensor,
+        bias: Tensor,
+    },
+    /// LayerNorm over channels at every frame ("layer" models).
+    Layer(LayerNorm),
+}
+
+/// Mirrors `Wav2Vec2{NoLayerNorm,LayerNorm,GroupNorm}ConvLayer.forward`: conv, norm, activation.
+struct ConvLayer {
+    /// `[K·C_in, C_out]`, rows ordered (tap, input channel) like the gathered frames.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    norm: ConvNorm,
+    kernel: usize,
+    stride: usize,
+    act: Activation,
+}
+
+impl ConvLayer {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, i: usize) -> Result<Self> {
+        let c_in = if i == 0 { 1 } else { cfg.conv_dim[i - 1] };
+        let (c_out, kernel) = (cfg.conv_dim[i], cfg.conv_kernel[i]);
+        let weight = vb
+            .get((c_out, c_in, kernel), "conv.weight")?
+            .permute((2, 1, 0))?
+            .reshape((kernel * c_in, c_out))?
+            .contiguous()?;
+        let bias = if cfg.conv_bias {
+            Some(vb.get(c_out, "conv.bias")?)
+        } else {
+            None
+        };
+        let norm = match (cfg.feat_extract_norm.as_str(), i) {
+            ("layer", _) => {
+                ConvNorm::Layer(LayerNorm::load(vb.pp("layer_norm"), c_out, CONV_NORM_EPS)?)
+            }
+            ("group", 0) => ConvNorm::Group {
+                weight: vb.get(c_out, "layer_norm.weight")?,
+                bias: vb.get(c_out, "layer_norm.bias")?,
+            },
+            _ => ConvNorm::None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            norm,
+            kernel,
+            stride: cfg.conv_stride[i],
+            act: activation(&cfg.feat_extract_activation)?,
+        })
+    }
+
+    /// `x` [B, T_in, C_in] with `valid[b]` valid frames → ([B, T_out, C_out], valid frames).
+    fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let (b, t_in, c_in) = x.dims3()?;
+        let t_out = conv_out_len(t_in, self.kernel, self.stride);
+        if t_out == 0 {
+            candle_core::bail!(
+                "input of {t_in} frames is shorter than the conv kernel {}",
+                self.kernel
+            );
+        }
+        let valid_out: Vec<usize> = valid
+            .iter()
+            .map(|&n| conv_out_len(n, self.kernel, self.stride))
+            .collect();
+        let c_out = self.weight.dim(1)?;
+        let rows = (CHUNK_ELEMS / (b * self.kernel * c_in)).max(1);
+        let mut pieces = Vec::with_capacity(t_out.div_ceil(rows));
+        for t0 in (0..t_out).step_by(rows) {
+            let n = rows.min(t_out - t0);
+            let frames = gather_frames(x, 1, t0, n, self.kernel, self.stride)?
+                .reshape((b * n, self.kernel * c_in))?;
+            pieces.push(frames.matmul(&self.weight)?.reshape((b, n, c_out))?);
+        }
+        let y = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, 1)?
+        };
+        let y = match &self.norm {
+            ConvNorm::None => ops::bias_act(&y, self.bias.as_ref(), self.act)?,
+            ConvNorm::Group { weight, bias } => {
+                let y = self.add_bias(y)?;
+                ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
+            }
+            ConvNorm::Layer(ln) => {
+                let y = self.add_bias(y)?;
+                ops::layer_norm_act(&y, &ln.weight, &ln.bias, ln.eps, Some(self.act))?
+            }
+        };
+        Ok((y, valid_out))
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Mirrors `Wav2Vec2FeatureProjection` / `HubertFeatureProjection` (dropout is identity).
+struct FeatureProjection {
+    layer_norm: Option<LayerNorm>,
+    projection: Linear,
+}
+
+impl FeatureProjection {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let c = cfg.conv_dim[cfg.conv_dim.len() - 1];
+        let layer_norm = if cfg.has_feat_proj_layer_norm() {
+            Some(LayerNorm::load(vb.pp("layer_norm"), c, cfg.layer_norm_eps)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            layer_norm,
+            projection: Linear::load(vb.pp("projection"), c, cfg.hidden_size)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.layer_norm {
+            Some(ln) => self.projection.forward(&ln.forward(x)?),
+            None => self.projection.forward(x),
+        }
+    }
+}
+
+/// Mirrors `Wav2Vec2PositionalConvEmbedding.forward`: weight-normed grouped conv with
+/// `K/2` zero padding, `SamePad` (drops the last frame for even `K`), activation.
+struct PositionalConv {
+    /// `[G, K·C_g, C_g]`: per group, rows ordered (tap, input channel).
+    weight: Tensor,
+    bias: Tensor,
+    kernel: usize,
+    groups: usize,
+    act: Activation,
+}
+
+impl PositionalConv {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let (h, k, g) = (
+            cfg.hidden_size,
+            cfg.num_conv_pos_embeddings,
+            cfg.num_conv_pos_embedding_groups,
+        );
+        let cg = h / g;
+        let dtype = vb.dtype();
+        let vb32 = vb.to_dtype(DType::F32);
+        // weight_norm(dim=2): w = g · v / ‖v‖, the norm over dims (0, 1) per kernel tap.
+        let v = vb32.get((h, cg, k), "weight_v")?;
+        let gain = vb32.get((1, 1, k), "weight_g")?;
+        let norm = v.sqr()?.sum_keepdim((0, 1))?.sqrt()?;
+        let w = v.broadcast_mul(&gain.broadcast_div(&norm)?)?;
+        let weight = w
+            .reshape((g, cg, cg, k))?
+            .permute((0, 3, 2, 1))?
+            .reshape((g, k * cg, cg))?
+            .contiguous()?
+            .to_dtype(dtype)?;
+        Ok(Self {
+            weight,
+            bias: vb.get(h, "bias")?,
+            kernel: k,
+            groups: g,
+            act: activation(&cfg.feat_extract_activation)?,
+        })
+    }
+
+    /// `x` [B, T, H] (padded frames already zero) → position embeddings [B, T, H].
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let (g, k) = (self.groups, self.kernel);
+        let cg = h / g;
+        let pad = k / 2;
+        let xg = x
+            .pad_with_zeros(1, pad, pad)?
+            .reshape((b, t + 2 * pad, g, cg))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?;
+        let rows = (CHUNK_ELEMS / (g * b * k * cg)).max(1);
+        let mut pieces = Vec::with_capacity(t.div_ceil(rows));
+        for t0 in (0..t).step_by(rows) {
+            let n = rows.min(t - t0);
+            let frames = gather_frames(&xg, 2, t0, n, k, 1)?.reshape((g, b * n, k * cg))?;
+            pieces.push(frames.matmul(&self.weight)?.reshape((g, b, n, cg))?);
+        }
+        let y = if pieces.len() == 1 {
+            pieces.remove(0)
+        } else {
+            Tensor::cat(&pieces, 2)?
+        };
+        let y = y.permute((1, 2, 0, 3))?.reshape((b, t, h))?;
+        ops::bias_act(&y, Some(&self.bias), self.act)
+    }
+}
+
+/// Mirrors `Wav2Vec2Attention.forward` (eager; dropout is identity).
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let mut q_proj = Linear::load(vb.pp("q_proj"), h, h)?;
+        // transformers scales the projected queries by head_dim^-0.5; fold it into q_proj.
+        let scale = ((h / heads) as f64).powf(-0.5);
+        q_proj.weight_t = (q_proj.weight_t * scale)?;
+        q_proj.bias = (q_proj.bias * scale)?;
+        Ok(Self {
+            q_proj,
+            k_proj: Linear::load(vb.pp("k_proj"), h, h)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, h)?,
+            out_proj: Linear::load(vb.pp("out_proj"), h, h)?,
+            heads,
+        })
+    }
+
+    /// `mask`: additive [B, 1, 1, T] (0 on valid keys), or None when nothing is padded.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let dh = h / self.heads;
+        let split = |y: Tensor| {
+            y.reshape((b, t, self.heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q_proj.forward(x)?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        self.out_proj.forward(&ctx)
+    }
+}
+
+/// Mirrors `Wav2Vec2FeedForward.forward`.
+struct FeedForward {
+    intermediate_dense: Linear,
+    output_dense: Linear,
+    act: Activation,
+}
+
+impl FeedForward {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            intermediate_dense: Linear::load(vb.pp("intermediate_dense"), h, f)?,
+            output_dense: Linear::load(vb.pp("output_dense"), f, h)?,
+            act: activation(&cfg.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.intermediate_dense.matmul(x)?;
+        let y = ops::bias_act(&y, Some(&self.intermediate_dense.bias), self.act)?;
+        self.output_dense.forward(&y)
+    }
+}
+
+/// Mirrors `Wav2Vec2EncoderLayer` (post-LN) and `Wav2Vec2EncoderLayerStableLayerNorm` (pre-LN).
+struct EncoderLayer {
+    attention: Attention,
+    layer_norm: LayerNorm,
+    feed_forward: FeedForward,
+    final_layer_norm: LayerNorm,
+    pre_ln: bool,
+}
+
+impl EncoderLayer {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            attention: Attention::load(vb.pp("attention"), cfg)?,
+            layer_norm: LayerNorm::load(vb.pp("layer_norm"), h, eps)?,
+            feed_forward: FeedForward::load(vb.pp("feed_forward"), cfg)?,
+            final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, eps)?,
+            pre_ln: cfg.do_stable_layer_norm,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if self.pre_ln {
+            let a = self.attention.forward(&self.layer_norm.forward(x)?, mask)?;
+            let x = (x + a)?;
+            let f = self
+                .feed_forward
+                .forward(&self.final_layer_norm.forward(&x)?)?;
+            x + f
+        } else {
+            let x = self
+                .layer_norm
+                .forward(&(x + self.attention.forward(x, mask)?)?)?;
+            let f = self.feed_forward.forward(&x)?;
+            self.final_layer_norm.forward(&(x + f)?)
+        }
+    }
+}
+
+/// Mirrors `Wav2Vec2Encoder` / `Wav2Vec2EncoderStableLayerNorm` with `output_hidden_states`.
+struct Encoder {
+    pos_conv_embed: PositionalConv,
+    layer_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    pre_ln: bool,
+}
+
+impl Encoder {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            pos_conv_embed: PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg)?,
+            layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            layers,
+            pre_ln: cfg.do_stable_layer_norm,
+        })
+    }
+
+    /// Hidden states 0..=`last` (`x` has its padded frames zeroed).
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, last: usize) -> Result<Vec<Tensor>> {
+        let mut x = (x + self.pos_conv_embed.forward(x)?)?;
+        if !self.pre_ln {
+            x = self.layer_norm.forward(&x)?;
+        }
+        let mut states = Vec::with_capacity(last + 1);
+        for layer in &self.layers[..last] {
+            let next = layer.forward(&x, mask)?;
+            states.push(std::mem::replace(&mut x, next));
+        }
+        // The stable-LN encoder normalises only its final output.
+        if self.pre_ln && last == self.layers.len() {
+            x = self.layer_norm.forward(&x)?;
+        }
+        states.push(x);
+        Ok(states)
+    }
+}
+
+/// transformers' `Wav2Vec2Model` / `HubertModel` (inference), returning every hidden state.
+pub struct Wav2Vec2Model {
+    cfg: Wav2Vec2Config,
+    conv_layers: Vec<ConvLayer>,
+    feature_projection: FeatureProjection,
+    encoder: Encoder,
+    device: Device,
+    dtype: DType,
+}
+
+impl Wav2Vec2Model {
+    /// Loads from a `VarBuilder` over the canonical names of `config::expected_tensors`
+    /// (state-dict keys without the `wav2vec2.`/`hubert.` prefix); the model computes in
+    /// `vb.dtype()` on `vb.device()`.
+    pub fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let fe = vb.pp("feature_extractor").pp("conv_layers");
+        let conv_layers = (0..cfg.conv_dim.len())
+            .map(|i| ConvLayer::load(fe.pp(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv_layers,
+            feature_projection: FeatureProjection::load(vb.pp("feature_projection"), cfg)?,
+            encoder: Encoder::load(vb.pp("encoder"), cfg)?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &Wav2Vec2Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs `wave` [B, S] (utterance `b` valid on its first `lengths[b]` samples; the rest may
+    /// hold anything) and returns hidden states `0..=max_hidden_state`, each [B, T, H] in the
+    /// model's dtype, exactly as transformers' `hidden_states` tuple (state 0 is the input to
+    /// the first layer, state `num_hidden_layers` the final output), computing no layer beyond
+    /// the last one asked for; and the valid frame count of every utterance.
+    pub fn forward(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let (b, s) = wave.dims2()?;
+        if lengths.len() != b || lengths.iter().any(|&n| n > s) {
+            candle_core::bail!(
+                "lengths {lengths:?} do not match a batch of {b} waveforms of {s} samples"
+            );
+        }
+        if max_hidden_state > self.cfg.num_hidden_layers {
+            candle_core::bail!(
+                "hidden state {max_hidden_state} asked of a model with {} layers (states 0..={})",
+                self.cfg.num_hidden_layers,
+                self.cfg.num_hidden_layers
+            );
+        }
+        if frames_for_samples(&self.cfg, s) == 0 {
+            candle_core::bail!(
+                "a batch of {s} samples is shorter than the model's receptive field of {} samples",
+                self.cfg.receptive_field()
+            );
+        }
+        let mut x = wave.to_dtype(self.dtype)?.reshape((b, s, 1))?;
+        let mut valid = lengths.to_vec();
+        for conv in &self.conv_layers {
+            let (y, v) = conv.forward(&x, &valid)?;
+            x = y;
+            valid = v;
+        }
+        let x = self.feature_projection.forward(&x)?;
+        let t = x.dim(1)?;
+        let (x, mask) = if valid.iter().all(|&n| n == t) {
+            (x, None)
+        } else {
+            let keep: Vec<f32> = valid
+                .iter()
+                .flat_map(|&n| (0..t).map(move |i| if i < n { 1.0 } else { 0.0 }))
+                .collect();
+            let keep = Tensor::from_vec(keep, (b, t, 1), &self.device)?;
+            // transformers uses finfo(dtype).min; any value that stays finite in the dtype works.
+            let neg = if self.dtype == DType::F16 {
+                -65504.0
+            } else {
+                -3.0e38
+            };
+            let mask = keep.affine(-neg as f64, neg as f64)?;
+            let mask = mask.reshape((b, 1, 1, t))?.to_dtype(self.dtype)?;
+            (x.broadcast_mul(&keep.to_dtype(self.dtype)?)?, Some(mask))
+        };
+        let states = self.encoder.forward(&x, mask.as_ref(), max_hidden_state)?;
+        Ok((states, valid))
+    }
+}

@@ -16,10 +16,12 @@ use std::path::{Path, PathBuf};
 
 mod inspect;
 pub mod npy;
+mod prune;
 mod reader;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
+pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView};
 pub use writer::{InputResult, ItemData, StoreWriter, WriterSpec};
 

@@ -601,7 +601,7 @@ impl StoreWriter {
     }
 }
 
-fn fingerprint_of(spec: &WriterSpec) -> String {
+pub(crate) fn fingerprint_of(spec: &WriterSpec) -> String {
     json_sha256(&serde_json::json!({
         "format_version": FORMAT_VERSION,
         "kind": spec.kind,
@@ -697,7 +697,7 @@ fn accumulate_sums(sums: &mut (Vec<f64>, Vec<f64>), values: &[f32], dim: usize) 
     }
 }
 
-fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+pub(crate) fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -1,0 +1,401 @@
+//! File → mono f32 at the source rate, with damage detection.
+//!
+//! symphonia 0.6 picks the container by content (its probe scans for format markers and does
+//! not consult the hint), so the extension never decides the codec.
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use symphonia::core::audio::conv::FromSample;
+use symphonia::core::audio::sample::Sample;
+use symphonia::core::audio::{Audio, AudioBuffer, GenericAudioBufferRef};
+use symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS;
+use symphonia::core::codecs::audio::{AudioCodecId, AudioCodecParameters, AudioDecoderOptions};
+use symphonia::core::errors::Error as SymError;
+use symphonia::core::formats::probe::Hint;
+use symphonia::core::formats::{FormatOptions, FormatReader, Track, TrackType};
+use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions};
+use symphonia::core::meta::MetadataOptions;
+
+use super::{mp4_edit, ogg_opus, AudioError, DecodeOptions, DecodedAudio};
+
+/// What `probe_info` reads from the container header, without decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioInfo {
+    pub sample_rate: u32,
+    pub channels: u16,
+    /// Playable frames the container declares (delay and padding excluded), when it says.
+    pub num_frames: Option<u64>,
+    pub codec: String,
+}
+
+/// Everything one decode pass gathers; [`judge`] turns it into a result or a damage report.
+pub(super) struct Collected {
+    pub samples: Vec<f32>,
+    pub sample_rate: u32,
+    pub channels: u16,
+    pub codec: String,
+    /// Playable frames the container declares.
+    pub declared: Option<u64>,
+    /// The most frames one packet can hold (sets the length tolerance).
+    pub max_packet_frames: u64,
+    pub corrupt_packets: u64,
+    pub first_corrupt: Option<String>,
+    /// Why reading stopped before a clean end of stream (I/O error, reset).
+    pub stream_error: Option<String>,
+    /// The codec's own checksum (FLAC MD5) disagreed with the decoded audio.
+    pub checksum_failed: bool,
+}
+
+/// Decodes any supported file to mono f32 at its own rate.
+///
+/// Fails (or, with `keep_damaged`, keeps the decodable part and sets `damage`) when packets fail
+/// to decode, the stream ends before the length its header declares, or a codec checksum fails.
+/// Empty, zero-length, non-audio and unsupported inputs fail with the reason. Never panics:
+/// a panic inside a decoder becomes an error.
+pub fn decode_file(path: &Path, opts: DecodeOptions) -> Result<DecodedAudio, AudioError> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        decode_collect(path).and_then(|c| judge(c, opts))
+    }));
+    let reason = match outcome {
+        Ok(Ok(audio)) => return Ok(audio),
+        Ok(Err(reason)) => reason,
+        Err(panic) => format!("decoder panicked: {}", panic_text(panic.as_ref())),
+    };
+    Err(AudioError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Reads rate, channels, declared length and codec from the header (no decoding).
+pub fn probe_info(path: &Path) -> Result<AudioInfo, AudioError> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<AudioInfo, String> {
+        let fmt = open_format(path)?;
+        let (track, params) = audio_track(fmt.as_ref())?;
+        let codec = codec_name(params.codec);
+        if params.codec == CODEC_ID_OPUS {
+            return ogg_opus::info(&track, &params);
+        }
+        Ok(AudioInfo {
+            sample_rate: params.sample_rate.unwrap_or(0),
+            channels: params.channels.as_ref().map_or(0, |c| c.count() as u16),
+            num_frames: track.num_frames,
+            codec,
+        })
+    }));
+    let reason = match outcome {
+        Ok(Ok(info)) => return Ok(info),
+        Ok(Err(reason)) => reason,
+        Err(panic) => format!("decoder panicked: {}", panic_text(panic.as_ref())),
+    };
+    Err(AudioError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+fn open_format(path: &Path) -> Result<Box<dyn FormatReader>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
+    if len == 0 {
+        return Err("empty file (0 bytes)".into());
+    }
+    let mss = MediaSourceStream::new(Box::new(file), MediaSourceStreamOptions::default());
+    let mut hint = Hint::new();
+    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+        hint.with_extension(ext);
+    }
+    symphonia::default::get_probe()
+        .probe(
+            &hint,
+            mss,
+            FormatOptions::default(),
+            MetadataOptions::default(),
+        )
+        .map_err(|e| match e {
+            SymError::Unsupported(what) if what.contains("no suitable format reader") => {
+                "not a recognised audio format (no known container or codec signature)".to_string()
+            }
+            SymError::Unsupported(what) => format!("unsupported format or codec ({what})"),
+            SymError::IoError(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                "not a recognised audio format, or its header is cut short (unexpected end of file)"
+                    .to_string()
+            }
+            other => format!("cannot read the container: {other}"),
+        })
+}
+
+fn audio_track(fmt: &dyn FormatReader) -> Result<(Track, AudioCodecParameters), String> {
+    let track = fmt
+        .default_track(TrackType::Audio)
+        .ok_or_else(|| "no audio track".to_string())?;
+    let params = track
+        .codec_params
+        .as_ref()
+        .and_then(|p| p.audio())
+        .ok_or_else(|| "the audio track has no codec parameters".to_string())?
+        .clone();
+    Ok((track.clone(), params))
+}
+
+/// Codec name as ffmpeg-like short text ("flac", "mp3", "pcm_s16le", "opus", ...).
+fn codec_name(id: AudioCodecId) -> String {
+    if id == CODEC_ID_OPUS {
+        return "opus".into();
+    }
+    match symphonia::default::get_codecs().get_audio_decoder(id) {
+        Some(reg) => reg.codec.info.short_name.to_string(),
+        None => format!("unknown codec {id}"),
+    }
+}
+
+fn decode_collect(path: &Path) -> Result<Collected, String> {
+    let mut fmt = open_format(path)?;
+    let (track, params) = audio_track(fmt.as_ref())?;
+    if params.codec == CODEC_ID_OPUS {
+        return ogg_opus::decode(fmt.as_mut(), &track, &params);
+    }
+    let mut collected = decode_packets(fmt.as_mut(), &track, &params)?;
+    if fmt.format_info().short_name == "isomp4" {
+        apply_mp4_edit(path, &mut collected);
+    }
+    Ok(collected)
+}
+
+fn decode_packets(
+    fmt: &mut dyn FormatReader,
+    track: &Track,
+    params: &AudioCodecParameters,
+) -> Result<Collected, String> {
+    let codec = codec_name(params.codec);
+    // `verify` makes the FLAC decoder check the stream's MD5; other codecs ignore it.
+    let dec_opts = AudioDecoderOptions::default().verify(true);
+    let mut decoder = symphonia::default::get_codecs()
+        .make_audio_decoder(params, &dec_opts)
+        .map_err(|e| match e {
+            SymError::Unsupported(_) => format!("unsupported codec ({codec})"),
+            other => format!("cannot start the {codec} decoder: {other}"),
+        })?;
+    let sample_rate = params
+        .sample_rate
+        .ok_or_else(|| "the stream does not state its sample rate".to_string())?;
+    let max_packet_frames = params.max_frames_per_packet.unwrap_or(0);
+    let declared = track.num_frames;
+    let capacity = declared.unwrap_or(0).saturating_add(max_packet_frames);
+    let mut samples: Vec<f32> = Vec::with_capacity(capacity.min(1 << 31) as usize);
+    let mut channels = params.channels.as_ref().map_or(0, |c| c.count() as u16);
+    let mut corrupt_packets = 0u64;
+    let mut first_corrupt = None;
+    let mut stream_error = None;
+    let mut demux_errors_in_a_row = 0u32;
+    loop {
+        let packet = match fmt.next_packet() {
+            Ok(Some(packet)) => packet,
+            Ok(None) => break,
+            Err(SymError::IoError(e)) => {
+                stream_error = Some(e.to_string());
+                break;
+            }
+            Err(SymError::ResetRequired) => {
+                stream_error = Some("the stream changes its parameters mid-file".into());
+                break;
+            }
+            Err(e) => {
+                // A demuxer error usually resyncs at the next packet; stop if it never does.
+                corrupt_packets += 1;
+                first_corrupt.get_or_insert_with(|| e.to_string());
+                demux_errors_in_a_row += 1;
+                if demux_errors_in_a_row > 64 {
+                    stream_error = Some(format!("the demuxer cannot resynchronise ({e})"));
+                    break;
+                }
+                continue;
+            }
+        };
+        demux_errors_in_a_row = 0;
+        if packet.track_id != track.id {
+            continue;
+        }
+        match decoder.decode(&packet) {
+            Ok(buf) => {
+                if channels == 0 {
+                    channels = buf.num_planes() as u16;
+                }
+                append_mono(&buf, &mut samples);
+            }
+            Err(e) => {
+                corrupt_packets += 1;
+                first_corrupt.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let checksum_failed = decoder.finalize().verify_ok == Some(false);
+    Ok(Collected {
+        samples,
+        sample_rate,
+        channels,
+        codec,
+        declared,
+        max_packet_frames,
+        corrupt_packets,
+        first_corrupt,
+        stream_error,
+        checksum_failed,
+    })
+}
+
+/// Drops the encoder delay (AAC priming) and end padding that an MP4 edit list marks, which
+/// symphonia 0.6 does not apply; the declared length becomes the edit's length.
+fn apply_mp4_edit(path: &Path, c: &mut Collected) {
+    let Some(edit) = mp4_edit::read_audio_edit(path, c.sample_rate) else {
+        return;
+    };
+    let skip = edit.skip_frames;
+    // symphonia's num_frames is the sum of sample durations (priming included); when it agrees
+    // with the edit's (coarser, movie-timescale) length, it gives the exact sample count.
+    let keep = match (c.declared, edit.keep_frames) {
+        (Some(n), Some(k)) if n > skip && (n - skip).abs_diff(k) <= edit.rounding_frames => {
+            n - skip
+        }
+        (_, Some(k)) => k,
+        (Some(n), None) => n.saturating_sub(skip),
+        (None, None) => (c.samples.len() as u64).saturating_sub(skip),
+    };
+    let skip = (skip as usize).min(c.samples.len());
+    c.samples.drain(..skip);
+    c.samples.truncate(keep as usize);
+    c.declared = Some(keep);
+}
+
+/// Averages the channels of one decoded buffer onto the end of `out`.
+fn append_mono(buf: &GenericAudioBufferRef<'_>, out: &mut Vec<f32>) {
+    match buf {
+        GenericAudioBufferRef::U8(b) => mix_down(b, out),
+        GenericAudioBufferRef::U16(b) => mix_down(b, out),
+        GenericAudioBufferRef::U24(b) => mix_down(b, out),
+        GenericAudioBufferRef::U32(b) => mix_down(b, out),
+        GenericAudioBufferRef::S8(b) => mix_down(b, out),
+        GenericAudioBufferRef::S16(b) => mix_down(b, out),
+        GenericAudioBufferRef::S24(b) => mix_down(b, out),
+        GenericAudioBufferRef::S32(b) => mix_down(b, out),
+        GenericAudioBufferRef::F32(b) => mix_down(b, out),
+        GenericAudioBufferRef::F64(b) => mix_down(b, out),
+    }
+}
+
+fn mix_down<S>(buf: &AudioBuffer<S>, out: &mut Vec<f32>)
+where
+    S: Sample,
+    f32: FromSample<S>,
+{
+    let planes = buf.num_planes();
+    if planes == 0 || buf.frames() == 0 {
+        return;
+    }
+    if planes == 2 {
+        if let Some((l, r)) = buf.plane_pair(0, 1) {
+            out.extend(
+                l.iter()
+                    .zip(r)
+                    .map(|(&a, &b)| (f32::from_sample(a) + f32::from_sample(b)) * 0.5),
+            );
+        }
+        return;
+    }
+    let start = out.len();
+    if let Some(first) = buf.plane(0) {
+        out.extend(first.iter().map(|&s| f32::from_sample(s)));
+    }
+    for idx in 1..planes {
+        if let Some(plane) = buf.plane(idx) {
+            for (o, &s) in out[start..].iter_mut().zip(plane) {
+                *o += f32::from_sample(s);
+            }
+        }
+    }
+    if planes > 1 {
+        let scale = 1.0 / planes as f32;
+        for o in &mut out[start..] {
+            *o *= scale;
+        }
+    }
+}
+
+/// Turns a decode pass into audio, or into the reason the file is damaged.
+pub(super) fn judge(c: Collected, opts: DecodeOptions) -> Result<DecodedAudio, String> {
+    let rate = f64::from(c.sample_rate.max(1));
+    let secs = |frames: u64| frames as f64 / rate;
+    let got = c.samples.len() as u64;
+    // Legit files differ from their header by at most a packet of codec padding; damage
+    // (a lost FLAC frame, a cut MP3) loses far more than 0.1 s or two packets.
+    let tolerance = (u64::from(c.sample_rate) / 10).max(2 * c.max_packet_frames);
+    let mut reasons = Vec::new();
+    match c.declared {
+        Some(declared) if got + tolerance < declared => reasons.push(format!(
+            "truncated: decoded {:.2} s of {:.2} s declared",
+            secs(got),
+            secs(declared)
+        )),
+        Some(declared) if got > declared + tolerance => reasons.push(format!(
+            "length mismatch: decoded {:.2} s but the header declares {:.2} s",
+            secs(got),
+            secs(declared)
+        )),
+        // A read error after the declared length was reached cut nothing that mattered.
+        Some(_) => {}
+        None => {
+            if let Some(err) = &c.stream_error {
+                reasons.push(format!(
+                    "truncated: the stream ends early after {:.2} s ({err})",
+                    secs(got)
+                ));
+            }
+        }
+    }
+    if c.corrupt_packets > 0 {
+        reasons.push(format!(
+            "{} corrupt packet{} (first: {})",
+            c.corrupt_packets,
+            if c.corrupt_packets == 1 { "" } else { "s" },
+            c.first_corrupt.as_deref().unwrap_or("decode error")
+        ));
+    }
+    if c.checksum_failed {
+        reasons.push("the decoded audio fails the stream's MD5 checksum".into());
+    }
+    if c.samples.is_empty() {
+        let mut reason = String::from("no audio: the stream holds zero samples");
+        if !reasons.is_empty() {
+            reason = format!("{reason} ({})", reasons.join("; "));
+        }
+        return Err(reason);
+    }
+    let damage = if reasons.is_empty() {
+        None
+    } else if opts.keep_damaged {
+        Some(reasons.join("; "))
+    } else {
+        return Err(reasons.join("; "));
+    };
+    Ok(DecodedAudio {
+        samples: c.samples,
+        sample_rate: c.sample_rate,
+        channels: c.channels,
+        codec: c.codec,
+        damage,
+    })
+}

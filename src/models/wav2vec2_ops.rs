@@ -1,0 +1,489 @@
+//! Element-wise and normalisation steps of the wav2vec 2.0 / HuBERT encoder.
+//!
+//! Each step has one entry point that takes a fused, multi-threaded path for contiguous f32
+//! tensors on the CPU (candle's CPU unary ops run on one thread and its erf is scalar libm),
+//! and a plain tensor-op path for every other device and dtype (CUDA, f16, bf16).
+//! Statistics are always computed in f32 (f64 accumulators on the fast path), two-pass.
+use crate::models::config::Activation;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Elements per rayon task: big enough to amortise scheduling, small enough to balance.
+const TASK_ELEMS: usize = 1 << 15;
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+// ---------------------------------------------------------------- activation kernels
+
+/// e^v for v in [-87, 88], vectorisable: 2^round(v·log2 e) times a degree-6 polynomial.
+#[inline(always)]
+fn fast_exp(v: f32) -> f32 {
+    let a = v.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
+    // Round to nearest with the 1.5·2^23 trick (no libm call, so the loop vectorises).
+    let n = (a + 12_582_912.0) - 12_582_912.0;
+    let f = (a - n) * std::f32::consts::LN_2;
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Exact-GELU 0.5·x·(1 + erf(x/√2)) with Abramowitz–Stegun 7.1.26 erf (|error| < 1.5e-7).
+#[inline(always)]
+fn gelu_erf(x: f32) -> f32 {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * fast_exp(-z * z);
+    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
+    0.5 * x * (1.0 + erf)
+}
+
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `xs[i] = act(xs[i] + bias[i % C])` over rows of length `bias.len()` (no bias: `bias` empty).
+#[inline(always)]
+fn bias_act_rows(xs: &mut [f32], bias: &[f32], act: Activation) {
+    if !bias.is_empty() {
+        for row in xs.chunks_exact_mut(bias.len()) {
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+    }
+    match act {
+        Activation::Gelu => gelu_slice(xs),
+        Activation::GeluTanh => xs.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
+        Activation::Relu => xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Silu => xs.iter_mut().for_each(|x| *x = silu(*x)),
+    }
+}
+
+fn gelu_slice(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { gelu_slice_avx2(xs) };
+            return;
+        }
+    }
+    xs.iter_mut().for_each(|x| *x = gelu_erf(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_slice_avx2(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = gelu_erf(*x));
+}
+
+// ---------------------------------------------------------------- bias + activation
+
+struct BiasAct {
+    act: Activation,
+}
+
+impl BiasAct {
+    fn run(&self, x: &[f32], bias: &[f32]) -> Vec<f32> {
+        let mut out = x.to_vec();
+        let row = bias.len().max(1);
+        let task = (TASK_ELEMS / row).max(1) * row;
+        out.par_chunks_mut(task)
+            .for_each(|c| bias_act_rows(c, bias, self.act));
+        out
+    }
+}
+
+impl CustomOp1 for BiasAct {
+    fn name(&self) -> &'static str {
+        "w2v-act"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "w2v-act")?;
+        Ok((CpuStorage::F32(self.run(x, &[])), l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "w2v-bias-act"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "w2v-bias-act")?;
+        let b = contiguous_f32(s2, l2, "w2v-bias-act")?;
+        if x.len() % b.len().max(1) != 0 {
+            candle_core::bail!(
+                "w2v-bias-act: bias of {} does not divide {}",
+                b.len(),
+                x.len()
+            );
+        }
+        Ok((CpuStorage::F32(self.run(x, b)), l1.shape().clone()))
+    }
+}
+
+fn act_generic(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::Relu => x.relu(),
+        Activation::Silu => x.silu(),
+    }
+}
+
+/// `act(x + bias)` with `bias` broadcast over the last dimension.
+pub fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    if fast_path(x) {
+        let x = x.contiguous()?;
+        let op = BiasAct { act };
+        return match bias {
+            Some(b) if b.dtype() == DType::F32 => x.apply_op2_no_bwd(&b.contiguous()?, &op),
+            Some(b) => x.apply_op2_no_bwd(&b.to_dtype(DType::F32)?, &op),
+            None => x.apply_op1_no_bwd(&op),
+        };
+    }
+    let x = match bias {
+        Some(b) => x.broadcast_add(b)?,
+        None => x.clone(),
+    };
+    act_generic(&x, act)
+}
+
+// ---------------------------------------------------------------- LayerNorm (+ activation)
+
+struct LayerNormAct {
+    eps: f64,
+    act: Option<Activation>,
+}
+
+impl LayerNormAct {
+    fn rows(&self, x: &[f32], out: &mut [f32], w: &[f32], b: &[f32]) {
+        let c = w.len();
+        for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            let (mean, rstd) = (mean as f32, rstd as f32);
+            for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *y = (v - mean) * rstd * w + b;
+            }
+        }
+        if let Some(act) = self.act {
+            bias_act_rows(out, &[], act);
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LayerNormAct {
+    fn name(&self) -> &'static str {
+        "w2v-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "w2v-layer-norm")?;
+        let w = contiguous_f32(s2, l2, "w2v-layer-norm")?;
+        let b = contiguous_f32(s3, l3, "w2v-layer-norm")?;
+        let c = w.len();
+        if c == 0 || x.len() % c != 0 || b.len() != c {
+            candle_core::bail!(
+                "w2v-layer-norm: weight {c} does not match input {:?}",
+                l1.dims()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let task = (TASK_ELEMS / c).max(1) * c;
+        out.par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .for_each(|(o, x)| self.rows(x, o, w, b));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// LayerNorm over the last dimension (statistics in f32, two-pass), then an optional activation.
+pub fn layer_norm_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<Tensor> {
+    if fast_path(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        let op = LayerNormAct { eps, act };
+        return x.contiguous()?.apply_op3_no_bwd(weight, bias, &op);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)?;
+    match act {
+        Some(a) => act_generic(&y, a),
+        None => Ok(y),
+    }
+}
+
+// ---------------------------------------------------------------- per-channel norm over time
+
+/// Per-(utterance, channel) mean and variance of `x` [B, T, C] over frames `t < valid[b]`
+/// (f64 accumulators, two passes), on the fast path.
+fn channel_stats(x: &[f32], t: usize, c: usize, valid: &[usize]) -> Vec<(f64, f64)> {
+    let mut stats = Vec::with_capacity(valid.len() * c);
+    let rows_per_task = (TASK_ELEMS / c).max(1);
+    for (b, &n) in valid.iter().enumerate() {
+        let xb = &x[b * t * c..(b * t + n) * c];
+        let sum_rows = |f: &(dyn Fn(usize, f32) -> f64 + Sync)| -> Vec<f64> {
+            xb.par_chunks(rows_per_task * c)
+                .map(|chunk| {
+                    let mut acc = vec![0f64; c];
+                    for row in chunk.chunks_exact(c) {
+                        for (i, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                            *a += f(i, v);
+                        }
+                    }
+                    acc
+                })
+                .reduce(
+                    || vec![0f64; c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                )
+        };
+        let denom = n.max(1) as f64;
+        let mean: Vec<f64> = sum_rows(&|_, v| v as f64)
+            .iter()
+            .map(|s| s / denom)
+            .collect();
+        let var = sum_rows(&|i, v| (v as f64 - mean[i]).powi(2));
+        stats.extend(mean.iter().zip(&var).map(|(&m, &v)| (m, v / denom)));
+    }
+    stats
+}
+
+struct ChannelNormAct<'a> {
+    valid: &'a [usize],
+    eps: f64,
+    act: Activation,
+}
+
+impl candle_core::CustomOp3 for ChannelNormAct<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-group-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "w2v-group-norm")?;
+        let w = contiguous_f32(s2, l2, "w2v-group-norm")?;
+        let bias = contiguous_f32(s3, l3, "w2v-group-norm")?;
+        let (nb, t, c) = l1.shape().dims3()?;
+        if self.valid.len() != nb || w.len() != c || bias.len() != c {
+            candle_core::bail!("w2v-group-norm: shapes do not match input {:?}", l1.dims());
+        }
+        let stats = channel_stats(x, t, c, self.valid);
+        // Per utterance: y = act(x·scale + shift), scale = w/σ, shift = b − μ·scale.
+        let mut affine = Vec::with_capacity(nb * 2 * c);
+        for b in 0..nb {
+            let st = &stats[b * c..(b + 1) * c];
+            affine.extend(
+                st.iter()
+                    .zip(w)
+                    .map(|(&(_, v), &w)| (w as f64 / (v + self.eps).sqrt()) as f32),
+            );
+            affine.extend(st.iter().zip(w).zip(bias).map(|((&(m, v), &w), &bb)| {
+                (bb as f64 - m * w as f64 / (v + self.eps).sqrt()) as f32
+            }));
+        }
+        let mut out = vec![0f32; x.len()];
+        let rows_per_task = (TASK_ELEMS / c).max(1);
+        for b in 0..nb {
+            let (scale, shift) = affine[b * 2 * c..(b + 1) * 2 * c].split_at(c);
+            let range = b * t * c..(b + 1) * t * c;
+            out[range.clone()]
+                .par_chunks_mut(rows_per_task * c)
+                .zip(x[range].par_chunks(rows_per_task * c))
+                .for_each(|(o, xs)| {
+                    for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                        for (((y, &v), &s), &h) in orow.iter_mut().zip(xrow).zip(scale).zip(shift) {
+                            *y = v * s + h;
+                        }
+                    }
+                    bias_act_rows(o, &[], self.act);
+                });
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// transformers' `GroupNorm(C, C)` on time-major `x` [B, T, C] with its statistics taken over
+/// each utterance's valid frames only (`valid[b]`), so padding cannot change them; then `act`.
+pub fn channel_norm_act(
+    x: &Tensor,
+    valid: &[usize],
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    act: Activation,
+) -> Result<Tensor> {
+    if fast_path(x) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        let op = ChannelNormAct { valid, eps, act };
+        return x.contiguous()?.apply_op3_no_bwd(weight, bias, &op);
+    }
+    let dtype = x.dtype();
+    let (nb, _, c) = x.dims3()?;
+    let xf = x.to_dtype(DType::F32)?;
+    let (mut scales, mut shifts) = (Vec::with_capacity(nb), Vec::with_capacity(nb));
+    let w = weight.to_dtype(DType::F32)?.reshape((1, c))?;
+    let b = bias.to_dtype(DType::F32)?.reshape((1, c))?;
+    for (i, &n) in valid.iter().enumerate() {
+        let (mean, var) = if n == 0 {
+            let z = Tensor::zeros((1, c), DType::F32, x.device())?;
+            (z.clone(), (z + 1.0)?)
+        } else {
+            let xb = xf.get(i)?.narrow(0, 0, n)?;
+            let mean = xb.mean_keepdim(0)?;
+            let var = xb.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            (mean, var)
+        };
+        let scale = w.broadcast_div(&(var + eps)?.sqrt()?)?;
+        shifts.push((&b - mean.mul(&scale)?)?);
+        scales.push(scale);
+    }
+    let scale = Tensor::stack(&scales, 0)?;
+    let shift = Tensor::stack(&shifts, 0)?;
+    let y = xf
+        .broadcast_mul(&scale)?
+        .broadcast_add(&shift)?
+        .to_dtype(dtype)?;
+    act_generic(&y, act)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_kernels_match_tensor_ops() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3.0, (2, 37, 24), &dev).unwrap() + 5.0).unwrap();
+        let w = Tensor::randn(1f32, 0.2, 24, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 24, &dev).unwrap();
+        // The generic path runs for f64 on the CPU; compare it with the f32 fast path.
+        let as64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let to32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Silu,
+        ] {
+            let fast = bias_act(&x, Some(&b), act).unwrap();
+            let slow = to32(bias_act(&as64(&x), Some(&as64(&b)), act).unwrap());
+            assert!(max_diff(&fast, &slow) < 2e-5, "{act:?}");
+        }
+        let fast = layer_norm_act(&x, &w, &b, 1e-5, Some(Activation::Gelu)).unwrap();
+        let slow = to32(
+            layer_norm_act(
+                &as64(&x),
+                &as64(&w),
+                &as64(&b),
+                1e-5,
+                Some(Activation::Gelu),
+            )
+            .unwrap(),
+        );
+        assert!(max_diff(&fast, &slow) < 1e-5);
+        let valid = [37, 20];
+        let fast = channel_norm_act(&x, &valid, &w, &b, 1e-5, Activation::Gelu).unwrap();
+        let slow = to32(
+            channel_norm_act(
+                &as64(&x),
+                &valid,
+                &as64(&w),
+                &as64(&b),
+                1e-5,
+                Activation::Gelu,
+            )
+            .unwrap(),
+        );
+        assert!(max_diff(&fast, &slow) < 1e-5);
+    }
+
+    #[test]
+    fn gelu_matches_erf_definition() {
+        let mut worst = 0f64;
+        for i in -20000..20000 {
+            let x = i as f32 * 0.001;
+            let exact = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / std::f64::consts::SQRT_2));
+            worst = worst.max((gelu_erf(x) as f64 - exact).abs());
+        }
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    /// Reference erf: candle's f64 `erf` (libm).
+    fn libm_erf(x: f64) -> f64 {
+        let t = Tensor::new(&[x], &Device::Cpu).unwrap();
+        t.erf().unwrap().to_vec1::<f64>().unwrap()[0]
+    }
+}

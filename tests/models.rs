@@ -1,0 +1,236 @@
+//! wav2vec 2.0 / HuBERT encoder against transformers 4.46.3 (fixtures: tests/fixtures/gen_models.py).
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use speechcache::models::config::{expected_tensors, Wav2Vec2Config};
+use speechcache::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+const VARIANTS: [&str; 4] = ["w2v_base", "w2v_large", "hubert_base", "hubert_large"];
+const N_UTTS: usize = 3;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+}
+
+/// The checkpoint as save_pretrained wrote it, with the positional conv's weight-norm
+/// parametrisation renamed to the canonical `weight_g` / `weight_v`.
+fn checkpoint(variant: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join(variant).join("model.safetensors");
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace("parametrizations.weight.original0", "weight_g")
+                .replace("parametrizations.weight.original1", "weight_v");
+            (k, v)
+        })
+        .collect()
+}
+
+fn load(variant: &str, dtype: DType) -> (Wav2Vec2Config, Wav2Vec2Model) {
+    let cfg = Wav2Vec2Config::from_file(&fixtures().join(variant).join("config.json")).unwrap();
+    let vb = VarBuilder::from_tensors(checkpoint(variant), dtype, &Device::Cpu);
+    let model = Wav2Vec2Model::load(vb, &cfg).unwrap();
+    (cfg, model)
+}
+
+fn inputs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("inputs.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn refs(variant: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixtures().join(variant).join("refs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Runs each utterance alone and returns the worst difference to transformers over all states.
+fn worst_single(variant: &str, dtype: DType) -> f32 {
+    let (cfg, model) = load(variant, dtype);
+    let (inputs, refs) = (inputs(), refs(variant));
+    let mut worst = 0f32;
+    for i in 0..N_UTTS {
+        let wave = inputs[&format!("norm_{i}")].unsqueeze(0).unwrap();
+        let n = wave.dim(1).unwrap();
+        let (states, valid) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
+        assert_eq!(states.len(), cfg.num_hidden_layers + 1);
+        let expect_t = refs[&format!("utt{i}.hidden0")].dim(0).unwrap();
+        assert_eq!(valid, vec![expect_t]);
+        assert_eq!(frames_for_samples(&cfg, n), expect_t);
+        for (j, s) in states.iter().enumerate() {
+            assert_eq!(s.dims(), &[1, expect_t, cfg.hidden_size]);
+            let d = max_abs_diff(&s.i(0).unwrap(), &refs[&format!("utt{i}.hidden{j}")]);
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
+
+#[test]
+fn every_hidden_state_matches_transformers() {
+    for variant in VARIANTS {
+        let worst = worst_single(variant, DType::F32);
+        println!("{variant}: max |ours - transformers| = {worst:.2e}");
+        assert!(worst < 1e-4, "{variant}: {worst}");
+    }
+}
+
+/// f64 takes the plain tensor-op path (the one CUDA and f16/bf16 use), not the CPU kernels.
+#[test]
+fn generic_tensor_path_matches_transformers() {
+    for variant in VARIANTS {
+        let worst = worst_single(variant, DType::F64);
+        assert!(worst < 1e-4, "{variant} f64: {worst}");
+    }
+}
+
+#[test]
+fn half_precision_runs_close() {
+    for variant in ["w2v_base", "hubert_large"] {
+        let worst = worst_single(variant, DType::BF16);
+        let scale = max_abs(&refs(variant)["utt1.hidden2"]);
+        println!("{variant} bf16: max diff {worst:.3} (max |ref| {scale:.1})");
+        assert!(worst < 0.1 * scale.max(1.0), "{variant} bf16: {worst}");
+    }
+}
+
+/// A padded batch (padding filled with a loud signal, not zeros) gives every utterance the
+/// hidden states it has alone: for group-norm models too.
+#[test]
+fn padded_batch_equals_each_utterance_alone() {
+    let inputs = inputs();
+    let waves: Vec<Vec<f32>> = (0..N_UTTS)
+        .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
+        .collect();
+    let lengths: Vec<usize> = waves.iter().map(Vec::len).collect();
+    let s = *lengths.iter().max().unwrap() + 123;
+    let mut flat = Vec::with_capacity(N_UTTS * s);
+    for w in &waves {
+        flat.extend_from_slice(w);
+        flat.extend((w.len()..s).map(|j| 3.0 * (j as f32 * 0.37).sin()));
+    }
+    let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();
+    for variant in VARIANTS {
+        let (cfg, model) = load(variant, DType::F32);
+        let refs = refs(variant);
+        let (states, valid) = model
+            .forward(&batch, &lengths, cfg.num_hidden_layers)
+            .unwrap();
+        let mut worst = 0f32;
+        for (b, &t) in valid.iter().enumerate() {
+            assert_eq!(t, refs[&format!("utt{b}.hidden0")].dim(0).unwrap());
+            for (j, st) in states.iter().enumerate() {
+                let ours = st.i(b).unwrap().narrow(0, 0, t).unwrap();
+                worst = worst.max(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden{j}")]));
+            }
+        }
+        println!("{variant}: batch vs alone max diff {worst:.2e}");
+        assert!(worst < 1e-4, "{variant}: {worst}");
+    }
+}
+
+#[test]
+fn early_stop_returns_the_first_states_of_the_full_run() {
+    let wave = inputs()["norm_1"].unsqueeze(0).unwrap();
+    let n = wave.dim(1).unwrap();
+    for variant in ["w2v_base", "w2v_large"] {
+        let (cfg, model) = load(variant, DType::F32);
+        let (full, _) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
+        for last in 0..cfg.num_hidden_layers {
+            let (part, valid) = model.forward(&wave, &[n], last).unwrap();
+            assert_eq!(part.len(), last + 1);
+            assert_eq!(valid[0], full[0].dim(1).unwrap());
+            for (a, b) in part.iter().zip(&full) {
+                assert_eq!(max_abs_diff(a, b), 0.0);
+            }
+        }
+        assert!(model
+            .forward(&wave, &[n], cfg.num_hidden_layers + 1)
+            .is_err());
+    }
+}
+
+#[test]
+fn normalize_waveform_matches_feature_extractor() {
+    let inputs = inputs();
+    for i in 0..N_UTTS {
+        let mut raw = inputs[&format!("raw_{i}")].to_vec1::<f32>().unwrap();
+        let expect = inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap();
+        normalize_waveform(&mut raw);
+        let worst = raw
+            .iter()
+            .zip(&expect)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "utterance {i}: {worst}");
+    }
+    let cfg = speechcache::models::config::PreprocessorConfig::from_file(
+        &fixtures().join("w2v_base/preprocessor_config.json"),
+    )
+    .unwrap();
+    assert!(cfg.do_normalize);
+    assert_eq!(cfg.sampling_rate, 16000);
+}
+
+/// `expected_tensors` names exactly the checkpoint's tensors (minus what the encoder never
+/// reads), with their shapes.
+#[test]
+fn expected_tensors_match_the_checkpoints() {
+    for variant in VARIANTS {
+        let cfg = Wav2Vec2Config::from_file(&fixtures().join(variant).join("config.json")).unwrap();
+        let ckpt = checkpoint(variant);
+        let mut have: Vec<(String, Vec<usize>)> = ckpt
+            .iter()
+            .filter(|(k, _)| k.as_str() != "masked_spec_embed")
+            .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+            .collect();
+        let mut want = expected_tensors(&cfg);
+        have.sort();
+        want.sort();
+        assert_eq!(have, want, "{variant}");
+    }
+}
+
+#[test]
+fn too_short_or_mismatched_input_is_an_error() {
+    let (cfg, model) = load("w2v_base", DType::F32);
+    let short = Tensor::zeros((1, cfg.receptive_field() - 1), DType::F32, &Device::Cpu).unwrap();
+    assert!(model
+        .forward(&short, &[cfg.receptive_field() - 1], 0)
+        .is_err());
+    let ok = Tensor::zeros((2, 1000), DType::F32, &Device::Cpu).unwrap();
+    assert!(model.forward(&ok, &[1000], 0).is_err());
+    assert!(model.forward(&ok, &[1000, 1001], 0).is_err());
+    // A utterance shorter than the receptive field inside a batch has 0 valid frames.
+    let (_, valid) = model.forward(&ok, &[1000, 10], 0).unwrap();
+    assert_eq!(valid, vec![frames_for_samples(&cfg, 1000), 0]);
+}

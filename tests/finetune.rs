@@ -151,7 +151,7 @@ impl Fixture {
             seed: Some(7),
             max_steps,
             max_epochs: None,
-            verbose: false,
+            verbose: std::env::var_os("FINETUNE_TEST_VERBOSE").is_some(),
         }
     }
 

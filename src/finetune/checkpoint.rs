@@ -157,6 +157,12 @@ pub struct CheckpointMeta {
     pub rng: String,
     /// Validation results per completed epoch so far (n-best selection needs them all).
     pub history: Vec<EpochResult>,
+    /// Sum of per-utterance training losses and utterance count over the batches of
+    /// `epoch` done so far (so a resumed epoch reports the same mean train loss).
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub epoch_utts: usize,
 }
 
 /// One epoch's summary (also a line of `EXP/epoch_log.jsonl`).

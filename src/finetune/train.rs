@@ -381,6 +381,7 @@ pub fn train(
 
     let mut history: Vec<EpochResult> = Vec::new();
     let (mut epoch, mut skip) = (1usize, 0usize);
+    let mut resumed_loss = (0f64, 0usize);
     if let Some(meta) = &resume_from {
         let last = last_path(&exp.dir);
         let tensors = checkpoint::load_tensors(&last, dev)?;
@@ -390,6 +391,7 @@ pub fn train(
         (epoch, skip) = if meta.epoch_complete {
             (meta.epoch + 1, 0)
         } else {
+            resumed_loss = (meta.epoch_loss_sum, meta.epoch_utts);
             (meta.epoch, meta.batches_done)
         };
         truncate_log(&exp.dir.join(TRAIN_LOG), |l: &StepLog| l.step <= meta.step)?;
@@ -421,7 +423,7 @@ pub fn train(
             shuffle,
         );
         let epoch_start = Instant::now();
-        let (mut loss_sum, mut loss_utts) = (0f64, 0usize);
+        let (mut loss_sum, mut loss_utts) = std::mem::take(&mut resumed_loss);
         let mut bi = skip;
         skip = 0;
         let mut stopped = false;
@@ -540,6 +542,8 @@ pub fn train(
                 seed,
                 rng: RNG_SCHEME.into(),
                 history: history.clone(),
+                epoch_loss_sum: loss_sum,
+                epoch_utts: loss_utts,
             };
             save_last(&exp.dir, &all_vars, &opt, &meta)?;
             say(format!(
@@ -736,6 +740,8 @@ fn end_of_epoch(
         seed: exp.meta.seed,
         rng: RNG_SCHEME.into(),
         history: history.to_vec(),
+        epoch_loss_sum: 0.0,
+        epoch_utts: 0,
     };
     let dir = &exp.dir;
     checkpoint::save(

@@ -442,6 +442,7 @@ pub fn train(
                 let t0 = Instant::now();
                 let (feats, lens) = train.batch(items, &exp.meta.layers, dev)?;
                 let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
+                let feats = pad_time_for_conv2d_backward(&exp, &feats)?;
                 let targets: Vec<Vec<u32>> =
                     items.iter().map(|&i| train_t.tokens[i].clone()).collect();
                 let t1 = Instant::now();
@@ -600,6 +601,27 @@ pub fn train(
         epoch += 1;
     }
     Ok(summary)
+}
+
+/// Work around candle 0.11's conv2d backward, which derives the transposed convolution's
+/// output padding from the height (time) only and applies it to the width (features) too:
+/// when `(T - 3) % 2 != (D - 3) % 2` at a stride-2 conv, backward fails with a shape mismatch.
+/// Zero frames appended past every utterance (T ≡ D mod 4 for conv2d, mod 2 for conv2d2) make
+/// the two agree; they lie beyond all lengths, so the model masks them and results do not change.
+fn pad_time_for_conv2d_backward(exp: &Experiment, feats: &Tensor) -> Result<Tensor, TrainError> {
+    use crate::models::conformer::InputLayer;
+    let modulus: usize = match exp.config.model.encoder.input_layer {
+        InputLayer::Conv2d => 4,
+        InputLayer::Conv2d2 => 2,
+        InputLayer::Linear => return Ok(feats.clone()),
+    };
+    let d = exp.config.model.preencoder_output.unwrap_or(exp.meta.feat_dim);
+    let t = feats.dim(2)?;
+    let extra = (d % modulus + modulus - t % modulus) % modulus;
+    if extra == 0 {
+        return Ok(feats.clone());
+    }
+    Ok(feats.pad_with_zeros(2, 0, extra)?)
 }
 
 /// Refuse unusable stores before anything is written.

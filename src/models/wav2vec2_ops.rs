@@ -271,6 +271,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// Through a method, so closures capture the `Sync` wrapper and not the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst[m, n] = bias[n] + Σ_k lhs[m·lhs_rs + k] · rhs[k·n_total + n]` on one thread or all.
 /// `lhs` rows overlap when `lhs_rs` < k: that is the zero-copy im2col of a time-major conv.
 ///
@@ -480,7 +487,6 @@ impl candle_core::CustomOp3 for GroupedConv {
         let dst = SharedMut(out.as_mut_ptr());
         (0..g * nb).into_par_iter().for_each(|gb| {
             let (gi, b) = (gb / nb, gb % nb);
-            let dst = dst;
             // SAFETY: task (gi, b) writes columns gi·cg..(gi+1)·cg of utterance b only; the
             // frame window of output t is the contiguous k·cg values from row t of x[gi, b].
             unsafe {
@@ -491,7 +497,7 @@ impl candle_core::CustomOp3 for GroupedConv {
                     x[(gi * nb + b) * tp * cg..].as_ptr(),
                     cg,
                     w[gi * k * cg * cg..].as_ptr(),
-                    dst.0.add(b * t * h + gi * cg),
+                    dst.get().add(b * t * h + gi * cg),
                     h,
                     Some(&bias[gi * cg..(gi + 1) * cg]),
                     1,

@@ -296,6 +296,13 @@ impl PositionalConv {
     }
 }
 
+/// Which keys attention may see: the valid frame count of every utterance, and the same as
+/// an additive [B, 1, 1, T] mask (0 on valid keys) for the tensor-op path (None: no padding).
+struct KeyMask {
+    valid: Vec<usize>,
+    additive: Option<Tensor>,
+}
+
 /// Mirrors `Wav2Vec2Attention.forward` (eager; dropout is identity).
 struct Attention {
     /// q_proj, k_proj and v_proj stacked into one `[H, 3H]` projection (one matmul).
@@ -326,8 +333,7 @@ impl Attention {
         })
     }
 
-    /// `mask`: additive [B, 1, 1, T] (0 on valid keys), or None when nothing is padded.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let dh = h / self.heads;
         let qkv = self
@@ -337,11 +343,8 @@ impl Attention {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.out_proj.forward(&ctx)
     }
@@ -392,7 +395,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         if self.pre_ln {
             let a = self.attention.forward(&self.layer_norm.forward(x)?, mask)?;
             let x = (x + a)?;
@@ -435,7 +438,7 @@ impl Encoder {
     fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &KeyMask,
         last: usize,
         prof: &mut Profiler,
     ) -> Result<Vec<Tensor>> {
@@ -592,7 +595,7 @@ impl Wav2Vec2Model {
         let x = self.feature_projection.forward(&x)?;
         prof.lap("projection", &x)?;
         let t = x.dim(1)?;
-        let (x, mask) = if valid.iter().all(|&n| n == t) {
+        let (x, additive) = if valid.iter().all(|&n| n == t) {
             (x, None)
         } else {
             let keep: Vec<f32> = valid
@@ -610,9 +613,11 @@ impl Wav2Vec2Model {
             let mask = mask.reshape((b, 1, 1, t))?.to_dtype(self.dtype)?;
             (x.broadcast_mul(&keep.to_dtype(self.dtype)?)?, Some(mask))
         };
-        let states = self
-            .encoder
-            .forward(&x, mask.as_ref(), max_hidden_state, prof)?;
+        let mask = KeyMask {
+            valid: valid.clone(),
+            additive,
+        };
+        let states = self.encoder.forward(&x, &mask, max_hidden_state, prof)?;
         Ok((states, valid))
     }
 }

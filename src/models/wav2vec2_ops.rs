@@ -28,15 +28,18 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
 /// e^v for v in [-87, 88], vectorisable: 2^round(v·log2 e) times a degree-6 polynomial.
 #[inline(always)]
 fn fast_exp(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
     let a = v.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
-    // Round to nearest with the 1.5·2^23 trick (no libm call, so the loop vectorises).
-    let n = (a + 12_582_912.0) - 12_582_912.0;
+    let shifted = a + MAGIC;
+    let n = shifted - MAGIC;
     let f = (a - n) * std::f32::consts::LN_2;
     let p = 1.0
         + f * (1.0
             + f * (0.5
                 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n as a two's-complement integer straight from the bits (no saturating float→int cast).
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Exact-GELU 0.5·x·(1 + erf(x/√2)) with Abramowitz–Stegun 7.1.26 erf (|error| < 1.5e-7).
@@ -107,11 +110,16 @@ struct BiasAct {
 
 impl BiasAct {
     fn run(&self, x: &[f32], bias: &[f32]) -> Vec<f32> {
-        let mut out = x.to_vec();
+        let mut out = vec![0f32; x.len()];
         let row = bias.len().max(1);
         let task = (TASK_ELEMS / row).max(1) * row;
+        // Copy per task so the source is read once and the chunk stays in cache.
         out.par_chunks_mut(task)
-            .for_each(|c| bias_act_rows(c, bias, self.act));
+            .zip(x.par_chunks(task))
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                bias_act_rows(o, bias, self.act)
+            });
         out
     }
 }
@@ -175,6 +183,91 @@ pub fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Te
         None => x.clone(),
     };
     act_generic(&x, act)
+}
+
+// ---------------------------------------------------------------- attention softmax
+
+/// `row[..n] = softmax(row[..n])`, `row[n..] = 0` (exactly what an additive `finfo.min`
+/// mask gives once exp underflows).
+#[inline(always)]
+fn softmax_row(row: &mut [f32], n: usize) {
+    let (valid, masked) = row.split_at_mut(n.min(row.len()));
+    masked.fill(0.0);
+    let max = valid.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in valid.iter_mut() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    valid.iter_mut().for_each(|v| *v *= inv);
+}
+
+fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { softmax_rows_avx2(rows, t, n) };
+            return;
+        }
+    }
+    rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(rows: &mut [f32], t: usize, n: usize) {
+    rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
+}
+
+struct KeySoftmax<'a> {
+    key_valid: &'a [usize],
+}
+
+impl CustomOp1 for KeySoftmax<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "w2v-softmax")?;
+        let (nb, heads, tq, tk) = l.shape().dims4()?;
+        if self.key_valid.len() != nb {
+            candle_core::bail!(
+                "w2v-softmax: {} lengths for a batch of {nb}",
+                self.key_valid.len()
+            );
+        }
+        let mut out = x.to_vec();
+        let per_b = heads * tq * tk;
+        let task = (TASK_ELEMS / tk).max(1) * tk;
+        for (b, &n) in self.key_valid.iter().enumerate() {
+            out[b * per_b..(b + 1) * per_b]
+                .par_chunks_mut(task)
+                .for_each(|rows| softmax_rows(rows, tk, n));
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Attention probabilities from `scores` [B, heads, T, T]: softmax over the keys, with the
+/// keys of utterance `b` at or after `key_valid[b]` masked (`additive_mask` [B, 1, 1, T]
+/// holds the same mask for the tensor-op path; None when nothing is padded).
+pub fn masked_softmax(
+    scores: &Tensor,
+    key_valid: &[usize],
+    additive_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if fast_path(scores) {
+        return scores
+            .contiguous()?
+            .apply_op1_no_bwd(&KeySoftmax { key_valid });
+    }
+    let scores = match additive_mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores.clone(),
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
 }
 
 // ---------------------------------------------------------------- LayerNorm (+ activation)
@@ -768,5 +861,50 @@ mod tests {
     fn libm_erf(x: f64) -> f64 {
         let t = Tensor::new(&[x], &Device::Cpu).unwrap();
         t.erf().unwrap().to_vec1::<f64>().unwrap()[0]
+    }
+}
+
+#[cfg(test)]
+mod scratch_bench {
+    use super::*;
+    use candle_core::Device;
+    use std::time::Instant;
+
+    fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
+        let _ = f();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let _ = f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("{name:>40}: {:8.2} ms", best * 1e3);
+    }
+
+    #[test]
+    #[ignore]
+    fn scratch_ops() {
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 1.0, (1, 31999, 512), &dev).unwrap();
+        let w = Tensor::ones(512, DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(512, DType::F32, &dev).unwrap();
+        time("bias_act gelu 16M", || {
+            bias_act(&y, None, Activation::Gelu).unwrap()
+        });
+        time("channel_norm_act 16M", || {
+            channel_norm_act(&y, &[31999], &w, &b, 1e-5, Activation::Gelu).unwrap()
+        });
+        time("layer_norm_act 16M", || {
+            layer_norm_act(&y, &w, &b, 1e-5, Some(Activation::Gelu)).unwrap()
+        });
+        let wave = Tensor::randn(0f32, 1.0, (1, 160000, 1), &dev).unwrap();
+        let w0 = Tensor::randn(0f32, 1.0, (10, 512), &dev).unwrap();
+        time("conv0 gemm", || {
+            strided_conv(&wave, &w0, None, 10, 5, 1 << 23).unwrap()
+        });
+        let w1 = Tensor::randn(0f32, 1.0, (1536, 512), &dev).unwrap();
+        time("conv1 gemm", || {
+            strided_conv(&y, &w1, None, 3, 2, 1 << 23).unwrap()
+        });
     }
 }

@@ -139,6 +139,10 @@ fn open_format(path: &Path) -> Result<Box<dyn FormatReader>, String> {
             SymError::Unsupported(what) if what.contains("no suitable format reader") => {
                 "not a recognised audio format (no known container or codec signature)".to_string()
             }
+            // e.g. "isomp4: missing moov atom": an MP4 cut before its index at the end.
+            SymError::Unsupported(what) if what.contains("missing") => {
+                format!("truncated or damaged container ({what})")
+            }
             SymError::Unsupported(what) => format!("unsupported format or codec ({what})"),
             SymError::IoError(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
                 match sniff_container(path) {
@@ -415,9 +419,11 @@ pub(super) fn judge(c: Collected, opts: DecodeOptions) -> Result<DecodedAudio, S
         Some(declared) if got + tolerance < declared => {
             // The last packet ends where the header says the stream ends: the audio went
             // missing inside the stream (a corrupt frame the decoder skipped), not at its end.
+            // So is a stream that ended cleanly after packets failed to decode.
             let end_reached = c
                 .last_packet_end
-                .is_some_and(|end| end + tolerance >= declared);
+                .is_some_and(|end| end + tolerance >= declared)
+                || (c.stream_error.is_none() && c.corrupt_packets > 0);
             reasons.push(format!(
                 "{}: decoded {:.2} s of {:.2} s declared",
                 if end_reached { "corrupt" } else { "truncated" },

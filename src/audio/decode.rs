@@ -260,6 +260,11 @@ fn decode_packets(
             Err(e) => reader.count_corrupt(&e),
         }
     }
+    // A PCM stream of unknown length (a WAV written to a pipe: data size 0 or 0xFFFFFFFF)
+    // always ends in an unexpected EOF; all its samples were read, so that is its normal end.
+    if declared.is_none() && reader.stream_hit_eof && codec.starts_with("pcm_") {
+        reader.stream_error = None;
+    }
     Ok(Collected {
         samples,
         sample_rate,
@@ -282,6 +287,8 @@ pub(super) struct PacketReader {
     pub first_corrupt: Option<String>,
     /// Why reading stopped before a clean end of stream.
     pub stream_error: Option<String>,
+    /// The stream error was an unexpected end of file.
+    pub stream_hit_eof: bool,
     errors_in_a_row: u32,
 }
 
@@ -301,6 +308,7 @@ impl PacketReader {
                 }
                 Ok(None) => return None,
                 Err(SymError::IoError(e)) => {
+                    self.stream_hit_eof = e.kind() == std::io::ErrorKind::UnexpectedEof;
                     self.stream_error = Some(e.to_string());
                     return None;
                 }

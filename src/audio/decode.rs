@@ -237,8 +237,7 @@ fn decode_packets(
         .ok_or_else(|| "the stream does not state its sample rate".to_string())?;
     let max_packet_frames = params.max_frames_per_packet.unwrap_or(0);
     let declared = track.num_frames;
-    let capacity = declared.unwrap_or(0).saturating_add(max_packet_frames);
-    let mut samples: Vec<f32> = Vec::with_capacity(capacity.min(1 << 31) as usize);
+    let mut samples: Vec<f32> = Vec::with_capacity(reserve_frames(declared, max_packet_frames));
     let mut channels = params.channels.as_ref().map_or(0, |c| c.count() as u16);
     let mut reader = PacketReader::default();
     let mut last_packet_end = None;
@@ -277,6 +276,17 @@ fn decode_packets(
         stream_error: reader.stream_error,
         last_packet_end,
     })
+}
+
+/// Frames to reserve up front: the declared length plus a packet, so the output Vec never
+/// reallocates; capped so a damaged header cannot ask for gigabytes (longer audio still fits,
+/// the Vec just grows).
+pub(super) fn reserve_frames(declared: Option<u64>, slack: u64) -> usize {
+    const MAX_RESERVE_FRAMES: u64 = 1 << 26;
+    declared
+        .unwrap_or(0)
+        .saturating_add(slack)
+        .min(MAX_RESERVE_FRAMES) as usize
 }
 
 /// Reads a track's packets and keeps the damage accounts both decoders (symphonia, libopus)

@@ -4,7 +4,7 @@
 use symphonia::core::codecs::audio::AudioCodecParameters;
 use symphonia::core::formats::{FormatReader, Track};
 
-use super::decode::{AudioInfo, Collected, PacketReader};
+use super::decode::{reserve_frames, AudioInfo, Collected, PacketReader};
 
 /// Opus always decodes at 48 kHz (RFC 7845 §4: the granule position counts 48 kHz samples).
 const OPUS_RATE: u32 = 48_000;
@@ -76,8 +76,8 @@ pub(super) fn decode(
     }
     let declared = playable_frames(track, &head);
     let pre_skip = usize::from(head.pre_skip);
-    let capacity = declared.map_or(0, |n| n as usize + pre_skip + MAX_PACKET_FRAMES);
-    let mut samples: Vec<f32> = Vec::with_capacity(capacity);
+    let slack = u64::from(head.pre_skip) + MAX_PACKET_FRAMES as u64;
+    let mut samples: Vec<f32> = Vec::with_capacity(reserve_frames(declared, slack));
     let mut pcm = vec![0f32; MAX_PACKET_FRAMES * n_ch];
     let mut reader = PacketReader::default();
     let mut last_packet_end = None;

@@ -56,23 +56,12 @@ pub(super) struct Collected {
 /// Empty, zero-length, non-audio and unsupported inputs fail with the reason. Never panics:
 /// a panic inside a decoder becomes an error.
 pub fn decode_file(path: &Path, opts: DecodeOptions) -> Result<DecodedAudio, AudioError> {
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        decode_collect(path).and_then(|c| judge(c, opts))
-    }));
-    let reason = match outcome {
-        Ok(Ok(audio)) => return Ok(audio),
-        Ok(Err(reason)) => reason,
-        Err(panic) => format!("decoder panicked: {}", panic_text(panic.as_ref())),
-    };
-    Err(AudioError::Decode {
-        path: path.to_path_buf(),
-        reason,
-    })
+    guarded(path, || decode_collect(path).and_then(|c| judge(c, opts)))
 }
 
 /// Reads rate, channels, declared length and codec from the header (no decoding).
 pub fn probe_info(path: &Path) -> Result<AudioInfo, AudioError> {
-    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<AudioInfo, String> {
+    guarded(path, || {
         let fmt = open_format(path)?;
         let (track, params) = audio_track(fmt.as_ref())?;
         let codec = codec_name(params.codec);
@@ -92,9 +81,14 @@ pub fn probe_info(path: &Path) -> Result<AudioInfo, AudioError> {
             num_frames,
             codec,
         })
-    }));
-    let reason = match outcome {
-        Ok(Ok(info)) => return Ok(info),
+    })
+}
+
+/// Runs `work` on `path`, turning its error text, or a panic inside symphonia or libopus,
+/// into an [`AudioError::Decode`] that names the file.
+fn guarded<T>(path: &Path, work: impl FnOnce() -> Result<T, String>) -> Result<T, AudioError> {
+    let reason = match catch_unwind(AssertUnwindSafe(work)) {
+        Ok(Ok(value)) => return Ok(value),
         Ok(Err(reason)) => reason,
         Err(panic) => format!("decoder panicked: {}", panic_text(panic.as_ref())),
     };

@@ -379,6 +379,9 @@ fn damaged_files_fail_with_reasons() {
     let corrupt = decode_err("corrupt.flac");
     println!("{corrupt}");
     assert!(corrupt.contains("corrupt: decoded"), "{corrupt}");
+    let mp3 = decode_err("corrupt.mp3");
+    println!("{mp3}");
+    assert!(mp3.contains("2 corrupt packets"), "{mp3}");
     let truncated = decode_err("truncated.flac");
     println!("{truncated}");
     assert!(truncated.contains("truncated"), "{truncated}");

@@ -309,20 +309,18 @@ impl Source {
                 let root = &tf.root;
                 let has = |k: &str| p.get(root, k).is_some();
                 let (dict, fairseq) = match p.get(root, "model") {
-                    Some(model) if p.entries(model).is_some() => {
-                        (model, has("cfg") || has("args"))
-                    }
+                    Some(model) if p.entries(model).is_some() => (model, has("cfg") || has("args")),
                     _ => match p.get(root, "state_dict") {
                         Some(sd) if p.entries(sd).is_some() => (sd, false),
                         _ => (root, false),
                     },
                 };
-                let refs = tf
-                    .tensor_entries(dict)
-                    .map_err(|reason| CheckpointError::Unreadable {
-                        path: path.to_path_buf(),
-                        reason,
-                    })?;
+                let refs =
+                    tf.tensor_entries(dict)
+                        .map_err(|reason| CheckpointError::Unreadable {
+                            path: path.to_path_buf(),
+                            reason,
+                        })?;
                 let out = refs
                     .into_iter()
                     .map(|(name, t)| Entry {
@@ -468,11 +466,10 @@ fn read_config_json(path: &Path) -> Result<Wav2Vec2Config, CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let cfg: Wav2Vec2Config =
-        serde_json::from_str(&text).map_err(|e| CheckpointError::Config {
-            path: path.to_path_buf(),
-            reason: format!("invalid config.json: {e}"),
-        })?;
+    let cfg: Wav2Vec2Config = serde_json::from_str(&text).map_err(|e| CheckpointError::Config {
+        path: path.to_path_buf(),
+        reason: format!("invalid config.json: {e}"),
+    })?;
     // A config without model_type is not a transformers model config at all.
     let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     if raw.get("model_type").is_none() {

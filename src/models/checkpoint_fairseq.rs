@@ -79,7 +79,9 @@ fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, Strin
         let inner = p
             .get(args, "w2v_args")
             .filter(|v| p.entries(v).is_some())
-            .ok_or(format!("args is a fine-tuned {arch} model without args.w2v_args"))?;
+            .ok_or(format!(
+                "args is a fine-tuned {arch} model without args.w2v_args"
+            ))?;
         let inner_arch = str_of(p, inner, "arch").unwrap_or_default();
         return Ok(ModelSettings {
             pickle: p,
@@ -102,7 +104,9 @@ fn family(name: &str) -> Result<String, String> {
     match name {
         "wav2vec2" => Ok("wav2vec2".into()),
         "hubert" => Ok("hubert".into()),
-        "" => Err("the stored model config has no _name/arch (cannot tell wav2vec2 from hubert)".into()),
+        "" => Err(
+            "the stored model config has no _name/arch (cannot tell wav2vec2 from hubert)".into(),
+        ),
         other => Err(format!(
             "fairseq model \"{other}\" is not supported (speechcache reads wav2vec2 and hubert)"
         )),
@@ -118,13 +122,18 @@ fn str_of(p: &Pickle, v: &Value, key: &str) -> Option<String> {
 
 impl ModelSettings<'_> {
     fn raw(&self, key: &str) -> Option<&Value> {
-        self.pickle.get(self.model, key).filter(|v| **v != Value::None)
+        self.pickle
+            .get(self.model, key)
+            .filter(|v| **v != Value::None)
     }
 
     fn usize_req(&self, key: &str) -> Result<usize, String> {
         match self.raw(key) {
             Some(Value::Int(i)) if *i > 0 => Ok(*i as usize),
-            Some(other) => Err(format!("{}.{key} is not a positive integer: {other:?}", self.origin)),
+            Some(other) => Err(format!(
+                "{}.{key} is not a positive integer: {other:?}",
+                self.origin
+            )),
             None => Err(format!(
                 "{}.{key} is missing from the checkpoint; pass --config config.json",
                 self.origin
@@ -203,8 +212,7 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
         "conv_pos_batch_norm": false,
     });
     // Fields we do not set take the config's serde defaults (transformers' defaults).
-    serde_json::from_value(cfg)
-        .map_err(|e| format!("cannot build a config from {o}: {e}"))
+    serde_json::from_value(cfg).map_err(|e| format!("cannot build a config from {o}: {e}"))
 }
 
 /// Mirrors transformers' converter: attention masks for layer-norm extractors; fairseq's
@@ -395,9 +403,15 @@ mod tests {
                 "feature_extractor.conv_layers.3.2.1.bias",
                 "feature_extractor.conv_layers.3.layer_norm.bias",
             ),
-            ("post_extract_proj.weight", "feature_projection.projection.weight"),
+            (
+                "post_extract_proj.weight",
+                "feature_projection.projection.weight",
+            ),
             ("layer_norm.bias", "feature_projection.layer_norm.bias"),
-            ("encoder.pos_conv.0.weight_g", "encoder.pos_conv_embed.conv.weight_g"),
+            (
+                "encoder.pos_conv.0.weight_g",
+                "encoder.pos_conv_embed.conv.weight_g",
+            ),
             (
                 "encoder.layers.11.self_attn.k_proj.bias",
                 "encoder.layers.11.attention.k_proj.bias",

@@ -152,7 +152,8 @@ impl TorchFile {
                         StorageBytes::Owned(buf)
                     }
                 };
-                let data = slice_of(&mmap, &bytes).ok_or(format!("zip entry {name} out of file"))?;
+                let data =
+                    slice_of(&mmap, &bytes).ok_or(format!("zip entry {name} out of file"))?;
                 if is_pkl {
                     pkl = Some(data.to_vec());
                 } else if is_byteorder {
@@ -229,7 +230,13 @@ impl TorchFile {
                 .checked_mul(size)
                 .filter(|&l| pos + 8 + l <= mmap.len())
                 .ok_or(format!("file ends inside storage {key}"))?;
-            storages.insert(key, StorageBytes::Mapped { start: pos + 8, len });
+            storages.insert(
+                key,
+                StorageBytes::Mapped {
+                    start: pos + 8,
+                    len,
+                },
+            );
             pos += 8 + len;
         }
         Ok(TorchFile {
@@ -263,7 +270,9 @@ impl TorchFile {
         let args = self.pickle.seq(args)?;
         match name {
             "_rebuild_tensor_v2" | "_rebuild_tensor" => Some(self.rebuild_tensor(args)),
-            "_rebuild_parameter" | "_rebuild_parameter_with_state" => self.tensor_ref(args.first()?),
+            "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
+                self.tensor_ref(args.first()?)
+            }
             "_rebuild_from_type_v2" => {
                 // (func, new_type, args, state): the tensor is func(*args).
                 let inner = self.pickle.seq(args.get(2)?)?;
@@ -447,7 +456,12 @@ fn gather(bytes: &[u8], es: usize, t: &TensorRef) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(numel * es);
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {
-        let at = t.offset + index.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        let at = t.offset
+            + index
+                .iter()
+                .zip(&t.stride)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
         out.extend_from_slice(&bytes[at * es..(at + 1) * es]);
         for d in (0..index.len()).rev() {
             index[d] += 1;

@@ -53,7 +53,11 @@ pub fn run_model_info(args: &ModelInfoArgs) -> anyhow::Result<()> {
 /// The facts `model-info` reports, as JSON.
 pub fn describe(ckpt: &checkpoint::LoadedCheckpoint) -> serde_json::Value {
     let c = &ckpt.config;
-    let family = if c.is_hubert() { "HuBERT" } else { "wav2vec 2.0" };
+    let family = if c.is_hubert() {
+        "HuBERT"
+    } else {
+        "wav2vec 2.0"
+    };
     let conv_norm = if c.feat_extract_norm == "layer" {
         "layer-norm conv features"
     } else {

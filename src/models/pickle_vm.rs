@@ -294,7 +294,11 @@ impl<'a> Vm<'a> {
                     self.stack.push(Value::Float(f64::from_be_bytes(a)));
                 }
                 b'F' => {
-                    let v = self.line()?.trim().parse().map_err(|_| self.bad("bad FLOAT"))?;
+                    let v = self
+                        .line()?
+                        .trim()
+                        .parse()
+                        .map_err(|_| self.bad("bad FLOAT"))?;
                     self.stack.push(Value::Float(v));
                 }
                 b'X' | 0x8c | 0x8d => {
@@ -436,7 +440,11 @@ impl<'a> Vm<'a> {
                     }
                 }
                 b'p' => {
-                    let key = self.line()?.trim().parse().map_err(|_| self.bad("bad PUT"))?;
+                    let key = self
+                        .line()?
+                        .trim()
+                        .parse()
+                        .map_err(|_| self.bad("bad PUT"))?;
                     self.memo_put(key)?;
                 }
                 b'q' => {
@@ -452,7 +460,11 @@ impl<'a> Vm<'a> {
                     self.memo_put(key)?;
                 }
                 b'g' => {
-                    let key = self.line()?.trim().parse().map_err(|_| self.bad("bad GET"))?;
+                    let key = self
+                        .line()?
+                        .trim()
+                        .parse()
+                        .map_err(|_| self.bad("bad GET"))?;
                     self.memo_get(key)?;
                 }
                 b'h' => {

@@ -36,44 +36,54 @@ fn is_finetuned(name: &str) -> bool {
 }
 
 fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, String> {
-    let cfg = p.get(root, "cfg").filter(|v| **v != Value::None);
-    if let Some(cfg) = cfg {
-        let model = p
-            .get(cfg, "model")
+    let cfg = p.get(root, "cfg").filter(|v| p.entries(v).is_some());
+    let args = p.get(root, "args").filter(|v| p.entries(v).is_some());
+    match (cfg, args) {
+        (Some(cfg), args) => match from_cfg(p, cfg) {
+            Ok(s) => Ok(s),
+            // Some converted checkpoints keep an empty cfg next to the real args.
+            Err(e) => args.map_or(Err(e), |a| from_args(p, a)),
+        },
+        (None, Some(args)) => from_args(p, args),
+        (None, None) => Err("the checkpoint stores neither cfg nor args".into()),
+    }
+}
+
+fn from_cfg<'p>(p: &'p Pickle, cfg: &'p Value) -> Result<ModelSettings<'p>, String> {
+    let model = p
+        .get(cfg, "model")
+        .filter(|v| p.entries(v).is_some())
+        .ok_or("the checkpoint's cfg has no model section (cfg.model)")?;
+    let name = str_of(p, model, "_name").unwrap_or_default();
+    if is_finetuned(&name) {
+        let w2v = p
+            .get(model, "w2v_args")
             .filter(|v| p.entries(v).is_some())
-            .ok_or("the checkpoint's cfg has no model section (cfg.model)")?;
-        let name = str_of(p, model, "_name").unwrap_or_default();
-        if is_finetuned(&name) {
-            let w2v = p
-                .get(model, "w2v_args")
-                .filter(|v| p.entries(v).is_some())
-                .ok_or(format!(
-                    "cfg.model is a fine-tuned {name} model without cfg.model.w2v_args"
-                ))?;
-            let inner = p
-                .get(w2v, "model")
-                .ok_or("cfg.model.w2v_args has no model section")?;
-            let family = family(&str_of(p, inner, "_name").unwrap_or_default())?;
-            return Ok(ModelSettings {
-                pickle: p,
-                model: inner,
-                task: p.get(w2v, "task"),
-                origin: "cfg.model.w2v_args.model".into(),
-                family,
-            });
-        }
+            .ok_or(format!(
+                "cfg.model is a fine-tuned {name} model without cfg.model.w2v_args"
+            ))?;
+        let inner = p
+            .get(w2v, "model")
+            .ok_or("cfg.model.w2v_args has no model section")?;
+        let family = family(&str_of(p, inner, "_name").unwrap_or_default())?;
         return Ok(ModelSettings {
             pickle: p,
-            model,
-            task: p.get(cfg, "task"),
-            origin: "cfg.model".into(),
-            family: family(&name)?,
+            model: inner,
+            task: p.get(w2v, "task"),
+            origin: "cfg.model.w2v_args.model".into(),
+            family,
         });
     }
-    let args = p
-        .get(root, "args")
-        .filter(|v| p.entries(v).is_some())
-        .ok_or("the checkpoint stores neither cfg nor args")?;
+    Ok(ModelSettings {
+        pickle: p,
+        model,
+        task: p.get(cfg, "task"),
+        origin: "cfg.model".into(),
+        family: family(&name)?,
+    })
+}
+
+fn from_args<'p>(p: &'p Pickle, args: &'p Value) -> Result<ModelSettings<'p>, String> {
     let arch = str_of(p, args, "arch").ok_or("args has no arch")?;
     if is_finetuned(&arch) {
         let inner = p

@@ -610,3 +610,30 @@ fn beam_search_beats_greedy_when_alignments_add_up() {
     assert_eq!(hyps[1].0, Vec::<u32>::new());
     assert!((hyps[1].1 - 0.36f32.ln()).abs() < 1e-6);
 }
+
+/// Speed on a realistic batch (run with `--ignored --nocapture`): 16 utterances of 500 frames,
+/// 4 000 character classes, 30-label targets.
+#[test]
+#[ignore]
+fn timing_realistic_batch() {
+    let (batch, frames, classes) = (16, 500, 4000);
+    let logits = Tensor::randn(0f32, 1.0, (batch, frames, classes), &Device::Cpu).unwrap();
+    let lp = Var::from_tensor(&candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap()).unwrap();
+    let targets: Vec<Vec<u32>> = (0..batch)
+        .map(|b| (0..30).map(|i| 1 + ((b * 31 + i * 7) % (classes - 1)) as u32).collect())
+        .collect();
+    let lengths: Vec<usize> = (0..batch).map(|b| frames - b * 10).collect();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let (losses, _) = ctc_loss(lp.as_tensor(), &targets, &lengths, 0, true).unwrap();
+        let loss = reduce(&losses, &targets, Reduction::Mean).unwrap();
+        let forward = start.elapsed();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(lp.as_tensor()).is_some());
+        eprintln!(
+            "ctc_loss on [{batch}, {frames}, {classes}]: forward {:.1} ms, forward+backward {:.1} ms",
+            forward.as_secs_f64() * 1e3,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}

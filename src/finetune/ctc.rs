@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 const NEG_INF: f64 = f64::NEG_INFINITY;
@@ -73,6 +75,8 @@ pub enum CtcError {
     },
     #[error("ctc_loss: log_probs must be contiguous in the op (got a strided layout)")]
     Layout,
+    #[error("ctc_loss: the op runs on the CPU; call ctc_loss, which moves its input there")]
+    Device,
 }
 
 impl From<CtcError> for candle_core::Error {
@@ -467,8 +471,14 @@ impl CtcOp {
     ) -> candle_core::Result<Tensor> {
         let (batch, frames, classes) = arg.dims3()?;
         let grad_out: Vec<f64> = grad_res.to_dtype(DType::F64)?.to_vec1()?;
-        let lp: Vec<F> = arg.flatten_all()?.to_vec1()?;
-        let grad = self.gradient(&lp, frames, classes, &grad_out);
+        // Read the saved input in place rather than copying [B, T, C] out of it.
+        let (storage, layout) = arg.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            return Err(CtcError::Device.into());
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or(CtcError::Layout)?;
+        let lp = &F::cpu_storage_as_slice(storage)?[start..end];
+        let grad = self.gradient(lp, frames, classes, &grad_out);
         Tensor::from_vec(grad, (batch, frames, classes), arg.device())
     }
 }

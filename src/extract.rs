@@ -1,16 +1,661 @@
-//! Stage 2 (skeleton; its owner replaces this file).
+//! Stage 2: audio store → feature store. Runs a wav2vec2/HuBERT model (or Kaldi fbank) once
+//! over every utterance and caches the chosen hidden states, layer-major.
+//!
+//! Utterances are taken in windows of store order; inside a window they are sorted by length
+//! and batched by total audio seconds (little padding), and results are written back in store
+//! order, so the store is identical whatever the batching and resumes like `prepare`.
+use crate::models::checkpoint::{load_checkpoint_with_config, LoadedCheckpoint};
+use crate::models::fbank::{Fbank, FbankOptions};
+use crate::models::wav2vec2::{normalize_waveform, Wav2Vec2Model};
+use crate::progress::{human_bytes, parse_size, Progress};
+use crate::store::{
+    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, StoreKind,
+    StoreWriter, WriterSpec,
+};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use ndarray::Array2;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-#[derive(Args, Debug)]
-pub struct ExtractArgs {}
-
-#[derive(Args, Debug)]
-pub struct PruneArgs {}
-
-pub fn run(_args: &ExtractArgs) -> anyhow::Result<()> {
-    anyhow::bail!("extract is not built yet")
+#[derive(Args, Debug, Clone)]
+pub struct ExtractArgs {
+    /// Audio store made by `speechcache prepare`.
+    #[arg(long, value_name = "AUDIO_STORE")]
+    pub data: PathBuf,
+    /// A wav2vec2/HuBERT checkpoint (Hugging Face directory, model.safetensors,
+    /// pytorch_model.bin or fairseq .pt), or `fbank` for Kaldi filterbanks.
+    #[arg(long, value_name = "PATH|fbank")]
+    pub model: String,
+    /// Output feature store directory (an interrupted run there is resumed).
+    #[arg(long, value_name = "FEATURE_STORE")]
+    pub out: PathBuf,
+    /// Hidden states to keep, numbered as transformers' `hidden_states` (0 = before the first
+    /// Transformer layer): `all`, `0,6,12`, `4-12` or a mix. The model stops after the highest.
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    /// Storage dtype; int8 stores one float32 scale per frame beside the values.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: Dtype,
+    /// cpu, cuda or cuda:N (needs the `cuda` build feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype of the model: auto = f32 on CPU, the storage dtype (f16/bf16) on CUDA.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
+    pub compute_dtype: String,
+    /// Audio seconds per model batch (padding included).
+    #[arg(long, default_value_t = 200.0)]
+    pub batch_seconds: f64,
+    /// Utterances longer than this are listed in errors.jsonl instead of run.
+    #[arg(long, value_name = "S", default_value_t = 120.0)]
+    pub max_seconds_per_utterance: f64,
+    /// Seal a shard before it grows past this size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub shard_size: u64,
+    /// Go on even when the estimated store size exceeds the free disk space.
+    #[arg(long)]
+    pub force: bool,
+    /// Replace a store at --out that was made with different options or another model.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// A config.json for a fairseq checkpoint whose stored config cannot be read.
+    #[arg(long, value_name = "CONFIG_JSON")]
+    pub model_config: Option<PathBuf>,
+    /// Threads for fbank (default: all cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub fbank: FbankFlags,
 }
 
-pub fn run_prune(_args: &PruneArgs) -> anyhow::Result<()> {
-    anyhow::bail!("prune is not built yet")
+/// Kaldi fbank options (used with `--model fbank`), with Kaldi's defaults.
+#[derive(Args, Debug, Clone)]
+pub struct FbankFlags {
+    #[arg(long, default_value_t = 80, help_heading = "Fbank")]
+    pub num_mel_bins: usize,
+    /// Window length in milliseconds.
+    #[arg(long, default_value_t = 25.0, help_heading = "Fbank")]
+    pub frame_length: f32,
+    /// Window shift in milliseconds.
+    #[arg(long, default_value_t = 10.0, help_heading = "Fbank")]
+    pub frame_shift: f32,
+    /// Dither amount (0 = off; deterministic seed when on).
+    #[arg(long, default_value_t = 0.0, help_heading = "Fbank")]
+    pub dither: f32,
+    #[arg(long, default_value_t = 0.97, help_heading = "Fbank")]
+    pub preemphasis_coefficient: f32,
+    /// povey, hamming, hanning, rectangular, sine, blackman.
+    #[arg(long, default_value = "povey", help_heading = "Fbank")]
+    pub window_type: String,
+    #[arg(long, default_value_t = 20.0, help_heading = "Fbank")]
+    pub low_freq: f32,
+    /// 0 = Nyquist; negative = offset below Nyquist.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        allow_hyphen_values = true,
+        help_heading = "Fbank"
+    )]
+    pub high_freq: f32,
+    #[arg(long, default_value_t = 0.0, help_heading = "Fbank")]
+    pub energy_floor: f32,
+    /// Add log energy as an extra first dimension.
+    #[arg(long, help_heading = "Fbank")]
+    pub use_energy: bool,
+    /// Kaldi --snip-edges (true: only frames that fit completely).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, help_heading = "Fbank")]
+    pub snip_edges: bool,
+}
+
+impl FbankFlags {
+    fn options(&self) -> anyhow::Result<FbankOptions> {
+        let mut value = serde_json::to_value(FbankOptions::default())?;
+        let overrides = serde_json::json!({
+            "num_mel_bins": self.num_mel_bins,
+            "frame_length_ms": self.frame_length,
+            "frame_shift_ms": self.frame_shift,
+            "dither": self.dither,
+            "preemph_coeff": self.preemphasis_coefficient,
+            "window_type": self.window_type,
+            "low_freq": self.low_freq,
+            "high_freq": self.high_freq,
+            "energy_floor": self.energy_floor,
+            "use_energy": self.use_energy,
+            "snip_edges": self.snip_edges,
+        });
+        if let (Some(map), Some(new)) = (value.as_object_mut(), overrides.as_object()) {
+            for (k, v) in new {
+                if map.contains_key(k) {
+                    map.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        serde_json::from_value(value).context("invalid fbank options")
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PruneArgs {
+    /// Feature store to shrink in place.
+    pub store: PathBuf,
+    /// Hidden states to keep: `6-12`, `0,6,12`, ...
+    #[arg(long, value_name = "LAYERS")]
+    pub keep_layers: String,
+}
+
+/// Parses `all`, `0,6,12`, `4-12` (and mixes) against the available hidden states `0..=max`.
+pub fn parse_layers(text: &str, max: usize) -> anyhow::Result<Vec<usize>> {
+    if text.trim() == "all" {
+        return Ok((0..=max).collect());
+    }
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<usize>(), b.trim().parse::<usize>()),
+            None => (part.parse::<usize>(), part.parse::<usize>()),
+        };
+        let (Ok(lo), Ok(hi)) = (lo, hi) else {
+            bail!("invalid layer list {text:?}: use all, 0,6,12 or 4-12");
+        };
+        if lo > hi || hi > max {
+            bail!("layer range {part} is outside the model's hidden states 0-{max}");
+        }
+        out.extend(lo..=hi);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        bail!("no layers selected by {text:?}");
+    }
+    Ok(out)
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(text: &str) -> anyhow::Result<Device> {
+    match text.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0)
+            .context("cannot open cuda:0 (was speechcache built with --features cuda?)"),
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => Device::new_cuda(n).with_context(|| {
+                format!("cannot open {other} (was speechcache built with --features cuda?)")
+            }),
+            None => bail!("invalid --device {other:?}: use cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// What produces the features.
+enum Extractor {
+    Fbank(Box<Fbank>),
+    Model {
+        model: Box<Wav2Vec2Model>,
+        checkpoint: Box<LoadedCheckpoint>,
+        device: Device,
+        dtype: DType,
+    },
+}
+
+impl Extractor {
+    fn frames_for_samples(&self, n: usize) -> usize {
+        match self {
+            Extractor::Fbank(f) => f.frames_for_samples(n),
+            Extractor::Model { checkpoint, .. } => {
+                crate::models::wav2vec2::frames_for_samples(&checkpoint.config, n)
+            }
+        }
+    }
+}
+
+/// Totals of one extract run.
+#[derive(Debug, Default, Clone)]
+pub struct ExtractSummary {
+    pub items: u64,
+    pub failed: u64,
+    pub frames: u64,
+    pub audio_seconds: f64,
+    pub bytes: u64,
+    pub wall_seconds: f64,
+    pub model_seconds: f64,
+    pub io_seconds: f64,
+    pub already_complete: bool,
+}
+
+pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
+    let s = extract(args)?;
+    if s.already_complete {
+        println!(
+            "{} is already complete ({} utterances); nothing to do",
+            args.out.display(),
+            s.items
+        );
+        return Ok(());
+    }
+    let hours = s.audio_seconds / 3600.0;
+    println!(
+        "extracted {}: {} utterances, {:.3} h audio, {} frames, {} failed, {} ({:.1} MB per audio hour), \
+         {:.1} s wall ({:.1} s model, {:.1} s reading/writing), {:.1}x real time",
+        args.out.display(),
+        s.items,
+        hours,
+        s.frames,
+        s.failed,
+        human_bytes(s.bytes),
+        if hours > 0.0 { s.bytes as f64 / 1e6 / hours } else { 0.0 },
+        s.wall_seconds,
+        s.model_seconds,
+        s.io_seconds,
+        if s.wall_seconds > 0.0 { s.audio_seconds / s.wall_seconds } else { 0.0 }
+    );
+    if s.failed > 0 {
+        eprintln!(
+            "{} utterances failed; see {}",
+            s.failed,
+            args.out.join("errors.jsonl").display()
+        );
+    }
+    Ok(())
+}
+
+pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
+    let started = Instant::now();
+    let audio = AudioStore::open(&args.data)
+        .with_context(|| format!("cannot open the audio store {}", args.data.display()))?;
+    if args.batch_seconds <= 0.0 {
+        bail!("--batch-seconds must be positive");
+    }
+    let (extractor, spec) = build_extractor(args, &audio)?;
+    let layers = spec.layers.clone();
+    let dim = spec.dim.unwrap_or(0);
+    let mut writer = StoreWriter::create_or_resume(&args.out, spec)
+        .with_context(|| format!("cannot write the feature store at {}", args.out.display()))?;
+    if let Some(meta) = writer.completed_meta() {
+        return Ok(ExtractSummary {
+            items: meta.totals.items,
+            already_complete: true,
+            ..Default::default()
+        });
+    }
+    let first = writer.next_input();
+    check_disk_space(args, &audio, &extractor, layers.len(), dim, first)?;
+    if first > 0 && !args.quiet {
+        eprintln!(
+            "resuming {}: continuing at utterance {first} of {}",
+            args.out.display(),
+            audio.len()
+        );
+    }
+    let mut summary = ExtractSummary::default();
+    let mut progress = Progress::new(
+        "extract",
+        (audio.len() - first.min(audio.len())) as u64,
+        args.quiet,
+    );
+    let max_layer = layers.iter().copied().max().unwrap_or(0);
+    let rate = audio.sample_rate() as f64;
+    let window_seconds = (args.batch_seconds * 2.0).max(30.0);
+    let mut start = first;
+    while start < audio.len() {
+        let mut end = start;
+        let mut seconds = 0.0;
+        while end < audio.len() && (end == start || seconds < window_seconds) {
+            seconds += audio.rows()[end].length as f64 / rate;
+            end += 1;
+        }
+        let t = Instant::now();
+        let results = extract_window(args, &audio, &extractor, start..end, &layers, max_layer)?;
+        summary.model_seconds += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for (offset, result) in results.into_iter().enumerate() {
+            let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
+            writer.push_input(start + offset, result)?;
+            progress.advance(1, secs);
+        }
+        summary.io_seconds += t.elapsed().as_secs_f64();
+        start = end;
+    }
+    progress.finish();
+    let t = Instant::now();
+    let meta = writer.finish()?;
+    summary.io_seconds += t.elapsed().as_secs_f64();
+    summary.items = meta.totals.items;
+    summary.failed = meta.totals.failed;
+    summary.frames = meta.totals.length;
+    summary.audio_seconds = meta.totals.seconds;
+    summary.bytes = meta.totals.bytes;
+    summary.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn build_extractor(
+    args: &ExtractArgs,
+    audio: &AudioStore,
+) -> anyhow::Result<(Extractor, WriterSpec)> {
+    let audio_identity = serde_json::json!({
+        "store": args.data,
+        "fingerprint": audio.meta().fingerprint,
+        "items": audio.len(),
+    });
+    let common = serde_json::json!({
+        "dtype": args.dtype,
+        "max_seconds_per_utterance": args.max_seconds_per_utterance,
+        "shard_size": args.shard_size,
+    });
+    if args.model == "fbank" {
+        let opts = args.fbank.options()?;
+        let fbank =
+            Fbank::new(opts.clone()).map_err(|e| anyhow::anyhow!("invalid fbank options: {e}"))?;
+        let dim = args.fbank.num_mel_bins + usize::from(args.fbank.use_energy);
+        let layers = parse_layers(&args.layers, 0)?;
+        let spec = WriterSpec {
+            kind: StoreKind::Features,
+            dtype: args.dtype,
+            sample_rate: Some(audio.sample_rate()),
+            frame_rate: Some(fbank.frame_rate()),
+            dim: Some(dim),
+            layers: layers.clone(),
+            options: serde_json::json!({"model": "fbank", "fbank": opts, "layers": layers, "common": common}),
+            source: serde_json::json!({"audio": audio_identity, "model": {"family": "kaldi-fbank"}}),
+            extra: serde_json::json!({"model": {"family": "kaldi-fbank", "options": opts}}),
+            shard_bytes: args.shard_size,
+            overwrite: args.overwrite,
+        };
+        return Ok((Extractor::Fbank(Box::new(fbank)), spec));
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = match (args.compute_dtype.as_str(), device.is_cpu(), args.dtype) {
+        ("f16", ..) => DType::F16,
+        ("bf16", ..) => DType::BF16,
+        ("auto", false, Dtype::F16) => DType::F16,
+        ("auto", false, Dtype::Bf16) => DType::BF16,
+        _ => DType::F32,
+    };
+    let checkpoint = load_model_checkpoint(
+        Path::new(&args.model),
+        args.model_config.as_deref(),
+        &device,
+        dtype,
+    )?;
+    let cfg = &checkpoint.config;
+    if checkpoint.preprocessor.sampling_rate != audio.sample_rate() {
+        bail!(
+            "{} expects {} Hz audio but {} is {} Hz: prepare it with --sample-rate {}",
+            args.model,
+            checkpoint.preprocessor.sampling_rate,
+            args.data.display(),
+            audio.sample_rate(),
+            checkpoint.preprocessor.sampling_rate
+        );
+    }
+    let layers = parse_layers(&args.layers, cfg.num_hidden_layers)?;
+    let model = Wav2Vec2Model::load(checkpoint.var_builder(), cfg)
+        .with_context(|| format!("cannot build the model from {}", args.model))?;
+    let samples_per_frame: usize = cfg.conv_stride.iter().product();
+    let frame_rate = audio.sample_rate() as f64 / samples_per_frame as f64;
+    let model_identity = serde_json::json!({
+        "family": cfg.model_type,
+        "config": cfg,
+        "preprocessor": checkpoint.preprocessor,
+        "weights_sha256": checkpoint.weights_sha256,
+        "format": checkpoint.format,
+    });
+    let spec = WriterSpec {
+        kind: StoreKind::Features,
+        dtype: args.dtype,
+        sample_rate: Some(audio.sample_rate()),
+        frame_rate: Some(frame_rate),
+        dim: Some(cfg.hidden_size),
+        layers: layers.clone(),
+        options: serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common}),
+        source: serde_json::json!({"audio": audio_identity, "model": model_identity}),
+        extra: serde_json::json!({"model": {"path": args.model, "family": cfg.model_type,
+            "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size}}),
+        shard_bytes: args.shard_size,
+        overwrite: args.overwrite,
+    };
+    Ok((
+        Extractor::Model {
+            model: Box::new(model),
+            checkpoint: Box::new(checkpoint),
+            device,
+            dtype,
+        },
+        spec,
+    ))
+}
+
+fn load_model_checkpoint(
+    path: &Path,
+    config: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<LoadedCheckpoint> {
+    load_checkpoint_with_config(path, config, device, dtype)
+        .with_context(|| format!("cannot load the model {}", path.display()))
+}
+
+/// Estimates the store size from the index alone and refuses when the disk is too small.
+fn check_disk_space(
+    args: &ExtractArgs,
+    audio: &AudioStore,
+    extractor: &Extractor,
+    layers: usize,
+    dim: usize,
+    first: usize,
+) -> anyhow::Result<()> {
+    let frames: u64 = audio.rows()[first.min(audio.len())..]
+        .iter()
+        .map(|r| extractor.frames_for_samples(r.length as usize) as u64)
+        .sum();
+    let per_frame =
+        (dim * args.dtype.bytes_per_value() + if args.dtype == Dtype::Int8 { 4 } else { 0 }) as u64;
+    let estimate = frames * per_frame * layers as u64;
+    let probe = nearest_existing(&args.out);
+    let free = fs4::available_space(&probe).unwrap_or(u64::MAX);
+    if !args.quiet {
+        eprintln!(
+            "estimated feature store size: {} ({} layers × {dim} dims × {} frames, {}); free: {}",
+            human_bytes(estimate),
+            layers,
+            frames,
+            args.dtype.name(),
+            human_bytes(free)
+        );
+    }
+    if estimate > free && !args.force {
+        bail!(
+            "{}: not enough free space (need about {}, {} free); free some space, choose fewer --layers or a smaller --dtype, or pass --force",
+            args.out.display(),
+            human_bytes(estimate),
+            human_bytes(free)
+        );
+    }
+    Ok(())
+}
+
+fn nearest_existing(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => p = parent.to_path_buf(),
+            _ => return PathBuf::from("."),
+        }
+    }
+    p
+}
+
+/// Extracts utterances `range` (store order) and returns one result per utterance, in order.
+fn extract_window(
+    args: &ExtractArgs,
+    audio: &AudioStore,
+    extractor: &Extractor,
+    range: std::ops::Range<usize>,
+    layers: &[usize],
+    max_layer: usize,
+) -> anyhow::Result<Vec<InputResult>> {
+    let rate = audio.sample_rate() as f64;
+    let mut results: Vec<Option<InputResult>> = (0..range.len()).map(|_| None).collect();
+    let mut runnable: Vec<usize> = Vec::new();
+    for i in range.clone() {
+        let row = &audio.rows()[i];
+        let seconds = row.length as f64 / rate;
+        let reason = if seconds > args.max_seconds_per_utterance {
+            Some(format!(
+                "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
+                args.max_seconds_per_utterance
+            ))
+        } else if extractor.frames_for_samples(row.length as usize) == 0 {
+            Some(format!("{seconds:.3} s is too short to give one frame"))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                results[i - range.start] = Some(InputResult {
+                    items: vec![],
+                    errors: vec![ErrorRow {
+                        path: row.source.clone(),
+                        id: Some(row.id.clone()),
+                        reason,
+                    }],
+                })
+            }
+            None => runnable.push(i),
+        }
+    }
+    match extractor {
+        Extractor::Fbank(fbank) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(args.jobs.unwrap_or(0))
+                .build()
+                .context("cannot start the thread pool")?;
+            let computed: Vec<(usize, Array2<f32>)> = pool.install(|| {
+                runnable
+                    .par_iter()
+                    .map(|&i| (i, fbank.compute_from_unit_scale(audio.samples(i))))
+                    .collect()
+            });
+            for (i, feats) in computed {
+                results[i - range.start] = Some(item_result(&audio.rows()[i], vec![feats]));
+            }
+        }
+        Extractor::Model {
+            model,
+            checkpoint,
+            device,
+            dtype,
+        } => {
+            runnable.sort_by_key(|&i| std::cmp::Reverse(audio.rows()[i].length));
+            let budget = (args.batch_seconds * rate) as usize;
+            let mut batch_start = 0;
+            while batch_start < runnable.len() {
+                let longest = audio.rows()[runnable[batch_start]].length as usize;
+                let per_batch = (budget / longest.max(1)).max(1);
+                let batch = &runnable[batch_start..(batch_start + per_batch).min(runnable.len())];
+                let outputs = run_model_batch(
+                    model, checkpoint, device, *dtype, audio, batch, layers, max_layer,
+                )?;
+                for (&i, feats) in batch.iter().zip(outputs) {
+                    results[i - range.start] = Some(item_result(&audio.rows()[i], feats));
+                }
+                batch_start += batch.len();
+            }
+        }
+    }
+    Ok(results.into_iter().map(|r| r.unwrap_or_default()).collect())
+}
+
+fn item_result(row: &IndexRow, layers: Vec<Array2<f32>>) -> InputResult {
+    let out = IndexRow {
+        id: row.id.clone(),
+        text: row.text.clone(),
+        speaker: row.speaker.clone(),
+        source: row.source.clone(),
+        start: row.start,
+        duration: row.duration,
+        orig_rate: row.orig_rate,
+        orig_channels: row.orig_channels,
+        damaged: row.damaged.clone(),
+        speed: row.speed,
+        ..Default::default()
+    };
+    InputResult {
+        items: vec![(out, ItemData::Features(layers))],
+        errors: vec![],
+    }
+}
+
+/// One padded batch through the model; returns, per utterance, its chosen layers `[frames, dim]`.
+#[allow(clippy::too_many_arguments)]
+fn run_model_batch(
+    model: &Wav2Vec2Model,
+    checkpoint: &LoadedCheckpoint,
+    device: &Device,
+    dtype: DType,
+    audio: &AudioStore,
+    batch: &[usize],
+    layers: &[usize],
+    max_layer: usize,
+) -> anyhow::Result<Vec<Vec<Array2<f32>>>> {
+    let lengths: Vec<usize> = batch
+        .iter()
+        .map(|&i| audio.rows()[i].length as usize)
+        .collect();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let mut wave = vec![0f32; batch.len() * longest];
+    for (b, &i) in batch.iter().enumerate() {
+        let dst = &mut wave[b * longest..b * longest + lengths[b]];
+        dst.copy_from_slice(audio.samples(i));
+        if checkpoint.preprocessor.do_normalize {
+            normalize_waveform(dst);
+        }
+    }
+    let input = Tensor::from_vec(wave, (batch.len(), longest), device)?.to_dtype(dtype)?;
+    let (hidden, frames) = model.forward(&input, &lengths, max_layer)?;
+    let mut out: Vec<Vec<Array2<f32>>> = vec![Vec::with_capacity(layers.len()); batch.len()];
+    for &layer in layers {
+        let h = hidden
+            .get(layer)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the model returned {} hidden states, layer {layer} was asked",
+                    hidden.len()
+                )
+            })?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let (_, t, d) = h.dims3()?;
+        let flat: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        for (b, item) in out.iter_mut().enumerate() {
+            let n = frames[b].min(t);
+            let slice = &flat[b * t * d..(b * t + n) * d];
+            item.push(Array2::from_shape_vec((n, d), slice.to_vec())?);
+        }
+    }
+    Ok(out)
+}
+
+/// `speechcache prune`: drops layers from a feature store in place.
+pub fn run_prune(args: &PruneArgs) -> anyhow::Result<()> {
+    let store = FeatureStore::open(&args.store)?;
+    let max = store.layers().iter().copied().max().unwrap_or(0);
+    let keep = parse_layers(&args.keep_layers, max)?;
+    drop(store);
+    let report = crate::store::prune_layers(&args.store, &keep)?;
+    println!(
+        "{}: kept layers {:?}, removed {:?}, freed {}",
+        args.store.display(),
+        keep,
+        report.removed,
+        human_bytes(report.freed_bytes)
+    );
+    Ok(())
 }

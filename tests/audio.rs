@@ -52,8 +52,8 @@ fn tone_fit(x: &[f32], rate: f64, freq: f64, skip: usize) -> (f64, f64) {
         let basis = [(w * t).sin(), (w * t).cos(), 1.0];
         for r in 0..3 {
             aty[r] += basis[r] * f64::from(y);
-            for c in 0..3 {
-                ata[r][c] += basis[r] * basis[c];
+            for (cell, b) in ata[r].iter_mut().zip(basis) {
+                *cell += basis[r] * b;
             }
         }
     }
@@ -80,8 +80,9 @@ fn solve3(mut a: [[f64; 3]; 3], mut b: [f64; 3]) -> [f64; 3] {
         for row in 0..3 {
             if row != col {
                 let f = a[row][col] / a[col][col];
-                for k in 0..3 {
-                    a[row][k] -= f * a[col][k];
+                let pivot_row = a[col];
+                for (x, p) in a[row].iter_mut().zip(pivot_row) {
+                    *x -= f * p;
                 }
                 b[row] -= f * b[col];
             }
@@ -178,6 +179,8 @@ fn check(e: &Expect) {
     assert_eq!(info.sample_rate, e.rate);
     assert_eq!(info.channels, e.channels);
     assert_eq!(info.codec, e.codec);
+    let declared = (!e.name.contains("unknown_length")).then_some(e.frames as u64);
+    assert_eq!(info.num_frames, declared, "{}: declared length", e.name);
 }
 
 #[test]
@@ -223,6 +226,15 @@ fn wav_every_sample_format() {
             channels: 1,
             frames: 4000,
             tone_snr_db: Some(120.0),
+        },
+        // Length unknown to the header (streamed WAV): runs to the end of the file, no damage.
+        Expect {
+            name: "wav_piped_unknown_length.wav",
+            codec: "pcm_s16le",
+            rate: 16000,
+            channels: 1,
+            frames: 4000,
+            tone_snr_db: Some(80.0),
         },
         Expect {
             name: "wav_f64_8k_mono.wav",
@@ -366,10 +378,10 @@ fn speech_in_every_codec_matches_the_source() {
 fn damaged_files_fail_with_reasons() {
     let corrupt = decode_err("corrupt.flac");
     println!("{corrupt}");
-    assert!(
-        corrupt.contains("truncated") || corrupt.contains("corrupt") || corrupt.contains("MD5"),
-        "{corrupt}"
-    );
+    assert!(corrupt.contains("corrupt: decoded"), "{corrupt}");
+    let mp3 = decode_err("corrupt.mp3");
+    println!("{mp3}");
+    assert!(mp3.contains("2 corrupt packets"), "{mp3}");
     let truncated = decode_err("truncated.flac");
     println!("{truncated}");
     assert!(truncated.contains("truncated"), "{truncated}");
@@ -377,6 +389,14 @@ fn damaged_files_fail_with_reasons() {
     println!("{mp3}");
     assert!(mp3.contains("truncated: decoded"), "{mp3}");
     assert!(mp3.contains("of 2.00 s declared"), "{mp3}");
+    // symphonia's Ogg reader reads the last pages when it opens a file, so a cut or corrupt
+    // Ogg Opus file fails at open (nothing to keep).
+    let opus = decode_err("truncated.opus");
+    println!("{opus}");
+    assert!(opus.contains("truncated: the Ogg file ends"), "{opus}");
+    let opus = decode_err("corrupt.opus");
+    println!("{opus}");
+    assert!(opus.contains("crc mismatch"), "{opus}");
 }
 
 #[test]
@@ -413,6 +433,58 @@ fn invalid_inputs_fail_with_reasons() {
     }
     let missing = decode_file(&fixture("no_such_file.wav"), DecodeOptions::default());
     assert!(missing.unwrap_err().to_string().contains("cannot open"));
+}
+
+/// Every fixture cut at 12 points and overwritten with random bytes at 12 seeds: decoding
+/// and probing must return (audio or an error), never panic or hang.
+#[test]
+fn damaged_variants_never_panic() {
+    let dir = fixture("");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    };
+    let mut cases = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let ext = path.extension().unwrap().to_str().unwrap().to_string();
+        let data = std::fs::read(&path).unwrap();
+        if ext == "sh" || data.is_empty() {
+            continue;
+        }
+        for k in 0..24 {
+            let mut bytes = data.clone();
+            if k < 12 {
+                bytes.truncate(data.len() * k / 12);
+            } else {
+                for _ in 0..1 + k % 4 {
+                    let at = rnd() % bytes.len();
+                    let end = (at + 1 + rnd() % 64).min(bytes.len());
+                    bytes[at..end].iter_mut().for_each(|b| *b = rnd() as u8);
+                }
+            }
+            let variant = tmp.path().join(format!("v{cases}.{ext}"));
+            std::fs::write(&variant, &bytes).unwrap();
+            cases += 1;
+            for result in [
+                decode_file(&variant, DecodeOptions { keep_damaged: true }).map(|_| ()),
+                probe_info(&variant).map(|_| ()),
+            ] {
+                if let Err(e) = result {
+                    assert!(
+                        !e.to_string().contains("panicked"),
+                        "{}: {e}",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(cases > 500);
 }
 
 fn sine(rate: u32, freq: f64, secs: f64) -> Vec<f32> {
@@ -482,4 +554,81 @@ fn speed_perturbation_changes_pitch_and_length() {
     assert!((amp - TONE_AMP).abs() < 1e-3 && snr > 90.0);
     assert!(speed_perturb(&x, 16_000, 0.0).is_err());
     assert_eq!(speed_perturb(&x, 16_000, 1.0).unwrap(), x);
+}
+
+/// Single-thread decode and resample speed on ~60 s files made with sox/flac/lame/opusenc.
+/// Run: `cargo test --release --test audio -- --ignored --nocapture bench`
+/// (`BENCH_DIR=dir` keeps the files there, e.g. to time other tools on the same input).
+#[test]
+#[ignore]
+fn bench_decode_and_resample_speed() {
+    use std::process::Command;
+    use std::time::Instant;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var("BENCH_DIR").map_or(tmp.path().to_path_buf(), PathBuf::from);
+    let run = |cmd: &str| {
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(&dir)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{cmd}");
+    };
+    run(
+        "espeak-ng -w speech.wav 'Speech corpora are decoded once, cached as float32 shards, \
+         and read many times by feature extraction and finetuning. This sentence is long enough \
+         to loop into a minute of test audio without sounding like a pure tone.'",
+    );
+    run("sox -R speech.wav -r 16000 -c 1 -b 16 s16k.wav repeat 12 trim 0 60");
+    run("sox -R s16k.wav -r 44100 -c 2 -b 16 s44k.wav");
+    for (src, tag) in [("s16k", "16k mono"), ("s44k", "44.1k stereo")] {
+        run(&format!("flac -s -f -o {src}.flac {src}.wav"));
+        run(&format!("lame --silent -b 128 {src}.wav {src}.mp3"));
+        run(&format!(
+            "opusenc --quiet --bitrate 32 {src}.wav {src}.opus"
+        ));
+        run(&format!("oggenc -Q -q 4 -o {src}.ogg {src}.wav"));
+        for ext in ["wav", "flac", "mp3", "ogg", "opus"] {
+            let path = dir.join(format!("{src}.{ext}"));
+            decode_file(&path, DecodeOptions::default()).unwrap(); // warm the page cache
+            let reps = 5;
+            let t = Instant::now();
+            let mut secs = 0.0;
+            for _ in 0..reps {
+                secs += decode_file(&path, DecodeOptions::default())
+                    .unwrap()
+                    .duration_s();
+            }
+            let wall = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for _ in 0..reps {
+                let a = decode_file(&path, DecodeOptions::default()).unwrap();
+                resample_to(&a.samples, a.sample_rate, 16_000).unwrap();
+            }
+            let wall_16k = t.elapsed().as_secs_f64();
+            println!(
+                "{tag:12} {ext:5}: decode {:6.0}x real time, decode + resample to 16 kHz {:6.0}x",
+                secs / wall,
+                secs / wall_16k
+            );
+        }
+    }
+    for from in [44_100u32, 48_000, 22_050, 8_000] {
+        let x = sine(from, 440.0, 60.0);
+        resample_to(&x, from, 16_000).unwrap();
+        let t = Instant::now();
+        for _ in 0..5 {
+            resample_to(&x, from, 16_000).unwrap();
+        }
+        let rt = 5.0 * 60.0 / t.elapsed().as_secs_f64();
+        println!("resample {from} -> 16000: {rt:7.0}x real time");
+    }
+    let x = sine(16_000, 440.0, 60.0);
+    for factor in [0.9, 1.1, 1.0 / 0.9] {
+        let t = Instant::now();
+        speed_perturb(&x, 16_000, factor).unwrap();
+        let rt = 60.0 / t.elapsed().as_secs_f64();
+        println!("speed_perturb 16 kHz x{factor:.4}: {rt:7.0}x real time");
+    }
 }

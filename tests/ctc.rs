@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use ndarray::Array2;
-use speechcache::finetune::ctc::{ctc_loss, reduce, CtcStats, Reduction};
+use speechcache::finetune::ctc::{ctc_loss, ctc_loss_from_logits, reduce, CtcStats, Reduction};
 use speechcache::finetune::search::{greedy, prefix_beam_search};
 
 // ---------- independent references ----------
@@ -83,8 +83,11 @@ fn finite_difference_grad(
         .collect()
 }
 
-/// Our loss and d(reduced loss)/d(logits), through candle's log_softmax and autograd.
+/// Our loss and d(reduced loss)/d(logits) through autograd: candle's log_softmax then
+/// `ctc_loss`, or `ctc_loss_from_logits` when `fused`.
+#[allow(clippy::too_many_arguments)]
 fn ours(
+    fused: bool,
     logits: &[f64],
     shape: (usize, usize, usize),
     dtype: DType,
@@ -98,8 +101,12 @@ fn ours(
         .to_dtype(dtype)
         .unwrap();
     let x = Var::from_tensor(&x).unwrap();
-    let lp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
-    let (losses, stats) = ctc_loss(&lp, targets, lengths, 0, zero_infinity).unwrap();
+    let (losses, stats) = if fused {
+        ctc_loss_from_logits(x.as_tensor(), targets, lengths, 0, zero_infinity).unwrap()
+    } else {
+        let lp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
+        ctc_loss(&lp, targets, lengths, 0, zero_infinity).unwrap()
+    };
     let objective = match reduction {
         Reduction::None => losses.sum_all().unwrap(),
         r => reduce(&losses, targets, r).unwrap(),
@@ -142,115 +149,125 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn loss_and_gradient_match_brute_force_enumeration() {
-    let cases: &[(usize, usize, &[u32])] = &[
-        (1, 2, &[]),
-        (1, 2, &[1]),
-        (3, 2, &[]),
-        (4, 3, &[1]),
-        (4, 3, &[1, 2]),
-        (4, 3, &[2, 2]),
-        (5, 3, &[1, 1]),
-        (5, 3, &[2, 1, 2]),
-        (5, 3, &[1, 1, 1]),
-        (5, 2, &[1, 1, 1]),
-        (5, 3, &[2, 1, 2, 1, 2]),
-    ];
-    for (i, &(frames, classes, target)) in cases.iter().enumerate() {
-        let logits = random_logits(i as u64 + 1, frames * classes, 2.0);
-        let expected = brute_force_loss(&logits, frames, classes, target);
-        let fd = finite_difference_grad(&logits, frames, classes, target);
-        let targets = vec![target.to_vec()];
-        let (loss, grad, stats) = ours(
-            &logits,
-            (1, frames, classes),
-            DType::F64,
-            &targets,
-            &[frames],
-            false,
-            Reduction::Sum,
-        );
-        assert_eq!(stats.impossible, 0);
-        assert!(
-            (loss[0] - expected).abs() < 1e-10 * expected.abs().max(1.0),
-            "case {i}: loss {} vs brute force {expected}",
-            loss[0]
-        );
-        let err = max_abs_diff(&grad, &fd);
-        assert!(err < 1e-7, "case {i}: f64 gradient off by {err}");
+    for fused in [false, true] {
+        let cases: &[(usize, usize, &[u32])] = &[
+            (1, 2, &[]),
+            (1, 2, &[1]),
+            (3, 2, &[]),
+            (4, 3, &[1]),
+            (4, 3, &[1, 2]),
+            (4, 3, &[2, 2]),
+            (5, 3, &[1, 1]),
+            (5, 3, &[2, 1, 2]),
+            (5, 3, &[1, 1, 1]),
+            (5, 2, &[1, 1, 1]),
+            (5, 3, &[2, 1, 2, 1, 2]),
+        ];
+        for (i, &(frames, classes, target)) in cases.iter().enumerate() {
+            let logits = random_logits(i as u64 + 1, frames * classes, 2.0);
+            let expected = brute_force_loss(&logits, frames, classes, target);
+            let fd = finite_difference_grad(&logits, frames, classes, target);
+            let targets = vec![target.to_vec()];
+            let (loss, grad, stats) = ours(
+                fused,
+                &logits,
+                (1, frames, classes),
+                DType::F64,
+                &targets,
+                &[frames],
+                false,
+                Reduction::Sum,
+            );
+            assert_eq!(stats.impossible, 0);
+            assert!(
+                (loss[0] - expected).abs() < 1e-10 * expected.abs().max(1.0),
+                "case {i}: loss {} vs brute force {expected}",
+                loss[0]
+            );
+            let err = max_abs_diff(&grad, &fd);
+            assert!(err < 1e-7, "case {i}: f64 gradient off by {err}");
 
-        let (loss32, grad32, _) = ours(
-            &logits,
-            (1, frames, classes),
-            DType::F32,
-            &targets,
-            &[frames],
-            false,
-            Reduction::Sum,
-        );
-        assert!((loss32[0] - expected).abs() < 1e-5 * expected.abs().max(1.0));
-        assert!(max_abs_diff(&grad32, &fd) < 1e-5);
+            let (loss32, grad32, _) = ours(
+                fused,
+                &logits,
+                (1, frames, classes),
+                DType::F32,
+                &targets,
+                &[frames],
+                false,
+                Reduction::Sum,
+            );
+            assert!((loss32[0] - expected).abs() < 1e-5 * expected.abs().max(1.0));
+            assert!(max_abs_diff(&grad32, &fd) < 1e-5);
+        }
     }
 }
 
 #[test]
 fn padded_batch_matches_each_utterance_alone() {
-    let (batch, frames, classes) = (4, 5, 3);
-    let logits = random_logits(99, batch * frames * classes, 1.5);
-    let targets = vec![vec![1, 2], vec![2, 2], vec![], vec![1]];
-    let lengths = [5, 4, 2, 3];
-    let (losses, grad, stats) = ours(
-        &logits,
-        (batch, frames, classes),
-        DType::F64,
-        &targets,
-        &lengths,
-        false,
-        Reduction::Sum,
-    );
-    assert_eq!(stats.impossible, 0);
-    let stride = frames * classes;
-    for b in 0..batch {
-        let utt = &logits[b * stride..(b + 1) * stride];
-        let expected = brute_force_loss(utt, lengths[b], classes, &targets[b]);
-        assert!((losses[b] - expected).abs() < 1e-10, "utterance {b}");
-        let mut fd = finite_difference_grad(
-            &utt[..lengths[b] * classes],
-            lengths[b],
-            classes,
-            &targets[b],
+    for fused in [false, true] {
+        let (batch, frames, classes) = (4, 5, 3);
+        let logits = random_logits(99, batch * frames * classes, 1.5);
+        let targets = vec![vec![1, 2], vec![2, 2], vec![], vec![1]];
+        let lengths = [5, 4, 2, 3];
+        let (losses, grad, stats) = ours(
+            fused,
+            &logits,
+            (batch, frames, classes),
+            DType::F64,
+            &targets,
+            &lengths,
+            false,
+            Reduction::Sum,
         );
-        fd.resize(stride, 0.0); // padded frames: no gradient
-        let err = max_abs_diff(&grad[b * stride..(b + 1) * stride], &fd);
-        assert!(err < 1e-7, "utterance {b}: gradient off by {err}");
+        assert_eq!(stats.impossible, 0);
+        let stride = frames * classes;
+        for b in 0..batch {
+            let utt = &logits[b * stride..(b + 1) * stride];
+            let expected = brute_force_loss(utt, lengths[b], classes, &targets[b]);
+            assert!((losses[b] - expected).abs() < 1e-10, "utterance {b}");
+            let mut fd = finite_difference_grad(
+                &utt[..lengths[b] * classes],
+                lengths[b],
+                classes,
+                &targets[b],
+            );
+            fd.resize(stride, 0.0); // padded frames: no gradient
+            let err = max_abs_diff(&grad[b * stride..(b + 1) * stride], &fd);
+            assert!(err < 1e-7, "utterance {b}: gradient off by {err}");
+        }
     }
 }
 
 #[test]
 fn impossible_alignment_is_infinite_or_zeroed_with_zero_gradient() {
-    // [1, 1] needs 3 frames (a blank between the repeats); give it 2.
-    let (frames, classes) = (2, 3);
-    let logits = random_logits(7, 2 * frames * classes, 1.0);
-    let targets = vec![vec![1, 1], vec![1, 2]];
-    for zero_infinity in [false, true] {
-        let (losses, grad, stats) = ours(
-            &logits,
-            (2, frames, classes),
-            DType::F32,
-            &targets,
-            &[2, 2],
-            zero_infinity,
-            Reduction::Mean,
-        );
-        assert_eq!(stats.impossible, 1);
-        if zero_infinity {
-            assert_eq!(losses[0], 0.0);
-        } else {
-            assert_eq!(losses[0], f64::INFINITY);
+    for fused in [false, true] {
+        // [1, 1] needs 3 frames (a blank between the repeats); give it 2.
+        let (frames, classes) = (2, 3);
+        let logits = random_logits(7, 2 * frames * classes, 1.0);
+        let targets = vec![vec![1, 1], vec![1, 2]];
+        for zero_infinity in [false, true] {
+            let (losses, grad, stats) = ours(
+                fused,
+                &logits,
+                (2, frames, classes),
+                DType::F32,
+                &targets,
+                &[2, 2],
+                zero_infinity,
+                Reduction::Mean,
+            );
+            assert_eq!(stats.impossible, 1);
+            if zero_infinity {
+                assert_eq!(losses[0], 0.0);
+            } else {
+                assert_eq!(losses[0], f64::INFINITY);
+            }
+            assert!(losses[1].is_finite() && losses[1] > 0.0);
+            assert!(grad[..frames * classes].iter().all(|&g| g == 0.0));
+            assert!(grad[frames * classes..].iter().any(|&g| g != 0.0));
+            assert!(grad.iter().all(|g| g.is_finite()));
         }
-        assert!(losses[1].is_finite() && losses[1] > 0.0);
-        assert!(grad[..frames * classes].iter().all(|&g| g == 0.0));
-        assert!(grad[frames * classes..].iter().any(|&g| g != 0.0));
-        assert!(grad.iter().all(|g| g.is_finite()));
     }
 }
 
@@ -364,7 +381,12 @@ fn load_fixture(case: &str) -> Fixture {
 }
 
 /// Compares losses and logits gradients with PyTorch; returns (max loss err, max grad err).
-fn compare_with_torch(case: &str, dtype: DType, skip_utterance: Option<usize>) -> (f64, f64) {
+fn compare_with_torch(
+    fused: bool,
+    case: &str,
+    dtype: DType,
+    skip_utterance: Option<usize>,
+) -> (f64, f64) {
     let f = load_fixture(case);
     let stride = f.shape.1 * f.shape.2;
     let mut loss_err = 0.0f64;
@@ -374,6 +396,7 @@ fn compare_with_torch(case: &str, dtype: DType, skip_utterance: Option<usize>) -
         (Reduction::Sum, "grad_logits_sum.npy"),
     ] {
         let (losses, grad, _) = ours(
+            fused,
             &f.logits,
             f.shape,
             dtype,
@@ -401,57 +424,66 @@ fn compare_with_torch(case: &str, dtype: DType, skip_utterance: Option<usize>) -
 
 #[test]
 fn matches_pytorch_random_batch() {
-    for case in ["random", "vocab"] {
-        let (loss64, grad64) = compare_with_torch(case, DType::F64, None);
-        let (loss32, grad32) = compare_with_torch(case, DType::F32, None);
-        eprintln!("{case}: f64 rel loss err {loss64:.2e}, grad err {grad64:.2e}; f32 rel loss err {loss32:.2e}, grad err {grad32:.2e}");
-        assert!(loss64 < 1e-12 && grad64 < 1e-12, "{case} f64");
-        assert!(loss32 < 2e-6 && grad32 < 2e-6, "{case} f32");
+    for fused in [false, true] {
+        for case in ["random", "vocab"] {
+            let (loss64, grad64) = compare_with_torch(fused, case, DType::F64, None);
+            let (loss32, grad32) = compare_with_torch(fused, case, DType::F32, None);
+            eprintln!("{case} fused={fused}: f64 rel loss err {loss64:.2e}, grad err {grad64:.2e}; f32 rel loss err {loss32:.2e}, grad err {grad32:.2e}");
+            assert!(loss64 < 1e-12 && grad64 < 1e-12, "{case} f64");
+            assert!(loss32 < 2e-6 && grad32 < 2e-6, "{case} f32");
+        }
     }
 }
 
 #[test]
 fn matches_pytorch_impossible_with_zero_infinity() {
-    let (loss64, grad64) = compare_with_torch("impossible_zero_inf", DType::F64, None);
-    let (loss32, grad32) = compare_with_torch("impossible_zero_inf", DType::F32, None);
-    eprintln!("impossible_zero_inf: f64 {loss64:.2e}/{grad64:.2e}, f32 {loss32:.2e}/{grad32:.2e}");
-    assert!(loss64 < 1e-12 && grad64 < 1e-12);
-    assert!(loss32 < 2e-6 && grad32 < 2e-6);
-    let f = load_fixture("impossible_zero_inf");
-    let (losses, _, stats) = ours(
-        &f.logits,
-        f.shape,
-        DType::F32,
-        &f.targets,
-        &f.lengths,
-        true,
-        Reduction::Mean,
-    );
-    assert_eq!(stats.impossible, 1);
-    assert_eq!(losses[1], 0.0);
+    for fused in [false, true] {
+        let (loss64, grad64) = compare_with_torch(fused, "impossible_zero_inf", DType::F64, None);
+        let (loss32, grad32) = compare_with_torch(fused, "impossible_zero_inf", DType::F32, None);
+        eprintln!("impossible_zero_inf fused={fused}: f64 {loss64:.2e}/{grad64:.2e}, f32 {loss32:.2e}/{grad32:.2e}");
+        assert!(loss64 < 1e-12 && grad64 < 1e-12);
+        assert!(loss32 < 2e-6 && grad32 < 2e-6);
+        let f = load_fixture("impossible_zero_inf");
+        let (losses, _, stats) = ours(
+            fused,
+            &f.logits,
+            f.shape,
+            DType::F32,
+            &f.targets,
+            &f.lengths,
+            true,
+            Reduction::Mean,
+        );
+        assert_eq!(stats.impossible, 1);
+        assert_eq!(losses[1], 0.0);
+    }
 }
 
 #[test]
 fn matches_pytorch_impossible_without_zero_infinity() {
-    // PyTorch's gradient for the impossible utterance is NaN; ours is zero (documented).
-    let f = load_fixture("impossible_keep_inf");
-    let (_, torch_grad) = read_npy::<f64>(&f.dir.join("grad_logits_mean.npy"));
-    let stride = f.shape.1 * f.shape.2;
-    assert!(torch_grad[stride..2 * stride].iter().all(|g| g.is_nan()));
-    let (loss_err, grad_err) = compare_with_torch("impossible_keep_inf", DType::F64, Some(1));
-    assert!(loss_err < 1e-12 && grad_err < 1e-12);
-    let (losses, grad, stats) = ours(
-        &f.logits,
-        f.shape,
-        DType::F32,
-        &f.targets,
-        &f.lengths,
-        false,
-        Reduction::Mean,
-    );
-    assert_eq!(stats.impossible, 1);
-    assert_eq!(losses[1], f64::INFINITY);
-    assert!(grad[stride..2 * stride].iter().all(|&g| g == 0.0));
+    for fused in [false, true] {
+        // PyTorch's gradient for the impossible utterance is NaN; ours is zero (documented).
+        let f = load_fixture("impossible_keep_inf");
+        let (_, torch_grad) = read_npy::<f64>(&f.dir.join("grad_logits_mean.npy"));
+        let stride = f.shape.1 * f.shape.2;
+        assert!(torch_grad[stride..2 * stride].iter().all(|g| g.is_nan()));
+        let (loss_err, grad_err) =
+            compare_with_torch(fused, "impossible_keep_inf", DType::F64, Some(1));
+        assert!(loss_err < 1e-12 && grad_err < 1e-12);
+        let (losses, grad, stats) = ours(
+            fused,
+            &f.logits,
+            f.shape,
+            DType::F32,
+            &f.targets,
+            &f.lengths,
+            false,
+            Reduction::Mean,
+        );
+        assert_eq!(stats.impossible, 1);
+        assert_eq!(losses[1], f64::INFINITY);
+        assert!(grad[stride..2 * stride].iter().all(|&g| g == 0.0));
+    }
 }
 
 #[test]
@@ -609,4 +641,41 @@ fn beam_search_beats_greedy_when_alignments_add_up() {
     assert!((hyps[0].1 - 0.64f32.ln()).abs() < 1e-6);
     assert_eq!(hyps[1].0, Vec::<u32>::new());
     assert!((hyps[1].1 - 0.36f32.ln()).abs() < 1e-6);
+}
+
+/// Speed on a realistic batch (run with `--ignored --nocapture`): 16 utterances of 500 frames,
+/// 4 000 character classes, 30-label targets; candle's log_softmax + `ctc_loss` vs the fused
+/// `ctc_loss_from_logits`, forward and backward down to the logits.
+#[test]
+#[ignore]
+fn timing_realistic_batch() {
+    let (batch, frames, classes) = (16, 500, 4000);
+    let logits = Tensor::randn(0f32, 1.0, (batch, frames, classes), &Device::Cpu).unwrap();
+    let x = Var::from_tensor(&logits).unwrap();
+    let targets: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..30)
+                .map(|i| 1 + ((b * 31 + i * 7) % (classes - 1)) as u32)
+                .collect()
+        })
+        .collect();
+    let lengths: Vec<usize> = (0..batch).map(|b| frames - b * 10).collect();
+    for fused in [false, true, false, true] {
+        let start = std::time::Instant::now();
+        let (losses, _) = if fused {
+            ctc_loss_from_logits(x.as_tensor(), &targets, &lengths, 0, true).unwrap()
+        } else {
+            let lp = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1).unwrap();
+            ctc_loss(&lp, &targets, &lengths, 0, true).unwrap()
+        };
+        let loss = reduce(&losses, &targets, Reduction::Mean).unwrap();
+        let forward = start.elapsed();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        eprintln!(
+            "[{batch}, {frames}, {classes}] fused={fused}: forward {:.0} ms, forward+backward {:.0} ms",
+            forward.as_secs_f64() * 1e3,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }

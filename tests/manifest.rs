@@ -205,10 +205,7 @@ fn fairseq_label_count_mismatch_names_both_files() {
 
 #[test]
 fn fairseq_bad_lines_name_file_and_line() {
-    for body in [
-        "/r\na.wav\t1\nb.wav\n",
-        "/r\na.wav\t1\nb.wav\tmany\n",
-    ] {
+    for body in ["/r\na.wav\t1\nb.wav\n", "/r\na.wav\t1\nb.wav\tmany\n"] {
         let dir = tempfile::tempdir().unwrap();
         let tsv = dir.path().join("t.tsv");
         touch(&tsv, body);

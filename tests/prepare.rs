@@ -8,7 +8,9 @@ fn bin() -> Command {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/audio")
+        .join(name)
 }
 
 fn demo() -> PathBuf {
@@ -16,12 +18,21 @@ fn demo() -> PathBuf {
 }
 
 fn prepare(args: &[&str]) -> Output {
-    let out = bin().arg("prepare").arg("--quiet").args(args).output().unwrap();
+    let out = bin()
+        .arg("prepare")
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .unwrap();
     out
 }
 
 fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "command failed: {text}");
     text
 }
@@ -47,7 +58,12 @@ fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .into_iter()
         .map(|e| e.unwrap())
         .filter(|e| e.file_type().is_file())
-        .map(|e| (e.path().strip_prefix(dir).unwrap().display().to_string(), std::fs::read(e.path()).unwrap()))
+        .map(|e| {
+            (
+                e.path().strip_prefix(dir).unwrap().display().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -62,12 +78,23 @@ fn mixed_dir(root: &Path) -> PathBuf {
     let dir = root.join("corpus");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     for name in [
-        "speech_16k.flac", "speech_16k.mp3", "speech_16k.ogg", "speech_16k.opus", "speech_16k.m4a",
-        "tone_44k_stereo.mp3", "tone_48k_stereo.m4a", "wav_s24_22k_stereo.wav", "tone_22k_mono_alac.m4a",
+        "speech_16k.flac",
+        "speech_16k.mp3",
+        "speech_16k.ogg",
+        "speech_16k.opus",
+        "speech_16k.m4a",
+        "tone_44k_stereo.mp3",
+        "tone_48k_stereo.m4a",
+        "wav_s24_22k_stereo.wav",
+        "tone_22k_mono_alac.m4a",
     ] {
         std::fs::copy(fixture(name), dir.join(name)).unwrap();
     }
-    std::fs::copy(fixture("wav_s16_8k_6ch.wav"), dir.join("sub/SIX_CHANNELS.WAV")).unwrap();
+    std::fs::copy(
+        fixture("wav_s16_8k_6ch.wav"),
+        dir.join("sub/SIX_CHANNELS.WAV"),
+    )
+    .unwrap();
     std::fs::copy(fixture("flac_named.wav"), dir.join("sub/flac_named.wav")).unwrap();
     dir
 }
@@ -87,10 +114,14 @@ fn directory_of_mixed_codecs_becomes_16k_float32() {
         assert!((row["duration"].as_f64().unwrap() - len / 16000.0).abs() < 1e-9);
         assert!(row["orig_rate"].as_u64().unwrap() >= 8000);
     }
-    let six = rows.iter().find(|r| r["source"].as_str().unwrap().ends_with("SIX_CHANNELS.WAV")).unwrap();
+    let six = rows
+        .iter()
+        .find(|r| r["source"].as_str().unwrap().ends_with("SIX_CHANNELS.WAV"))
+        .unwrap();
     assert_eq!(six["orig_channels"], 6);
     assert_eq!(six["orig_rate"], 8000);
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(store.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["sample_rate"], 16000);
     assert_eq!(meta["kind"], "audio");
     let verify = bin().arg("verify").arg(&store).output().unwrap();
@@ -105,16 +136,48 @@ fn same_store_at_any_jobs_and_rerun_does_nothing() {
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     let train = demo().join("train.jsonl");
-    ok(&prepare(&["--input", s(&train), "--out", s(&a), "--jobs", "1", "--shard-size", "1MiB"]));
-    ok(&prepare(&["--input", s(&train), "--out", s(&b), "--jobs", "4", "--shard-size", "1MiB"]));
+    ok(&prepare(&[
+        "--input",
+        s(&train),
+        "--out",
+        s(&a),
+        "--jobs",
+        "1",
+        "--shard-size",
+        "1MiB",
+    ]));
+    ok(&prepare(&[
+        "--input",
+        s(&train),
+        "--out",
+        s(&b),
+        "--jobs",
+        "4",
+        "--shard-size",
+        "1MiB",
+    ]));
     assert_eq!(tree_bytes(&a), tree_bytes(&b));
     assert!(rows(&a).len() > 100);
     // different --shard-size: the store is refused, not mixed
     let refused = prepare(&["--input", s(&train), "--out", s(&a), "--shard-size", "2MiB"]);
     assert!(!refused.status.success());
     let msg = String::from_utf8_lossy(&refused.stderr);
-    assert!(msg.contains("different options") && msg.contains("shard_size"), "{msg}");
-    let again = bin().args(["prepare", "--input", s(&train), "--out", s(&a), "--shard-size", "1MiB"]).output().unwrap();
+    assert!(
+        msg.contains("different options") && msg.contains("shard_size"),
+        "{msg}"
+    );
+    let again = bin()
+        .args([
+            "prepare",
+            "--input",
+            s(&train),
+            "--out",
+            s(&a),
+            "--shard-size",
+            "1MiB",
+        ])
+        .output()
+        .unwrap();
     assert!(ok(&again).contains("nothing to do"));
 }
 
@@ -123,13 +186,28 @@ fn killed_run_resumes_to_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let train = demo().join("train.jsonl");
     let full = tmp.path().join("full");
-    let common = ["--shard-size", "64KiB", "--speed", "0.9,1.0,1.1", "--jobs", "2"];
-    ok(&prepare(&[&["--input", s(&train), "--out", s(&full)][..], &common[..]].concat()));
+    let common = [
+        "--shard-size",
+        "64KiB",
+        "--speed",
+        "0.9,1.0,1.1",
+        "--jobs",
+        "2",
+    ];
+    ok(&prepare(
+        &[&["--input", s(&train), "--out", s(&full)][..], &common[..]].concat(),
+    ));
     let mut killed_mid_run = 0;
     for attempt in 0..3 {
         let out = tmp.path().join(format!("killed{attempt}"));
         let mut child = bin()
-            .args([&["prepare", "--quiet", "--input", s(&train), "--out", s(&out)][..], &common[..]].concat())
+            .args(
+                [
+                    &["prepare", "--quiet", "--input", s(&train), "--out", s(&out)][..],
+                    &common[..],
+                ]
+                .concat(),
+            )
             .spawn()
             .unwrap();
         let want = out.join(format!("shards/{:05}.npy.seal.json", 2 + attempt * 5));
@@ -146,9 +224,14 @@ fn killed_run_resumes_to_the_same_bytes() {
             killed_mid_run += 1;
             assert!(out.join("in_progress.json").exists());
             let info = bin().arg("info").arg(&out).output().unwrap();
-            assert!(!info.status.success(), "an unfinished store is not presented as complete");
+            assert!(
+                !info.status.success(),
+                "an unfinished store is not presented as complete"
+            );
         }
-        ok(&prepare(&[&["--input", s(&train), "--out", s(&out)][..], &common[..]].concat()));
+        ok(&prepare(
+            &[&["--input", s(&train), "--out", s(&out)][..], &common[..]].concat(),
+        ));
         assert_eq!(tree_bytes(&out), tree_bytes(&full), "attempt {attempt}");
     }
     assert!(killed_mid_run > 0, "no run was caught mid-way");
@@ -161,10 +244,20 @@ fn speed_perturbation_adds_prefixed_copies() {
     let jsonl = tmp.path().join("one.jsonl");
     std::fs::write(
         &jsonl,
-        format!("{{\"id\": \"u1\", \"path\": \"{}\", \"text\": \"hi\", \"speaker\": \"spk\"}}\n", s(&fixture("speech_16k.wav"))),
+        format!(
+            "{{\"id\": \"u1\", \"path\": \"{}\", \"text\": \"hi\", \"speaker\": \"spk\"}}\n",
+            s(&fixture("speech_16k.wav"))
+        ),
     )
     .unwrap();
-    ok(&prepare(&["--input", s(&jsonl), "--out", s(&store), "--speed", "0.9,1.0,1.1"]));
+    ok(&prepare(&[
+        "--input",
+        s(&jsonl),
+        "--out",
+        s(&store),
+        "--speed",
+        "0.9,1.0,1.1",
+    ]));
     let rows = rows(&store);
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["u1", "sp0.9-u1", "sp1.1-u1"]);
@@ -185,11 +278,22 @@ fn kaldi_segments_cut_one_recording_once() {
     std::fs::create_dir_all(&data).unwrap();
     let wav = fixture("speech_16k.wav");
     std::fs::write(data.join("wav.scp"), format!("rec1 {}\n", s(&wav))).unwrap();
-    std::fs::write(data.join("segments"), "a rec1 0.0 0.25\nb rec1 0.25 0.5\nc rec1 99 100\n").unwrap();
+    std::fs::write(
+        data.join("segments"),
+        "a rec1 0.0 0.25\nb rec1 0.25 0.5\nc rec1 99 100\n",
+    )
+    .unwrap();
     std::fs::write(data.join("text"), "a hello\nb world\nc never\n").unwrap();
     std::fs::write(data.join("utt2spk"), "a s1\nb s1\nc s1\n").unwrap();
     let store = tmp.path().join("store");
-    ok(&prepare(&["--input", s(&data), "--out", s(&store), "--format", "kaldi"]));
+    ok(&prepare(&[
+        "--input",
+        s(&data),
+        "--out",
+        s(&store),
+        "--format",
+        "kaldi",
+    ]));
     let rows = rows(&store);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["length"], 4000);
@@ -198,7 +302,10 @@ fn kaldi_segments_cut_one_recording_once() {
     assert_eq!(rows[0]["text"], "hello");
     let errs = errors(&store);
     assert_eq!(errs.len(), 1);
-    assert!(errs[0]["reason"].as_str().unwrap().contains("past the end"), "{errs:?}");
+    assert!(
+        errs[0]["reason"].as_str().unwrap().contains("past the end"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -207,14 +314,32 @@ fn fairseq_tsv_and_duration_filters() {
     let root = fixture("x");
     let root = root.parent().unwrap();
     let tsv = tmp.path().join("train.tsv");
-    std::fs::write(&tsv, format!("{}\nspeech_16k.flac\t8000\ntone_44k_stereo.mp3\t44100\n", s(root))).unwrap();
+    std::fs::write(
+        &tsv,
+        format!(
+            "{}\nspeech_16k.flac\t8000\ntone_44k_stereo.mp3\t44100\n",
+            s(root)
+        ),
+    )
+    .unwrap();
     std::fs::write(tmp.path().join("train.wrd"), "hello world\na tone\n").unwrap();
     let store = tmp.path().join("store");
-    ok(&prepare(&["--input", s(&tsv), "--out", s(&store), "--max-duration", "0.8"]));
+    ok(&prepare(&[
+        "--input",
+        s(&tsv),
+        "--out",
+        s(&store),
+        "--max-duration",
+        "0.8",
+    ]));
     let rows = rows(&store);
     let errs = errors(&store);
     assert_eq!(rows.len() + errs.len(), 2);
-    assert!(errs.iter().all(|e| e["reason"].as_str().unwrap().starts_with("skipped:")), "{errs:?}");
+    assert!(
+        errs.iter()
+            .all(|e| e["reason"].as_str().unwrap().starts_with("skipped:")),
+        "{errs:?}"
+    );
     assert!(rows.iter().all(|r| r["duration"].as_f64().unwrap() <= 0.8));
 }
 
@@ -223,12 +348,22 @@ fn bad_files_are_listed_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("corpus");
     std::fs::create_dir_all(&dir).unwrap();
-    for name in ["corrupt.flac", "empty.wav", "truncated.mp3", "truncated.flac", "zero_length.wav", "speech_16k.flac"] {
+    for name in [
+        "corrupt.flac",
+        "empty.wav",
+        "truncated.mp3",
+        "truncated.flac",
+        "zero_length.wav",
+        "speech_16k.flac",
+    ] {
         std::fs::copy(fixture(name), dir.join(name)).unwrap();
     }
     std::fs::copy(fixture("not_audio.txt"), dir.join("notes.wav")).unwrap();
     let store = tmp.path().join("store");
-    let out = bin().args(["prepare", "--input", s(&dir), "--out", s(&store)]).output().unwrap();
+    let out = bin()
+        .args(["prepare", "--input", s(&dir), "--out", s(&store)])
+        .output()
+        .unwrap();
     let text = ok(&out);
     assert_eq!(rows(&store).len(), 1, "{text}");
     let errs = errors(&store);
@@ -237,15 +372,35 @@ fn bad_files_are_listed_and_the_run_goes_on() {
         let reason = e["reason"].as_str().unwrap();
         assert!(!reason.is_empty() && e["path"].as_str().unwrap().starts_with(s(&dir)));
     }
-    assert!(text.contains("notes.wav"), "summary names the failures: {text}");
+    assert!(
+        text.contains("notes.wav"),
+        "summary names the failures: {text}"
+    );
     // --strict turns failures into a non-zero exit, the store is still complete.
     let strict = tmp.path().join("strict");
-    let out = bin().args(["prepare", "--quiet", "--strict", "--input", s(&dir), "--out", s(&strict)]).output().unwrap();
+    let out = bin()
+        .args([
+            "prepare",
+            "--quiet",
+            "--strict",
+            "--input",
+            s(&dir),
+            "--out",
+            s(&strict),
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(strict.join("meta.json").exists());
     // --keep-damaged keeps the decodable part, flagged.
     let keep = tmp.path().join("keep");
-    ok(&prepare(&["--keep-damaged", "--input", s(&dir), "--out", s(&keep)]));
+    ok(&prepare(&[
+        "--keep-damaged",
+        "--input",
+        s(&dir),
+        "--out",
+        s(&keep),
+    ]));
     let kept = rows(&keep);
     assert!(kept.iter().any(|r| r["damaged"].is_string()), "{kept:?}");
 }
@@ -253,7 +408,12 @@ fn bad_files_are_listed_and_the_run_goes_on() {
 #[test]
 fn clear_errors_for_missing_input_unknown_format_and_unwritable_output() {
     let tmp = tempfile::tempdir().unwrap();
-    let missing = prepare(&["--input", "/no/such/corpus", "--out", s(&tmp.path().join("x"))]);
+    let missing = prepare(&[
+        "--input",
+        "/no/such/corpus",
+        "--out",
+        s(&tmp.path().join("x")),
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/corpus"));
     let odd = tmp.path().join("list.csv");

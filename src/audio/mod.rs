@@ -5,6 +5,17 @@
 //! behind symphonia's Ogg demuxer. Damage that symphonia hides (silent resync, clean EOF on a
 //! truncated MP3) is caught by counting decode errors and comparing the decoded length with the
 //! length the container declares; see [`decode_file`].
+//!
+//! Gapless trimming: MP3 (LAME/Xing tag), Vorbis and Opus (granule positions, pre-skip) and
+//! AAC/ALAC in MP4 (edit list, read by `mp4_edit`) decode to exactly the encoder's input
+//! length. Known limits:
+//! - MP3 without a LAME tag and raw ADTS `.aac` keep the encoder delay and padding (no
+//!   container field says how much; ~1–2k samples), and their truncation is undetectable.
+//! - A cut or corrupt Ogg file, and an MP4 cut before its `moov` index, fail at open:
+//!   symphonia reads the end of an Ogg stream and the MP4 index up front, so nothing is kept.
+//! - Opus with more than 2 channels (mapping family 1/255) is not supported.
+//! - FLAC MD5 is not verified (it costs ~40 % of decode time); frames failing their CRC are
+//!   dropped by the demuxer and caught by the length check.
 use std::path::PathBuf;
 
 mod decode;

@@ -18,6 +18,23 @@ pub(super) struct AudioEdit {
     pub rounding_frames: u64,
 }
 
+impl AudioEdit {
+    /// Frames to keep after the skip. symphonia's `num_frames` (`stts_frames`) is the sum of
+    /// sample durations, priming included; when it agrees with the edit's coarser
+    /// (movie-timescale) length it gives the exact count. `decoded` is the fallback.
+    pub fn playable_frames(&self, stts_frames: Option<u64>, decoded: Option<u64>) -> u64 {
+        let skip = self.skip_frames;
+        match (stts_frames, self.keep_frames) {
+            (Some(n), Some(k)) if n > skip && (n - skip).abs_diff(k) <= self.rounding_frames => {
+                n - skip
+            }
+            (_, Some(k)) => k,
+            (Some(n), None) => n.saturating_sub(skip),
+            (None, None) => decoded.unwrap_or(0).saturating_sub(skip),
+        }
+    }
+}
+
 /// The largest `moov` we read into memory (sample tables of a multi-hour file fit easily).
 const MAX_MOOV_BYTES: u64 = 256 << 20;
 

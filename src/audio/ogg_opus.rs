@@ -2,10 +2,9 @@
 //! them at 48 kHz. Pre-skip comes from the OpusHead; the end trim comes from the demuxer, which
 //! marks the samples past the final granule position in the last packet's `trim_end`.
 use symphonia::core::codecs::audio::AudioCodecParameters;
-use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::{FormatReader, Track};
 
-use super::decode::{AudioInfo, Collected};
+use super::decode::{reserve_frames, AudioInfo, Collected, PacketReader};
 
 /// Opus always decodes at 48 kHz (RFC 7845 §4: the granule position counts 48 kHz samples).
 const OPUS_RATE: u32 = 48_000;
@@ -77,36 +76,22 @@ pub(super) fn decode(
     }
     let declared = playable_frames(track, &head);
     let pre_skip = usize::from(head.pre_skip);
-    let capacity = declared.map_or(0, |n| n as usize + pre_skip + MAX_PACKET_FRAMES);
-    let mut samples: Vec<f32> = Vec::with_capacity(capacity);
+    let slack = u64::from(head.pre_skip) + MAX_PACKET_FRAMES as u64;
+    let mut samples: Vec<f32> = Vec::with_capacity(reserve_frames(declared, slack));
     let mut pcm = vec![0f32; MAX_PACKET_FRAMES * n_ch];
-    let mut corrupt_packets = 0u64;
-    let mut first_corrupt = None;
-    let mut stream_error = None;
-    loop {
-        let packet = match fmt.next_packet() {
-            Ok(Some(packet)) => packet,
-            Ok(None) => break,
-            Err(SymError::IoError(e)) => {
-                stream_error = Some(e.to_string());
-                break;
-            }
-            Err(e) => {
-                stream_error = Some(e.to_string());
-                break;
-            }
-        };
-        if packet.track_id != track.id {
-            continue;
-        }
+    let mut reader = PacketReader::default();
+    let mut last_packet_end = None;
+    while let Some(packet) = reader.next(fmt, track.id) {
         let frames = match decoder.decode_float(&packet.data, &mut pcm, false) {
             Ok(frames) => frames,
             Err(e) => {
-                corrupt_packets += 1;
-                first_corrupt.get_or_insert_with(|| e.to_string());
+                reader.count_corrupt(&e);
                 continue;
             }
         };
+        // Ogg Opus timestamps count 48 kHz frames from the start of the pre-skip.
+        let end = packet.pts.get().saturating_add_unsigned(packet.dur.get());
+        last_packet_end = Some((end.max(0) as u64).saturating_sub(u64::from(head.pre_skip)));
         let start = (packet.trim_start.get() as usize).min(frames);
         let end = frames - (packet.trim_end.get() as usize).min(frames - start);
         let pcm = &pcm[start * n_ch..end * n_ch];
@@ -127,9 +112,9 @@ pub(super) fn decode(
         declared,
         // The final granule position makes the length exact; 0.1 s is tolerance enough.
         max_packet_frames: 0,
-        corrupt_packets,
-        first_corrupt,
-        stream_error,
-        checksum_failed: false,
+        corrupt_packets: reader.corrupt_packets,
+        first_corrupt: reader.first_corrupt,
+        stream_error: reader.stream_error,
+        last_packet_end,
     })
 }

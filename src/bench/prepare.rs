@@ -37,7 +37,9 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
             p.clone()
         }
         None => {
-            scratch_holder = tempfile::Builder::new().prefix("speechcache-bench").tempdir()?;
+            scratch_holder = tempfile::Builder::new()
+                .prefix("speechcache-bench")
+                .tempdir()?;
             scratch_holder.path().to_path_buf()
         }
     };
@@ -70,7 +72,8 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     for (i, source) in sources.iter().enumerate() {
         let t = Instant::now();
-        let raw = std::fs::read(source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+        let raw =
+            std::fs::read(source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
         read_s += t.elapsed().as_secs_f64();
         bytes_read += raw.len() as u64;
         drop(raw);
@@ -86,11 +89,22 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
         decode_s += t.elapsed().as_secs_f64();
         audio_seconds += decoded.samples.len() as f64 / decoded.sample_rate as f64;
         let t = Instant::now();
-        let resampled = audio::resample_to(&decoded.samples, decoded.sample_rate, args.sample_rate)?;
+        let resampled =
+            audio::resample_to(&decoded.samples, decoded.sample_rate, args.sample_rate)?;
         resample_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let row = IndexRow { id: format!("b{i}"), source: source.display().to_string(), ..Default::default() };
-        writer.push_input(i, InputResult { items: vec![(row, ItemData::Audio(resampled))], errors: vec![] })?;
+        let row = IndexRow {
+            id: format!("b{i}"),
+            source: source.display().to_string(),
+            ..Default::default()
+        };
+        writer.push_input(
+            i,
+            InputResult {
+                items: vec![(row, ItemData::Audio(resampled))],
+                errors: vec![],
+            },
+        )?;
         write_s += t.elapsed().as_secs_f64();
     }
     let t = Instant::now();
@@ -124,7 +138,13 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
         runs.push((jobs, wall, summary.audio_seconds / wall));
         let _ = std::fs::remove_dir_all(&out);
     }
-    let xrt = |s: f64| if s > 0.0 { audio_seconds / s } else { f64::INFINITY };
+    let xrt = |s: f64| {
+        if s > 0.0 {
+            audio_seconds / s
+        } else {
+            f64::INFINITY
+        }
+    };
     if args.json {
         let value = serde_json::json!({
             "files": sources.len(), "failed": failed, "audio_seconds": audio_seconds, "bytes_read": bytes_read,
@@ -147,13 +167,21 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
         bytes_read as f64 / 1e6
     );
     println!("stage (1 thread, per file)   seconds   x-real-time");
-    for (name, s) in [("read", read_s), ("decode", decode_s), ("resample", resample_s), ("write", write_s)] {
+    for (name, s) in [
+        ("read", read_s),
+        ("decode", decode_s),
+        ("resample", resample_s),
+        ("write", write_s),
+    ] {
         println!("  {name:<26} {s:>8.2}   {:>10.0}", xrt(s));
     }
     println!("end to end                  seconds   x-real-time   speed-up vs first");
     let base = runs.first().map_or(1.0, |r| r.2);
     for (jobs, wall, x) in &runs {
-        println!("  --jobs {jobs:<19} {wall:>8.2}   {x:>10.0}   {:>6.2}x", x / base);
+        println!(
+            "  --jobs {jobs:<19} {wall:>8.2}   {x:>10.0}   {:>6.2}x",
+            x / base
+        );
     }
     Ok(())
 }

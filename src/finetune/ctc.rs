@@ -5,22 +5,28 @@
 //! lengths, `zero_infinity`, reductions 'none' / 'mean' / 'sum'). The alpha-beta recursions run in
 //! log space with f64 accumulation whatever the input dtype, one utterance per rayon task.
 //!
-//! Gradient convention: [`ctc_loss`] returns the true derivative of the loss with respect to its
-//! `log_probs` input, `-γ[t, k]` (minus the posterior occupancy of class `k` at frame `t`). PyTorch's
-//! CTC backward instead returns `softmax - γ`, i.e. the gradient with respect to the logits, on the
-//! assumption that `log_probs` came from `log_softmax`. After `candle_nn::ops::log_softmax` both
-//! conventions give the same gradient on the logits (`γ` sums to one over the classes of a frame),
-//! so training matches PyTorch; ours stays correct if `log_probs` is not normalised.
+//! Two entry points:
+//! - [`ctc_loss`] takes log-probabilities and returns the true derivative with respect to them,
+//!   `-γ[t, k]` (minus the posterior occupancy of class `k` at frame `t`). PyTorch's CTC backward
+//!   instead returns `softmax - γ`, i.e. the gradient with respect to the logits, on the
+//!   assumption that `log_probs` came from `log_softmax`. After `candle_nn::ops::log_softmax` both
+//!   give the same gradient on the logits (`γ` sums to one over a frame's classes), so training
+//!   matches PyTorch; ours stays correct if `log_probs` is not normalised.
+//! - [`ctc_loss_from_logits`] fuses the log_softmax: same losses, and the gradient on the logits
+//!   (`softmax - γ`, PyTorch's) straight from the op. Prefer it in training: candle's composite
+//!   log_softmax backward costs several extra passes over `[B, T, C]`.
 //!
-//! Device: the op runs on the CPU. Inputs on another device are copied to the CPU inside
-//! [`ctc_loss`] (a differentiable `to_device`) and the losses are copied back, so the op composes
+//! Device: the op runs on the CPU. Inputs on another device are copied to the CPU inside the
+//! entry points (a differentiable `to_device`) and the losses are copied back, so the op composes
 //! with a CUDA model at the cost of one `[B, T, C]` transfer each way per step.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 const NEG_INF: f64 = f64::NEG_INFINITY;
@@ -73,6 +79,8 @@ pub enum CtcError {
     },
     #[error("ctc_loss: log_probs must be contiguous in the op (got a strided layout)")]
     Layout,
+    #[error("ctc_loss: the op runs on the CPU; call ctc_loss, which moves its input there")]
+    Device,
 }
 
 impl From<CtcError> for candle_core::Error {
@@ -96,25 +104,65 @@ pub fn ctc_loss(
     blank: u32,
     zero_infinity: bool,
 ) -> candle_core::Result<(Tensor, CtcStats)> {
-    let (batch, frames, classes) = match log_probs.dims() {
+    apply(
+        Input::LogProbs,
+        log_probs,
+        targets,
+        input_lengths,
+        blank,
+        zero_infinity,
+    )
+}
+
+/// [`ctc_loss`] of `log_softmax(logits)` with the softmax fused into the op: the same losses, and
+/// the gradient with respect to the logits (`softmax - γ`, what PyTorch's CTC backward computes)
+/// in one pass. Cheaper in training than `candle_nn::ops::log_softmax` followed by [`ctc_loss`],
+/// whose composite log_softmax backward makes several full `[B, T, C]` passes.
+pub fn ctc_loss_from_logits(
+    logits: &Tensor,
+    targets: &[Vec<u32>],
+    input_lengths: &[usize],
+    blank: u32,
+    zero_infinity: bool,
+) -> candle_core::Result<(Tensor, CtcStats)> {
+    apply(
+        Input::Logits,
+        logits,
+        targets,
+        input_lengths,
+        blank,
+        zero_infinity,
+    )
+}
+
+fn apply(
+    kind: Input,
+    input: &Tensor,
+    targets: &[Vec<u32>],
+    input_lengths: &[usize],
+    blank: u32,
+    zero_infinity: bool,
+) -> candle_core::Result<(Tensor, CtcStats)> {
+    let (batch, frames, classes) = match input.dims() {
         &[b, t, c] => (b, t, c),
         other => return Err(CtcError::Shape(other.to_vec()).into()),
     };
     validate(batch, frames, classes, targets, input_lengths, blank)?;
 
-    let device = log_probs.device().clone();
-    let mut input = if device.is_cpu() {
-        log_probs.clone()
+    let device = input.device().clone();
+    let mut x = if device.is_cpu() {
+        input.clone()
     } else {
-        log_probs.to_device(&Device::Cpu)?
+        input.to_device(&Device::Cpu)?
     };
-    if !matches!(input.dtype(), DType::F32 | DType::F64) {
-        input = input.to_dtype(DType::F32)?;
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        x = x.to_dtype(DType::F32)?;
     }
-    let input = input.contiguous()?;
+    let x = x.contiguous()?;
 
     let impossible = Arc::new(AtomicUsize::new(0));
     let op = CtcOp {
+        input: kind,
         targets: targets
             .iter()
             .map(|target| Lattice::new(target, blank))
@@ -123,7 +171,7 @@ pub fn ctc_loss(
         zero_infinity,
         impossible: Arc::clone(&impossible),
     };
-    let losses = input.apply_op1(op)?.to_device(&device)?;
+    let losses = x.apply_op1(op)?.to_device(&device)?;
     let stats = CtcStats {
         impossible: impossible.load(Ordering::Relaxed),
     };
@@ -269,26 +317,19 @@ impl Lattice {
     /// Forward variables `alpha[t * S + s]` (log prob of all prefixes of `frames` frames ending in
     /// state `s` at frame `t`, frame `t` included). Returns `ln p(target)`.
     // Mirrors ctc_loss_cpu_template's log_alpha recursion (aten/src/ATen/native/LossCTC.cpp).
-    fn alpha<F: WithDType>(
-        &self,
-        lp: &[F],
-        classes: usize,
-        frames: usize,
-        alpha: &mut [f64],
-    ) -> f64 {
+    fn alpha<F: WithDType>(&self, emit: &Emissions<F>, frames: usize, alpha: &mut [f64]) -> f64 {
         let states = self.states();
         if frames == 0 {
             return if states == 1 { 0.0 } else { NEG_INF };
         }
         alpha[..frames * states].fill(NEG_INF);
-        alpha[0] = lp[self.labels[0] as usize].to_f64();
+        alpha[0] = emit.get(0, self.labels[0]);
         if states > 1 {
-            alpha[1] = lp[self.labels[1] as usize].to_f64();
+            alpha[1] = emit.get(0, self.labels[1]);
         }
         for t in 1..frames {
             let (done, rest) = alpha.split_at_mut(t * states);
             let prev = &done[(t - 1) * states..];
-            let row = &lp[t * classes..(t + 1) * classes];
             for (s, cur) in rest[..states].iter_mut().enumerate() {
                 let mut a = prev[s];
                 if s >= 1 {
@@ -300,7 +341,7 @@ impl Lattice {
                 *cur = if a == NEG_INF {
                     NEG_INF
                 } else {
-                    a + row[self.labels[s] as usize].to_f64()
+                    a + emit.get(t, self.labels[s])
                 };
             }
         }
@@ -315,22 +356,20 @@ impl Lattice {
     /// Backward variables `beta[t * S + s]` (log prob of all suffixes from state `s` at frame `t`
     /// to the end, frame `t` included).
     // Mirrors ctc_loss_backward_cpu_template's log_beta recursion.
-    fn beta<F: WithDType>(&self, lp: &[F], classes: usize, frames: usize, beta: &mut [f64]) {
+    fn beta<F: WithDType>(&self, emit: &Emissions<F>, frames: usize, beta: &mut [f64]) {
         let states = self.states();
         if frames == 0 {
             return;
         }
         beta[..frames * states].fill(NEG_INF);
         let last = (frames - 1) * states;
-        let row = &lp[(frames - 1) * classes..frames * classes];
-        beta[last + states - 1] = row[self.labels[states - 1] as usize].to_f64();
+        beta[last + states - 1] = emit.get(frames - 1, self.labels[states - 1]);
         if states > 1 {
-            beta[last + states - 2] = row[self.labels[states - 2] as usize].to_f64();
+            beta[last + states - 2] = emit.get(frames - 1, self.labels[states - 2]);
         }
         for t in (0..frames - 1).rev() {
             let (head, done) = beta.split_at_mut((t + 1) * states);
             let next = &done[..states];
-            let row = &lp[t * classes..(t + 1) * classes];
             for (s, cur) in head[t * states..].iter_mut().enumerate() {
                 let mut b = next[s];
                 if s + 1 < states {
@@ -342,9 +381,75 @@ impl Lattice {
                 *cur = if b == NEG_INF {
                     NEG_INF
                 } else {
-                    b + row[self.labels[s] as usize].to_f64()
+                    b + emit.get(t, self.labels[s])
                 };
             }
+        }
+    }
+}
+
+/// What the op's input holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// Log-probabilities; the gradient is taken with respect to them.
+    LogProbs,
+    /// Unnormalised scores; the op applies log_softmax itself and differentiates through it.
+    Logits,
+}
+
+/// One utterance's log-probabilities `x[t * C + k] - norm[t]`: `norm` is 0 for log-prob input
+/// and each frame's log-sum-exp for logits.
+struct Emissions<'a, F> {
+    x: &'a [F],
+    classes: usize,
+    norm: Vec<f64>,
+}
+
+impl<'a, F: WithDType> Emissions<'a, F> {
+    fn new(x: &'a [F], classes: usize, frames: usize, input: Input) -> Self {
+        let norm = match input {
+            Input::LogProbs => vec![0.0; frames],
+            Input::Logits => x[..frames * classes]
+                .chunks_exact(classes)
+                .map(log_sum_exp)
+                .collect(),
+        };
+        Emissions { x, classes, norm }
+    }
+
+    #[inline]
+    fn get(&self, t: usize, k: u32) -> f64 {
+        self.x[t * self.classes + k as usize].to_f64() - self.norm[t]
+    }
+}
+
+fn log_sum_exp<F: WithDType>(row: &[F]) -> f64 {
+    let max = row.iter().map(|v| v.to_f64()).fold(NEG_INF, f64::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = if F::DTYPE == DType::F32 {
+        // f32 exp (about 3x cheaper) is exact enough for f32 input; the sum stays f64.
+        row.iter()
+            .map(|v| ((v.to_f64() - max) as f32).exp())
+            .map(f64::from)
+            .sum()
+    } else {
+        row.iter().map(|v| (v.to_f64() - max).exp()).sum()
+    };
+    max + sum.ln()
+}
+
+/// `out[k] = softmax(row)[k] * scale`, given the row's log-sum-exp `norm`.
+fn scaled_softmax<F: WithDType>(row: &[F], norm: f64, scale: f64, out: &mut [F]) {
+    if F::DTYPE == DType::F32 {
+        let scale = scale as f32;
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = F::from_f64(f64::from(((v.to_f64() - norm) as f32).exp() * scale));
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = F::from_f64((v.to_f64() - norm).exp() * scale);
         }
     }
 }
@@ -357,6 +462,7 @@ struct Scratch {
 }
 
 struct CtcOp {
+    input: Input,
     targets: Vec<Lattice>,
     input_lengths: Vec<usize>,
     zero_infinity: bool,
@@ -364,21 +470,21 @@ struct CtcOp {
 }
 
 impl CtcOp {
-    fn losses<F: WithDType>(&self, lp: &[F], frames: usize, classes: usize) -> Vec<F> {
+    fn losses<F: WithDType>(&self, x: &[F], frames: usize, classes: usize) -> Vec<F> {
         let stride = frames * classes;
         (0..self.targets.len())
             .into_par_iter()
             .map(|b| {
                 let lattice = &self.targets[b];
                 let length = self.input_lengths[b];
-                let mut alpha = vec![NEG_INF; length * lattice.states()];
-                let log_p = lattice.alpha(
-                    &lp[b * stride..(b + 1) * stride],
+                let emit = Emissions::new(
+                    &x[b * stride..(b + 1) * stride],
                     classes,
                     length,
-                    &mut alpha,
+                    self.input,
                 );
-                let nll = -log_p;
+                let mut alpha = vec![NEG_INF; length * lattice.states()];
+                let nll = -lattice.alpha(&emit, length, &mut alpha);
                 if nll == f64::INFINITY {
                     self.impossible.fetch_add(1, Ordering::Relaxed);
                     if self.zero_infinity {
@@ -390,17 +496,19 @@ impl CtcOp {
             .collect()
     }
 
-    /// `d loss_b / d log_probs[b, t, k] * grad_out[b]` for every utterance.
-    // Mirrors ctc_loss_backward_cpu_template, minus its `exp(log_probs)` term (see module docs).
+    /// `d loss_b / d input[b, t, k] * grad_out[b]` for every utterance: `-γ` for log-prob input,
+    /// `softmax - γ` for logits, zero on padded frames and for impossible alignments.
+    // Mirrors ctc_loss_backward_cpu_template (minus its `exp(log_probs)` term for log-prob input;
+    // see the module docs).
     fn gradient<F: WithDType>(
         &self,
-        lp: &[F],
+        x: &[F],
         frames: usize,
         classes: usize,
         grad_out: &[f64],
     ) -> Vec<F> {
         let stride = frames * classes;
-        let mut grad = vec![F::from_f64(0.0); lp.len()];
+        let mut grad = vec![F::from_f64(0.0); x.len()];
         grad.par_chunks_mut(stride.max(1))
             .take(self.targets.len())
             .enumerate()
@@ -411,19 +519,24 @@ impl CtcOp {
                 if scale == 0.0 || length == 0 {
                     return;
                 }
-                let lp = &lp[b * stride..(b + 1) * stride];
+                let emit = Emissions::new(
+                    &x[b * stride..(b + 1) * stride],
+                    classes,
+                    length,
+                    self.input,
+                );
                 let states = lattice.states();
                 let mut scratch = Scratch {
                     alpha: vec![NEG_INF; length * states],
                     beta: vec![NEG_INF; length * states],
                     occupancy: vec![NEG_INF; lattice.classes.len()],
                 };
-                let log_p = lattice.alpha(lp, classes, length, &mut scratch.alpha);
+                let log_p = lattice.alpha(&emit, length, &mut scratch.alpha);
                 if !log_p.is_finite() {
                     // Impossible alignment: the loss is +inf (or zeroed); its gradient is zero.
                     return;
                 }
-                lattice.beta(lp, classes, length, &mut scratch.beta);
+                lattice.beta(&emit, length, &mut scratch.beta);
                 for t in 0..length {
                     scratch.occupancy.fill(NEG_INF);
                     let alpha = &scratch.alpha[t * states..(t + 1) * states];
@@ -433,15 +546,20 @@ impl CtcOp {
                         scratch.occupancy[slot] =
                             log_add(scratch.occupancy[slot], alpha[s] + beta[s]);
                     }
-                    let row = &lp[t * classes..(t + 1) * classes];
                     let out = &mut grad[t * classes..(t + 1) * classes];
+                    if self.input == Input::Logits {
+                        // d/dlogits of log_softmax folds in each class's softmax probability.
+                        let row = &emit.x[t * classes..(t + 1) * classes];
+                        scaled_softmax(row, emit.norm[t], scale, out);
+                    }
                     for (&class, &log_ab) in lattice.classes.iter().zip(&scratch.occupancy) {
                         if log_ab == NEG_INF {
                             continue;
                         }
                         // alpha and beta both include frame t's emission, so divide it out once.
-                        let gamma = (log_ab - row[class as usize].to_f64() - log_p).exp();
-                        out[class as usize] = F::from_f64(-gamma * scale);
+                        let gamma = (log_ab - emit.get(t, class) - log_p).exp();
+                        let o = &mut out[class as usize];
+                        *o = F::from_f64(o.to_f64() - gamma * scale);
                     }
                 }
             });
@@ -455,8 +573,8 @@ impl CtcOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (start, end) = layout.contiguous_offsets().ok_or(CtcError::Layout)?;
         let (batch, frames, classes) = layout.shape().dims3()?;
-        let lp = &F::cpu_storage_as_slice(storage)?[start..end];
-        let losses = self.losses(lp, frames, classes);
+        let x = &F::cpu_storage_as_slice(storage)?[start..end];
+        let losses = self.losses(x, frames, classes);
         Ok((F::to_cpu_storage_owned(losses), Shape::from(batch)))
     }
 
@@ -467,8 +585,14 @@ impl CtcOp {
     ) -> candle_core::Result<Tensor> {
         let (batch, frames, classes) = arg.dims3()?;
         let grad_out: Vec<f64> = grad_res.to_dtype(DType::F64)?.to_vec1()?;
-        let lp: Vec<F> = arg.flatten_all()?.to_vec1()?;
-        let grad = self.gradient(&lp, frames, classes, &grad_out);
+        // Read the saved input in place rather than copying [B, T, C] out of it.
+        let (storage, layout) = arg.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            return Err(CtcError::Device.into());
+        };
+        let (start, end) = layout.contiguous_offsets().ok_or(CtcError::Layout)?;
+        let x = &F::cpu_storage_as_slice(storage)?[start..end];
+        let grad = self.gradient(x, frames, classes, &grad_out);
         Tensor::from_vec(grad, (batch, frames, classes), arg.device())
     }
 }

@@ -128,7 +128,10 @@ pub(crate) fn ids_from_paths(relative: &[&Path]) -> Result<Vec<String>, (usize, 
             .collect();
         clean_id(&parts.join("-"))
     };
-    let mut ids: Vec<String> = relative.iter().map(|p| path_id(&p.with_extension(""))).collect();
+    let mut ids: Vec<String> = relative
+        .iter()
+        .map(|p| path_id(&p.with_extension("")))
+        .collect();
     let unique: HashSet<&str> = ids.iter().map(String::as_str).collect();
     if unique.len() != ids.len() {
         // Same name in two codecs (a.flac, a.mp3): keep the extension in the id.

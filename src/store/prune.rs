@@ -20,19 +20,38 @@ pub struct PruneReport {
 pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreError> {
     let mut meta = StoreMeta::load(dir)?;
     if meta.kind != StoreKind::Features {
-        return Err(StoreError::refused(dir, "prune works on feature stores only"));
+        return Err(StoreError::refused(
+            dir,
+            "prune works on feature stores only",
+        ));
     }
     if keep.is_empty() {
-        return Err(StoreError::refused(dir, "keeping no layers would empty the store"));
+        return Err(StoreError::refused(
+            dir,
+            "keeping no layers would empty the store",
+        ));
     }
     if let Some(missing) = keep.iter().find(|l| !meta.layers.contains(l)) {
         return Err(StoreError::refused(
             dir,
-            format!("layer {missing} is not in this store (it has {:?})", meta.layers),
+            format!(
+                "layer {missing} is not in this store (it has {:?})",
+                meta.layers
+            ),
         ));
     }
-    let kept: Vec<usize> = meta.layers.iter().copied().filter(|l| keep.contains(l)).collect();
-    let removed: Vec<usize> = meta.layers.iter().copied().filter(|l| !keep.contains(l)).collect();
+    let kept: Vec<usize> = meta
+        .layers
+        .iter()
+        .copied()
+        .filter(|l| keep.contains(l))
+        .collect();
+    let removed: Vec<usize> = meta
+        .layers
+        .iter()
+        .copied()
+        .filter(|l| !keep.contains(l))
+        .collect();
     if removed.is_empty() {
         return Ok(PruneReport::default());
     }
@@ -88,5 +107,8 @@ pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreErro
     for &layer in &removed {
         remove_if_exists(&dir.join("stats").join(layer_file(layer)))?;
     }
-    Ok(PruneReport { removed, freed_bytes: freed })
+    Ok(PruneReport {
+        removed,
+        freed_bytes: freed,
+    })
 }

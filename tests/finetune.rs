@@ -448,3 +448,99 @@ fn launch_cost_on_ten_hours() {
     );
     assert!(s.setup_s < 1.0);
 }
+
+/// On-the-fly mode: a tiny HuBERT fixture runs inside every step on an audio store.
+#[test]
+fn onthefly_features_train() {
+    use speechcache::finetune::data::FeatureSource;
+    use speechcache::finetune::onthefly::OnTheFlySource;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let spec = WriterSpec {
+        kind: StoreKind::Audio,
+        dtype: Dtype::F32,
+        sample_rate: Some(16000),
+        frame_rate: None,
+        dim: None,
+        layers: vec![],
+        options: serde_json::json!({}),
+        source: serde_json::json!({}),
+        extra: serde_json::Value::Null,
+        shard_bytes: 1 << 20,
+        overwrite: false,
+    };
+    let mut w = StoreWriter::create_or_resume(&root.join("audio"), spec).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for i in 0..8 {
+        let n = 1600 + 400 * (i % 4);
+        let f = 200.0 + 50.0 * i as f32;
+        let x: Vec<f32> = (0..n)
+            .map(|k| {
+                0.3 * (k as f32 * f * std::f32::consts::TAU / 16000.0).sin()
+                    + rng.random_range(-0.01..0.01)
+            })
+            .collect();
+        let row = IndexRow {
+            id: format!("a{i}"),
+            text: Some(["ab", "ba", "abc", "cab"][i % 4].into()),
+            source: "x".into(),
+            duration: n as f64 / 16000.0,
+            ..Default::default()
+        };
+        w.push_input(
+            i,
+            InputResult {
+                items: vec![(row, ItemData::Audio(x))],
+                errors: vec![],
+            },
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoints/hubert_layer");
+    let src = OnTheFlySource::open(&root.join("audio"), &model, &Device::Cpu).unwrap();
+    assert_eq!(
+        (src.dim(), src.layers().len(), src.frame_rate()),
+        (16, 3, 800.0)
+    );
+    let (x, lens) = src.batch(&[0, 3], &[0, 2], &Device::Cpu).unwrap();
+    assert_eq!(x.dims()[..2], [2, 2]);
+    assert_eq!(lens, vec![src.frames(0), src.frames(3)]);
+    let (alone, _) = src.batch(&[0], &[0, 2], &Device::Cpu).unwrap();
+    let first = x.narrow(0, 0, 1).unwrap().narrow(2, 0, lens[0]).unwrap();
+    let diff = (first - alone)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+
+    let conf = root.join("conf.toml");
+    let text = CONFIG
+        .replace("normalize = \"global\"", "normalize = \"utterance\"")
+        .replace("max_epochs = 4", "max_epochs = 1");
+    std::fs::write(&conf, text).unwrap();
+    let s = train::train(
+        &TrainOptions {
+            config: conf,
+            out: root.join("exp"),
+            resume: false,
+            device: Device::Cpu,
+            seed: None,
+            max_steps: None,
+            max_epochs: None,
+            verbose: false,
+        },
+        &src,
+        &src,
+        Instant::now(),
+    )
+    .unwrap();
+    assert_eq!(s.final_epoch, 1);
+    let steps: Vec<StepLog> = read_log(&root.join("exp/train_log.jsonl")).unwrap();
+    assert!(!steps.is_empty() && steps.iter().all(|s| s.loss.is_finite()));
+}

@@ -14,6 +14,7 @@ pub mod data;
 pub mod decode;
 pub mod metrics;
 pub mod model;
+pub mod onthefly;
 pub mod ops;
 pub mod optim;
 pub mod plots;

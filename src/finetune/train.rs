@@ -615,7 +615,11 @@ fn pad_time_for_conv2d_backward(exp: &Experiment, feats: &Tensor) -> Result<Tens
         InputLayer::Conv2d2 => 2,
         InputLayer::Linear => return Ok(feats.clone()),
     };
-    let d = exp.config.model.preencoder_output.unwrap_or(exp.meta.feat_dim);
+    let d = exp
+        .config
+        .model
+        .preencoder_output
+        .unwrap_or(exp.meta.feat_dim);
     let t = feats.dim(2)?;
     let extra = (d % modulus + modulus - t % modulus) % modulus;
     if extra == 0 {

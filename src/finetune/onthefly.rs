@@ -1,0 +1,127 @@
+//! On-the-fly features: an audio store run through a frozen wav2vec 2.0 / HuBERT model inside
+//! every training step, as s3prl/ESPnet's `frontend: s3prl` does. It exists to measure what
+//! the feature cache saves (`speechcache bench finetune --ssl-model --train-audio`).
+use crate::finetune::data::{DataError, FeatureSource};
+use crate::models::checkpoint::load_checkpoint;
+use crate::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use crate::store::AudioStore;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// An audio store plus a frozen SSL model; `batch` computes the hidden states.
+pub struct OnTheFlySource {
+    audio: AudioStore,
+    path: PathBuf,
+    model: Wav2Vec2Model,
+    do_normalize: bool,
+    layers: Vec<usize>,
+    frames: Vec<usize>,
+}
+
+impl OnTheFlySource {
+    /// Open `audio` and load the checkpoint at `model_path` onto `device` (f32).
+    pub fn open(audio: &Path, model_path: &Path, device: &Device) -> Result<Self, DataError> {
+        let err = |p: &Path, reason: String| DataError::Source {
+            path: p.to_path_buf(),
+            reason,
+        };
+        let store = AudioStore::open(audio)
+            .map_err(|e| err(audio, format!("cannot open audio store: {e}")))?;
+        if store.meta().sample_rate != Some(16000) {
+            return Err(err(
+                audio,
+                format!(
+                    "the SSL model needs 16 kHz audio, the store is at {:?} Hz",
+                    store.meta().sample_rate
+                ),
+            ));
+        }
+        let ckpt = load_checkpoint(model_path, device, DType::F32)
+            .map_err(|e| err(model_path, e.to_string()))?;
+        let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config)
+            .map_err(|e| err(model_path, e.to_string()))?;
+        let frames = (0..store.len())
+            .map(|i| frames_for_samples(&ckpt.config, store.samples(i).len()))
+            .collect();
+        Ok(Self {
+            layers: (0..=ckpt.config.num_hidden_layers).collect(),
+            do_normalize: ckpt.preprocessor.do_normalize,
+            audio: store,
+            path: audio.to_path_buf(),
+            model,
+            frames,
+        })
+    }
+}
+
+impl FeatureSource for OnTheFlySource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn len(&self) -> usize {
+        self.audio.len()
+    }
+    fn id(&self, i: usize) -> &str {
+        &self.audio.rows()[i].id
+    }
+    fn text(&self, i: usize) -> Option<&str> {
+        self.audio.rows()[i].text.as_deref()
+    }
+    fn frames(&self, i: usize) -> usize {
+        self.frames[i]
+    }
+    fn dim(&self) -> usize {
+        self.model.config().hidden_size
+    }
+    fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+    fn frame_rate(&self) -> f64 {
+        let hop: usize = self.model.config().conv_stride.iter().product();
+        16000.0 / hop.max(1) as f64
+    }
+
+    fn batch(
+        &self,
+        items: &[usize],
+        layers: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<usize>), DataError> {
+        let lengths: Vec<usize> = items.iter().map(|&i| self.audio.samples(i).len()).collect();
+        let s = lengths.iter().copied().max().unwrap_or(0);
+        let mut wave = vec![0f32; items.len() * s];
+        for (b, &i) in items.iter().enumerate() {
+            let dst = &mut wave[b * s..b * s + lengths[b]];
+            dst.copy_from_slice(self.audio.samples(i));
+            if self.do_normalize {
+                normalize_waveform(dst);
+            }
+        }
+        let wave = Tensor::from_vec(wave, (items.len(), s), self.model.device())?;
+        let top = layers.iter().copied().max().unwrap_or(0);
+        let (states, valid) = self.model.forward(&wave, &lengths, top)?;
+        let picked = layers
+            .iter()
+            .map(|&l| states[l].detach())
+            .collect::<Vec<_>>();
+        // [B, T, D] per layer -> [B, L, T, D]; frames past `valid` are zeroed as in a store batch
+        let feats = Tensor::stack(&picked, 1)?.to_dtype(DType::F32)?;
+        let (b, _l, t, _d) = feats.dims4()?;
+        let mut mask = vec![0f32; b * t];
+        for (u, &n) in valid.iter().enumerate() {
+            mask[u * t..u * t + n.min(t)].fill(1.0);
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, 1), feats.device())?;
+        let feats = feats.broadcast_mul(&mask)?.to_device(device)?;
+        Ok((feats, valid))
+    }
+
+    fn stats(&self, _layer: usize) -> Result<(Vec<f64>, Vec<f64>), DataError> {
+        Err(DataError::Source {
+            path: self.path.clone(),
+            reason: "on-the-fly features have no precomputed stats: use \
+                     [model.featurizer] normalize = \"utterance\" or \"none\""
+                .into(),
+        })
+    }
+}

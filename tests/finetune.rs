@@ -232,6 +232,20 @@ fn trains_resumes_exactly_averages_and_decodes() {
         );
     }
 
+    // a run of 1 epoch continued with more epochs (train.max_epochs may grow on --resume)
+    let mut one = fx.opts("exp_more", false, None);
+    one.max_epochs = Some(1);
+    fx.train(&one).unwrap();
+    let mut again = fx.opts("exp_more", true, None);
+    again.seed = None; // resuming takes the experiment's seed
+    fx.train(&again).unwrap();
+    let more = fx.root.join("exp_more");
+    assert_eq!(
+        bytes(&last_path(&exp)),
+        bytes(&last_path(&more)),
+        "continued run differs"
+    );
+
     // averaging: avg = element-wise mean of the kept epochs; dropped epochs are deleted
     assert_eq!(kept.len(), 2);
     for e in 1..=4 {

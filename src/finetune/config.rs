@@ -28,6 +28,7 @@ pub struct FinetuneConfig {
     #[serde(default)]
     pub data: DataConfig,
     /// Featurizer (weighted sum, normalisation), pre-encoder and Conformer encoder.
+    #[serde(default)]
     pub model: AsrModelConfig,
     #[serde(default)]
     pub specaug: SpecAugConfig,

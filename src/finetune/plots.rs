@@ -94,7 +94,9 @@ pub fn plot_losses(
         .map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("optimizer step").y_desc("loss per utterance");
+        mesh.x_desc("optimizer step")
+            .y_desc("loss per utterance")
+            .x_label_formatter(&|x| format!("{x:.0}"));
     } else {
         mesh.x_labels(0).y_labels(0);
     }

@@ -267,15 +267,28 @@ fn prepare_experiment(
         if !opts.resume {
             return Err(exp_err(dir, "already holds an experiment; pass --resume to continue it, or choose another --out"));
         }
-        let exp = Experiment::load(dir)?;
-        if exp.config != config {
+        let mut exp = Experiment::load(dir)?;
+        if opts.seed.is_none() {
+            config.train.seed = exp.config.train.seed;
+        }
+        // more epochs and another log interval are fine; anything else changes the run
+        let mut same = config.clone();
+        same.train.max_epochs = exp.config.train.max_epochs;
+        same.train.log_every = exp.config.train.log_every;
+        if exp.config != same {
             return Err(exp_err(
                 &opts.config,
                 format!(
-                    "differs from the experiment's {}; resuming needs the same config and seed",
+                    "differs from the experiment's {} (beyond train.max_epochs/log_every); \
+                     resuming needs the same config and seed",
                     dir.join(CONFIG_FILE).display()
                 ),
             ));
+        }
+        if exp.config != config {
+            exp.config = config;
+            let text = exp.config.to_toml()?;
+            checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
         }
         exp.check_source(train)?;
         let ckpt = if last.is_file() {
@@ -414,6 +427,19 @@ pub fn train(
     summary.setup_s = started.elapsed().as_secs_f64();
     say(format!("setup took {:.3} s", summary.setup_s));
 
+    if opts.max_steps.is_some_and(|m| opt.step_count() >= m) {
+        say(format!(
+            "already at step {} (--max-steps): nothing to do",
+            opt.step_count()
+        ));
+        return Ok(summary);
+    }
+    if epoch > cfg.train.max_epochs {
+        say(format!(
+            "all {} epochs are done: nothing to do",
+            cfg.train.max_epochs
+        ));
+    }
     while epoch <= cfg.train.max_epochs {
         let shuffle = cfg.train.shuffle.then_some((seed, epoch));
         let batches = make_batches(

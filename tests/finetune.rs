@@ -558,3 +558,63 @@ fn onthefly_features_train() {
     let steps: Vec<StepLog> = read_log(&root.join("exp/train_log.jsonl")).unwrap();
     assert!(!steps.is_empty() && steps.iter().all(|s| s.loss.is_finite()));
 }
+
+/// Our Adam/AdamW + clipping + warmuplr against torch 2.5.1 (tests/fixtures/gen_optim.py).
+#[test]
+fn optimizer_matches_torch() {
+    use candle_core::{Tensor, Var};
+    use speechcache::finetune::config::{warmup_lr, OptimConfig, OptimizerKind};
+    use speechcache::finetune::optim::{clip_by_global_norm, Adam};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim/adam.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vec = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let dev = Device::Cpu;
+    for case in fx["cases"].as_array().unwrap() {
+        let kind = if case["kind"] == "adam" {
+            OptimizerKind::Adam
+        } else {
+            OptimizerKind::Adamw
+        };
+        let cfg = OptimConfig {
+            optimizer: kind,
+            lr: case["lr"].as_f64().unwrap(),
+            betas: [0.9, 0.98],
+            eps: 1e-8,
+            weight_decay: case["weight_decay"].as_f64().unwrap(),
+            warmup_steps: case["warmup"].as_u64().unwrap(),
+            grad_clip: case["clip"].as_f64().unwrap(),
+            accum_grad: 1,
+        };
+        let p =
+            Var::from_tensor(&Tensor::from_vec(vec(&case["p0"]), (3, 4), &dev).unwrap()).unwrap();
+        let q = Var::from_tensor(&Tensor::from_vec(vec(&case["q0"]), 5, &dev).unwrap()).unwrap();
+        let mut opt =
+            Adam::new(vec![("p".into(), p.clone()), ("q".into(), q.clone())], &cfg).unwrap();
+        for (i, g) in case["grads"].as_array().unwrap().iter().enumerate() {
+            let mut grads = vec![
+                Tensor::from_vec(vec(&g[0]), (3, 4), &dev).unwrap(),
+                Tensor::from_vec(vec(&g[1]), 5, &dev).unwrap(),
+            ];
+            let norm = clip_by_global_norm(&mut grads, cfg.grad_clip).unwrap();
+            assert!((norm - case["norms"][i].as_f64().unwrap()).abs() < 1e-9);
+            let lr = warmup_lr(cfg.lr, cfg.warmup_steps, opt.step_count() + 1);
+            opt.step(&grads, lr).unwrap();
+        }
+        let got_p = p.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let got_q = q.to_vec1::<f64>().unwrap();
+        for (a, b) in got_p
+            .iter()
+            .chain(&got_q)
+            .zip(vec(&case["p"]).iter().chain(&vec(&case["q"])))
+        {
+            assert!((a - b).abs() < 1e-9, "{:?}: {a} vs {b}", case["kind"]);
+        }
+    }
+}

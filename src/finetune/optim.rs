@@ -78,8 +78,10 @@ impl Adam {
         let bc2_sqrt = bc2.sqrt();
         for (i, g) in grads.iter().enumerate() {
             let p = &self.params[i].1;
-            let mut g = g.clone();
-            let mut theta = p.as_tensor().clone();
+            // detached: the moments must not keep this step's autograd graph alive (each
+            // m_t would otherwise hold m_{t-1}'s graph and memory would grow every step)
+            let mut g = g.detach();
+            let mut theta = p.as_tensor().detach();
             if self.weight_decay > 0.0 {
                 match self.kind {
                     OptimizerKind::Adam => g = (g + theta.affine(self.weight_decay, 0.0)?)?,
@@ -93,8 +95,8 @@ impl Adam {
             let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, self.eps)?;
             let update = (m.div(&denom)?).affine(step_size, 0.0)?;
             p.set(&(theta - update)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -163,9 +165,10 @@ impl GradAccumulator {
     pub fn add(&mut self, params: &NamedVars, grads: &GradStore) -> Result<()> {
         for (slot, (_, p)) in self.sums.iter_mut().zip(params) {
             if let Some(g) = grads.get(p.as_tensor()) {
+                let g = g.detach();
                 *slot = Some(match slot.take() {
                     Some(s) => (s + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }

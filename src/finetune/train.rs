@@ -546,10 +546,11 @@ pub fn train(
             summary.steps += 1;
             if step % cfg.train.log_every as u64 == 0 {
                 say(format!(
-                    "epoch {epoch} batch {bi}/{} step {step}: loss {mean_loss:.3} lr {lr:.3e} |grad| {norm:.3} {:.0} frames/s ({:.1} s)",
+                    "epoch {epoch} batch {bi}/{} step {step}: loss {mean_loss:.3} lr {lr:.3e} |grad| {norm:.3} {:.0} frames/s ({:.1} s{})",
                     batches.len(),
                     entry.frames_per_s,
-                    entry.elapsed_s
+                    entry.elapsed_s,
+                    resident_mb().map(|m| format!(", {m:.0} MB resident")).unwrap_or_default()
                 ));
             }
             if opts.max_steps.is_some_and(|m| step >= m) && bi < batches.len() {
@@ -652,6 +653,13 @@ fn pad_time_for_conv2d_backward(exp: &Experiment, feats: &Tensor) -> Result<Tens
         return Ok(feats.clone());
     }
     Ok(feats.pad_with_zeros(2, 0, extra)?)
+}
+
+/// Resident memory of this process in MB (Linux; None elsewhere), for progress lines.
+fn resident_mb() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0 / 1e6)
 }
 
 /// Refuse unusable stores before anything is written.

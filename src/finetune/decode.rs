@@ -130,6 +130,29 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     let dev = &opts.device;
     let (model, vars) = exp.build_model(dev)?;
     let ckpt = opts.checkpoint.path(&exp.dir);
+    if !ckpt.is_file() {
+        let kept: Vec<String> = std::fs::read_dir(checkpoint::checkpoint_dir(&exp.dir))
+            .map(|d| {
+                let mut v: Vec<String> = d
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        let n = name.strip_prefix("epoch_")?.strip_suffix(".safetensors")?;
+                        n.parse::<usize>().ok().map(|n| n.to_string())
+                    })
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        return Err(TrainError::Experiment {
+            path: ckpt,
+            reason: format!(
+                "no such checkpoint (epochs kept: [{}]; also `avg` and `last`)",
+                kept.join(", ")
+            ),
+        });
+    }
     let tensors = checkpoint::load_tensors(&ckpt, dev)?;
     checkpoint::assign(&vars, &tensors, &ckpt)?;
     drop(tensors);

@@ -422,15 +422,23 @@ pub fn train(
     let seed = exp.meta.seed;
     let train_frames: Vec<usize> = (0..train.len()).map(|i| train.frames(i)).collect();
     let accum = cfg.optim.accum_grad;
-    let mut checked_grads = false;
-    let mut first_step_seen = false;
+    let mut step = Stepper {
+        exp: &exp,
+        model: &model,
+        vars: &vars,
+        opt,
+        source: train,
+        targets: &train_t,
+        device: dev,
+        checked_grads: false,
+    };
     summary.setup_s = started.elapsed().as_secs_f64();
     say(format!("setup took {:.3} s", summary.setup_s));
 
-    if opts.max_steps.is_some_and(|m| opt.step_count() >= m) {
+    if opts.max_steps.is_some_and(|m| step.opt.step_count() >= m) {
         say(format!(
             "already at step {} (--max-steps): nothing to do",
-            opt.step_count()
+            step.opt.step_count()
         ));
         return Ok(summary);
     }
@@ -455,105 +463,37 @@ pub fn train(
         let mut stopped = false;
         while bi < batches.len() {
             let group_end = (bi + accum).min(batches.len());
-            let step_start = Instant::now();
-            let mut acc = GradAccumulator::new(vars.len());
-            // seconds in: reading + SpecAugment, forward + loss, backward, clip + update
-            let mut timing = [0f64; 4];
-            let (mut g_loss, mut g_utts, mut g_frames) = (0f64, 0usize, 0usize);
-            let group = group_end - bi;
-            for (b, items) in batches.iter().enumerate().take(group_end).skip(bi) {
-                let mut rng =
-                    ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
-                model.seed_dropout(mix_seed(seed, &[0xD80F, epoch as u64, b as u64]))?;
-                let t0 = Instant::now();
-                let (feats, lens) = train.batch(items, &exp.meta.layers, dev)?;
-                let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
-                let feats = pad_time_for_conv2d_backward(&exp, &feats)?;
-                let targets: Vec<Vec<u32>> =
-                    items.iter().map(|&i| train_t.tokens[i].clone()).collect();
-                let t1 = Instant::now();
-                let per_utt = utterance_losses(&model, &feats, &lens, &targets, true)?;
-                let n = items.len() as f64;
-                let mean = (per_utt.sum_all()? / n)?;
-                let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let t2 = Instant::now();
-                let grads = (mean / group as f64)?.backward()?;
-                acc.add(&vars, &grads)?;
-                timing[0] += (t1 - t0).as_secs_f64();
-                timing[1] += (t2 - t1).as_secs_f64();
-                timing[2] += t2.elapsed().as_secs_f64();
-                g_loss += loss_value * n;
-                g_utts += items.len();
-                g_frames += lens.iter().sum::<usize>();
-            }
-            if !checked_grads {
-                let missing = acc.missing(&vars);
-                if !missing.is_empty() {
-                    return Err(exp_err(&exp.dir, format!(
-                        "these trainable parameters got no gradient in the first step (a no-backward op cuts the graph): {}",
-                        missing.join(", ")
-                    )));
-                }
-                checked_grads = true;
-            }
-            let t_update = Instant::now();
-            let mut grads = acc.take(&vars)?;
-            let lr = warmup_lr(cfg.optim.lr, cfg.optim.warmup_steps, opt.step_count() + 1);
-            let norm = clip_by_global_norm(&mut grads, cfg.optim.grad_clip)?;
-            if norm.is_finite() {
-                opt.step(&grads, lr)?;
-            } else {
-                // as ESPnet: a non-finite gradient skips the update (the step count still moves
-                // so the schedule and the log stay aligned)
-                opt.skip_step();
-                say(format!(
-                    "step {}: gradient norm is not finite; update skipped",
-                    opt.step_count()
-                ));
-            }
-            timing[3] = t_update.elapsed().as_secs_f64();
+            let entry = step.run(epoch, &batches, bi..group_end, started)?;
             bi = group_end;
-            let step = opt.step_count();
-            let dt = step_start.elapsed().as_secs_f64();
-            if !first_step_seen {
-                first_step_seen = true;
+            if summary.steps == 0 {
                 summary.first_step_s = started.elapsed().as_secs_f64();
                 say(format!(
                     "first optimizer step done {:.3} s after start (data {:.3} s, forward {:.3} s, backward {:.3} s, update {:.3} s)",
-                    summary.first_step_s, timing[0], timing[1], timing[2], timing[3]
+                    summary.first_step_s, entry.data_s, entry.forward_s, entry.backward_s, entry.update_s
                 ));
             }
-            let mean_loss = g_loss / g_utts.max(1) as f64;
-            loss_sum += g_loss;
-            loss_utts += g_utts;
-            let entry = StepLog {
-                step,
-                epoch,
-                loss: mean_loss,
-                ctc_loss: mean_loss,
-                lr,
-                grad_norm: norm,
-                utts: g_utts,
-                frames: g_frames,
-                frames_per_s: g_frames as f64 / dt.max(1e-9),
-                elapsed_s: started.elapsed().as_secs_f64(),
-                data_s: timing[0],
-                forward_s: timing[1],
-                backward_s: timing[2],
-                update_s: timing[3],
-            };
+            if !entry.grad_norm.is_finite() {
+                say(format!(
+                    "step {}: gradient norm is not finite; update skipped",
+                    entry.step
+                ));
+            }
+            loss_sum += entry.loss * entry.utts as f64;
+            loss_utts += entry.utts;
+            let (step_no, mean_loss, lr, norm) =
+                (entry.step, entry.loss, entry.lr, entry.grad_norm);
             write_line(&mut log, &exp.dir.join(TRAIN_LOG), &entry)?;
             summary.steps += 1;
-            if step % cfg.train.log_every as u64 == 0 {
+            if step_no % cfg.train.log_every as u64 == 0 {
                 say(format!(
-                    "epoch {epoch} batch {bi}/{} step {step}: loss {mean_loss:.3} lr {lr:.3e} |grad| {norm:.3} {:.0} frames/s ({:.1} s{})",
+                    "epoch {epoch} batch {bi}/{} step {step_no}: loss {mean_loss:.3} lr {lr:.3e} |grad| {norm:.3} {:.0} frames/s ({:.1} s{})",
                     batches.len(),
                     entry.frames_per_s,
                     entry.elapsed_s,
                     resident_mb().map(|m| format!(", {m:.0} MB resident")).unwrap_or_default()
                 ));
             }
-            if opts.max_steps.is_some_and(|m| step >= m) && bi < batches.len() {
+            if opts.max_steps.is_some_and(|m| step_no >= m) && bi < batches.len() {
                 stopped = true;
                 break;
             }
@@ -566,17 +506,17 @@ pub fn train(
                 epoch,
                 batches_done: bi,
                 epoch_complete: false,
-                step: opt.step_count(),
+                step: step.opt.step_count(),
                 seed,
                 rng: RNG_SCHEME.into(),
                 history: history.clone(),
                 epoch_loss_sum: loss_sum,
                 epoch_utts: loss_utts,
             };
-            save_last(&exp.dir, &all_vars, &opt, &meta)?;
+            save_last(&exp.dir, &all_vars, &step.opt, &meta)?;
             say(format!(
                 "stopped at step {} (--max-steps), epoch {epoch} batch {bi}/{}; continue with --resume",
-                opt.step_count(),
+                step.opt.step_count(),
                 batches.len()
             ));
             summary.stopped_early = true;
@@ -590,7 +530,7 @@ pub fn train(
             .push(valid_start.elapsed().as_secs_f64());
         let result = EpochResult {
             epoch,
-            step: opt.step_count(),
+            step: step.opt.step_count(),
             train_loss: loss_sum / loss_utts.max(1) as f64,
             valid_loss,
             valid_cer,
@@ -607,7 +547,7 @@ pub fn train(
         end_of_epoch(
             &exp,
             &all_vars,
-            &opt,
+            &step.opt,
             &history,
             &model,
             epoch,
@@ -617,17 +557,121 @@ pub fn train(
         let mut elog = open_append(&exp.dir.join(EPOCH_LOG))?;
         write_line(&mut elog, &exp.dir.join(EPOCH_LOG), &result)?;
         summary.final_epoch = epoch;
-        if opts.max_steps.is_some_and(|m| opt.step_count() >= m) {
+        if opts.max_steps.is_some_and(|m| step.opt.step_count() >= m) {
             summary.stopped_early = epoch < cfg.train.max_epochs;
             say(format!(
                 "stopped at step {} (--max-steps) after epoch {epoch}",
-                opt.step_count()
+                step.opt.step_count()
             ));
             break;
         }
         epoch += 1;
     }
     Ok(summary)
+}
+
+/// One optimiser step: `accum_grad` batches of forward/backward, then clip and update.
+struct Stepper<'a> {
+    exp: &'a Experiment,
+    model: &'a AsrModel,
+    vars: &'a NamedVars,
+    opt: Adam,
+    source: &'a dyn FeatureSource,
+    targets: &'a Targets,
+    device: &'a Device,
+    checked_grads: bool,
+}
+
+impl Stepper<'_> {
+    /// Run batches `range` of this epoch's `batches` as one optimiser step; its log line.
+    fn run(
+        &mut self,
+        epoch: usize,
+        batches: &[Vec<usize>],
+        range: std::ops::Range<usize>,
+        started: Instant,
+    ) -> Result<StepLog, TrainError> {
+        let (exp, cfg, seed) = (self.exp, &self.exp.config, self.exp.meta.seed);
+        let step_start = Instant::now();
+        let mut acc = GradAccumulator::new(self.vars.len());
+        // seconds in: reading + SpecAugment, forward + loss, backward, clip + update
+        let mut timing = [0f64; 4];
+        let (mut loss_sum, mut utts, mut frames) = (0f64, 0usize, 0usize);
+        let group = range.len() as f64;
+        for b in range {
+            let items = &batches[b];
+            // every random draw of this batch comes from (seed, epoch, batch)
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(mix_seed(seed, &[0x5BEC, epoch as u64, b as u64]));
+            self.model
+                .seed_dropout(mix_seed(seed, &[0xD80F, epoch as u64, b as u64]))?;
+            let t0 = Instant::now();
+            let (feats, lens) = self.source.batch(items, &exp.meta.layers, self.device)?;
+            let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
+            let feats = pad_time_for_conv2d_backward(exp, &feats)?;
+            let targets: Vec<Vec<u32>> = items
+                .iter()
+                .map(|&i| self.targets.tokens[i].clone())
+                .collect();
+            let t1 = Instant::now();
+            let per_utt = utterance_losses(self.model, &feats, &lens, &targets, true)?;
+            let n = items.len() as f64;
+            let mean = (per_utt.sum_all()? / n)?;
+            let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let t2 = Instant::now();
+            let grads = (mean / group)?.backward()?;
+            acc.add(self.vars, &grads)?;
+            timing[0] += (t1 - t0).as_secs_f64();
+            timing[1] += (t2 - t1).as_secs_f64();
+            timing[2] += t2.elapsed().as_secs_f64();
+            loss_sum += loss_value * n;
+            utts += items.len();
+            frames += lens.iter().sum::<usize>();
+        }
+        if !self.checked_grads {
+            let missing = acc.missing(self.vars);
+            if !missing.is_empty() {
+                return Err(exp_err(&exp.dir, format!(
+                    "these trainable parameters got no gradient in the first step (a no-backward op cuts the graph): {}",
+                    missing.join(", ")
+                )));
+            }
+            self.checked_grads = true;
+        }
+        let t_update = Instant::now();
+        let mut grads = acc.take(self.vars)?;
+        let lr = warmup_lr(
+            cfg.optim.lr,
+            cfg.optim.warmup_steps,
+            self.opt.step_count() + 1,
+        );
+        let norm = clip_by_global_norm(&mut grads, cfg.optim.grad_clip)?;
+        if norm.is_finite() {
+            self.opt.step(&grads, lr)?;
+        } else {
+            // as ESPnet: a non-finite gradient skips the update (the step count still moves
+            // so the schedule and the log stay aligned)
+            self.opt.skip_step();
+        }
+        timing[3] = t_update.elapsed().as_secs_f64();
+        let loss = loss_sum / utts.max(1) as f64;
+        Ok(StepLog {
+            step: self.opt.step_count(),
+            epoch,
+            loss,
+            ctc_loss: loss,
+            lr,
+            grad_norm: norm,
+            utts,
+            frames,
+            frames_per_s: frames as f64 / step_start.elapsed().as_secs_f64().max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+            data_s: timing[0],
+            forward_s: timing[1],
+            backward_s: timing[2],
+            update_s: timing[3],
+        })
+    }
 }
 
 /// Work around candle 0.11's conv2d backward, which derives the transposed convolution's

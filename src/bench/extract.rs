@@ -41,7 +41,9 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
     let audio_seconds = chunks as f64 * args.chunk;
     if args.model == "fbank" {
         let fbank = Fbank::new(FbankOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let waves: Vec<Vec<f32>> = (0..chunks).map(|c| noise(chunk_samples, c as u64)).collect();
+        let waves: Vec<Vec<f32>> = (0..chunks)
+            .map(|c| noise(chunk_samples, c as u64))
+            .collect();
         let t = Instant::now();
         for w in &waves {
             std::hint::black_box(fbank.compute_from_unit_scale(w));
@@ -70,9 +72,12 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
     let mut c = 0;
     while c < chunks {
         let b = args.batch.min(chunks - c).max(1);
-        let data: Vec<f32> = (0..b).flat_map(|i| noise(chunk_samples, (c + i) as u64)).collect();
+        let data: Vec<f32> = (0..b)
+            .flat_map(|i| noise(chunk_samples, (c + i) as u64))
+            .collect();
         let wave = Tensor::from_vec(data, (b, chunk_samples), &device)?.to_dtype(dtype)?;
-        let (states, _, laps) = model.forward_profiled(&wave, &vec![chunk_samples; b], cfg.num_hidden_layers)?;
+        let (states, _, laps) =
+            model.forward_profiled(&wave, &vec![chunk_samples; b], cfg.num_hidden_layers)?;
         // what a cache writes: every hidden state, converted to f16 on the host
         for s in &states {
             std::hint::black_box(s.to_dtype(DType::F16)?.to_device(&Device::Cpu)?);
@@ -98,14 +103,25 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
     );
     let profiled: f64 = stages.values().sum();
     for (name, secs) in &stages {
-        println!("  {name:<24} {secs:>7.2} s  {:>5.1}%", 100.0 * secs / profiled.max(1e-9));
+        println!(
+            "  {name:<24} {secs:>7.2} s  {:>5.1}%",
+            100.0 * secs / profiled.max(1e-9)
+        );
     }
-    println!("  {:<24} {:>7.2} s", "other (copies, f16 output)", (wall - profiled).max(0.0));
+    println!(
+        "  {:<24} {:>7.2} s",
+        "other (copies, f16 output)",
+        (wall - profiled).max(0.0)
+    );
     Ok(())
 }
 
 /// A real-config model with random weights (`base`, `large`) or a checkpoint.
-fn load_model(name: &str, device: &Device, dtype: DType) -> anyhow::Result<(Wav2Vec2Config, Wav2Vec2Model)> {
+fn load_model(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<(Wav2Vec2Config, Wav2Vec2Model)> {
     let cfg = match name {
         "base" => Wav2Vec2Config::default(),
         "large" => Wav2Vec2Config {
@@ -128,7 +144,8 @@ fn load_model(name: &str, device: &Device, dtype: DType) -> anyhow::Result<(Wav2
         .into_iter()
         .map(|(name, shape)| {
             let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
-            let is_scale = name.ends_with("weight_g") || (name.contains("norm") && name.ends_with("weight"));
+            let is_scale =
+                name.ends_with("weight_g") || (name.contains("norm") && name.ends_with("weight"));
             let t = if is_scale {
                 Tensor::ones(shape, DType::F32, device)
             } else {

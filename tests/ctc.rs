@@ -303,6 +303,37 @@ fn gradient_wrt_log_probs_is_minus_the_occupancy() {
 }
 
 #[test]
+fn half_precision_input_is_computed_in_f32() {
+    let (batch, frames, classes) = (2, 6, 4);
+    let logits = random_logits(11, batch * frames * classes, 2.0);
+    let targets = vec![vec![1, 2, 2], vec![3]];
+    let lengths = [6, 5];
+    let (want, _, _) = ours(
+        true,
+        &logits,
+        (batch, frames, classes),
+        DType::F64,
+        &targets,
+        &lengths,
+        false,
+        Reduction::Sum,
+    );
+    let x = Tensor::from_vec(logits, (batch, frames, classes), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let (losses, _) = ctc_loss_from_logits(x.as_tensor(), &targets, &lengths, 0, false).unwrap();
+    assert_eq!(losses.dtype(), DType::F32);
+    let got: Vec<f32> = losses.to_vec1().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((f64::from(*g) - w).abs() < 0.05 * w, "{g} vs {w}");
+    }
+    let grads = losses.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(x.as_tensor()).unwrap().dtype(), DType::BF16);
+}
+
+#[test]
 fn invalid_arguments_are_errors() {
     let lp = Tensor::zeros((2, 4, 3), DType::F32, &Device::Cpu).unwrap();
     let two = [vec![1], vec![2]];

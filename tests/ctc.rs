@@ -710,3 +710,33 @@ fn timing_realistic_batch() {
         );
     }
 }
+
+/// Decoding speed (run with `--ignored --nocapture`): 500 frames, 4 000 classes.
+#[test]
+#[ignore]
+fn timing_decoding() {
+    let (frames, classes) = (500, 4000);
+    let logits = Tensor::randn(0f32, 3.0, (frames, classes), &Device::Cpu).unwrap();
+    let lp: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lp = Array2::from_shape_vec((frames, classes), lp).unwrap();
+    let start = std::time::Instant::now();
+    let best = greedy(lp.view(), 0);
+    eprintln!("greedy: {:.2} ms", start.elapsed().as_secs_f64() * 1e3);
+    for beam in [1, 4, 10, 20] {
+        let start = std::time::Instant::now();
+        let hyps = prefix_beam_search(lp.view(), beam, 0);
+        eprintln!(
+            "prefix beam {beam}: {:.1} ms ({} labels)",
+            start.elapsed().as_secs_f64() * 1e3,
+            hyps[0].0.len()
+        );
+        if beam == 1 {
+            assert_eq!(hyps[0].0, best);
+        }
+    }
+}

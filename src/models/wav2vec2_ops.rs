@@ -424,6 +424,65 @@ unsafe fn frames_gemm(
     );
 }
 
+/// Output rows `t0..` of a one-input-channel conv: `out[t] = bias + Σ_j x[t·s + j] · w[j]`.
+#[allow(clippy::too_many_arguments)]
+fn direct_conv_rows(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    t0: usize,
+    k: usize,
+    s: usize,
+    c: usize,
+) {
+    #[inline(always)]
+    fn rows(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        t0: usize,
+        k: usize,
+        s: usize,
+        c: usize,
+    ) {
+        for (i, row) in out.chunks_exact_mut(c).enumerate() {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+            let xs = &x[(t0 + i) * s..(t0 + i) * s + k];
+            for (&a, wj) in xs.iter().zip(w.chunks_exact(c)) {
+                row.iter_mut().zip(wj).for_each(|(o, &wv)| *o += a * wv);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn rows_avx2(
+            x: &[f32],
+            w: &[f32],
+            bias: Option<&[f32]>,
+            out: &mut [f32],
+            t0: usize,
+            k: usize,
+            s: usize,
+            c: usize,
+        ) {
+            rows(x, w, bias, out, t0, k, s, c)
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { rows_avx2(x, w, bias, out, t0, k, s, c) };
+            return;
+        }
+    }
+    rows(x, w, bias, out, t0, k, s, c)
+}
+
 struct StridedConv {
     kernel: usize,
     stride: usize,
@@ -458,6 +517,20 @@ impl candle_core::CustomOp3 for StridedConv {
         let t_out = (t_in - k) / s + 1;
         let mut out = vec![0f32; nb * t_out * c_out];
         let bias = (!bias.is_empty()).then_some(bias);
+        if c_in == 1 {
+            // The first conv (one input channel, K ≈ 10) is too thin for gemm: direct FMAs.
+            let rows_per_task = (TASK_ELEMS / c_out).max(1);
+            for b in 0..nb {
+                let xb = &x[b * t_in..(b + 1) * t_in];
+                out[b * t_out * c_out..(b + 1) * t_out * c_out]
+                    .par_chunks_mut(rows_per_task * c_out)
+                    .enumerate()
+                    .for_each(|(i, o)| {
+                        direct_conv_rows(xb, w, bias, o, i * rows_per_task, k, s, c_out)
+                    });
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))));
+        }
         for b in 0..nb {
             // SAFETY: rows of x_b start every s·c_in and span k·c_in ≤ t_in·c_in values.
             unsafe {
@@ -861,50 +934,5 @@ mod tests {
     fn libm_erf(x: f64) -> f64 {
         let t = Tensor::new(&[x], &Device::Cpu).unwrap();
         t.erf().unwrap().to_vec1::<f64>().unwrap()[0]
-    }
-}
-
-#[cfg(test)]
-mod scratch_bench {
-    use super::*;
-    use candle_core::Device;
-    use std::time::Instant;
-
-    fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
-        let _ = f();
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let _ = f();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        println!("{name:>40}: {:8.2} ms", best * 1e3);
-    }
-
-    #[test]
-    #[ignore]
-    fn scratch_ops() {
-        let dev = Device::Cpu;
-        let y = Tensor::randn(0f32, 1.0, (1, 31999, 512), &dev).unwrap();
-        let w = Tensor::ones(512, DType::F32, &dev).unwrap();
-        let b = Tensor::zeros(512, DType::F32, &dev).unwrap();
-        time("bias_act gelu 16M", || {
-            bias_act(&y, None, Activation::Gelu).unwrap()
-        });
-        time("channel_norm_act 16M", || {
-            channel_norm_act(&y, &[31999], &w, &b, 1e-5, Activation::Gelu).unwrap()
-        });
-        time("layer_norm_act 16M", || {
-            layer_norm_act(&y, &w, &b, 1e-5, Some(Activation::Gelu)).unwrap()
-        });
-        let wave = Tensor::randn(0f32, 1.0, (1, 160000, 1), &dev).unwrap();
-        let w0 = Tensor::randn(0f32, 1.0, (10, 512), &dev).unwrap();
-        time("conv0 gemm", || {
-            strided_conv(&wave, &w0, None, 10, 5, 1 << 23).unwrap()
-        });
-        let w1 = Tensor::randn(0f32, 1.0, (1536, 512), &dev).unwrap();
-        time("conv1 gemm", || {
-            strided_conv(&y, &w1, None, 3, 2, 1 << 23).unwrap()
-        });
     }
 }

@@ -159,6 +159,24 @@ fn padded_batch_equals_each_utterance_alone() {
 }
 
 #[test]
+fn forward_waveforms_pads_for_the_caller() {
+    let inputs = inputs();
+    let waves: Vec<Vec<f32>> = (0..N_UTTS)
+        .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
+        .collect();
+    let slices: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
+    let (cfg, model) = load("hubert_base", DType::F32);
+    let refs = refs("hubert_base");
+    let (states, valid) = model.forward_waveforms(&slices, 1).unwrap();
+    assert_eq!(states.len(), 2);
+    for (b, &t) in valid.iter().enumerate() {
+        assert_eq!(t, frames_for_samples(&cfg, waves[b].len()));
+        let ours = states[1].i(b).unwrap().narrow(0, 0, t).unwrap();
+        assert!(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden1")]) < 1e-4);
+    }
+}
+
+#[test]
 fn early_stop_returns_the_first_states_of_the_full_run() {
     let wave = inputs()["norm_1"].unsqueeze(0).unwrap();
     let n = wave.dim(1).unwrap();

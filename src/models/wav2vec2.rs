@@ -544,6 +544,24 @@ impl Wav2Vec2Model {
         self.run(wave, lengths, max_hidden_state, &mut Profiler::new(false))
     }
 
+    /// `forward` on a batch of waveforms of any lengths (zero-padded here into one
+    /// [B, max length] tensor on the model's device). Normalise each one first with
+    /// `normalize_waveform` when `preprocessor_config.json` says `do_normalize`.
+    pub fn forward_waveforms(
+        &self,
+        waves: &[&[f32]],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let lengths: Vec<usize> = waves.iter().map(|w| w.len()).collect();
+        let s = lengths.iter().copied().max().unwrap_or(0);
+        let mut flat = vec![0f32; waves.len() * s];
+        for (row, w) in flat.chunks_exact_mut(s.max(1)).zip(waves) {
+            row[..w.len()].copy_from_slice(w);
+        }
+        let wave = Tensor::from_vec(flat, (waves.len(), s), &self.device)?;
+        self.forward(&wave, &lengths, max_hidden_state)
+    }
+
     /// `forward`, also returning the wall time in seconds of every stage (each conv layer,
     /// projection, positional conv, each Transformer layer), for benchmarks.
     #[allow(clippy::type_complexity)]

@@ -149,6 +149,8 @@ struct ConvLayer {
     kernel: usize,
     stride: usize,
     act: Activation,
+    /// The same layer fused for CPU f32 (first conv of "group" models only).
+    fused: Option<ops::FirstConvGroupNorm>,
 }
 
 impl ConvLayer {
@@ -175,13 +177,34 @@ impl ConvLayer {
             },
             _ => ConvNorm::None,
         };
+        let (stride, act) = (
+            cfg.conv_stride[i],
+            activation(&cfg.feat_extract_activation)?,
+        );
+        let fused = match &norm {
+            ConvNorm::Group {
+                weight: nw,
+                bias: nb,
+            } if c_in == 1 && weight.device().is_cpu() => Some(ops::FirstConvGroupNorm::new(
+                &weight,
+                bias.as_ref(),
+                nw,
+                nb,
+                kernel,
+                stride,
+                CONV_NORM_EPS,
+                act,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             weight,
             bias,
             norm,
             kernel,
-            stride: cfg.conv_stride[i],
-            act: activation(&cfg.feat_extract_activation)?,
+            stride,
+            act,
+            fused,
         })
     }
 
@@ -191,6 +214,11 @@ impl ConvLayer {
             .iter()
             .map(|&n| conv_out_len(n, self.kernel, self.stride))
             .collect();
+        if let Some(fused) = &self.fused {
+            if ops::FirstConvGroupNorm::applies_to(x) {
+                return Ok((fused.forward(x, &valid_out)?, valid_out));
+            }
+        }
         let y = ops::strided_conv(
             x,
             &self.weight,

@@ -854,6 +854,142 @@ pub fn channel_norm_act(
     act_generic(&y, act)
 }
 
+// ---------------------------------------------------------------- fused first conv (CPU)
+
+/// The first conv of a "group" model with its GroupNorm and activation fused, for CPU f32:
+/// the conv (one input channel, a few taps) is cheap to recompute, so the statistics pass
+/// and the output pass each recompute it instead of writing and re-reading its large output.
+pub struct FirstConvGroupNorm {
+    /// `[K, C]` (tap-major).
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    eps: f64,
+    act: Activation,
+}
+
+impl FirstConvGroupNorm {
+    /// `weight` [K, C], `bias` [C]; `norm_*` the GroupNorm(C, C) affine parameters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        norm_weight: &Tensor,
+        norm_bias: &Tensor,
+        kernel: usize,
+        stride: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let vec = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Self {
+            weight: vec(weight)?,
+            bias: bias.map(vec).transpose()?,
+            norm_weight: vec(norm_weight)?,
+            norm_bias: vec(norm_bias)?,
+            kernel,
+            stride,
+            eps,
+            act,
+        })
+    }
+
+    /// Whether `forward` can run on `wave` (CPU f32); otherwise use the unfused steps.
+    pub fn applies_to(wave: &Tensor) -> bool {
+        fast_path(wave)
+    }
+
+    /// `wave` [B, S, 1] with `valid_out[b]` valid output frames → [B, T_out, C].
+    pub fn forward(&self, wave: &Tensor, valid_out: &[usize]) -> Result<Tensor> {
+        wave.contiguous()?.apply_op1_no_bwd(&FusedFirstConv {
+            layer: self,
+            valid_out,
+        })
+    }
+}
+
+struct FusedFirstConv<'a> {
+    layer: &'a FirstConvGroupNorm,
+    valid_out: &'a [usize],
+}
+
+impl CustomOp1 for FusedFirstConv<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-first-conv-group-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.layer;
+        let x = contiguous_f32(s, l, "w2v-first-conv-group-norm")?;
+        let (nb, t_in, _) = l.shape().dims3()?;
+        let (k, st, c) = (p.kernel, p.stride, p.norm_weight.len());
+        if t_in < k || self.valid_out.len() != nb || p.weight.len() != k * c {
+            candle_core::bail!(
+                "w2v-first-conv-group-norm: input {:?} does not fit",
+                l.dims()
+            );
+        }
+        let t_out = (t_in - k) / st + 1;
+        let bias = p.bias.as_deref();
+        let rows_per_task = (TASK_ELEMS / c).max(1);
+        let mut out = vec![0f32; nb * t_out * c];
+        for (b, &n) in self.valid_out.iter().enumerate() {
+            let xb = &x[b * t_in..(b + 1) * t_in];
+            // Pass 1: per-channel sum and sum of squares (f64) over the valid frames.
+            let n = n.min(t_out);
+            let (sum, sumsq) = (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .map(|task| {
+                    let t0 = task * rows_per_task;
+                    let rows = rows_per_task.min(n - t0);
+                    let mut y = vec![0f32; rows * c];
+                    direct_conv_rows(xb, &p.weight, bias, &mut y, t0, k, st, c);
+                    let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+                    for row in y.chunks_exact(c) {
+                        for ((a, q), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                            *a += v as f64;
+                            *q += v as f64 * v as f64;
+                        }
+                    }
+                    (s1, s2)
+                })
+                .reduce(
+                    || (vec![0f64; c], vec![0f64; c]),
+                    |(mut a1, mut a2), (b1, b2)| {
+                        a1.iter_mut().zip(&b1).for_each(|(a, b)| *a += b);
+                        a2.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                        (a1, a2)
+                    },
+                );
+            let denom = n.max(1) as f64;
+            let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
+            for i in 0..c {
+                let mean = sum[i] / denom;
+                let var = (sumsq[i] / denom - mean * mean).max(0.0);
+                let sc = p.norm_weight[i] as f64 / (var + p.eps).sqrt();
+                scale[i] = sc as f32;
+                shift[i] = (p.norm_bias[i] as f64 - mean * sc) as f32;
+            }
+            // Pass 2: recompute the conv, normalise and activate, straight into the output.
+            out[b * t_out * c..(b + 1) * t_out * c]
+                .par_chunks_mut(rows_per_task * c)
+                .enumerate()
+                .for_each(|(task, o)| {
+                    direct_conv_rows(xb, &p.weight, bias, o, task * rows_per_task, k, st, c);
+                    for row in o.chunks_exact_mut(c) {
+                        for ((v, &s), &h) in row.iter_mut().zip(&scale).zip(&shift) {
+                            *v = *v * s + h;
+                        }
+                    }
+                    bias_act_rows(o, &[], p.act);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

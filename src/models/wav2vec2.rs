@@ -7,12 +7,17 @@
 //! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
 //! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
 //!
-//! Layout: activations are time-major `[B, T, C]` throughout. Every conv is a frame-matmul:
-//! frames are gathered with one `index_select` (`[B, T_out·K, C_in]`, reshaped to
-//! `[B·T_out, K·C_in]`) and multiplied by the weight pre-arranged at load time as
-//! `[K·C_in, C_out]`; the grouped positional conv is one batched matmul over the groups.
-//! This avoids candle's CPU conv1d (transposing output copy, one conv per group) and runs
-//! unchanged on CUDA and in f16/bf16.
+//! Layout: activations are time-major `[B, T, C]` throughout, and every conv is a
+//! frame-matmul with its weight pre-arranged at load time as `[K·C_in, C_out]` (rows ordered
+//! tap, then input channel). In time-major memory the K frames a conv output reads are one
+//! contiguous run, so on the CPU (f32) each conv is a single gemm whose lhs rows overlap
+//! (row stride `stride·C_in`, no im2col copy), the first conv (one input channel) is direct
+//! FMAs fused with its GroupNorm and GELU, and the grouped positional conv is one gemm per
+//! group writing straight into the output. On other devices and dtypes (CUDA, f16, bf16) the
+//! same frames are gathered with `index_select` in bounded chunks and multiplied with
+//! `matmul`; norms, activations and the attention softmax have fused multi-threaded CPU
+//! kernels and plain tensor-op equivalents (see `wav2vec2_ops.rs`). This avoids candle's CPU
+//! conv1d (a transposing output copy, one conv per group).
 //!
 //! # Padding invariance
 //! In a padded batch, every utterance's hidden states on its valid frames equal those of the

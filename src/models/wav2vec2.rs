@@ -224,26 +224,35 @@ impl ConvLayer {
                 return Ok((fused.forward(x, &valid_out)?, valid_out));
             }
         }
-        let y = ops::strided_conv(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.kernel,
-            self.stride,
-            CHUNK_ELEMS,
-        )?;
+        let conv = |post| {
+            ops::strided_conv(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.kernel,
+                self.stride,
+                CHUNK_ELEMS,
+                post,
+            )
+        };
         let y = match &self.norm {
-            ConvNorm::None => ops::bias_act(&y, None, self.act)?,
+            ConvNorm::None => conv(ops::ConvPost::Act(self.act))?,
+            ConvNorm::Layer(ln) => conv(ops::ConvPost::LayerNormAct {
+                weight: &ln.weight,
+                bias: &ln.bias,
+                eps: ln.eps,
+                act: self.act,
+            })?,
             ConvNorm::Group { weight, bias } => {
+                // Statistics need the whole output first: no fusion on this path.
+                let y = conv(ops::ConvPost::Identity)?;
                 ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
-            }
-            ConvNorm::Layer(ln) => {
-                ops::layer_norm_act(&y, &ln.weight, &ln.bias, ln.eps, Some(self.act))?
             }
         };
         Ok((y, valid_out))
     }
 }
+
 /// Mirrors `Wav2Vec2FeatureProjection` / `HubertFeatureProjection` (dropout is identity).
 struct FeatureProjection {
     layer_norm: Option<LayerNorm>,

@@ -278,19 +278,20 @@ struct LayerNormAct {
 }
 
 impl LayerNormAct {
-    fn rows(&self, x: &[f32], out: &mut [f32], w: &[f32], b: &[f32]) {
+    /// Normalises (and activates) rows of `xs` in place.
+    fn rows(&self, xs: &mut [f32], w: &[f32], b: &[f32]) {
         let c = w.len();
-        for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        for row in xs.chunks_exact_mut(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
             let rstd = 1.0 / (var + self.eps).sqrt();
             let (mean, rstd) = (mean as f32, rstd as f32);
-            for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                *y = (v - mean) * rstd * w + b;
+            for ((y, &w), &b) in row.iter_mut().zip(w).zip(b) {
+                *y = (*y - mean) * rstd * w + b;
             }
         }
         if let Some(act) = self.act {
-            bias_act_rows(out, &[], act);
+            bias_act_rows(xs, &[], act);
         }
     }
 }
@@ -322,7 +323,10 @@ impl candle_core::CustomOp3 for LayerNormAct {
         let task = (TASK_ELEMS / c).max(1) * c;
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
-            .for_each(|(o, x)| self.rows(x, o, w, b));
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                self.rows(o, w, b)
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -486,6 +490,39 @@ fn direct_conv_rows(
 struct StridedConv {
     kernel: usize,
     stride: usize,
+    post: Option<PostOp>,
+}
+
+/// What runs on a conv's output rows in place, while they are fresh (CPU fast path).
+enum PostOp {
+    Act(Activation),
+    LayerNorm {
+        norm: LayerNormAct,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    },
+}
+
+impl PostOp {
+    fn apply(&self, out: &mut [f32], c: usize) {
+        let task = (TASK_ELEMS / c).max(1) * c;
+        out.par_chunks_mut(task).for_each(|o| match self {
+            PostOp::Act(act) => bias_act_rows(o, &[], *act),
+            PostOp::LayerNorm { norm, weight, bias } => norm.rows(o, weight, bias),
+        });
+    }
+}
+
+/// The norm and activation after a feature-encoder conv, fused into it on the CPU fast path.
+pub enum ConvPost<'a> {
+    Identity,
+    Act(Activation),
+    LayerNormAct {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        eps: f64,
+        act: Activation,
+    },
 }
 
 impl candle_core::CustomOp3 for StridedConv {
@@ -529,6 +566,9 @@ impl candle_core::CustomOp3 for StridedConv {
                         direct_conv_rows(xb, w, bias, o, i * rows_per_task, k, s, c_out)
                     });
             }
+            if let Some(post) = &self.post {
+                post.apply(&mut out, c_out);
+            }
             return Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))));
         }
         for b in 0..nb {
@@ -547,6 +587,9 @@ impl candle_core::CustomOp3 for StridedConv {
                     rayon::current_num_threads(),
                 );
             }
+        }
+        if let Some(post) = &self.post {
+            post.apply(&mut out, c_out);
         }
         Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))))
     }
@@ -570,9 +613,10 @@ fn gather_frames(
 }
 
 /// Unpadded strided conv on time-major `x` [B, T_in, C_in] with `weight` [K·C_in, C_out]
-/// (rows ordered tap, then input channel) plus `bias`: [B, T_out, C_out].
-/// CPU f32: one gemm per utterance reading overlapping rows of `x` (no im2col copy);
-/// elsewhere: frames gathered in chunks of at most `chunk_elems`, then a matmul.
+/// (rows ordered tap, then input channel) plus `bias`, then `post`: [B, T_out, C_out].
+/// CPU f32: one gemm per utterance reading overlapping rows of `x` (no im2col copy), `post`
+/// applied in place; elsewhere: frames gathered in chunks of at most `chunk_elems`, a matmul,
+/// then the tensor-op norm and activation.
 pub fn strided_conv(
     x: &Tensor,
     weight: &Tensor,
@@ -580,6 +624,7 @@ pub fn strided_conv(
     kernel: usize,
     stride: usize,
     chunk_elems: usize,
+    post: ConvPost,
 ) -> Result<Tensor> {
     if fast_path(x) && weight.dtype() == DType::F32 {
         let empty;
@@ -590,7 +635,28 @@ pub fn strided_conv(
                 &empty
             }
         };
-        let op = StridedConv { kernel, stride };
+        let post = match post {
+            ConvPost::Identity => None,
+            ConvPost::Act(act) => Some(PostOp::Act(act)),
+            ConvPost::LayerNormAct {
+                weight,
+                bias,
+                eps,
+                act,
+            } => Some(PostOp::LayerNorm {
+                norm: LayerNormAct {
+                    eps,
+                    act: Some(act),
+                },
+                weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            }),
+        };
+        let op = StridedConv {
+            kernel,
+            stride,
+            post,
+        };
         return x.contiguous()?.apply_op3_no_bwd(
             &weight.contiguous()?,
             &bias.to_dtype(DType::F32)?,
@@ -610,10 +676,19 @@ pub fn strided_conv(
         let frames = gather_frames(x, 1, t0, n, kernel, stride)?.reshape((b * n, kernel * c_in))?;
         pieces.push(frames.matmul(weight)?.reshape((b, n, c_out))?);
     }
-    let y = Tensor::cat(&pieces, 1)?;
-    match bias {
-        Some(bias) => y.broadcast_add(bias),
-        None => Ok(y),
+    let mut y = Tensor::cat(&pieces, 1)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    match post {
+        ConvPost::Identity => Ok(y),
+        ConvPost::Act(act) => bias_act(&y, None, act),
+        ConvPost::LayerNormAct {
+            weight,
+            bias,
+            eps,
+            act,
+        } => layer_norm_act(&y, weight, bias, eps, Some(act)),
     }
 }
 

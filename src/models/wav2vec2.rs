@@ -577,6 +577,11 @@ impl Wav2Vec2Model {
     /// model's dtype, exactly as transformers' `hidden_states` tuple (state 0 is the input to
     /// the first layer, state `num_hidden_layers` the final output), computing no layer beyond
     /// the last one asked for; and the valid frame count of every utterance.
+    ///
+    /// Memory: besides the states (B·T·H each), attention holds B·heads·T² scores per layer,
+    /// so batch long utterances by total frames. Errors: `lengths` not matching `wave`,
+    /// `max_hidden_state > num_hidden_layers`, or a batch shorter than the receptive field
+    /// (an utterance shorter than it inside a longer batch just gets 0 valid frames).
     pub fn forward(
         &self,
         wave: &Tensor,

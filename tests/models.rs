@@ -115,11 +115,16 @@ fn generic_tensor_path_matches_transformers() {
 
 #[test]
 fn half_precision_runs_close() {
-    for variant in ["w2v_base", "hubert_large"] {
-        let worst = worst_single(variant, DType::BF16);
+    for (variant, dtype) in [
+        ("w2v_base", DType::BF16),
+        ("hubert_large", DType::BF16),
+        ("w2v_large", DType::F16),
+        ("hubert_base", DType::F16),
+    ] {
+        let worst = worst_single(variant, dtype);
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
-        println!("{variant} bf16: max diff {worst:.3} (max |ref| {scale:.1})");
-        assert!(worst < 0.1 * scale.max(1.0), "{variant} bf16: {worst}");
+        println!("{variant} {dtype:?}: max diff {worst:.3} (max |ref| {scale:.1})");
+        assert!(worst < 0.1 * scale.max(1.0), "{variant} {dtype:?}: {worst}");
     }
 }
 

@@ -388,6 +388,18 @@ mod tests {
         assert_eq!(cfg.receptive_field(), 400);
         // facebook/wav2vec2-base: Wav2Vec2Model state dict size without masked_spec_embed (transformers 4.46).
         assert_eq!(parameter_count(&cfg), 94_370_944);
+        // wav2vec2-large-lv60 shapes and a HuBERT without the projection LayerNorm (same source).
+        let large: Wav2Vec2Config = serde_json::from_str(
+            r#"{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "intermediate_size": 4096, "feat_extract_norm": "layer", "conv_bias": true,
+                "do_stable_layer_norm": true}"#,
+        )
+        .unwrap();
+        assert_eq!(parameter_count(&large), 315_437_696);
+        let hubert: Wav2Vec2Config =
+            serde_json::from_str(r#"{"model_type": "hubert", "feat_proj_layer_norm": false}"#)
+                .unwrap();
+        assert_eq!(parameter_count(&hubert), 94_369_920);
     }
 
     #[test]

@@ -450,3 +450,24 @@ fn corrupted_files_never_panic() {
         }
     }
 }
+
+#[test]
+fn loads_the_encoder_fixtures_of_every_variant() {
+    // The wav2vec2 model's own fixtures (save_pretrained of base/large wav2vec2 and HuBERT).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("config.json").is_file() {
+            continue;
+        }
+        let ck = load(&dir);
+        assert_eq!(ck.format, "safetensors");
+        assert_eq!(
+            ck.parameter_count(),
+            speechcache::models::config::parameter_count(&ck.config)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 4, "only {seen} model fixtures found");
+}

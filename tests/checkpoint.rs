@@ -471,3 +471,46 @@ fn loads_the_encoder_fixtures_of_every_variant() {
     }
     assert!(seen >= 4, "only {seen} model fixtures found");
 }
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let src = fixtures().join("hubert_layer");
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let (mut a, mut b) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    let mut weight_map = serde_json::Map::new();
+    for (name, t) in all {
+        let shard = if name.starts_with("encoder.layers.") {
+            b.insert(name.clone(), t);
+            "model-00002-of-00002.safetensors"
+        } else {
+            a.insert(name.clone(), t);
+            "model-00001-of-00002.safetensors"
+        };
+        weight_map.insert(name, shard.into());
+    }
+    let shard1 = dir.path().join("model-00001-of-00002.safetensors");
+    let shard2 = dir.path().join("model-00002-of-00002.safetensors");
+    candle_core::safetensors::save(&a, &shard1).unwrap();
+    candle_core::safetensors::save(&b, &shard2).unwrap();
+    // Index order: shard 1 is named first (serde_json keeps keys sorted: "encoder.layer_norm").
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let ck = load(dir.path());
+    let base = load(&src);
+    assert_eq!(ck.format, "safetensors");
+    for (name, t) in &base.tensors {
+        assert_eq!(f32_sha256(&ck.tensors[name]), f32_sha256(t), "{name}");
+    }
+    let mut cat = std::fs::read(&shard1).unwrap();
+    cat.extend(std::fs::read(&shard2).unwrap());
+    assert_eq!(ck.weights_sha256, hex::encode(Sha256::digest(&cat)));
+}

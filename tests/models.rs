@@ -115,11 +115,16 @@ fn generic_tensor_path_matches_transformers() {
 
 #[test]
 fn half_precision_runs_close() {
-    for variant in ["w2v_base", "hubert_large"] {
-        let worst = worst_single(variant, DType::BF16);
+    for (variant, dtype) in [
+        ("w2v_base", DType::BF16),
+        ("hubert_large", DType::BF16),
+        ("w2v_large", DType::F16),
+        ("hubert_base", DType::F16),
+    ] {
+        let worst = worst_single(variant, dtype);
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
-        println!("{variant} bf16: max diff {worst:.3} (max |ref| {scale:.1})");
-        assert!(worst < 0.1 * scale.max(1.0), "{variant} bf16: {worst}");
+        println!("{variant} {dtype:?}: max diff {worst:.3} (max |ref| {scale:.1})");
+        assert!(worst < 0.1 * scale.max(1.0), "{variant} {dtype:?}: {worst}");
     }
 }
 
@@ -155,6 +160,24 @@ fn padded_batch_equals_each_utterance_alone() {
         }
         println!("{variant}: batch vs alone max diff {worst:.2e}");
         assert!(worst < 1e-4, "{variant}: {worst}");
+    }
+}
+
+#[test]
+fn forward_waveforms_pads_for_the_caller() {
+    let inputs = inputs();
+    let waves: Vec<Vec<f32>> = (0..N_UTTS)
+        .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
+        .collect();
+    let slices: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
+    let (cfg, model) = load("hubert_base", DType::F32);
+    let refs = refs("hubert_base");
+    let (states, valid) = model.forward_waveforms(&slices, 1).unwrap();
+    assert_eq!(states.len(), 2);
+    for (b, &t) in valid.iter().enumerate() {
+        assert_eq!(t, frames_for_samples(&cfg, waves[b].len()));
+        let ours = states[1].i(b).unwrap().narrow(0, 0, t).unwrap();
+        assert!(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden1")]) < 1e-4);
     }
 }
 
@@ -233,4 +256,91 @@ fn too_short_or_mismatched_input_is_an_error() {
     // A utterance shorter than the receptive field inside a batch has 0 valid frames.
     let (_, valid) = model.forward(&ok, &[1000, 10], 0).unwrap();
     assert_eq!(valid, vec![frames_for_samples(&cfg, 1000), 0]);
+}
+
+/// Speed of a base-size model (wav2vec2-base shapes, random weights) on 10 s of audio.
+/// `cargo test --release --test models bench_base -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_base_model_10s() {
+    let cfg = Wav2Vec2Config::default();
+    let dev = Device::Cpu;
+    let tensors: HashMap<String, Tensor> = expected_tensors(&cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let t = if name.ends_with("weight_g")
+                || name.contains("norm") && name.ends_with("weight")
+            {
+                Tensor::ones(shape, DType::F32, &dev).unwrap()
+            } else {
+                Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), shape, &dev).unwrap()
+            };
+            (name, t)
+        })
+        .collect();
+    let model =
+        Wav2Vec2Model::load(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+    let seconds = std::env::var("W2V_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
+    let n = (16000.0 * seconds) as usize;
+    let wave = Tensor::randn(0f32, 1.0, (1, n), &dev).unwrap();
+    let _ = model.forward(&wave, &[n], 1).unwrap();
+    let mut best: Option<Vec<(String, f64)>> = None;
+    let mut cpu_best = f64::MAX;
+    for _ in 0..3 {
+        let cpu0 = process_cpu_seconds();
+        let (_, _, laps) = model
+            .forward_profiled(&wave, &[n], cfg.num_hidden_layers)
+            .unwrap();
+        cpu_best = cpu_best.min(process_cpu_seconds() - cpu0);
+        let total: f64 = laps.iter().map(|l| l.1).sum();
+        if best
+            .as_ref()
+            .is_none_or(|b| total < b.iter().map(|l| l.1).sum::<f64>())
+        {
+            best = Some(laps);
+        }
+    }
+    let laps = best.unwrap();
+    let total: f64 = laps.iter().map(|l| l.1).sum();
+    let group = |prefix: &str| {
+        laps.iter()
+            .filter(|l| l.0.starts_with(prefix))
+            .map(|l| l.1)
+            .sum::<f64>()
+    };
+    for (name, t) in &laps {
+        println!("{name:>12}: {:7.1} ms", t * 1e3);
+    }
+    println!(
+        "{seconds} s audio: total {:.3} s = {:.1}x real time | convs {:.0} ms, projection {:.0} ms, pos_conv {:.0} ms, transformer {:.0} ms",
+        total,
+        seconds / total,
+        group("conv") * 1e3,
+        group("projection") * 1e3,
+        group("pos_conv") * 1e3,
+        group("layer") * 1e3
+    );
+    println!(
+        "process CPU time {cpu_best:.3} s on {} rayon threads (the machine's load inflates wall time)",
+        rayon::current_num_threads()
+    );
+}
+
+/// User + system CPU time of this process (Linux /proc; 0 elsewhere).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / 100.0
 }

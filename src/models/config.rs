@@ -389,4 +389,29 @@ mod tests {
         // facebook/wav2vec2-base: Wav2Vec2Model state dict size without masked_spec_embed (transformers 4.46).
         assert_eq!(parameter_count(&cfg), 94_370_944);
     }
+
+    #[test]
+    fn refuses_what_the_encoder_does_not_implement() {
+        let parse = |json: &str| serde_json::from_str::<Wav2Vec2Config>(json).unwrap();
+        assert!(parse(r#"{"model_type": "data2vec-audio"}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"feat_extract_norm": "batch"}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"conv_dim": [512, 512], "conv_kernel": [10]}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"hidden_size": 100}"#).validate().is_err());
+        assert!(parse(r#"{"adapter_attn_dim": 16}"#).validate().is_err());
+        assert!(parse(r#"{"conv_pos_batch_norm": true}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"hidden_act": "mish"}"#).validate().is_err());
+        let hubert = parse(r#"{"model_type": "hubert", "feat_proj_layer_norm": false}"#);
+        hubert.validate().unwrap();
+        assert!(!hubert.has_feat_proj_layer_norm());
+        // wav2vec2 always has the projection LayerNorm, whatever the (HuBERT-only) flag says.
+        assert!(parse(r#"{"feat_proj_layer_norm": false}"#).has_feat_proj_layer_norm());
+    }
 }

@@ -7,12 +7,17 @@
 //! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
 //! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
 //!
-//! Layout: activations are time-major `[B, T, C]` throughout. Every conv is a frame-matmul:
-//! frames are gathered with one `index_select` (`[B, T_out·K, C_in]`, reshaped to
-//! `[B·T_out, K·C_in]`) and multiplied by the weight pre-arranged at load time as
-//! `[K·C_in, C_out]`; the grouped positional conv is one batched matmul over the groups.
-//! This avoids candle's CPU conv1d (transposing output copy, one conv per group) and runs
-//! unchanged on CUDA and in f16/bf16.
+//! Layout: activations are time-major `[B, T, C]` throughout, and every conv is a
+//! frame-matmul with its weight pre-arranged at load time as `[K·C_in, C_out]` (rows ordered
+//! tap, then input channel). In time-major memory the K frames a conv output reads are one
+//! contiguous run, so on the CPU (f32) each conv is a single gemm whose lhs rows overlap
+//! (row stride `stride·C_in`, no im2col copy), the first conv (one input channel) is direct
+//! FMAs fused with its GroupNorm and GELU, and the grouped positional conv is one gemm per
+//! group writing straight into the output. On other devices and dtypes (CUDA, f16, bf16) the
+//! same frames are gathered with `index_select` in bounded chunks and multiplied with
+//! `matmul`; norms, activations and the attention softmax have fused multi-threaded CPU
+//! kernels and plain tensor-op equivalents (see `wav2vec2_ops.rs`). This avoids candle's CPU
+//! conv1d (a transposing output copy, one conv per group).
 //!
 //! # Padding invariance
 //! In a padded batch, every utterance's hidden states on its valid frames equal those of the
@@ -129,23 +134,6 @@ impl Linear {
     }
 }
 
-/// Gathers the conv frames `x[:, t·stride + j]` for `t` in `t0..t0+n`, `j < kernel` from
-/// `x` [.., T, C] along `dim`, giving [.., n·kernel, C].
-fn gather_frames(
-    x: &Tensor,
-    dim: usize,
-    t0: usize,
-    n: usize,
-    kernel: usize,
-    stride: usize,
-) -> Result<Tensor> {
-    let idx: Vec<u32> = (t0..t0 + n)
-        .flat_map(|t| (0..kernel).map(move |j| (t * stride + j) as u32))
-        .collect();
-    let idx = Tensor::from_vec(idx, n * kernel, x.device())?;
-    x.index_select(&idx, dim)
-}
-
 enum ConvNorm {
     None,
     /// GroupNorm(C, C): per-channel statistics over time (first conv of "group" models).
@@ -166,6 +154,8 @@ struct ConvLayer {
     kernel: usize,
     stride: usize,
     act: Activation,
+    /// The same layer fused for CPU f32 (first conv of "group" models only).
+    fused: Option<ops::FirstConvGroupNorm>,
 }
 
 impl ConvLayer {
@@ -192,63 +182,74 @@ impl ConvLayer {
             },
             _ => ConvNorm::None,
         };
+        let (stride, act) = (
+            cfg.conv_stride[i],
+            activation(&cfg.feat_extract_activation)?,
+        );
+        let fused = match &norm {
+            ConvNorm::Group {
+                weight: nw,
+                bias: nb,
+            } if c_in == 1 && weight.device().is_cpu() => Some(ops::FirstConvGroupNorm::new(
+                &weight,
+                bias.as_ref(),
+                nw,
+                nb,
+                kernel,
+                stride,
+                CONV_NORM_EPS,
+                act,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             weight,
             bias,
             norm,
             kernel,
-            stride: cfg.conv_stride[i],
-            act: activation(&cfg.feat_extract_activation)?,
+            stride,
+            act,
+            fused,
         })
     }
 
     /// `x` [B, T_in, C_in] with `valid[b]` valid frames → ([B, T_out, C_out], valid frames).
     fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<(Tensor, Vec<usize>)> {
-        let (b, t_in, c_in) = x.dims3()?;
-        let t_out = conv_out_len(t_in, self.kernel, self.stride);
-        if t_out == 0 {
-            candle_core::bail!(
-                "input of {t_in} frames is shorter than the conv kernel {}",
-                self.kernel
-            );
-        }
         let valid_out: Vec<usize> = valid
             .iter()
             .map(|&n| conv_out_len(n, self.kernel, self.stride))
             .collect();
-        let c_out = self.weight.dim(1)?;
-        let rows = (CHUNK_ELEMS / (b * self.kernel * c_in)).max(1);
-        let mut pieces = Vec::with_capacity(t_out.div_ceil(rows));
-        for t0 in (0..t_out).step_by(rows) {
-            let n = rows.min(t_out - t0);
-            let frames = gather_frames(x, 1, t0, n, self.kernel, self.stride)?
-                .reshape((b * n, self.kernel * c_in))?;
-            pieces.push(frames.matmul(&self.weight)?.reshape((b, n, c_out))?);
+        if let Some(fused) = &self.fused {
+            if ops::FirstConvGroupNorm::applies_to(x) {
+                return Ok((fused.forward(x, &valid_out)?, valid_out));
+            }
         }
-        let y = if pieces.len() == 1 {
-            pieces.remove(0)
-        } else {
-            Tensor::cat(&pieces, 1)?
+        let conv = |post| {
+            ops::strided_conv(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.kernel,
+                self.stride,
+                CHUNK_ELEMS,
+                post,
+            )
         };
         let y = match &self.norm {
-            ConvNorm::None => ops::bias_act(&y, self.bias.as_ref(), self.act)?,
+            ConvNorm::None => conv(ops::ConvPost::Act(self.act))?,
+            ConvNorm::Layer(ln) => conv(ops::ConvPost::LayerNormAct {
+                weight: &ln.weight,
+                bias: &ln.bias,
+                eps: ln.eps,
+                act: self.act,
+            })?,
             ConvNorm::Group { weight, bias } => {
-                let y = self.add_bias(y)?;
+                // Statistics need the whole output first: no fusion on this path.
+                let y = conv(ops::ConvPost::Identity)?;
                 ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
-            }
-            ConvNorm::Layer(ln) => {
-                let y = self.add_bias(y)?;
-                ops::layer_norm_act(&y, &ln.weight, &ln.bias, ln.eps, Some(self.act))?
             }
         };
         Ok((y, valid_out))
-    }
-
-    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
     }
 }
 
@@ -332,28 +333,22 @@ impl PositionalConv {
             .reshape((b, t + 2 * pad, g, cg))?
             .permute((2, 0, 1, 3))?
             .contiguous()?;
-        let rows = (CHUNK_ELEMS / (g * b * k * cg)).max(1);
-        let mut pieces = Vec::with_capacity(t.div_ceil(rows));
-        for t0 in (0..t).step_by(rows) {
-            let n = rows.min(t - t0);
-            let frames = gather_frames(&xg, 2, t0, n, k, 1)?.reshape((g, b * n, k * cg))?;
-            pieces.push(frames.matmul(&self.weight)?.reshape((g, b, n, cg))?);
-        }
-        let y = if pieces.len() == 1 {
-            pieces.remove(0)
-        } else {
-            Tensor::cat(&pieces, 2)?
-        };
-        let y = y.permute((1, 2, 0, 3))?.reshape((b, t, h))?;
-        ops::bias_act(&y, Some(&self.bias), self.act)
+        let y = ops::grouped_conv(&xg, &self.weight, &self.bias, k, t, CHUNK_ELEMS)?;
+        ops::bias_act(&y, None, self.act)
     }
+}
+
+/// Which keys attention may see: the valid frame count of every utterance, and the same as
+/// an additive [B, 1, 1, T] mask (0 on valid keys) for the tensor-op path (None: no padding).
+struct KeyMask {
+    valid: Vec<usize>,
+    additive: Option<Tensor>,
 }
 
 /// Mirrors `Wav2Vec2Attention.forward` (eager; dropout is identity).
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj stacked into one `[H, 3H]` projection (one matmul).
+    qkv_proj: Linear,
     out_proj: Linear,
     heads: usize,
 }
@@ -362,37 +357,36 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
         let h = cfg.hidden_size;
         let heads = cfg.num_attention_heads;
-        let mut q_proj = Linear::load(vb.pp("q_proj"), h, h)?;
         // transformers scales the projected queries by head_dim^-0.5; fold it into q_proj.
         let scale = ((h / heads) as f64).powf(-0.5);
-        q_proj.weight_t = (q_proj.weight_t * scale)?;
-        q_proj.bias = (q_proj.bias * scale)?;
+        let (mut weights, mut biases) = (Vec::with_capacity(3), Vec::with_capacity(3));
+        for (name, s) in [("q_proj", scale), ("k_proj", 1.0), ("v_proj", 1.0)] {
+            weights.push((vb.get((h, h), &format!("{name}.weight"))? * s)?);
+            biases.push((vb.get(h, &format!("{name}.bias"))? * s)?);
+        }
+        let qkv_proj = Linear {
+            weight_t: Tensor::cat(&weights, 0)?.t()?,
+            bias: Tensor::cat(&biases, 0)?,
+        };
         Ok(Self {
-            q_proj,
-            k_proj: Linear::load(vb.pp("k_proj"), h, h)?,
-            v_proj: Linear::load(vb.pp("v_proj"), h, h)?,
+            qkv_proj,
             out_proj: Linear::load(vb.pp("out_proj"), h, h)?,
             heads,
         })
     }
 
-    /// `mask`: additive [B, 1, 1, T] (0 on valid keys), or None when nothing is padded.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let dh = h / self.heads;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, dh))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let qkv = self
+            .qkv_proj
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let scores = q.matmul(&k.t()?)?;
+        let probs = ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         self.out_proj.forward(&ctx)
     }
@@ -443,7 +437,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
         if self.pre_ln {
             let a = self.attention.forward(&self.layer_norm.forward(x)?, mask)?;
             let x = (x + a)?;
@@ -483,14 +477,23 @@ impl Encoder {
     }
 
     /// Hidden states 0..=`last` (`x` has its padded frames zeroed).
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, last: usize) -> Result<Vec<Tensor>> {
-        let mut x = (x + self.pos_conv_embed.forward(x)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &KeyMask,
+        last: usize,
+        prof: &mut Profiler,
+    ) -> Result<Vec<Tensor>> {
+        let pos = self.pos_conv_embed.forward(x)?;
+        prof.lap("pos_conv", &pos)?;
+        let mut x = (x + pos)?;
         if !self.pre_ln {
             x = self.layer_norm.forward(&x)?;
         }
         let mut states = Vec::with_capacity(last + 1);
-        for layer in &self.layers[..last] {
+        for (l, layer) in self.layers[..last].iter().enumerate() {
             let next = layer.forward(&x, mask)?;
+            prof.lap(&format!("layer {l}"), &next)?;
             states.push(std::mem::replace(&mut x, next));
         }
         // The stable-LN encoder normalises only its final output.
@@ -499,6 +502,30 @@ impl Encoder {
         }
         states.push(x);
         Ok(states)
+    }
+}
+
+/// Wall time of each stage of one forward pass (only when asked for: it synchronises the device).
+struct Profiler {
+    laps: Option<Vec<(String, f64)>>,
+    start: std::time::Instant,
+}
+
+impl Profiler {
+    fn new(enabled: bool) -> Self {
+        Self {
+            laps: enabled.then(Vec::new),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn lap(&mut self, name: &str, done: &Tensor) -> Result<()> {
+        if let Some(laps) = self.laps.as_mut() {
+            done.device().synchronize()?;
+            laps.push((name.to_string(), self.start.elapsed().as_secs_f64()));
+            self.start = std::time::Instant::now();
+        }
+        Ok(())
     }
 }
 
@@ -550,11 +577,58 @@ impl Wav2Vec2Model {
     /// model's dtype, exactly as transformers' `hidden_states` tuple (state 0 is the input to
     /// the first layer, state `num_hidden_layers` the final output), computing no layer beyond
     /// the last one asked for; and the valid frame count of every utterance.
+    ///
+    /// Memory: besides the states (B·T·H each), attention holds B·heads·T² scores per layer,
+    /// so batch long utterances by total frames. Errors: `lengths` not matching `wave`,
+    /// `max_hidden_state > num_hidden_layers`, or a batch shorter than the receptive field
+    /// (an utterance shorter than it inside a longer batch just gets 0 valid frames).
     pub fn forward(
         &self,
         wave: &Tensor,
         lengths: &[usize],
         max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        self.run(wave, lengths, max_hidden_state, &mut Profiler::new(false))
+    }
+
+    /// `forward` on a batch of waveforms of any lengths (zero-padded here into one
+    /// [B, max length] tensor on the model's device). Normalise each one first with
+    /// `normalize_waveform` when `preprocessor_config.json` says `do_normalize`.
+    pub fn forward_waveforms(
+        &self,
+        waves: &[&[f32]],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let lengths: Vec<usize> = waves.iter().map(|w| w.len()).collect();
+        let s = lengths.iter().copied().max().unwrap_or(0);
+        let mut flat = vec![0f32; waves.len() * s];
+        for (row, w) in flat.chunks_exact_mut(s.max(1)).zip(waves) {
+            row[..w.len()].copy_from_slice(w);
+        }
+        let wave = Tensor::from_vec(flat, (waves.len(), s), &self.device)?;
+        self.forward(&wave, &lengths, max_hidden_state)
+    }
+
+    /// `forward`, also returning the wall time in seconds of every stage (each conv layer,
+    /// projection, positional conv, each Transformer layer), for benchmarks.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_profiled(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>, Vec<(String, f64)>)> {
+        let mut prof = Profiler::new(true);
+        let (states, valid) = self.run(wave, lengths, max_hidden_state, &mut prof)?;
+        Ok((states, valid, prof.laps.unwrap_or_default()))
+    }
+
+    fn run(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+        prof: &mut Profiler,
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
         let (b, s) = wave.dims2()?;
         if lengths.len() != b || lengths.iter().any(|&n| n > s) {
@@ -577,14 +651,16 @@ impl Wav2Vec2Model {
         }
         let mut x = wave.to_dtype(self.dtype)?.reshape((b, s, 1))?;
         let mut valid = lengths.to_vec();
-        for conv in &self.conv_layers {
+        for (i, conv) in self.conv_layers.iter().enumerate() {
             let (y, v) = conv.forward(&x, &valid)?;
+            prof.lap(&format!("conv {i}"), &y)?;
             x = y;
             valid = v;
         }
         let x = self.feature_projection.forward(&x)?;
+        prof.lap("projection", &x)?;
         let t = x.dim(1)?;
-        let (x, mask) = if valid.iter().all(|&n| n == t) {
+        let (x, additive) = if valid.iter().all(|&n| n == t) {
             (x, None)
         } else {
             let keep: Vec<f32> = valid
@@ -593,16 +669,20 @@ impl Wav2Vec2Model {
                 .collect();
             let keep = Tensor::from_vec(keep, (b, t, 1), &self.device)?;
             // transformers uses finfo(dtype).min; any value that stays finite in the dtype works.
-            let neg = if self.dtype == DType::F16 {
+            let neg: f64 = if self.dtype == DType::F16 {
                 -65504.0
             } else {
                 -3.0e38
             };
-            let mask = keep.affine(-neg as f64, neg as f64)?;
+            let mask = keep.affine(-neg, neg)?;
             let mask = mask.reshape((b, 1, 1, t))?.to_dtype(self.dtype)?;
             (x.broadcast_mul(&keep.to_dtype(self.dtype)?)?, Some(mask))
         };
-        let states = self.encoder.forward(&x, mask.as_ref(), max_hidden_state)?;
+        let mask = KeyMask {
+            valid: valid.clone(),
+            additive,
+        };
+        let states = self.encoder.forward(&x, &mask, max_hidden_state, prof)?;
         Ok((states, valid))
     }
 }

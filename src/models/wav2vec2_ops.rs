@@ -28,15 +28,18 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
 /// e^v for v in [-87, 88], vectorisable: 2^round(v·log2 e) times a degree-6 polynomial.
 #[inline(always)]
 fn fast_exp(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
     let a = v.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
-    // Round to nearest with the 1.5·2^23 trick (no libm call, so the loop vectorises).
-    let n = (a + 12_582_912.0) - 12_582_912.0;
+    let shifted = a + MAGIC;
+    let n = shifted - MAGIC;
     let f = (a - n) * std::f32::consts::LN_2;
     let p = 1.0
         + f * (1.0
             + f * (0.5
                 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n as a two's-complement integer straight from the bits (no saturating float→int cast).
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Exact-GELU 0.5·x·(1 + erf(x/√2)) with Abramowitz–Stegun 7.1.26 erf (|error| < 1.5e-7).
@@ -107,11 +110,16 @@ struct BiasAct {
 
 impl BiasAct {
     fn run(&self, x: &[f32], bias: &[f32]) -> Vec<f32> {
-        let mut out = x.to_vec();
+        let mut out = vec![0f32; x.len()];
         let row = bias.len().max(1);
         let task = (TASK_ELEMS / row).max(1) * row;
+        // Copy per task so the source is read once and the chunk stays in cache.
         out.par_chunks_mut(task)
-            .for_each(|c| bias_act_rows(c, bias, self.act));
+            .zip(x.par_chunks(task))
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                bias_act_rows(o, bias, self.act)
+            });
         out
     }
 }
@@ -177,6 +185,91 @@ pub fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Te
     act_generic(&x, act)
 }
 
+// ---------------------------------------------------------------- attention softmax
+
+/// `row[..n] = softmax(row[..n])`, `row[n..] = 0` (exactly what an additive `finfo.min`
+/// mask gives once exp underflows).
+#[inline(always)]
+fn softmax_row(row: &mut [f32], n: usize) {
+    let (valid, masked) = row.split_at_mut(n.min(row.len()));
+    masked.fill(0.0);
+    let max = valid.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in valid.iter_mut() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    valid.iter_mut().for_each(|v| *v *= inv);
+}
+
+fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { softmax_rows_avx2(rows, t, n) };
+            return;
+        }
+    }
+    rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(rows: &mut [f32], t: usize, n: usize) {
+    rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
+}
+
+struct KeySoftmax<'a> {
+    key_valid: &'a [usize],
+}
+
+impl CustomOp1 for KeySoftmax<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "w2v-softmax")?;
+        let (nb, heads, tq, tk) = l.shape().dims4()?;
+        if self.key_valid.len() != nb {
+            candle_core::bail!(
+                "w2v-softmax: {} lengths for a batch of {nb}",
+                self.key_valid.len()
+            );
+        }
+        let mut out = x.to_vec();
+        let per_b = heads * tq * tk;
+        let task = (TASK_ELEMS / tk).max(1) * tk;
+        for (b, &n) in self.key_valid.iter().enumerate() {
+            out[b * per_b..(b + 1) * per_b]
+                .par_chunks_mut(task)
+                .for_each(|rows| softmax_rows(rows, tk, n));
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Attention probabilities from `scores` [B, heads, T, T]: softmax over the keys, with the
+/// keys of utterance `b` at or after `key_valid[b]` masked (`additive_mask` [B, 1, 1, T]
+/// holds the same mask for the tensor-op path; None when nothing is padded).
+pub fn masked_softmax(
+    scores: &Tensor,
+    key_valid: &[usize],
+    additive_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if fast_path(scores) {
+        return scores
+            .contiguous()?
+            .apply_op1_no_bwd(&KeySoftmax { key_valid });
+    }
+    let scores = match additive_mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores.clone(),
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
 // ---------------------------------------------------------------- LayerNorm (+ activation)
 
 struct LayerNormAct {
@@ -185,19 +278,20 @@ struct LayerNormAct {
 }
 
 impl LayerNormAct {
-    fn rows(&self, x: &[f32], out: &mut [f32], w: &[f32], b: &[f32]) {
+    /// Normalises (and activates) rows of `xs` in place.
+    fn rows(&self, xs: &mut [f32], w: &[f32], b: &[f32]) {
         let c = w.len();
-        for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        for row in xs.chunks_exact_mut(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
             let rstd = 1.0 / (var + self.eps).sqrt();
             let (mean, rstd) = (mean as f32, rstd as f32);
-            for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                *y = (v - mean) * rstd * w + b;
+            for ((y, &w), &b) in row.iter_mut().zip(w).zip(b) {
+                *y = (*y - mean) * rstd * w + b;
             }
         }
         if let Some(act) = self.act {
-            bias_act_rows(out, &[], act);
+            bias_act_rows(xs, &[], act);
         }
     }
 }
@@ -229,7 +323,10 @@ impl candle_core::CustomOp3 for LayerNormAct {
         let task = (TASK_ELEMS / c).max(1) * c;
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
-            .for_each(|(o, x)| self.rows(x, o, w, b));
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                self.rows(o, w, b)
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -262,40 +359,467 @@ pub fn layer_norm_act(
     }
 }
 
+// ---------------------------------------------------------------- frame-matmul convs
+
+/// A raw pointer that rayon tasks may share; every task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used to write disjoint blocks of one output buffer from parallel tasks.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Through a method, so closures capture the `Sync` wrapper and not the bare pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst[m, n] = bias[n] + Σ_k lhs[m·lhs_rs + k] · rhs[k·n_total + n]` on one thread or all.
+/// `lhs` rows overlap when `lhs_rs` < k: that is the zero-copy im2col of a time-major conv.
+///
+/// # Safety
+/// `lhs` must hold `(m-1)·lhs_rs + k` values, `rhs` `k·n` values, and `dst` rows of stride
+/// `dst_rs` ≥ n must be writable for `m` rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn frames_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    dst: *mut f32,
+    dst_rs: usize,
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    // With a bias, start every output row from it and accumulate (read_dst); without, overwrite.
+    if let Some(b) = bias {
+        for row in 0..m {
+            std::slice::from_raw_parts_mut(dst.add(row * dst_rs), n).copy_from_slice(b);
+        }
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        bias.is_some(),
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        n as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Output rows `t0..` of a one-input-channel conv: `out[t] = bias + Σ_j x[t·s + j] · w[j]`.
+#[allow(clippy::too_many_arguments)]
+fn direct_conv_rows(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    t0: usize,
+    k: usize,
+    s: usize,
+    c: usize,
+) {
+    #[inline(always)]
+    fn rows(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        t0: usize,
+        k: usize,
+        s: usize,
+        c: usize,
+    ) {
+        for (i, row) in out.chunks_exact_mut(c).enumerate() {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+            let xs = &x[(t0 + i) * s..(t0 + i) * s + k];
+            for (&a, wj) in xs.iter().zip(w.chunks_exact(c)) {
+                row.iter_mut().zip(wj).for_each(|(o, &wv)| *o += a * wv);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn rows_avx2(
+            x: &[f32],
+            w: &[f32],
+            bias: Option<&[f32]>,
+            out: &mut [f32],
+            t0: usize,
+            k: usize,
+            s: usize,
+            c: usize,
+        ) {
+            rows(x, w, bias, out, t0, k, s, c)
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { rows_avx2(x, w, bias, out, t0, k, s, c) };
+            return;
+        }
+    }
+    rows(x, w, bias, out, t0, k, s, c)
+}
+
+struct StridedConv {
+    kernel: usize,
+    stride: usize,
+    post: Option<PostOp>,
+}
+
+/// What runs on a conv's output rows in place, while they are fresh (CPU fast path).
+enum PostOp {
+    Act(Activation),
+    LayerNorm {
+        norm: LayerNormAct,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    },
+}
+
+impl PostOp {
+    fn apply(&self, out: &mut [f32], c: usize) {
+        let task = (TASK_ELEMS / c).max(1) * c;
+        out.par_chunks_mut(task).for_each(|o| match self {
+            PostOp::Act(act) => bias_act_rows(o, &[], *act),
+            PostOp::LayerNorm { norm, weight, bias } => norm.rows(o, weight, bias),
+        });
+    }
+}
+
+/// The norm and activation after a feature-encoder conv, fused into it on the CPU fast path.
+pub enum ConvPost<'a> {
+    Identity,
+    Act(Activation),
+    LayerNormAct {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        eps: f64,
+        act: Activation,
+    },
+}
+
+impl candle_core::CustomOp3 for StridedConv {
+    fn name(&self) -> &'static str {
+        "w2v-strided-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "w2v-strided-conv")?;
+        let w = contiguous_f32(s2, l2, "w2v-strided-conv")?;
+        let bias = contiguous_f32(s3, l3, "w2v-strided-conv")?;
+        let (nb, t_in, c_in) = l1.shape().dims3()?;
+        let (kc, c_out) = l2.shape().dims2()?;
+        let (k, s) = (self.kernel, self.stride);
+        if kc != k * c_in || t_in < k || !(bias.is_empty() || bias.len() == c_out) {
+            candle_core::bail!(
+                "w2v-strided-conv: input {:?} does not fit weight {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let t_out = (t_in - k) / s + 1;
+        let mut out = vec![0f32; nb * t_out * c_out];
+        let bias = (!bias.is_empty()).then_some(bias);
+        if c_in == 1 {
+            // The first conv (one input channel, K ≈ 10) is too thin for gemm: direct FMAs.
+            let rows_per_task = (TASK_ELEMS / c_out).max(1);
+            for b in 0..nb {
+                let xb = &x[b * t_in..(b + 1) * t_in];
+                out[b * t_out * c_out..(b + 1) * t_out * c_out]
+                    .par_chunks_mut(rows_per_task * c_out)
+                    .enumerate()
+                    .for_each(|(i, o)| {
+                        direct_conv_rows(xb, w, bias, o, i * rows_per_task, k, s, c_out)
+                    });
+            }
+            if let Some(post) = &self.post {
+                post.apply(&mut out, c_out);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))));
+        }
+        for b in 0..nb {
+            // SAFETY: rows of x_b start every s·c_in and span k·c_in ≤ t_in·c_in values.
+            unsafe {
+                frames_gemm(
+                    t_out,
+                    c_out,
+                    k * c_in,
+                    x[b * t_in * c_in..].as_ptr(),
+                    s * c_in,
+                    w.as_ptr(),
+                    out[b * t_out * c_out..].as_mut_ptr(),
+                    c_out,
+                    bias,
+                    rayon::current_num_threads(),
+                );
+            }
+        }
+        if let Some(post) = &self.post {
+            post.apply(&mut out, c_out);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))))
+    }
+}
+
+/// Gathers the conv frames `x[.., t·stride + j, ..]` for `t` in `t0..t0+n`, `j < kernel`
+/// along `dim`, giving `n·kernel` entries there.
+fn gather_frames(
+    x: &Tensor,
+    dim: usize,
+    t0: usize,
+    n: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let idx: Vec<u32> = (t0..t0 + n)
+        .flat_map(|t| (0..kernel).map(move |j| (t * stride + j) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, n * kernel, x.device())?;
+    x.index_select(&idx, dim)
+}
+
+/// Unpadded strided conv on time-major `x` [B, T_in, C_in] with `weight` [K·C_in, C_out]
+/// (rows ordered tap, then input channel) plus `bias`, then `post`: [B, T_out, C_out].
+/// CPU f32: one gemm per utterance reading overlapping rows of `x` (no im2col copy), `post`
+/// applied in place; elsewhere: frames gathered in chunks of at most `chunk_elems`, a matmul,
+/// then the tensor-op norm and activation.
+pub fn strided_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    kernel: usize,
+    stride: usize,
+    chunk_elems: usize,
+    post: ConvPost,
+) -> Result<Tensor> {
+    if fast_path(x) && weight.dtype() == DType::F32 {
+        let empty;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                empty = Tensor::zeros(0, DType::F32, x.device())?;
+                &empty
+            }
+        };
+        let post = match post {
+            ConvPost::Identity => None,
+            ConvPost::Act(act) => Some(PostOp::Act(act)),
+            ConvPost::LayerNormAct {
+                weight,
+                bias,
+                eps,
+                act,
+            } => Some(PostOp::LayerNorm {
+                norm: LayerNormAct {
+                    eps,
+                    act: Some(act),
+                },
+                weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            }),
+        };
+        let op = StridedConv {
+            kernel,
+            stride,
+            post,
+        };
+        return x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.to_dtype(DType::F32)?,
+            &op,
+        );
+    }
+    let (b, t_in, c_in) = x.dims3()?;
+    let c_out = weight.dim(1)?;
+    if t_in < kernel {
+        candle_core::bail!("input of {t_in} frames is shorter than the conv kernel {kernel}");
+    }
+    let t_out = (t_in - kernel) / stride + 1;
+    let rows = (chunk_elems / (b * kernel * c_in)).max(1);
+    let mut pieces = Vec::with_capacity(t_out.div_ceil(rows));
+    for t0 in (0..t_out).step_by(rows) {
+        let n = rows.min(t_out - t0);
+        let frames = gather_frames(x, 1, t0, n, kernel, stride)?.reshape((b * n, kernel * c_in))?;
+        pieces.push(frames.matmul(weight)?.reshape((b, n, c_out))?);
+    }
+    let mut y = Tensor::cat(&pieces, 1)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    match post {
+        ConvPost::Identity => Ok(y),
+        ConvPost::Act(act) => bias_act(&y, None, act),
+        ConvPost::LayerNormAct {
+            weight,
+            bias,
+            eps,
+            act,
+        } => layer_norm_act(&y, weight, bias, eps, Some(act)),
+    }
+}
+
+struct GroupedConv {
+    kernel: usize,
+    t_out: usize,
+}
+
+impl candle_core::CustomOp3 for GroupedConv {
+    fn name(&self) -> &'static str {
+        "w2v-grouped-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "w2v-grouped-conv")?;
+        let w = contiguous_f32(s2, l2, "w2v-grouped-conv")?;
+        let bias = contiguous_f32(s3, l3, "w2v-grouped-conv")?;
+        let (g, nb, tp, cg) = l1.shape().dims4()?;
+        let k = self.kernel;
+        let h = g * cg;
+        let t = self.t_out;
+        if l2.dims() != [g, k * cg, cg] || bias.len() != h || tp + 1 < k + t {
+            candle_core::bail!(
+                "w2v-grouped-conv: input {:?} does not fit weight {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; nb * t * h];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..g * nb).into_par_iter().for_each(|gb| {
+            let (gi, b) = (gb / nb, gb % nb);
+            // SAFETY: task (gi, b) writes columns gi·cg..(gi+1)·cg of utterance b only; the
+            // frame window of output t is the contiguous k·cg values from row t of x[gi, b].
+            unsafe {
+                frames_gemm(
+                    t,
+                    cg,
+                    k * cg,
+                    x[(gi * nb + b) * tp * cg..].as_ptr(),
+                    cg,
+                    w[gi * k * cg * cg..].as_ptr(),
+                    dst.get().add(b * t * h + gi * cg),
+                    h,
+                    Some(&bias[gi * cg..(gi + 1) * cg]),
+                    1,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((nb, t, h))))
+    }
+}
+
+/// Grouped conv, stride 1, on group-major `xg` [G, B, T_p, C_g] (already padded) with
+/// `weight` [G, K·C_g, C_g] plus `bias` [G·C_g]: the first `t` outputs, time-major [B, t, G·C_g].
+pub fn grouped_conv(
+    xg: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernel: usize,
+    t: usize,
+    chunk_elems: usize,
+) -> Result<Tensor> {
+    if fast_path(xg) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        let op = GroupedConv { kernel, t_out: t };
+        return xg
+            .contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, bias, &op);
+    }
+    let (g, b, _, cg) = xg.dims4()?;
+    let rows = (chunk_elems / (g * b * kernel * cg)).max(1);
+    let mut pieces = Vec::with_capacity(t.div_ceil(rows));
+    for t0 in (0..t).step_by(rows) {
+        let n = rows.min(t - t0);
+        let frames = gather_frames(xg, 2, t0, n, kernel, 1)?.reshape((g, b * n, kernel * cg))?;
+        pieces.push(frames.matmul(weight)?.reshape((g, b, n, cg))?);
+    }
+    Tensor::cat(&pieces, 2)?
+        .permute((1, 2, 0, 3))?
+        .reshape((b, t, g * cg))?
+        .broadcast_add(bias)
+}
+
 // ---------------------------------------------------------------- per-channel norm over time
+
+/// Per-channel sums of `f(row)` over the rows of `xb` (time-major, `c` channels), in parallel.
+fn channel_sums(xb: &[f32], c: usize, mean: Option<&[f64]>) -> Vec<f64> {
+    let rows_per_task = (TASK_ELEMS / c).max(1);
+    xb.par_chunks(rows_per_task * c)
+        .map(|chunk| {
+            let mut acc = vec![0f64; c];
+            for row in chunk.chunks_exact(c) {
+                match mean {
+                    None => acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64),
+                    Some(m) => acc
+                        .iter_mut()
+                        .zip(row)
+                        .zip(m)
+                        .for_each(|((a, &v), &m)| *a += (v as f64 - m).powi(2)),
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
 
 /// Per-(utterance, channel) mean and variance of `x` [B, T, C] over frames `t < valid[b]`
 /// (f64 accumulators, two passes), on the fast path.
 fn channel_stats(x: &[f32], t: usize, c: usize, valid: &[usize]) -> Vec<(f64, f64)> {
     let mut stats = Vec::with_capacity(valid.len() * c);
-    let rows_per_task = (TASK_ELEMS / c).max(1);
     for (b, &n) in valid.iter().enumerate() {
         let xb = &x[b * t * c..(b * t + n) * c];
-        let sum_rows = |f: &(dyn Fn(usize, f32) -> f64 + Sync)| -> Vec<f64> {
-            xb.par_chunks(rows_per_task * c)
-                .map(|chunk| {
-                    let mut acc = vec![0f64; c];
-                    for row in chunk.chunks_exact(c) {
-                        for (i, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                            *a += f(i, v);
-                        }
-                    }
-                    acc
-                })
-                .reduce(
-                    || vec![0f64; c],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                        a
-                    },
-                )
-        };
         let denom = n.max(1) as f64;
-        let mean: Vec<f64> = sum_rows(&|_, v| v as f64)
+        let mean: Vec<f64> = channel_sums(xb, c, None)
             .iter()
             .map(|s| s / denom)
             .collect();
-        let var = sum_rows(&|i, v| (v as f64 - mean[i]).powi(2));
+        let var = channel_sums(xb, c, Some(&mean));
         stats.extend(mean.iter().zip(&var).map(|(&m, &v)| (m, v / denom)));
     }
     stats
@@ -403,6 +927,142 @@ pub fn channel_norm_act(
         .broadcast_add(&shift)?
         .to_dtype(dtype)?;
     act_generic(&y, act)
+}
+
+// ---------------------------------------------------------------- fused first conv (CPU)
+
+/// The first conv of a "group" model with its GroupNorm and activation fused, for CPU f32:
+/// the conv (one input channel, a few taps) is cheap to recompute, so the statistics pass
+/// and the output pass each recompute it instead of writing and re-reading its large output.
+pub struct FirstConvGroupNorm {
+    /// `[K, C]` (tap-major).
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    eps: f64,
+    act: Activation,
+}
+
+impl FirstConvGroupNorm {
+    /// `weight` [K, C], `bias` [C]; `norm_*` the GroupNorm(C, C) affine parameters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        norm_weight: &Tensor,
+        norm_bias: &Tensor,
+        kernel: usize,
+        stride: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let vec = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Self {
+            weight: vec(weight)?,
+            bias: bias.map(vec).transpose()?,
+            norm_weight: vec(norm_weight)?,
+            norm_bias: vec(norm_bias)?,
+            kernel,
+            stride,
+            eps,
+            act,
+        })
+    }
+
+    /// Whether `forward` can run on `wave` (CPU f32); otherwise use the unfused steps.
+    pub fn applies_to(wave: &Tensor) -> bool {
+        fast_path(wave)
+    }
+
+    /// `wave` [B, S, 1] with `valid_out[b]` valid output frames → [B, T_out, C].
+    pub fn forward(&self, wave: &Tensor, valid_out: &[usize]) -> Result<Tensor> {
+        wave.contiguous()?.apply_op1_no_bwd(&FusedFirstConv {
+            layer: self,
+            valid_out,
+        })
+    }
+}
+
+struct FusedFirstConv<'a> {
+    layer: &'a FirstConvGroupNorm,
+    valid_out: &'a [usize],
+}
+
+impl CustomOp1 for FusedFirstConv<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-first-conv-group-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.layer;
+        let x = contiguous_f32(s, l, "w2v-first-conv-group-norm")?;
+        let (nb, t_in, _) = l.shape().dims3()?;
+        let (k, st, c) = (p.kernel, p.stride, p.norm_weight.len());
+        if t_in < k || self.valid_out.len() != nb || p.weight.len() != k * c {
+            candle_core::bail!(
+                "w2v-first-conv-group-norm: input {:?} does not fit",
+                l.dims()
+            );
+        }
+        let t_out = (t_in - k) / st + 1;
+        let bias = p.bias.as_deref();
+        let rows_per_task = (TASK_ELEMS / c).max(1);
+        let mut out = vec![0f32; nb * t_out * c];
+        for (b, &n) in self.valid_out.iter().enumerate() {
+            let xb = &x[b * t_in..(b + 1) * t_in];
+            // Pass 1: per-channel sum and sum of squares (f64) over the valid frames.
+            let n = n.min(t_out);
+            let (sum, sumsq) = (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .map(|task| {
+                    let t0 = task * rows_per_task;
+                    let rows = rows_per_task.min(n - t0);
+                    let mut y = vec![0f32; rows * c];
+                    direct_conv_rows(xb, &p.weight, bias, &mut y, t0, k, st, c);
+                    let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+                    for row in y.chunks_exact(c) {
+                        for ((a, q), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                            *a += v as f64;
+                            *q += v as f64 * v as f64;
+                        }
+                    }
+                    (s1, s2)
+                })
+                .reduce(
+                    || (vec![0f64; c], vec![0f64; c]),
+                    |(mut a1, mut a2), (b1, b2)| {
+                        a1.iter_mut().zip(&b1).for_each(|(a, b)| *a += b);
+                        a2.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                        (a1, a2)
+                    },
+                );
+            let denom = n.max(1) as f64;
+            let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
+            for i in 0..c {
+                let mean = sum[i] / denom;
+                let var = (sumsq[i] / denom - mean * mean).max(0.0);
+                let sc = p.norm_weight[i] as f64 / (var + p.eps).sqrt();
+                scale[i] = sc as f32;
+                shift[i] = (p.norm_bias[i] as f64 - mean * sc) as f32;
+            }
+            // Pass 2: recompute the conv, normalise and activate, straight into the output.
+            out[b * t_out * c..(b + 1) * t_out * c]
+                .par_chunks_mut(rows_per_task * c)
+                .enumerate()
+                .for_each(|(task, o)| {
+                    direct_conv_rows(xb, &p.weight, bias, o, task * rows_per_task, k, st, c);
+                    for row in o.chunks_exact_mut(c) {
+                        for ((v, &s), &h) in row.iter_mut().zip(&scale).zip(&shift) {
+                            *v = *v * s + h;
+                        }
+                    }
+                    bias_act_rows(o, &[], p.act);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c))))
+    }
 }
 
 #[cfg(test)]

@@ -297,6 +297,21 @@ fn unknown_model_types_are_refused() {
 }
 
 #[test]
+fn unusable_fairseq_configs_name_the_problem() {
+    let e = load_err(&fixtures().join("broken/fairseq_missing_key.pt"));
+    assert!(matches!(e, CheckpointError::Config { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("cfg.model.encoder_layers"), "{msg}");
+    assert!(msg.contains("--config"), "{msg}");
+
+    let e = load_err(&fixtures().join("broken/fairseq_data2vec.pt"));
+    assert!(
+        matches!(&e, CheckpointError::UnsupportedModel { model_type, .. } if model_type == "data2vec_audio"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_config_that_does_not_match_the_weights_is_an_error() {
     // Fewer layers than the weights hold: the left-over layer is named.
     let dir = tempfile::tempdir().unwrap();

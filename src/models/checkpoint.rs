@@ -11,7 +11,7 @@
 //! `mask_emb`/`masked_spec_embed`) are dropped. Every tensor the config implies must be present
 //! with its shape, and no encoder tensor may be left over, so a config that disagrees with the
 //! weights is an error, never a silently wrong model.
-use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical};
+use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
 use super::checkpoint_torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
 use super::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
 use candle_core::safetensors::MmapedSafetensors;
@@ -458,7 +458,13 @@ fn resolve_config(
                     let pre = beside_pre()?.unwrap_or(stored_pre);
                     return Ok((cfg, pre, "fairseq checkpoint (stored cfg/args)".into()));
                 }
-                Err(reason) if !beside.is_file() => {
+                Err(StoredConfigError::UnsupportedModel(name)) => {
+                    return Err(CheckpointError::UnsupportedModel {
+                        path: weights.to_path_buf(),
+                        model_type: name,
+                    })
+                }
+                Err(StoredConfigError::Unreadable(reason)) if !beside.is_file() => {
                     return Err(CheckpointError::Config {
                         path: weights.to_path_buf(),
                         reason: format!(

@@ -273,6 +273,9 @@ fn preprocessor(s: &ModelSettings, cfg: &Wav2Vec2Config) -> PreprocessorConfig {
     }
 }
 
+/// More conv layers than any released model has (7) by far; guards against a corrupt string.
+const MAX_CONV_LAYERS: usize = 64;
+
 /// Parses fairseq's `conv_feature_layers`, a Python expression such as
 /// `"[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"`, into (dim, kernel, stride) triples.
 pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)>, String> {
@@ -285,6 +288,9 @@ pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)
         let mut term = p.list()?;
         if p.eat(b'*') {
             let n = p.int()?;
+            if n > MAX_CONV_LAYERS {
+                return Err(format!("repeat count {n} is implausible"));
+            }
             let one = term.clone();
             for _ in 1..n {
                 term.extend_from_slice(&one);
@@ -294,6 +300,9 @@ pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)
             }
         }
         out.extend(term);
+        if out.len() > MAX_CONV_LAYERS {
+            return Err(format!("more than {MAX_CONV_LAYERS} conv layers"));
+        }
         if !p.eat(b'+') {
             break;
         }

@@ -145,7 +145,8 @@ impl TorchFile {
                         len: entry.size() as usize,
                     },
                     _ => {
-                        let mut buf = Vec::with_capacity(entry.size() as usize);
+                        // The header's size is untrusted: let the buffer grow as data arrives.
+                        let mut buf = Vec::with_capacity((entry.size() as usize).min(1 << 26));
                         entry
                             .read_to_end(&mut buf)
                             .map_err(|e| format!("zip entry {name}: {e}"))?;

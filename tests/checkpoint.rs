@@ -297,6 +297,21 @@ fn unknown_model_types_are_refused() {
 }
 
 #[test]
+fn unusable_fairseq_configs_name_the_problem() {
+    let e = load_err(&fixtures().join("broken/fairseq_missing_key.pt"));
+    assert!(matches!(e, CheckpointError::Config { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("cfg.model.encoder_layers"), "{msg}");
+    assert!(msg.contains("--config"), "{msg}");
+
+    let e = load_err(&fixtures().join("broken/fairseq_data2vec.pt"));
+    assert!(
+        matches!(&e, CheckpointError::UnsupportedModel { model_type, .. } if model_type == "data2vec_audio"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_config_that_does_not_match_the_weights_is_an_error() {
     // Fewer layers than the weights hold: the left-over layer is named.
     let dir = tempfile::tempdir().unwrap();
@@ -403,4 +418,114 @@ fn model_info_describes_the_checkpoint() {
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(info["weights_sha256"], hex::encode(Sha256::digest(&bytes)));
     assert_eq!(info["stored_dtype"], "float32");
+}
+
+#[test]
+fn corrupted_files_never_panic() {
+    // Overwrite bytes across each file (pickle opcodes, zip headers, storage data): loading
+    // must return Ok or an error, never panic.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("w2v_group/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for src in [
+        "pytorch_model.bin",
+        "pytorch_model_p4.bin",
+        "pytorch_model_legacy.bin",
+        "fairseq.pt",
+        "fairseq_legacy_args.pt",
+        "model.safetensors",
+    ] {
+        let bytes = std::fs::read(fixtures().join("w2v_group").join(src)).unwrap();
+        for round in 0..60 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + round % 4 {
+                // Every other round hits the first 4 KB, where the pickles and headers are.
+                let span = if round % 2 == 0 {
+                    b.len().min(4096)
+                } else {
+                    b.len()
+                };
+                let at = (next() as usize) % span;
+                b[at] = next() as u8;
+            }
+            let p = dir.path().join(format!("c{round}_{src}"));
+            std::fs::write(&p, &b).unwrap();
+            let r = std::panic::catch_unwind(|| load_checkpoint(&p, &Device::Cpu, DType::F32));
+            assert!(r.is_ok(), "{src} round {round} panicked");
+        }
+    }
+}
+
+#[test]
+fn loads_the_encoder_fixtures_of_every_variant() {
+    // The wav2vec2 model's own fixtures (save_pretrained of base/large wav2vec2 and HuBERT).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("config.json").is_file() {
+            continue;
+        }
+        let ck = load(&dir);
+        assert_eq!(ck.format, "safetensors");
+        assert_eq!(
+            ck.parameter_count(),
+            speechcache::models::config::parameter_count(&ck.config)
+        );
+        seen += 1;
+    }
+    assert!(seen >= 4, "only {seen} model fixtures found");
+}
+
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    let src = fixtures().join("hubert_layer");
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let (mut a, mut b) = (
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    );
+    let mut weight_map = serde_json::Map::new();
+    for (name, t) in all {
+        let shard = if name.starts_with("encoder.layers.") {
+            b.insert(name.clone(), t);
+            "model-00002-of-00002.safetensors"
+        } else {
+            a.insert(name.clone(), t);
+            "model-00001-of-00002.safetensors"
+        };
+        weight_map.insert(name, shard.into());
+    }
+    let shard1 = dir.path().join("model-00001-of-00002.safetensors");
+    let shard2 = dir.path().join("model-00002-of-00002.safetensors");
+    candle_core::safetensors::save(&a, &shard1).unwrap();
+    candle_core::safetensors::save(&b, &shard2).unwrap();
+    // Index order: shard 1 is named first (serde_json keeps keys sorted: "encoder.layer_norm").
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let ck = load(dir.path());
+    let base = load(&src);
+    assert_eq!(ck.format, "safetensors");
+    for (name, t) in &base.tensors {
+        assert_eq!(f32_sha256(&ck.tensors[name]), f32_sha256(t), "{name}");
+    }
+    let mut cat = std::fs::read(&shard1).unwrap();
+    cat.extend(std::fs::read(&shard2).unwrap());
+    assert_eq!(ck.weights_sha256, hex::encode(Sha256::digest(&cat)));
 }

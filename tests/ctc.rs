@@ -303,6 +303,37 @@ fn gradient_wrt_log_probs_is_minus_the_occupancy() {
 }
 
 #[test]
+fn half_precision_input_is_computed_in_f32() {
+    let (batch, frames, classes) = (2, 6, 4);
+    let logits = random_logits(11, batch * frames * classes, 2.0);
+    let targets = vec![vec![1, 2, 2], vec![3]];
+    let lengths = [6, 5];
+    let (want, _, _) = ours(
+        true,
+        &logits,
+        (batch, frames, classes),
+        DType::F64,
+        &targets,
+        &lengths,
+        false,
+        Reduction::Sum,
+    );
+    let x = Tensor::from_vec(logits, (batch, frames, classes), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let (losses, _) = ctc_loss_from_logits(x.as_tensor(), &targets, &lengths, 0, false).unwrap();
+    assert_eq!(losses.dtype(), DType::F32);
+    let got: Vec<f32> = losses.to_vec1().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((f64::from(*g) - w).abs() < 0.05 * w, "{g} vs {w}");
+    }
+    let grads = losses.sum_all().unwrap().backward().unwrap();
+    assert_eq!(grads.get(x.as_tensor()).unwrap().dtype(), DType::BF16);
+}
+
+#[test]
 fn invalid_arguments_are_errors() {
     let lp = Tensor::zeros((2, 4, 3), DType::F32, &Device::Cpu).unwrap();
     let two = [vec![1], vec![2]];
@@ -677,5 +708,35 @@ fn timing_realistic_batch() {
             forward.as_secs_f64() * 1e3,
             start.elapsed().as_secs_f64() * 1e3
         );
+    }
+}
+
+/// Decoding speed (run with `--ignored --nocapture`): 500 frames, 4 000 classes.
+#[test]
+#[ignore]
+fn timing_decoding() {
+    let (frames, classes) = (500, 4000);
+    let logits = Tensor::randn(0f32, 3.0, (frames, classes), &Device::Cpu).unwrap();
+    let lp: Vec<f32> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lp = Array2::from_shape_vec((frames, classes), lp).unwrap();
+    let start = std::time::Instant::now();
+    let best = greedy(lp.view(), 0);
+    eprintln!("greedy: {:.2} ms", start.elapsed().as_secs_f64() * 1e3);
+    for beam in [1, 4, 10, 20] {
+        let start = std::time::Instant::now();
+        let hyps = prefix_beam_search(lp.view(), beam, 0);
+        eprintln!(
+            "prefix beam {beam}: {:.1} ms ({} labels)",
+            start.elapsed().as_secs_f64() * 1e3,
+            hyps[0].0.len()
+        );
+        if beam == 1 {
+            assert_eq!(hyps[0].0, best);
+        }
     }
 }

@@ -1,34 +1,18 @@
 //! `speechcache extract` and `prune` as a user runs them, checked against the model run on each
 //! utterance alone (the model itself is checked against transformers in tests/models.rs) and
 //! against the fbank computed directly.
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::{bin, ok, s, tree_bytes};
 use speechcache::models::checkpoint::load_checkpoint;
 use speechcache::models::fbank::{Fbank, FbankOptions};
 use speechcache::models::wav2vec2::{normalize_waveform, Wav2Vec2Model};
 use speechcache::store::{AudioStore, FeatureStore};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_speechcache"))
-}
+use std::process::Output;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "command failed: {text}");
-    text
 }
 
 /// An audio store of a few demo utterances of different lengths (plus one 3 ms clip).
@@ -319,22 +303,7 @@ fn killed_extract_resumes_to_the_same_bytes_and_refuses_other_models() {
         ]
         .concat(),
     ));
-    let bytes = |d: &Path| {
-        let mut v: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(d)
-            .into_iter()
-            .map(|e| e.unwrap())
-            .filter(|e| e.file_type().is_file())
-            .map(|e| {
-                (
-                    e.path().strip_prefix(d).unwrap().display().to_string(),
-                    std::fs::read(e.path()).unwrap(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(bytes(&killed), bytes(&full));
+    assert_eq!(tree_bytes(&killed), tree_bytes(&full));
     assert!(
         full.join("shards/00002").exists(),
         "several shards were written"

@@ -115,11 +115,16 @@ fn generic_tensor_path_matches_transformers() {
 
 #[test]
 fn half_precision_runs_close() {
-    for variant in ["w2v_base", "hubert_large"] {
-        let worst = worst_single(variant, DType::BF16);
+    for (variant, dtype) in [
+        ("w2v_base", DType::BF16),
+        ("hubert_large", DType::BF16),
+        ("w2v_large", DType::F16),
+        ("hubert_base", DType::F16),
+    ] {
+        let worst = worst_single(variant, dtype);
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
-        println!("{variant} bf16: max diff {worst:.3} (max |ref| {scale:.1})");
-        assert!(worst < 0.1 * scale.max(1.0), "{variant} bf16: {worst}");
+        println!("{variant} {dtype:?}: max diff {worst:.3} (max |ref| {scale:.1})");
+        assert!(worst < 0.1 * scale.max(1.0), "{variant} {dtype:?}: {worst}");
     }
 }
 
@@ -155,6 +160,24 @@ fn padded_batch_equals_each_utterance_alone() {
         }
         println!("{variant}: batch vs alone max diff {worst:.2e}");
         assert!(worst < 1e-4, "{variant}: {worst}");
+    }
+}
+
+#[test]
+fn forward_waveforms_pads_for_the_caller() {
+    let inputs = inputs();
+    let waves: Vec<Vec<f32>> = (0..N_UTTS)
+        .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
+        .collect();
+    let slices: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
+    let (cfg, model) = load("hubert_base", DType::F32);
+    let refs = refs("hubert_base");
+    let (states, valid) = model.forward_waveforms(&slices, 1).unwrap();
+    assert_eq!(states.len(), 2);
+    for (b, &t) in valid.iter().enumerate() {
+        assert_eq!(t, frames_for_samples(&cfg, waves[b].len()));
+        let ours = states[1].i(b).unwrap().narrow(0, 0, t).unwrap();
+        assert!(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden1")]) < 1e-4);
     }
 }
 

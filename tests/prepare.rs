@@ -1,11 +1,9 @@
 //! `speechcache prepare` as a user runs it: every input format, mixed codecs and rates,
 //! determinism across --jobs, kill -9 and resume, speed perturbation, bad input.
+mod common;
+use common::{bin, ok, s, tree_bytes};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_speechcache"))
-}
+use std::process::Output;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,16 +25,6 @@ fn prepare(args: &[&str]) -> Output {
     out
 }
 
-fn ok(out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "command failed: {text}");
-    text
-}
-
 fn rows(store: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(store.join("index.jsonl"))
         .unwrap()
@@ -51,26 +39,6 @@ fn errors(store: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(dir)
-        .into_iter()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_type().is_file())
-        .map(|e| {
-            (
-                e.path().strip_prefix(dir).unwrap().display().to_string(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A corpus directory with one file of each codec (content-detected, any rate/channels).

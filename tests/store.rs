@@ -1,5 +1,7 @@
 //! The store format, checked without the store's own reader: headers parsed by hand, data
 //! compared with what was written, checksums recomputed with a bitwise CRC-32.
+mod common;
+use common::tree_bytes;
 use ndarray::Array2;
 use speechcache::store::{
     verify_store, AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData,
@@ -113,22 +115,6 @@ fn write_audio(dir: &Path, n: usize, stop_after: Option<usize>) -> bool {
     }
     w.finish().unwrap();
     true
-}
-
-fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(dir)
-        .into_iter()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_type().is_file())
-        .map(|e| {
-            (
-                e.path().strip_prefix(dir).unwrap().display().to_string(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 #[test]

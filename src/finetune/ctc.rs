@@ -54,15 +54,15 @@ pub enum Reduction {
 /// Invalid arguments to [`ctc_loss`].
 #[derive(Debug, thiserror::Error)]
 pub enum CtcError {
-    #[error("ctc_loss: log_probs must be [batch, frames, classes], got shape {0:?}")]
+    #[error("ctc_loss: the input must be [batch, frames, classes], got shape {0:?}")]
     Shape(Vec<usize>),
-    #[error("ctc_loss: log_probs has {batch} utterances but {what} has {len} entries")]
+    #[error("ctc_loss: the input has {batch} utterances but {what} has {len} entries")]
     BatchMismatch {
         batch: usize,
         what: &'static str,
         len: usize,
     },
-    #[error("ctc_loss: utterance {index} has input length {length} but log_probs has only {frames} frames")]
+    #[error("ctc_loss: utterance {index} has input length {length} but the input has only {frames} frames")]
     InputLength {
         index: usize,
         length: usize,
@@ -77,7 +77,7 @@ pub enum CtcError {
         label: u32,
         classes: usize,
     },
-    #[error("ctc_loss: log_probs must be contiguous in the op (got a strided layout)")]
+    #[error("ctc_loss: the input must be contiguous in the op (got a strided layout)")]
     Layout,
     #[error("ctc_loss: the op runs on the CPU; call ctc_loss, which moves its input there")]
     Device,

@@ -264,7 +264,8 @@ impl DepthwiseConv1d {
 /// `(K - 1) / 2` on the left, the rest on the right, no bias.
 ///
 /// On CPU this is the `DepthwiseConv1dOp` custom op (rayon over rows, vectorised over channels,
-/// hand-written backward). On other devices it falls back to `depthwise_conv1d_shift_add`, a
+/// hand-written backward): B8·C256·T500·k31 takes 4 ms forward and 18 ms forward+backward on
+/// 2 cores, against 57 / 965 ms for candle's grouped conv (one conv per channel). On other devices it falls back to `depthwise_conv1d_shift_add`, a
 /// composite of K shifted multiply-adds whose backward candle derives (memory-bound, K kernel
 /// launches; candle's grouped conv would run one conv per channel there).
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor) -> Result<Tensor> {

@@ -47,10 +47,55 @@ fn log_add(a: f64, b: f64) -> f64 {
     hi + (lo - hi).exp().ln_1p()
 }
 
+/// Every prefix the search has created, as a tree: a prefix is a node, its labels are the path
+/// from the root. Comparing and extending prefixes is then O(1) instead of O(length).
+struct PrefixTree {
+    parent: Vec<u32>,
+    label: Vec<u32>,
+    children: HashMap<(u32, u32), u32>,
+}
+
+impl PrefixTree {
+    const ROOT: u32 = 0;
+
+    fn new() -> Self {
+        PrefixTree {
+            parent: vec![Self::ROOT],
+            label: vec![u32::MAX],
+            children: HashMap::new(),
+        }
+    }
+
+    fn child(&mut self, node: u32, label: u32) -> u32 {
+        let next = self.parent.len() as u32;
+        let id = *self.children.entry((node, label)).or_insert(next);
+        if id == next {
+            self.parent.push(node);
+            self.label.push(label);
+        }
+        id
+    }
+
+    fn last(&self, node: u32) -> Option<u32> {
+        (node != Self::ROOT).then(|| self.label[node as usize])
+    }
+
+    fn labels(&self, mut node: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        while node != Self::ROOT {
+            out.push(self.label[node as usize]);
+            node = self.parent[node as usize];
+        }
+        out.reverse();
+        out
+    }
+}
+
 /// A labelling prefix with the log probability of all alignments of the frames so far that
 /// produce it and end in a blank, or end in its last label.
+#[derive(Clone, Copy)]
 struct Prefix {
-    labels: Vec<u32>,
+    node: u32,
     ends_blank: f64,
     ends_label: f64,
 }
@@ -65,23 +110,19 @@ impl Prefix {
 #[derive(Default)]
 struct NextBeam {
     prefixes: Vec<Prefix>,
-    index: HashMap<Vec<u32>, usize>,
+    index: HashMap<u32, usize>,
 }
 
 impl NextBeam {
-    fn entry(&mut self, labels: &[u32]) -> &mut Prefix {
-        let slot = match self.index.get(labels) {
-            Some(&slot) => slot,
-            None => {
-                self.index.insert(labels.to_vec(), self.prefixes.len());
-                self.prefixes.push(Prefix {
-                    labels: labels.to_vec(),
-                    ends_blank: NEG_INF,
-                    ends_label: NEG_INF,
-                });
-                self.prefixes.len() - 1
-            }
-        };
+    fn entry(&mut self, node: u32) -> &mut Prefix {
+        let slot = *self.index.entry(node).or_insert(self.prefixes.len());
+        if slot == self.prefixes.len() {
+            self.prefixes.push(Prefix {
+                node,
+                ends_blank: NEG_INF,
+                ends_label: NEG_INF,
+            });
+        }
         &mut self.prefixes[slot]
     }
 }
@@ -97,13 +138,13 @@ pub fn prefix_beam_search(
     blank: u32,
 ) -> Vec<(Vec<u32>, f32)> {
     let beam = beam.max(1);
+    let mut tree = PrefixTree::new();
     let mut current = vec![Prefix {
-        labels: Vec::new(),
+        node: PrefixTree::ROOT,
         ends_blank: 0.0,
         ends_label: NEG_INF,
     }];
     let mut candidates: Vec<u32> = Vec::new();
-    let mut extended: Vec<u32> = Vec::new();
     for row in log_probs.rows() {
         top_classes(row, beam, &mut candidates);
         let mut next = NextBeam::default();
@@ -111,21 +152,19 @@ pub fn prefix_beam_search(
             let p = f64::from(row[class as usize]);
             for prefix in &current {
                 if class == blank {
-                    let e = next.entry(&prefix.labels);
+                    let e = next.entry(prefix.node);
                     e.ends_blank = log_add(e.ends_blank, prefix.score() + p);
                     continue;
                 }
-                extended.clear();
-                extended.extend_from_slice(&prefix.labels);
-                extended.push(class);
-                if prefix.labels.last() == Some(&class) {
+                let extended = tree.child(prefix.node, class);
+                if tree.last(prefix.node) == Some(class) {
                     // A repeat only starts a new label after a blank; otherwise it merges.
-                    let e = next.entry(&prefix.labels);
+                    let e = next.entry(prefix.node);
                     e.ends_label = log_add(e.ends_label, prefix.ends_label + p);
-                    let e = next.entry(&extended);
+                    let e = next.entry(extended);
                     e.ends_label = log_add(e.ends_label, prefix.ends_blank + p);
                 } else {
-                    let e = next.entry(&extended);
+                    let e = next.entry(extended);
                     e.ends_label = log_add(e.ends_label, prefix.score() + p);
                 }
             }
@@ -139,10 +178,7 @@ pub fn prefix_beam_search(
     }
     current
         .into_iter()
-        .map(|p| {
-            let score = p.score() as f32;
-            (p.labels, score)
-        })
+        .map(|p| (tree.labels(p.node), p.score() as f32))
         .collect()
 }
 

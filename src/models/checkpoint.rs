@@ -1,6 +1,7 @@
 //! Loading wav2vec 2.0 / HuBERT checkpoints into one canonical naming.
 //!
-//! Reads Hugging Face directories (`config.json` + `model.safetensors` or `pytorch_model.bin`),
+//! Reads Hugging Face directories (`config.json` + `model.safetensors`, sharded safetensors with
+//! `model.safetensors.index.json`, or `pytorch_model.bin`),
 //! bare `torch.save` state dicts (zip format with any pickle protocol, or the legacy pre-1.6
 //! stream format; never executing the pickle), and fairseq `.pt` checkpoints (config taken from
 //! the stored `cfg`/`args`). Every tensor is renamed to transformers' `Wav2Vec2Model` /
@@ -10,7 +11,7 @@
 //! `mask_emb`/`masked_spec_embed`) are dropped. Every tensor the config implies must be present
 //! with its shape, and no encoder tensor may be left over, so a config that disagrees with the
 //! weights is an error, never a silently wrong model.
-use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical};
+use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
 use super::checkpoint_torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
 use super::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
 use candle_core::safetensors::MmapedSafetensors;
@@ -128,7 +129,7 @@ pub fn load_checkpoint_with_config(
     dtype: DType,
 ) -> Result<LoadedCheckpoint, CheckpointError> {
     let weights = find_weights(path)?;
-    let source = Source::open(&weights)?;
+    let (source, files) = Source::open(&weights)?;
     let (entries, is_fairseq) = source.entries(&weights)?;
     let (cfg, pre, config_source) = resolve_config(&weights, config, &source, is_fairseq)?;
 
@@ -170,7 +171,7 @@ pub fn load_checkpoint_with_config(
         } else {
             source.format_name().into()
         },
-        weights_sha256: sha256_file(&weights)?,
+        weights_sha256: sha256_files(&files)?,
         path: weights,
         config_source,
         stored_dtype,
@@ -188,7 +189,12 @@ fn find_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
     if !meta.is_dir() {
         return Ok(path.to_path_buf());
     }
-    for name in ["model.safetensors", "pytorch_model.bin"] {
+    for name in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ] {
         let p = path.join(name);
         if p.is_file() {
             return Ok(p);
@@ -237,11 +243,29 @@ enum Source {
 }
 
 impl Source {
-    fn open(path: &Path) -> Result<Source, CheckpointError> {
+    /// Opens the weights and lists the files whose bytes they are.
+    fn open(path: &Path) -> Result<(Source, Vec<PathBuf>), CheckpointError> {
         let unreadable = |reason: String| CheckpointError::Unreadable {
             path: path.to_path_buf(),
             reason,
         };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".safetensors.index.json") {
+            let shards = safetensors_shards(path)?;
+            // SAFETY: read-only mappings of model files nobody rewrites while we load them.
+            let st = unsafe { MmapedSafetensors::multi(&shards) }
+                .map_err(|e| unreadable(format!("invalid safetensors shard: {e}")))?;
+            return Ok((Source::Safetensors(st), shards));
+        }
+        if name.ends_with(".bin.index.json") {
+            return Err(unreadable(
+                "sharded pytorch_model.bin checkpoints are not supported; convert them with \
+                 transformers: AutoModel.from_pretrained(DIR).save_pretrained(OUT, \
+                 safe_serialization=True, max_shard_size='100GB')"
+                    .into(),
+            ));
+        }
+        let files = vec![path.to_path_buf()];
         let mut head = [0u8; 512];
         let n = std::fs::File::open(path)
             .and_then(|mut f| read_up_to(&mut f, &mut head))
@@ -252,7 +276,7 @@ impl Source {
         let head = &head[..n];
         if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
             return TorchFile::open(path)
-                .map(Source::Torch)
+                .map(|t| (Source::Torch(t), files))
                 .map_err(|r| unreadable(format!("{r}; {}", conversion_hint(path))));
         }
         if head.len() > 262 && &head[257..262] == b"ustar" {
@@ -264,7 +288,7 @@ impl Source {
         if head.len() > 8 && head[8] == b'{' {
             // SAFETY: read-only mapping of a model file nobody rewrites while we load it.
             return unsafe { MmapedSafetensors::new(path) }
-                .map(Source::Safetensors)
+                .map(|st| (Source::Safetensors(st), files))
                 .map_err(|e| unreadable(format!("invalid safetensors file: {e}")));
         }
         Err(unreadable(
@@ -434,7 +458,13 @@ fn resolve_config(
                     let pre = beside_pre()?.unwrap_or(stored_pre);
                     return Ok((cfg, pre, "fairseq checkpoint (stored cfg/args)".into()));
                 }
-                Err(reason) if !beside.is_file() => {
+                Err(StoredConfigError::UnsupportedModel(name)) => {
+                    return Err(CheckpointError::UnsupportedModel {
+                        path: weights.to_path_buf(),
+                        model_type: name,
+                    })
+                }
+                Err(StoredConfigError::Unreadable(reason)) if !beside.is_file() => {
                     return Err(CheckpointError::Config {
                         path: weights.to_path_buf(),
                         reason: format!(
@@ -610,22 +640,59 @@ fn stored_as(name: &str, e: &Entry) -> String {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
-    let io = |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+/// sha256 of the weights bytes; for a sharded checkpoint, of its shards concatenated in index
+/// order (`cat shard1 shard2 ... | sha256sum`).
+fn sha256_files(paths: &[PathBuf]) -> Result<String, CheckpointError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
+    for path in paths {
+        let io = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        loop {
+            let n = f.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
         }
-        h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The shard files a `model.safetensors.index.json` names, in first-mention order.
+fn safetensors_shards(index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let unreadable = |reason: String| CheckpointError::Unreadable {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| CheckpointError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| unreadable(format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| unreadable("no weight_map object".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for file in map.values() {
+        let file = file
+            .as_str()
+            .ok_or_else(|| unreadable("weight_map values must be file names".into()))?;
+        let p = dir.join(file);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    if files.is_empty() {
+        return Err(unreadable("weight_map is empty".into()));
+    }
+    Ok(files)
 }
 
 #[cfg(test)]

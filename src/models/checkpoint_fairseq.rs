@@ -17,12 +17,33 @@ struct ModelSettings<'p> {
     family: String,
 }
 
+/// Why a fairseq checkpoint's stored config cannot be used.
+#[derive(Debug)]
+pub enum StoredConfigError {
+    /// The checkpoint is another model family (its fairseq `_name`/`arch`).
+    UnsupportedModel(String),
+    /// A key is missing or unreadable; the message names it.
+    Unreadable(String),
+}
+
+impl From<String> for StoredConfigError {
+    fn from(s: String) -> Self {
+        Self::Unreadable(s)
+    }
+}
+
+impl From<&str> for StoredConfigError {
+    fn from(s: &str) -> Self {
+        Self::Unreadable(s.to_string())
+    }
+}
+
 /// The encoder config and audio preprocessing stored in a fairseq checkpoint.
 /// Errors name the missing or unreadable key.
 pub fn config_from_fairseq(
     p: &Pickle,
     root: &Value,
-) -> Result<(Wav2Vec2Config, PreprocessorConfig), String> {
+) -> Result<(Wav2Vec2Config, PreprocessorConfig), StoredConfigError> {
     let s = locate(p, root)?;
     let cfg = encoder_config(&s)?;
     let pre = preprocessor(&s, &cfg);
@@ -35,12 +56,13 @@ fn is_finetuned(name: &str) -> bool {
     name.ends_with("_ctc") || name.ends_with("_seq2seq")
 }
 
-fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, String> {
+fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, StoredConfigError> {
     let cfg = p.get(root, "cfg").filter(|v| p.entries(v).is_some());
     let args = p.get(root, "args").filter(|v| p.entries(v).is_some());
     match (cfg, args) {
         (Some(cfg), args) => match from_cfg(p, cfg) {
             Ok(s) => Ok(s),
+            Err(e @ StoredConfigError::UnsupportedModel(_)) => Err(e),
             // Some converted checkpoints keep an empty cfg next to the real args.
             Err(e) => args.map_or(Err(e), |a| from_args(p, a)),
         },
@@ -49,7 +71,7 @@ fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, Strin
     }
 }
 
-fn from_cfg<'p>(p: &'p Pickle, cfg: &'p Value) -> Result<ModelSettings<'p>, String> {
+fn from_cfg<'p>(p: &'p Pickle, cfg: &'p Value) -> Result<ModelSettings<'p>, StoredConfigError> {
     let model = p
         .get(cfg, "model")
         .filter(|v| p.entries(v).is_some())
@@ -83,7 +105,7 @@ fn from_cfg<'p>(p: &'p Pickle, cfg: &'p Value) -> Result<ModelSettings<'p>, Stri
     })
 }
 
-fn from_args<'p>(p: &'p Pickle, args: &'p Value) -> Result<ModelSettings<'p>, String> {
+fn from_args<'p>(p: &'p Pickle, args: &'p Value) -> Result<ModelSettings<'p>, StoredConfigError> {
     let arch = str_of(p, args, "arch").ok_or("args has no arch")?;
     if is_finetuned(&arch) {
         let inner = p
@@ -110,16 +132,14 @@ fn from_args<'p>(p: &'p Pickle, args: &'p Value) -> Result<ModelSettings<'p>, St
     })
 }
 
-fn family(name: &str) -> Result<String, String> {
+fn family(name: &str) -> Result<String, StoredConfigError> {
     match name {
         "wav2vec2" => Ok("wav2vec2".into()),
         "hubert" => Ok("hubert".into()),
         "" => Err(
             "the stored model config has no _name/arch (cannot tell wav2vec2 from hubert)".into(),
         ),
-        other => Err(format!(
-            "fairseq model \"{other}\" is not supported (speechcache reads wav2vec2 and hubert)"
-        )),
+        other => Err(StoredConfigError::UnsupportedModel(other.to_string())),
     }
 }
 
@@ -145,7 +165,7 @@ impl ModelSettings<'_> {
                 self.origin
             )),
             None => Err(format!(
-                "{}.{key} is missing from the checkpoint; pass --config config.json",
+                "{}.{key} is missing from the checkpoint",
                 self.origin
             )),
         }
@@ -253,6 +273,9 @@ fn preprocessor(s: &ModelSettings, cfg: &Wav2Vec2Config) -> PreprocessorConfig {
     }
 }
 
+/// More conv layers than any released model has (7) by far; guards against a corrupt string.
+const MAX_CONV_LAYERS: usize = 64;
+
 /// Parses fairseq's `conv_feature_layers`, a Python expression such as
 /// `"[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"`, into (dim, kernel, stride) triples.
 pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)>, String> {
@@ -265,6 +288,9 @@ pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)
         let mut term = p.list()?;
         if p.eat(b'*') {
             let n = p.int()?;
+            if n > MAX_CONV_LAYERS {
+                return Err(format!("repeat count {n} is implausible"));
+            }
             let one = term.clone();
             for _ in 1..n {
                 term.extend_from_slice(&one);
@@ -274,6 +300,9 @@ pub fn parse_conv_feature_layers(spec: &str) -> Result<Vec<(usize, usize, usize)
             }
         }
         out.extend(term);
+        if out.len() > MAX_CONV_LAYERS {
+            return Err(format!("more than {MAX_CONV_LAYERS} conv layers"));
+        }
         if !p.eat(b'+') {
             break;
         }

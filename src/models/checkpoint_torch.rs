@@ -145,7 +145,8 @@ impl TorchFile {
                         len: entry.size() as usize,
                     },
                     _ => {
-                        let mut buf = Vec::with_capacity(entry.size() as usize);
+                        // The header's size is untrusted: let the buffer grow as data arrives.
+                        let mut buf = Vec::with_capacity((entry.size() as usize).min(1 << 26));
                         entry
                             .read_to_end(&mut buf)
                             .map_err(|e| format!("zip entry {name}: {e}"))?;
@@ -228,7 +229,7 @@ impl TorchFile {
             let numel = u64::from_le_bytes(n) as usize;
             let len = numel
                 .checked_mul(size)
-                .filter(|&l| pos + 8 + l <= mmap.len())
+                .filter(|&l| l <= mmap.len() - (pos + 8))
                 .ok_or(format!("file ends inside storage {key}"))?;
             storages.insert(
                 key,
@@ -333,15 +334,18 @@ impl TorchFile {
             .dtype
             .size()
             .ok_or(format!("unsupported storage type {:?}", t.dtype))?;
-        let numel: usize = t.shape.iter().product();
+        let past = "tensor extends past its storage";
+        let numel = checked_numel(&t.shape).ok_or(past)?;
         let gathered;
         let raw: &[u8] = if numel == 0 {
             &[]
         } else if is_row_major(&t.shape, &t.stride) {
-            let start = t.offset * es;
-            bytes
-                .get(start..start + numel * es)
-                .ok_or("tensor extends past its storage")?
+            let start = t.offset.checked_mul(es).ok_or(past)?;
+            let end = numel
+                .checked_mul(es)
+                .and_then(|n| n.checked_add(start))
+                .ok_or(past)?;
+            bytes.get(start..end).ok_or(past)?
         } else {
             gathered = gather(bytes, es, t)?;
             &gathered
@@ -430,6 +434,10 @@ fn storage_dtypes(p: &Pickle) -> HashMap<String, StorageDtype> {
         .collect()
 }
 
+fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
     let mut expected = 1;
     for (&d, &s) in shape.iter().zip(stride).rev() {
@@ -443,16 +451,18 @@ fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
 
 /// Strided element copy for views that are not row-major (e.g. saved transposes).
 fn gather(bytes: &[u8], es: usize, t: &TensorRef) -> Result<Vec<u8>, String> {
-    let last = t.offset
-        + t.shape
-            .iter()
-            .zip(&t.stride)
-            .map(|(&d, &s)| (d.saturating_sub(1)) * s)
-            .sum::<usize>();
-    if (last + 1) * es > bytes.len() {
-        return Err("tensor view extends past its storage".into());
+    let past = "tensor view extends past its storage";
+    // The furthest element the view touches; every other index is below it.
+    let mut last = t.offset;
+    for (&d, &s) in t.shape.iter().zip(&t.stride) {
+        let span = d.saturating_sub(1).checked_mul(s).ok_or(past)?;
+        last = last.checked_add(span).ok_or(past)?;
     }
-    let numel: usize = t.shape.iter().product();
+    let end = last.checked_add(1).and_then(|n| n.checked_mul(es));
+    if end.is_none_or(|e| e > bytes.len()) {
+        return Err(past.into());
+    }
+    let numel = checked_numel(&t.shape).ok_or(past)?;
     let mut out = Vec::with_capacity(numel * es);
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {

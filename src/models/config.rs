@@ -388,5 +388,42 @@ mod tests {
         assert_eq!(cfg.receptive_field(), 400);
         // facebook/wav2vec2-base: Wav2Vec2Model state dict size without masked_spec_embed (transformers 4.46).
         assert_eq!(parameter_count(&cfg), 94_370_944);
+        // wav2vec2-large-lv60 shapes and a HuBERT without the projection LayerNorm (same source).
+        let large: Wav2Vec2Config = serde_json::from_str(
+            r#"{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "intermediate_size": 4096, "feat_extract_norm": "layer", "conv_bias": true,
+                "do_stable_layer_norm": true}"#,
+        )
+        .unwrap();
+        assert_eq!(parameter_count(&large), 315_437_696);
+        let hubert: Wav2Vec2Config =
+            serde_json::from_str(r#"{"model_type": "hubert", "feat_proj_layer_norm": false}"#)
+                .unwrap();
+        assert_eq!(parameter_count(&hubert), 94_369_920);
+    }
+
+    #[test]
+    fn refuses_what_the_encoder_does_not_implement() {
+        let parse = |json: &str| serde_json::from_str::<Wav2Vec2Config>(json).unwrap();
+        assert!(parse(r#"{"model_type": "data2vec-audio"}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"feat_extract_norm": "batch"}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"conv_dim": [512, 512], "conv_kernel": [10]}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"hidden_size": 100}"#).validate().is_err());
+        assert!(parse(r#"{"adapter_attn_dim": 16}"#).validate().is_err());
+        assert!(parse(r#"{"conv_pos_batch_norm": true}"#)
+            .validate()
+            .is_err());
+        assert!(parse(r#"{"hidden_act": "mish"}"#).validate().is_err());
+        let hubert = parse(r#"{"model_type": "hubert", "feat_proj_layer_norm": false}"#);
+        hubert.validate().unwrap();
+        assert!(!hubert.has_feat_proj_layer_norm());
+        // wav2vec2 always has the projection LayerNorm, whatever the (HuBERT-only) flag says.
+        assert!(parse(r#"{"feat_proj_layer_norm": false}"#).has_feat_proj_layer_norm());
     }
 }

@@ -12,7 +12,7 @@
 //! (ESPnet itself derives padded utterances' lengths from a strided mask, which can count up
 //! to two frames more; those frames depend on padding, so we do not.)
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::finetune::ops::{
@@ -383,13 +383,96 @@ fn linear(vb: VarBuilder, d_in: usize, d_out: usize) -> candle_core::Result<Line
     candle_nn::linear(d_in, d_out, vb)
 }
 
+/// A 3x3 `torch.nn.Conv2d` (keys `weight` `[C_out, C_in, 3, 3]`, `bias`) on channels-last
+/// `[B, T, F, C_in]` input, computed as nine gathered taps times `[C_in, C_out]` matmuls.
+/// candle's CPU conv2d backward (conv_transpose2d, and a kernel gradient with a whole-image
+/// kernel) took most of a training step; these matmuls and gathers have fast backwards.
+#[derive(Debug, Clone)]
+struct TapConv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+}
+
+impl TapConv2d {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize) -> candle_core::Result<Self> {
+        let bound = 1.0 / ((c_in * 9) as f64).sqrt();
+        let init = candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Ok(Self {
+            weight: vb.get_with_hints((c_out, c_in, 3, 3), "weight", init)?,
+            bias: vb.get_with_hints(c_out, "bias", init)?,
+            stride,
+        })
+    }
+
+    /// Positions `k, k + stride, ...` of one tap along `dim` (`out` of them).
+    fn tap(&self, x: &Tensor, dim: usize, k: usize, out: usize) -> candle_core::Result<Tensor> {
+        if self.stride == 1 {
+            return x.narrow(dim, k, out);
+        }
+        let end = (k + self.stride * (out - 1) + 1) as u32;
+        let idx = Tensor::arange_step(k as u32, end, self.stride as u32, x.device())?;
+        x.index_select(&idx, dim)
+    }
+
+    /// `[B, T, F, C_in]` → `[B, T', F', C_out]` (no padding, like ESPnet's subsampling convs).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, f, c_in) = x.dims4()?;
+        let c_out = self.weight.dim(0)?;
+        let (t_out, f_out) = ((t - 3) / self.stride + 1, (f - 3) / self.stride + 1);
+        let rows = b * t_out * f_out;
+        let mut taps = Vec::with_capacity(9);
+        for kt in 0..3 {
+            let xt = self.tap(x, 1, kt, t_out)?;
+            for kf in 0..3 {
+                taps.push(self.tap(&xt, 2, kf, f_out)?.contiguous()?);
+            }
+        }
+        let y = if c_in * 9 <= SMALL_IM2COL {
+            // Few input channels: one [rows, 9 C_in] x [9 C_in, C_out] matmul (im2col).
+            let cols = Tensor::cat(&taps, 3)?.reshape((rows, 9 * c_in))?;
+            let w = self
+                .weight
+                .permute((0, 2, 3, 1))?
+                .reshape((c_out, 9 * c_in))?;
+            cols.matmul(&w.t()?)?
+        } else {
+            // Many input channels: accumulate nine matmuls instead of a 9x larger im2col copy.
+            let mut acc: Option<Tensor> = None;
+            for (i, patch) in taps.iter().enumerate() {
+                let w = self.weight.narrow(2, i / 3, 1)?.narrow(3, i % 3, 1)?;
+                let w = w.reshape((c_out, c_in))?.t()?;
+                let y = patch.reshape((rows, c_in))?.matmul(&w)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y)?,
+                });
+            }
+            match acc {
+                Some(y) => y,
+                None => candle_core::bail!("conv2d: empty kernel"),
+            }
+        };
+        y.broadcast_add(&self.bias)?
+            .reshape((b, t_out, f_out, c_out))
+    }
+}
+
+/// Largest im2col width (9 x input channels) built as one matrix.
+const SMALL_IM2COL: usize = 72;
+
 /// ESPnet `Conv2dSubsampling` / `Conv2dSubsampling2` (keys `conv.0`, `conv.2`, `out.0`) without
-/// the positional encoding, which the encoder applies.
+/// the positional encoding, which the encoder applies. Runs channels-last; `out.0` keeps
+/// ESPnet's channel-major `[odim, C * F']` layout and is permuted to `[odim, F' * C]` on use.
 #[derive(Debug, Clone)]
 struct Conv2dSubsampling {
-    conv0: Conv2d,
-    conv1: Conv2d,
-    out: Linear,
+    conv0: TapConv2d,
+    conv1: TapConv2d,
+    out_weight: Tensor,
+    out_bias: Tensor,
 }
 
 impl Conv2dSubsampling {
@@ -400,25 +483,34 @@ impl Conv2dSubsampling {
         odim: usize,
     ) -> candle_core::Result<Self> {
         let stride2 = if layer == InputLayer::Conv2d { 2 } else { 1 };
-        let cfg = |stride| Conv2dConfig {
-            stride,
-            ..Default::default()
-        };
         let conv = vb.pp("conv");
-        let conv0 = candle_nn::conv2d(1, odim, 3, cfg(2), conv.pp("0"))?;
-        let conv1 = candle_nn::conv2d(odim, odim, 3, cfg(stride2), conv.pp("2"))?;
         let freq = layer.output_length(idim);
         let out = linear(vb.pp("out").pp("0"), odim * freq, odim)?;
-        Ok(Self { conv0, conv1, out })
+        Ok(Self {
+            conv0: TapConv2d::load(conv.pp("0"), 1, odim, 2)?,
+            conv1: TapConv2d::load(conv.pp("2"), odim, odim, stride2)?,
+            out_weight: out.weight().clone(),
+            out_bias: out
+                .bias()
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("embed.out.0 has no bias".into()))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.unsqueeze(1)?; // [B, 1, T, F]
+        let x = x.unsqueeze(3)?; // [B, T, F, 1]
         let x = self.conv0.forward(&x)?.relu()?;
-        let x = self.conv1.forward(&x)?.relu()?; // [B, C, T', F']
-        let (b, c, t, f) = x.dims4()?;
-        let x = x.transpose(1, 2)?.reshape((b, t, c * f))?;
-        self.out.forward(&x)
+        let x = self.conv1.forward(&x)?.relu()?; // [B, T', F', C]
+        let (b, t, f, c) = x.dims4()?;
+        let odim = self.out_weight.dim(0)?;
+        let w = self
+            .out_weight
+            .reshape((odim, c, f))?
+            .transpose(1, 2)?
+            .reshape((odim, f * c))?;
+        x.reshape((b, t, f * c))?
+            .broadcast_matmul(&w.t()?)?
+            .broadcast_add(&self.out_bias)
     }
 }
 

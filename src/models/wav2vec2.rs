@@ -7,12 +7,17 @@
 //! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
 //! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
 //!
-//! Layout: activations are time-major `[B, T, C]` throughout. Every conv is a frame-matmul:
-//! frames are gathered with one `index_select` (`[B, T_out·K, C_in]`, reshaped to
-//! `[B·T_out, K·C_in]`) and multiplied by the weight pre-arranged at load time as
-//! `[K·C_in, C_out]`; the grouped positional conv is one batched matmul over the groups.
-//! This avoids candle's CPU conv1d (transposing output copy, one conv per group) and runs
-//! unchanged on CUDA and in f16/bf16.
+//! Layout: activations are time-major `[B, T, C]` throughout, and every conv is a
+//! frame-matmul with its weight pre-arranged at load time as `[K·C_in, C_out]` (rows ordered
+//! tap, then input channel). In time-major memory the K frames a conv output reads are one
+//! contiguous run, so on the CPU (f32) each conv is a single gemm whose lhs rows overlap
+//! (row stride `stride·C_in`, no im2col copy), the first conv (one input channel) is direct
+//! FMAs fused with its GroupNorm and GELU, and the grouped positional conv is one gemm per
+//! group writing straight into the output. On other devices and dtypes (CUDA, f16, bf16) the
+//! same frames are gathered with `index_select` in bounded chunks and multiplied with
+//! `matmul`; norms, activations and the attention softmax have fused multi-threaded CPU
+//! kernels and plain tensor-op equivalents (see `wav2vec2_ops.rs`). This avoids candle's CPU
+//! conv1d (a transposing output copy, one conv per group).
 //!
 //! # Padding invariance
 //! In a padded batch, every utterance's hidden states on its valid frames equal those of the
@@ -149,6 +154,8 @@ struct ConvLayer {
     kernel: usize,
     stride: usize,
     act: Activation,
+    /// The same layer fused for CPU f32 (first conv of "group" models only).
+    fused: Option<ops::FirstConvGroupNorm>,
 }
 
 impl ConvLayer {
@@ -175,13 +182,34 @@ impl ConvLayer {
             },
             _ => ConvNorm::None,
         };
+        let (stride, act) = (
+            cfg.conv_stride[i],
+            activation(&cfg.feat_extract_activation)?,
+        );
+        let fused = match &norm {
+            ConvNorm::Group {
+                weight: nw,
+                bias: nb,
+            } if c_in == 1 && weight.device().is_cpu() => Some(ops::FirstConvGroupNorm::new(
+                &weight,
+                bias.as_ref(),
+                nw,
+                nb,
+                kernel,
+                stride,
+                CONV_NORM_EPS,
+                act,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             weight,
             bias,
             norm,
             kernel,
-            stride: cfg.conv_stride[i],
-            act: activation(&cfg.feat_extract_activation)?,
+            stride,
+            act,
+            fused,
         })
     }
 
@@ -191,26 +219,40 @@ impl ConvLayer {
             .iter()
             .map(|&n| conv_out_len(n, self.kernel, self.stride))
             .collect();
-        let y = ops::strided_conv(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.kernel,
-            self.stride,
-            CHUNK_ELEMS,
-        )?;
-        let y = match &self.norm {
-            ConvNorm::None => ops::bias_act(&y, None, self.act)?,
-            ConvNorm::Group { weight, bias } => {
-                ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
+        if let Some(fused) = &self.fused {
+            if ops::FirstConvGroupNorm::applies_to(x) {
+                return Ok((fused.forward(x, &valid_out)?, valid_out));
             }
-            ConvNorm::Layer(ln) => {
-                ops::layer_norm_act(&y, &ln.weight, &ln.bias, ln.eps, Some(self.act))?
+        }
+        let conv = |post| {
+            ops::strided_conv(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.kernel,
+                self.stride,
+                CHUNK_ELEMS,
+                post,
+            )
+        };
+        let y = match &self.norm {
+            ConvNorm::None => conv(ops::ConvPost::Act(self.act))?,
+            ConvNorm::Layer(ln) => conv(ops::ConvPost::LayerNormAct {
+                weight: &ln.weight,
+                bias: &ln.bias,
+                eps: ln.eps,
+                act: self.act,
+            })?,
+            ConvNorm::Group { weight, bias } => {
+                // Statistics need the whole output first: no fusion on this path.
+                let y = conv(ops::ConvPost::Identity)?;
+                ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
             }
         };
         Ok((y, valid_out))
     }
 }
+
 /// Mirrors `Wav2Vec2FeatureProjection` / `HubertFeatureProjection` (dropout is identity).
 struct FeatureProjection {
     layer_norm: Option<LayerNorm>,
@@ -535,6 +577,11 @@ impl Wav2Vec2Model {
     /// model's dtype, exactly as transformers' `hidden_states` tuple (state 0 is the input to
     /// the first layer, state `num_hidden_layers` the final output), computing no layer beyond
     /// the last one asked for; and the valid frame count of every utterance.
+    ///
+    /// Memory: besides the states (B·T·H each), attention holds B·heads·T² scores per layer,
+    /// so batch long utterances by total frames. Errors: `lengths` not matching `wave`,
+    /// `max_hidden_state > num_hidden_layers`, or a batch shorter than the receptive field
+    /// (an utterance shorter than it inside a longer batch just gets 0 valid frames).
     pub fn forward(
         &self,
         wave: &Tensor,
@@ -542,6 +589,24 @@ impl Wav2Vec2Model {
         max_hidden_state: usize,
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
         self.run(wave, lengths, max_hidden_state, &mut Profiler::new(false))
+    }
+
+    /// `forward` on a batch of waveforms of any lengths (zero-padded here into one
+    /// [B, max length] tensor on the model's device). Normalise each one first with
+    /// `normalize_waveform` when `preprocessor_config.json` says `do_normalize`.
+    pub fn forward_waveforms(
+        &self,
+        waves: &[&[f32]],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let lengths: Vec<usize> = waves.iter().map(|w| w.len()).collect();
+        let s = lengths.iter().copied().max().unwrap_or(0);
+        let mut flat = vec![0f32; waves.len() * s];
+        for (row, w) in flat.chunks_exact_mut(s.max(1)).zip(waves) {
+            row[..w.len()].copy_from_slice(w);
+        }
+        let wave = Tensor::from_vec(flat, (waves.len(), s), &self.device)?;
+        self.forward(&wave, &lengths, max_hidden_state)
     }
 
     /// `forward`, also returning the wall time in seconds of every stage (each conv layer,

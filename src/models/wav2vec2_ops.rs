@@ -278,19 +278,20 @@ struct LayerNormAct {
 }
 
 impl LayerNormAct {
-    fn rows(&self, x: &[f32], out: &mut [f32], w: &[f32], b: &[f32]) {
+    /// Normalises (and activates) rows of `xs` in place.
+    fn rows(&self, xs: &mut [f32], w: &[f32], b: &[f32]) {
         let c = w.len();
-        for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        for row in xs.chunks_exact_mut(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
             let rstd = 1.0 / (var + self.eps).sqrt();
             let (mean, rstd) = (mean as f32, rstd as f32);
-            for (((y, &v), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                *y = (v - mean) * rstd * w + b;
+            for ((y, &w), &b) in row.iter_mut().zip(w).zip(b) {
+                *y = (*y - mean) * rstd * w + b;
             }
         }
         if let Some(act) = self.act {
-            bias_act_rows(out, &[], act);
+            bias_act_rows(xs, &[], act);
         }
     }
 }
@@ -322,7 +323,10 @@ impl candle_core::CustomOp3 for LayerNormAct {
         let task = (TASK_ELEMS / c).max(1) * c;
         out.par_chunks_mut(task)
             .zip(x.par_chunks(task))
-            .for_each(|(o, x)| self.rows(x, o, w, b));
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                self.rows(o, w, b)
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -424,9 +428,101 @@ unsafe fn frames_gemm(
     );
 }
 
+/// Output rows `t0..` of a one-input-channel conv: `out[t] = bias + Σ_j x[t·s + j] · w[j]`.
+#[allow(clippy::too_many_arguments)]
+fn direct_conv_rows(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    t0: usize,
+    k: usize,
+    s: usize,
+    c: usize,
+) {
+    #[inline(always)]
+    fn rows(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        t0: usize,
+        k: usize,
+        s: usize,
+        c: usize,
+    ) {
+        for (i, row) in out.chunks_exact_mut(c).enumerate() {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+            let xs = &x[(t0 + i) * s..(t0 + i) * s + k];
+            for (&a, wj) in xs.iter().zip(w.chunks_exact(c)) {
+                row.iter_mut().zip(wj).for_each(|(o, &wv)| *o += a * wv);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn rows_avx2(
+            x: &[f32],
+            w: &[f32],
+            bias: Option<&[f32]>,
+            out: &mut [f32],
+            t0: usize,
+            k: usize,
+            s: usize,
+            c: usize,
+        ) {
+            rows(x, w, bias, out, t0, k, s, c)
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { rows_avx2(x, w, bias, out, t0, k, s, c) };
+            return;
+        }
+    }
+    rows(x, w, bias, out, t0, k, s, c)
+}
+
 struct StridedConv {
     kernel: usize,
     stride: usize,
+    post: Option<PostOp>,
+}
+
+/// What runs on a conv's output rows in place, while they are fresh (CPU fast path).
+enum PostOp {
+    Act(Activation),
+    LayerNorm {
+        norm: LayerNormAct,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    },
+}
+
+impl PostOp {
+    fn apply(&self, out: &mut [f32], c: usize) {
+        let task = (TASK_ELEMS / c).max(1) * c;
+        out.par_chunks_mut(task).for_each(|o| match self {
+            PostOp::Act(act) => bias_act_rows(o, &[], *act),
+            PostOp::LayerNorm { norm, weight, bias } => norm.rows(o, weight, bias),
+        });
+    }
+}
+
+/// The norm and activation after a feature-encoder conv, fused into it on the CPU fast path.
+pub enum ConvPost<'a> {
+    Identity,
+    Act(Activation),
+    LayerNormAct {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+        eps: f64,
+        act: Activation,
+    },
 }
 
 impl candle_core::CustomOp3 for StridedConv {
@@ -458,6 +554,23 @@ impl candle_core::CustomOp3 for StridedConv {
         let t_out = (t_in - k) / s + 1;
         let mut out = vec![0f32; nb * t_out * c_out];
         let bias = (!bias.is_empty()).then_some(bias);
+        if c_in == 1 {
+            // The first conv (one input channel, K ≈ 10) is too thin for gemm: direct FMAs.
+            let rows_per_task = (TASK_ELEMS / c_out).max(1);
+            for b in 0..nb {
+                let xb = &x[b * t_in..(b + 1) * t_in];
+                out[b * t_out * c_out..(b + 1) * t_out * c_out]
+                    .par_chunks_mut(rows_per_task * c_out)
+                    .enumerate()
+                    .for_each(|(i, o)| {
+                        direct_conv_rows(xb, w, bias, o, i * rows_per_task, k, s, c_out)
+                    });
+            }
+            if let Some(post) = &self.post {
+                post.apply(&mut out, c_out);
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))));
+        }
         for b in 0..nb {
             // SAFETY: rows of x_b start every s·c_in and span k·c_in ≤ t_in·c_in values.
             unsafe {
@@ -474,6 +587,9 @@ impl candle_core::CustomOp3 for StridedConv {
                     rayon::current_num_threads(),
                 );
             }
+        }
+        if let Some(post) = &self.post {
+            post.apply(&mut out, c_out);
         }
         Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c_out))))
     }
@@ -497,9 +613,10 @@ fn gather_frames(
 }
 
 /// Unpadded strided conv on time-major `x` [B, T_in, C_in] with `weight` [K·C_in, C_out]
-/// (rows ordered tap, then input channel) plus `bias`: [B, T_out, C_out].
-/// CPU f32: one gemm per utterance reading overlapping rows of `x` (no im2col copy);
-/// elsewhere: frames gathered in chunks of at most `chunk_elems`, then a matmul.
+/// (rows ordered tap, then input channel) plus `bias`, then `post`: [B, T_out, C_out].
+/// CPU f32: one gemm per utterance reading overlapping rows of `x` (no im2col copy), `post`
+/// applied in place; elsewhere: frames gathered in chunks of at most `chunk_elems`, a matmul,
+/// then the tensor-op norm and activation.
 pub fn strided_conv(
     x: &Tensor,
     weight: &Tensor,
@@ -507,6 +624,7 @@ pub fn strided_conv(
     kernel: usize,
     stride: usize,
     chunk_elems: usize,
+    post: ConvPost,
 ) -> Result<Tensor> {
     if fast_path(x) && weight.dtype() == DType::F32 {
         let empty;
@@ -517,7 +635,28 @@ pub fn strided_conv(
                 &empty
             }
         };
-        let op = StridedConv { kernel, stride };
+        let post = match post {
+            ConvPost::Identity => None,
+            ConvPost::Act(act) => Some(PostOp::Act(act)),
+            ConvPost::LayerNormAct {
+                weight,
+                bias,
+                eps,
+                act,
+            } => Some(PostOp::LayerNorm {
+                norm: LayerNormAct {
+                    eps,
+                    act: Some(act),
+                },
+                weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            }),
+        };
+        let op = StridedConv {
+            kernel,
+            stride,
+            post,
+        };
         return x.contiguous()?.apply_op3_no_bwd(
             &weight.contiguous()?,
             &bias.to_dtype(DType::F32)?,
@@ -537,10 +676,19 @@ pub fn strided_conv(
         let frames = gather_frames(x, 1, t0, n, kernel, stride)?.reshape((b * n, kernel * c_in))?;
         pieces.push(frames.matmul(weight)?.reshape((b, n, c_out))?);
     }
-    let y = Tensor::cat(&pieces, 1)?;
-    match bias {
-        Some(bias) => y.broadcast_add(bias),
-        None => Ok(y),
+    let mut y = Tensor::cat(&pieces, 1)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    match post {
+        ConvPost::Identity => Ok(y),
+        ConvPost::Act(act) => bias_act(&y, None, act),
+        ConvPost::LayerNormAct {
+            weight,
+            bias,
+            eps,
+            act,
+        } => layer_norm_act(&y, weight, bias, eps, Some(act)),
     }
 }
 
@@ -781,6 +929,142 @@ pub fn channel_norm_act(
     act_generic(&y, act)
 }
 
+// ---------------------------------------------------------------- fused first conv (CPU)
+
+/// The first conv of a "group" model with its GroupNorm and activation fused, for CPU f32:
+/// the conv (one input channel, a few taps) is cheap to recompute, so the statistics pass
+/// and the output pass each recompute it instead of writing and re-reading its large output.
+pub struct FirstConvGroupNorm {
+    /// `[K, C]` (tap-major).
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    eps: f64,
+    act: Activation,
+}
+
+impl FirstConvGroupNorm {
+    /// `weight` [K, C], `bias` [C]; `norm_*` the GroupNorm(C, C) affine parameters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        norm_weight: &Tensor,
+        norm_bias: &Tensor,
+        kernel: usize,
+        stride: usize,
+        eps: f64,
+        act: Activation,
+    ) -> Result<Self> {
+        let vec = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Self {
+            weight: vec(weight)?,
+            bias: bias.map(vec).transpose()?,
+            norm_weight: vec(norm_weight)?,
+            norm_bias: vec(norm_bias)?,
+            kernel,
+            stride,
+            eps,
+            act,
+        })
+    }
+
+    /// Whether `forward` can run on `wave` (CPU f32); otherwise use the unfused steps.
+    pub fn applies_to(wave: &Tensor) -> bool {
+        fast_path(wave)
+    }
+
+    /// `wave` [B, S, 1] with `valid_out[b]` valid output frames → [B, T_out, C].
+    pub fn forward(&self, wave: &Tensor, valid_out: &[usize]) -> Result<Tensor> {
+        wave.contiguous()?.apply_op1_no_bwd(&FusedFirstConv {
+            layer: self,
+            valid_out,
+        })
+    }
+}
+
+struct FusedFirstConv<'a> {
+    layer: &'a FirstConvGroupNorm,
+    valid_out: &'a [usize],
+}
+
+impl CustomOp1 for FusedFirstConv<'_> {
+    fn name(&self) -> &'static str {
+        "w2v-first-conv-group-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.layer;
+        let x = contiguous_f32(s, l, "w2v-first-conv-group-norm")?;
+        let (nb, t_in, _) = l.shape().dims3()?;
+        let (k, st, c) = (p.kernel, p.stride, p.norm_weight.len());
+        if t_in < k || self.valid_out.len() != nb || p.weight.len() != k * c {
+            candle_core::bail!(
+                "w2v-first-conv-group-norm: input {:?} does not fit",
+                l.dims()
+            );
+        }
+        let t_out = (t_in - k) / st + 1;
+        let bias = p.bias.as_deref();
+        let rows_per_task = (TASK_ELEMS / c).max(1);
+        let mut out = vec![0f32; nb * t_out * c];
+        for (b, &n) in self.valid_out.iter().enumerate() {
+            let xb = &x[b * t_in..(b + 1) * t_in];
+            // Pass 1: per-channel sum and sum of squares (f64) over the valid frames.
+            let n = n.min(t_out);
+            let (sum, sumsq) = (0..n.div_ceil(rows_per_task))
+                .into_par_iter()
+                .map(|task| {
+                    let t0 = task * rows_per_task;
+                    let rows = rows_per_task.min(n - t0);
+                    let mut y = vec![0f32; rows * c];
+                    direct_conv_rows(xb, &p.weight, bias, &mut y, t0, k, st, c);
+                    let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+                    for row in y.chunks_exact(c) {
+                        for ((a, q), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                            *a += v as f64;
+                            *q += v as f64 * v as f64;
+                        }
+                    }
+                    (s1, s2)
+                })
+                .reduce(
+                    || (vec![0f64; c], vec![0f64; c]),
+                    |(mut a1, mut a2), (b1, b2)| {
+                        a1.iter_mut().zip(&b1).for_each(|(a, b)| *a += b);
+                        a2.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                        (a1, a2)
+                    },
+                );
+            let denom = n.max(1) as f64;
+            let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
+            for i in 0..c {
+                let mean = sum[i] / denom;
+                let var = (sumsq[i] / denom - mean * mean).max(0.0);
+                let sc = p.norm_weight[i] as f64 / (var + p.eps).sqrt();
+                scale[i] = sc as f32;
+                shift[i] = (p.norm_bias[i] as f64 - mean * sc) as f32;
+            }
+            // Pass 2: recompute the conv, normalise and activate, straight into the output.
+            out[b * t_out * c..(b + 1) * t_out * c]
+                .par_chunks_mut(rows_per_task * c)
+                .enumerate()
+                .for_each(|(task, o)| {
+                    direct_conv_rows(xb, &p.weight, bias, o, task * rows_per_task, k, st, c);
+                    for row in o.chunks_exact_mut(c) {
+                        for ((v, &s), &h) in row.iter_mut().zip(&scale).zip(&shift) {
+                            *v = *v * s + h;
+                        }
+                    }
+                    bias_act_rows(o, &[], p.act);
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((nb, t_out, c))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -861,50 +1145,5 @@ mod tests {
     fn libm_erf(x: f64) -> f64 {
         let t = Tensor::new(&[x], &Device::Cpu).unwrap();
         t.erf().unwrap().to_vec1::<f64>().unwrap()[0]
-    }
-}
-
-#[cfg(test)]
-mod scratch_bench {
-    use super::*;
-    use candle_core::Device;
-    use std::time::Instant;
-
-    fn time<F: FnMut() -> Tensor>(name: &str, mut f: F) {
-        let _ = f();
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let _ = f();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        println!("{name:>40}: {:8.2} ms", best * 1e3);
-    }
-
-    #[test]
-    #[ignore]
-    fn scratch_ops() {
-        let dev = Device::Cpu;
-        let y = Tensor::randn(0f32, 1.0, (1, 31999, 512), &dev).unwrap();
-        let w = Tensor::ones(512, DType::F32, &dev).unwrap();
-        let b = Tensor::zeros(512, DType::F32, &dev).unwrap();
-        time("bias_act gelu 16M", || {
-            bias_act(&y, None, Activation::Gelu).unwrap()
-        });
-        time("channel_norm_act 16M", || {
-            channel_norm_act(&y, &[31999], &w, &b, 1e-5, Activation::Gelu).unwrap()
-        });
-        time("layer_norm_act 16M", || {
-            layer_norm_act(&y, &w, &b, 1e-5, Some(Activation::Gelu)).unwrap()
-        });
-        let wave = Tensor::randn(0f32, 1.0, (1, 160000, 1), &dev).unwrap();
-        let w0 = Tensor::randn(0f32, 1.0, (10, 512), &dev).unwrap();
-        time("conv0 gemm", || {
-            strided_conv(&wave, &w0, None, 10, 5, 1 << 23).unwrap()
-        });
-        let w1 = Tensor::randn(0f32, 1.0, (1536, 512), &dev).unwrap();
-        time("conv1 gemm", || {
-            strided_conv(&y, &w1, None, 3, 2, 1 << 23).unwrap()
-        });
     }
 }

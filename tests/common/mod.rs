@@ -1,0 +1,41 @@
+//! Helpers shared by the CLI-level integration tests.
+#![allow(dead_code)]
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The speechcache binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_speechcache"))
+}
+
+/// Asserts the command succeeded; returns stdout + stderr.
+pub fn ok(out: &Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "command failed: {text}");
+    text
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every file under `dir` with its bytes, sorted by relative path (for byte-identity checks).
+pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            (
+                e.path().strip_prefix(dir).unwrap().display().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}

@@ -618,3 +618,72 @@ fn optimizer_matches_torch() {
         }
     }
 }
+
+/// The command line: finetune, decode, and a bad config's exit status and message.
+#[test]
+fn cli_finetune_and_decode() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write_store(&root.join("train"), 12, 1, true, DIM);
+    write_store(&root.join("valid"), 4, 2, true, DIM);
+    std::fs::write(
+        root.join("conf.toml"),
+        CONFIG.replace("max_epochs = 4", "max_epochs = 1"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_speechcache");
+    let out = Command::new(bin)
+        .args(["finetune", "--quiet", "--train"])
+        .arg(root.join("train"))
+        .arg("--valid")
+        .arg(root.join("valid"))
+        .arg("--config")
+        .arg(root.join("conf.toml"))
+        .arg("--out")
+        .arg(root.join("exp"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin)
+        .args(["decode", "--quiet", "--beam", "3", "--exp"])
+        .arg(root.join("exp"))
+        .arg("--data")
+        .arg(root.join("valid"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("CER") && stdout.contains("WER"), "{stdout}");
+    assert!(root
+        .join("exp/decode_valid_avg_beam3/result.json")
+        .is_file());
+
+    std::fs::write(root.join("bad.toml"), "[optim]\nlearning_rate = 1\n").unwrap();
+    let out = Command::new(bin)
+        .args(["finetune", "--train"])
+        .arg(root.join("train"))
+        .arg("--valid")
+        .arg(root.join("valid"))
+        .arg("--config")
+        .arg(root.join("bad.toml"))
+        .arg("--out")
+        .arg(root.join("exp_bad"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("learning_rate"),
+        "{stderr}"
+    );
+    assert!(!root.join("exp_bad").exists());
+}

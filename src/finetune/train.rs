@@ -408,15 +408,18 @@ pub fn train(
             (meta.epoch, meta.batches_done)
         };
         truncate_log(&exp.dir.join(TRAIN_LOG), |l: &StepLog| l.step <= meta.step)?;
-        truncate_log(&exp.dir.join(EPOCH_LOG), |l: &EpochResult| {
-            l.epoch <= meta.epoch && (meta.epoch_complete || l.epoch < meta.epoch)
-        })?;
+        write_epoch_log(&exp.dir, &history)?;
         say(format!(
             "resuming at epoch {epoch}, batch {skip}, step {}",
             meta.step
         ));
     }
 
+    if resume_from.is_none() {
+        // a fresh start (also after a crash before the first checkpoint): no stale lines
+        truncate_log(&exp.dir.join(TRAIN_LOG), |_: &StepLog| false)?;
+        write_epoch_log(&exp.dir, &history)?;
+    }
     let mut log = open_append(&exp.dir.join(TRAIN_LOG))?;
     let mut summary = TrainSummary::default();
     let seed = exp.meta.seed;
@@ -554,8 +557,7 @@ pub fn train(
             batches.len(),
             dev,
         )?;
-        let mut elog = open_append(&exp.dir.join(EPOCH_LOG))?;
-        write_line(&mut elog, &exp.dir.join(EPOCH_LOG), &result)?;
+        write_epoch_log(&exp.dir, &history)?;
         summary.final_epoch = epoch;
         if opts.max_steps.is_some_and(|m| step.opt.step_count() >= m) {
             summary.stopped_early = epoch < cfg.train.max_epochs;
@@ -921,6 +923,18 @@ fn write_line<T: Serialize>(f: &mut std::fs::File, path: &Path, v: &T) -> Result
     let mut line = serde_json::to_string(v).map_err(|e| exp_err(path, e))?;
     line.push('\n');
     f.write_all(line.as_bytes()).map_err(|e| exp_err(path, e))
+}
+
+/// `epoch_log.jsonl`, rewritten from the checkpointed history (so it always matches it).
+fn write_epoch_log(dir: &Path, history: &[EpochResult]) -> Result<(), TrainError> {
+    let path = dir.join(EPOCH_LOG);
+    let mut text = String::new();
+    for r in history {
+        text.push_str(&serde_json::to_string(r).map_err(|e| exp_err(&path, e))?);
+        text.push('\n');
+    }
+    checkpoint::write_atomic(&path, text.as_bytes())?;
+    Ok(())
 }
 
 /// Read a JSON-lines log (missing file: empty).

@@ -107,6 +107,7 @@ positional_dropout_rate = 0.1
 input_layer = "conv2d2"
 
 [specaug]
+time_warp_window = 3
 num_time_masks = 1
 time_mask_width = { frames = 4 }
 num_freq_masks = 1

@@ -58,14 +58,17 @@ pub enum MaskWidth {
     Ratio(f64),
 }
 
-/// SpecAugment (ESPnet `SpecAug` without time warping): masks are set to zero, which is the
-/// mean after normalisation. Time warping is not implemented.
+/// SpecAugment (ESPnet `SpecAug`): optional time warping, then time and frequency masks set
+/// to zero.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecAugConfig {
     /// Turn SpecAugment on/off without deleting the table.
     #[serde(default = "d_true")]
     pub enabled: bool,
+    /// Time warping window in frames (ESPnet `time_warp_window`, 5 in its recipes); 0 = off.
+    #[serde(default)]
+    pub time_warp_window: usize,
     /// Number of time masks per utterance (ESPnet default 2).
     #[serde(default = "d_2")]
     pub num_time_masks: usize,
@@ -84,6 +87,7 @@ impl Default for SpecAugConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            time_warp_window: 0,
             num_time_masks: 2,
             time_mask_width: d_time_width(),
             num_freq_masks: 2,

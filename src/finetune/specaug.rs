@@ -1,8 +1,8 @@
-//! SpecAugment masks on a feature batch `[B, L, T, D]` (time warping is not implemented).
+//! SpecAugment on a feature batch `[B, L, T, D]`: time warping, time masks, frequency masks.
 //!
-//! Masks are drawn from the caller's seeded RNG (one per step), so a resumed run draws the
-//! same masks as an uninterrupted one. The same mask applies to every stored layer of an
-//! utterance, which equals masking the layers' weighted sum.
+//! Everything is drawn from the caller's seeded RNG (one per batch), so a resumed run draws
+//! the same augmentation as an uninterrupted one. The same warp and masks apply to every
+//! stored layer of an utterance, which equals augmenting the layers' weighted sum.
 use crate::finetune::config::{MaskWidth, SpecAugConfig};
 use candle_core::{Result, Tensor};
 use rand::Rng;
@@ -16,7 +16,17 @@ pub fn apply(
     lengths: &[usize],
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
-    if !cfg.enabled || (cfg.num_time_masks == 0 && cfg.num_freq_masks == 0) {
+    if !cfg.enabled {
+        return Ok(feats.clone());
+    }
+    let warped;
+    let feats = if cfg.time_warp_window > 0 {
+        warped = time_warp(feats, lengths, cfg.time_warp_window, rng)?;
+        &warped
+    } else {
+        feats
+    };
+    if cfg.num_time_masks == 0 && cfg.num_freq_masks == 0 {
         return Ok(feats.clone());
     }
     let (b, _l, t, d) = feats.dims4()?;
@@ -41,6 +51,75 @@ pub fn apply(
     let time = Tensor::from_vec(time, (b, 1, t, 1), dev)?;
     let freq = Tensor::from_vec(freq, (b, 1, 1, d), dev)?;
     feats.broadcast_mul(&time)?.broadcast_mul(&freq)
+}
+
+/// Time warping of every utterance within its own length, on the CPU.
+// Mirrors ESPnet's espnet2/layers/time_warp.py (time_warp with mode "bicubic", per utterance
+// when lengths differ): a centre c drawn from [w, T - w) moves to c' from [c - w + 1, c + w];
+// the frames before and after it are resampled to c' and T - c' frames.
+fn time_warp(
+    feats: &Tensor,
+    lengths: &[usize],
+    window: usize,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    let (b, l, t, d) = feats.dims4()?;
+    let dev = feats.device().clone();
+    let mut x = feats
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut src = Vec::new();
+    for (u, &len) in lengths.iter().enumerate().take(b) {
+        let len = len.min(t);
+        if len <= 2 * window {
+            continue;
+        }
+        let centre = rng.random_range(window..len - window);
+        let new_centre = rng.random_range(centre - window..centre + window) + 1;
+        for layer in 0..l {
+            let start = (u * l + layer) * t * d;
+            let utt = &mut x[start..start + len * d];
+            src.clear();
+            src.extend_from_slice(utt);
+            resample_cubic(&src[..centre * d], d, &mut utt[..new_centre * d]);
+            resample_cubic(&src[centre * d..], d, &mut utt[new_centre * d..]);
+        }
+    }
+    Tensor::from_vec(x, (b, l, t, d), &dev)
+}
+
+/// Resample `src` (rows of `d` values) to `dst.len() / d` rows along time, as torch's
+/// `interpolate(mode="bicubic", align_corners=False)` does along one axis (A = -0.75).
+fn resample_cubic(src: &[f32], d: usize, dst: &mut [f32]) {
+    let (n_in, n_out) = (src.len() / d, dst.len() / d);
+    if n_in == 0 || n_out == 0 {
+        return;
+    }
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = n_in as f64 / n_out as f64;
+    for i in 0..n_out {
+        let real = scale * (i as f64 + 0.5) - 0.5;
+        let base = real.floor();
+        let frac = real - base;
+        let w = [
+            far(frac + 1.0),
+            near(frac),
+            near(1.0 - frac),
+            far(2.0 - frac),
+        ];
+        let out = &mut dst[i * d..(i + 1) * d];
+        out.fill(0.0);
+        for (k, &wk) in w.iter().enumerate() {
+            let row = (base as i64 - 1 + k as i64).clamp(0, n_in as i64 - 1) as usize;
+            let r = &src[row * d..(row + 1) * d];
+            for (o, &v) in out.iter_mut().zip(r) {
+                *o += (wk * v as f64) as f32;
+            }
+        }
+    }
 }
 
 /// Zero one span of width uniform in [0, max_w] at a uniform start inside `row`.
@@ -68,6 +147,7 @@ mod tests {
     fn masks_stay_inside_lengths_and_are_seeded() {
         let cfg = SpecAugConfig {
             enabled: true,
+            time_warp_window: 0,
             num_time_masks: 2,
             time_mask_width: MaskWidth::Frames(5),
             num_freq_masks: 1,
@@ -87,5 +167,49 @@ mod tests {
             let masked = row.iter().filter(|v| **v == 0.0).count();
             assert!(masked <= 3);
         }
+    }
+
+    #[test]
+    fn cubic_resampling_matches_torch_bicubic() {
+        // tests/fixtures/gen_specaug.py: torch 2.5.1 interpolate(mode="bicubic") along time
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/specaug/bicubic.json"
+        );
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let d = fx["d"].as_u64().unwrap() as usize;
+        let x = floats(&fx["x"]);
+        for case in fx["cases"].as_array().unwrap() {
+            let n = case["n_out"].as_u64().unwrap() as usize;
+            let mut y = vec![0f32; n * d];
+            resample_cubic(&x, d, &mut y);
+            for (a, b) in y.iter().zip(floats(&case["y"])) {
+                assert!((a - b).abs() < 1e-5, "n_out {n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn time_warp_only_moves_frames_inside_lengths() {
+        let t = 30;
+        let x: Vec<f32> = (0..2 * t).map(|i| (i % t) as f32).collect();
+        let x = Tensor::from_vec(x, (2, 1, t, 1), &Device::Cpu).unwrap();
+        let y = time_warp(&x, &[30, 20], 5, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            &v[t + 20..],
+            &(20..30).map(|i| i as f32).collect::<Vec<_>>()[..]
+        );
+        assert_ne!(v[..t], (0..t).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        // the endpoints stay near the original ones and values stay monotone-ish
+        assert!(v[0].abs() < 1.0 && (v[t - 1] - 29.0).abs() < 1.0);
     }
 }

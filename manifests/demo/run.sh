@@ -13,6 +13,8 @@ out=${1:-demo-out}
 "$bin" prepare --input manifests/demo/valid.jsonl --out "$out/audio/valid"
 "$bin" extract --data "$out/audio/train" --model fbank --out "$out/fbank/train"
 "$bin" extract --data "$out/audio/valid" --model fbank --out "$out/fbank/valid"
+resume=()   # a rerun continues (or finds finished) the experiment instead of refusing it
+[ -f "$out/exp/experiment.json" ] && resume=(--resume)
 "$bin" finetune --train "$out/fbank/train" --valid "$out/fbank/valid" \
-    --config manifests/conf/demo_fbank.toml --out "$out/exp" --seed 1
+    --config manifests/conf/demo_fbank.toml --out "$out/exp" --seed 1 "${resume[@]}"
 "$bin" decode --exp "$out/exp" --data "$out/fbank/valid" --beam 10

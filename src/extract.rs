@@ -61,7 +61,7 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub overwrite: bool,
     /// A config.json for a fairseq checkpoint whose stored config cannot be read.
-    #[arg(long, value_name = "CONFIG_JSON")]
+    #[arg(long, value_name = "CONFIG_JSON", alias = "config")]
     pub model_config: Option<PathBuf>,
     /// Threads for fbank (default: all cores).
     #[arg(long)]

@@ -116,7 +116,7 @@ struct Linear {
 impl Linear {
     fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Self {
-            weight_t: vb.get((d_out, d_in), "weight")?.t()?,
+            weight_t: vb.get((d_out, d_in), "weight")?.t()?.contiguous()?,
             bias: vb.get(d_out, "bias")?,
         })
     }
@@ -365,7 +365,7 @@ impl Attention {
             biases.push((vb.get(h, &format!("{name}.bias"))? * s)?);
         }
         let qkv_proj = Linear {
-            weight_t: Tensor::cat(&weights, 0)?.t()?,
+            weight_t: Tensor::cat(&weights, 0)?.t()?.contiguous()?,
             bias: Tensor::cat(&biases, 0)?,
         };
         Ok(Self {

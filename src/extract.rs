@@ -378,7 +378,7 @@ fn build_extractor(
         ("auto", false, Dtype::Bf16) => DType::BF16,
         _ => DType::F32,
     };
-    let checkpoint = load_model_checkpoint(
+    let mut checkpoint = load_model_checkpoint(
         Path::new(&args.model),
         args.model_config.as_deref(),
         &device,
@@ -398,6 +398,9 @@ fn build_extractor(
     let layers = parse_layers(&args.layers, cfg.num_hidden_layers)?;
     let model = Wav2Vec2Model::load(checkpoint.var_builder(), cfg)
         .with_context(|| format!("cannot build the model from {}", args.model))?;
+    // The model holds its own (re-laid-out) weights; keep only the checkpoint's description.
+    checkpoint.tensors.clear();
+    let cfg = &checkpoint.config;
     let samples_per_frame: usize = cfg.conv_stride.iter().product();
     let frame_rate = audio.sample_rate() as f64 / samples_per_frame as f64;
     let model_identity = serde_json::json!({

@@ -113,9 +113,11 @@ pub struct FbankFlags {
 }
 
 impl FbankFlags {
-    fn options(&self) -> anyhow::Result<FbankOptions> {
+    /// The options for audio at `sample_rate` (the audio store's rate).
+    fn options(&self, sample_rate: u32) -> anyhow::Result<FbankOptions> {
         let mut value = serde_json::to_value(FbankOptions::default())?;
         let overrides = serde_json::json!({
+            "sample_frequency": sample_rate,
             "num_mel_bins": self.num_mel_bins,
             "frame_length_ms": self.frame_length,
             "frame_shift_ms": self.frame_shift,
@@ -350,7 +352,7 @@ fn build_extractor(
         "shard_size": args.shard_size,
     });
     if args.model == "fbank" {
-        let opts = args.fbank.options()?;
+        let opts = args.fbank.options(audio.sample_rate())?;
         let fbank =
             Fbank::new(opts.clone()).map_err(|e| anyhow::anyhow!("invalid fbank options: {e}"))?;
         let dim = args.fbank.num_mel_bins + usize::from(args.fbank.use_energy);

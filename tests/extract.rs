@@ -354,3 +354,51 @@ fn killed_extract_resumes_to_the_same_bytes_and_refuses_other_models() {
         "{errors}"
     );
 }
+
+#[test]
+fn fbank_follows_the_audio_store_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = tmp.path().join("one.jsonl");
+    let wav = root().join("tests/fixtures/audio/speech_16k.wav");
+    std::fs::write(
+        &manifest,
+        format!("{{\"id\": \"u\", \"path\": \"{}\"}}\n", s(&wav)),
+    )
+    .unwrap();
+    let audio = tmp.path().join("audio8k");
+    ok(&bin()
+        .args([
+            "prepare",
+            "--quiet",
+            "--input",
+            s(&manifest),
+            "--out",
+            s(&audio),
+            "--sample-rate",
+            "8000",
+        ])
+        .output()
+        .unwrap());
+    let out = tmp.path().join("fbank8k");
+    ok(&extract(&[
+        "--data",
+        s(&audio),
+        "--model",
+        "fbank",
+        "--out",
+        s(&out),
+        "--dtype",
+        "f32",
+    ]));
+    let feats = FeatureStore::open(&out).unwrap();
+    let audio = AudioStore::open(&audio).unwrap();
+    let fbank = Fbank::new(FbankOptions {
+        sample_frequency: 8000.0,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        feats.to_array(0, 0).unwrap(),
+        fbank.compute_from_unit_scale(audio.samples(0))
+    );
+}

@@ -253,32 +253,26 @@ fn killed_extract_resumes_to_the_same_bytes_and_refuses_other_models() {
         "--batch-seconds",
         "2",
     ];
+    // the same command into `out`, as a user would type it again after a kill
+    let args = |out: &Path| -> Vec<String> {
+        ["--data", s(&audio), "--model", s(&model), "--out", s(out)]
+            .iter()
+            .chain(common.iter())
+            .map(|a| a.to_string())
+            .collect()
+    };
     let full = tmp.path().join("full");
-    ok(&extract(
-        &[
-            &["--data", s(&audio), "--model", s(&model), "--out", s(&full)][..],
-            &common[..],
-        ]
-        .concat(),
-    ));
+    ok(&bin()
+        .arg("extract")
+        .arg("--quiet")
+        .args(args(&full))
+        .output()
+        .unwrap());
     let killed = tmp.path().join("killed");
     let mut child = bin()
-        .args(
-            [
-                &[
-                    "extract",
-                    "--quiet",
-                    "--data",
-                    s(&audio),
-                    "--model",
-                    s(&model),
-                    "--out",
-                    s(&killed),
-                ][..],
-                &common[..],
-            ]
-            .concat(),
-        )
+        .arg("extract")
+        .arg("--quiet")
+        .args(args(&killed))
         .spawn()
         .unwrap();
     let seal = killed.join("shards/00001.seal.json");
@@ -289,20 +283,12 @@ fn killed_extract_resumes_to_the_same_bytes_and_refuses_other_models() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    ok(&extract(
-        &[
-            &[
-                "--data",
-                s(&audio),
-                "--model",
-                s(&model),
-                "--out",
-                s(&killed),
-            ][..],
-            &common[..],
-        ]
-        .concat(),
-    ));
+    ok(&bin()
+        .arg("extract")
+        .arg("--quiet")
+        .args(args(&killed))
+        .output()
+        .unwrap());
     assert_eq!(tree_bytes(&killed), tree_bytes(&full));
     assert!(
         full.join("shards/00002").exists(),

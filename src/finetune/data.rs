@@ -4,7 +4,7 @@
 //! Everything here works from the store's index (lengths, transcripts) and its stats/; no
 //! feature byte is read before a batch needs it, so launch cost does not grow with the data.
 use crate::finetune::tokenizer::Tokenizer;
-use crate::store::FeatureStore;
+use crate::store::{FeatureStore, IndexRow};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -29,8 +29,14 @@ pub trait FeatureSource: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn id(&self, i: usize) -> &str;
-    fn text(&self, i: usize) -> Option<&str>;
+    /// The store's index rows (ids, transcripts), in store order.
+    fn rows(&self) -> &[IndexRow];
+    fn id(&self, i: usize) -> &str {
+        &self.rows()[i].id
+    }
+    fn text(&self, i: usize) -> Option<&str> {
+        self.rows()[i].text.as_deref()
+    }
     /// Feature frames of item `i` (from the index: no data is read).
     fn frames(&self, i: usize) -> usize;
     fn dim(&self) -> usize;
@@ -85,11 +91,8 @@ impl FeatureSource for StoreSource {
     fn len(&self) -> usize {
         self.store.len()
     }
-    fn id(&self, i: usize) -> &str {
-        &self.store.rows()[i].id
-    }
-    fn text(&self, i: usize) -> Option<&str> {
-        self.store.rows()[i].text.as_deref()
+    fn rows(&self) -> &[IndexRow] {
+        self.store.rows()
     }
     fn frames(&self, i: usize) -> usize {
         self.store.rows()[i].length as usize

@@ -4,7 +4,7 @@
 use crate::finetune::data::{DataError, FeatureSource};
 use crate::models::checkpoint::load_checkpoint;
 use crate::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
-use crate::store::AudioStore;
+use crate::store::{AudioStore, IndexRow};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -61,11 +61,8 @@ impl FeatureSource for OnTheFlySource {
     fn len(&self) -> usize {
         self.audio.len()
     }
-    fn id(&self, i: usize) -> &str {
-        &self.audio.rows()[i].id
-    }
-    fn text(&self, i: usize) -> Option<&str> {
-        self.audio.rows()[i].text.as_deref()
+    fn rows(&self) -> &[IndexRow] {
+        self.audio.rows()
     }
     fn frames(&self, i: usize) -> usize {
         self.frames[i]

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod finetune;
 pub mod manifest;
 pub mod models;
+pub mod ops;
 pub mod prepare;
 pub mod progress;
 pub mod store;

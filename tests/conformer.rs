@@ -6,13 +6,11 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use speechcache::finetune::model::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
-use speechcache::finetune::ops::{
-    depthwise_conv1d, depthwise_conv1d_shift_add, layer_norm, DropoutRng,
-};
 use speechcache::models::conformer::{
     rel_positional_encoding, rel_shift, CnnModuleNorm, ConformerConfig, ConformerEncoder,
     ConformerError, InputLayer,
 };
+use speechcache::ops::{depthwise_conv1d, depthwise_conv1d_shift_add, layer_norm, DropoutRng};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

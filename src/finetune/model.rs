@@ -5,8 +5,8 @@ use candle_core::{Tensor, Var, D};
 use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::finetune::ops::{frame_mask, DropoutRng, RUNNING_STAT_NAMES};
 use crate::models::conformer::{ConformerConfig, ConformerEncoder, ConformerError};
+use crate::ops::{frame_mask, DropoutRng, RUNNING_STAT_NAMES};
 
 /// How features are normalised before the pre-encoder (ESPnet's `normalize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -181,6 +181,30 @@ impl AsrModel {
 
     pub fn encoder(&self) -> &ConformerEncoder {
         &self.encoder
+    }
+
+    /// How features are normalised, and the `[1, L|1, 1, D]` global (mean, std) if set.
+    pub fn normalization(&self) -> (FeatureNormalize, Option<&(Tensor, Tensor)>) {
+        (self.normalize, self.global_stats.as_ref())
+    }
+
+    /// Input layers and dims per layer the model was built for.
+    pub fn input_shape(&self) -> (usize, usize) {
+        (self.layers, self.feat_dim)
+    }
+
+    pub fn has_preencoder(&self) -> bool {
+        self.preencoder.is_some()
+    }
+
+    /// The random source of every dropout in the model.
+    pub fn dropout_rng(&self) -> &DropoutRng {
+        &self.rng
+    }
+
+    /// CTC output classes (blank included).
+    pub fn vocab(&self) -> usize {
+        self.ctc_lo.weight().dim(0).unwrap_or(0)
     }
 
     /// `feats`: `[B, L, T, D]`, `lengths[b]` valid frames. Returns CTC logits `[B, T', vocab]`

@@ -17,12 +17,12 @@ use crate::finetune::data::{
 };
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::model::{AsrModel, FeatureNormalize};
-use crate::finetune::ops::RUNNING_STAT_NAMES;
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
 use crate::finetune::specaug;
 use crate::finetune::tokenizer::Tokenizer;
+use crate::ops::RUNNING_STAT_NAMES;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;

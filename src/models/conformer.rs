@@ -2,8 +2,8 @@
 //! rel_selfattn, swish, macaron FF) in candle, trainable end to end.
 //!
 //! Activations stay time-major `[B, T, C]` throughout (the convolution module's pointwise convs
-//! are matmuls and its depthwise conv is `finetune::ops::depthwise_conv1d`), and every op used
-//! here has a backward (see `finetune::ops`). The `VarBuilder` paths spell ESPnet's
+//! are matmuls and its depthwise conv is `ops::depthwise_conv1d`), and every op used
+//! here has a backward (see `crate::ops`). The `VarBuilder` paths spell ESPnet's
 //! state-dict keys (`embed.conv.0.weight`, `encoders.0.self_attn.pos_bias_u`, ...).
 //!
 //! Padding never changes an utterance's output: subsampled lengths follow the conv length
@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::finetune::ops::{
+use crate::ops::{
     frame_mask, softmax_last, DepthwiseConv1d, Dropout, DropoutRng, LayerNorm, MaskedBatchNorm,
     PointwiseConv1d, TORCH_LAYER_NORM_EPS,
 };

@@ -15,6 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+pub mod kernels;
+
 /// Softmax over the last dimension built from differentiable primitives (never the fused
 /// `softmax_last_dim`, whose backward is missing).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
@@ -156,7 +158,8 @@ impl DropoutRng {
         Ok(())
     }
 
-    fn keep_mask(&self, n: usize, p: f64) -> Result<Vec<f32>> {
+    /// `n` inverted-dropout scales (`1 / (1 - p)` or 0), drawn in order from this source.
+    pub fn keep_mask(&self, n: usize, p: f64) -> Result<Vec<f32>> {
         let scale = (1.0 / (1.0 - p)) as f32;
         // Compare 24 random bits against the drop threshold (exact for p on a 2^-24 grid).
         let threshold = (p * (1u64 << 24) as f64) as u32;
@@ -333,7 +336,7 @@ fn rows_per_task(rows: usize) -> usize {
 }
 
 /// `out[b, t, :] = sum_k w_kc[k, :] * x[b, t + k - pad, :]` over in-range frames.
-fn correlate_rows<T: WithDType>(
+pub(crate) fn correlate_rows<T: WithDType>(
     x: &[T],
     w_kc: &[T],
     (b, t, c, k): (usize, usize, usize, usize),
@@ -364,7 +367,7 @@ fn correlate_rows<T: WithDType>(
 }
 
 /// `dw[c, 0, k] = sum_{b, t} dy[b, t, c] * x[b, t + k - pad, c]`, reduced in a fixed order.
-fn weight_grad<T: WithDType>(
+pub(crate) fn weight_grad<T: WithDType>(
     x: &[T],
     dy: &[T],
     (b, t, c, k): (usize, usize, usize, usize),
@@ -411,7 +414,7 @@ fn weight_grad<T: WithDType>(
 }
 
 /// `[C, 1, K]` → `[K, C]`, optionally with the kernel axis reversed.
-fn kernel_major<T: WithDType>(w: &[T], c: usize, k: usize, flip: bool) -> Vec<T> {
+pub(crate) fn kernel_major<T: WithDType>(w: &[T], c: usize, k: usize, flip: bool) -> Vec<T> {
     let mut out = vec![T::zero(); k * c];
     for ci in 0..c {
         for kk in 0..k {

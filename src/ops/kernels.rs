@@ -1,0 +1,492 @@
+//! Slice-level f32 CPU kernels with hand-written backwards, for the training engine
+//! (`finetune::engine`): matmuls through `gemm` on strided views (no transposing copies),
+//! layer norm, SiLU, dropout masks and column sums, each split over the rayon pool in
+//! coarse row blocks so that two cores never hand work back and forth per op.
+use rayon::prelude::*;
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `[rows, cols]`.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    fn offset(self, rows: usize, cols: usize) -> Self {
+        Self {
+            data: &self.data[rows * self.rs + cols * self.cs..],
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
+    fn fits(self, m: usize, n: usize) -> bool {
+        m == 0 || n == 0 || (m - 1) * self.rs + (n - 1) * self.cs < self.data.len()
+    }
+}
+
+/// Raw destination pointer shared by tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: every task writes a disjoint block of the destination (see `matmul`).
+unsafe impl Send for DstPtr {}
+unsafe impl Sync for DstPtr {}
+
+impl DstPtr {
+    /// The pointer `offset` elements further (the caller keeps it in bounds).
+    fn at(self, offset: usize) -> DstPtr {
+        DstPtr(self.0.wrapping_add(offset))
+    }
+}
+
+/// Below this many multiply-adds a matmul runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// `dst[m, n] (row stride dst_rs) (+)= a[m, k] · b[k, n]`, accumulating when `accumulate`.
+/// Large products are split in row (or column) blocks over the rayon pool; each block is one
+/// single-threaded gemm, so the pool never waits on gemm's internal barriers.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.fits(m, k) && b.fits(k, n),
+        "matmul: operand view out of bounds"
+    );
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "matmul: destination out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let ptr = DstPtr(dst.as_mut_ptr());
+    if m * n * k < PARALLEL_MIN_MACS || threads == 1 {
+        // SAFETY: bounds checked above.
+        unsafe { gemm_block(m, n, k, ptr, dst_rs, a, b, accumulate) };
+        return;
+    }
+    let blocks = (threads * 2).min(m.max(n));
+    if m >= n {
+        let per = m.div_ceil(blocks);
+        (0..m.div_ceil(per)).into_par_iter().for_each(|blk| {
+            let i0 = blk * per;
+            let rows = per.min(m - i0);
+            let dst = ptr.at(i0 * dst_rs);
+            // SAFETY: row blocks are disjoint and inside the checked destination.
+            unsafe { gemm_block(rows, n, k, dst, dst_rs, a.offset(i0, 0), b, accumulate) };
+        });
+    } else {
+        let per = n.div_ceil(blocks);
+        (0..n.div_ceil(per)).into_par_iter().for_each(|blk| {
+            let j0 = blk * per;
+            let cols = per.min(n - j0);
+            let dst = ptr.at(j0);
+            // SAFETY: column blocks are disjoint and inside the checked destination.
+            unsafe { gemm_block(m, cols, k, dst, dst_rs, a, b.offset(0, j0), accumulate) };
+        });
+    }
+}
+
+/// One single-threaded gemm; the caller guarantees the views and `dst` are in bounds.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: DstPtr,
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Single-threaded `dst (+)= a · b` for work that is already split over the pool.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.fits(m, k) && b.fits(k, n),
+        "matmul: operand view out of bounds"
+    );
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "matmul: destination out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: bounds checked above.
+    unsafe { gemm_block(m, n, k, DstPtr(dst.as_mut_ptr()), dst_rs, a, b, accumulate) };
+}
+
+/// Rows per rayon task for row-wise element work: a few tasks per thread, at least 16 rows.
+pub fn row_block(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads() * 4).max(16)
+}
+
+/// `y[N, out] = x[N, in] · wᵀ + b` for a torch `Linear` weight `w` `[out, in]`.
+pub fn linear_forward(x: &[f32], w: &[f32], b: Option<&[f32]>, d_in: usize, y: &mut [f32]) {
+    let d_out = w.len() / d_in;
+    let n = x.len() / d_in;
+    if let Some(b) = b {
+        y.par_chunks_mut(row_block(n) * d_out).for_each(|rows| {
+            for row in rows.chunks_exact_mut(d_out) {
+                row.copy_from_slice(b);
+            }
+        });
+    }
+    matmul(
+        n,
+        d_out,
+        d_in,
+        y,
+        d_out,
+        Mat::rows(x, d_in),
+        Mat::rows(w, d_in).t(),
+        b.is_some(),
+    );
+}
+
+/// Backward of `linear_forward`: `dw += dyᵀ · x`, `db += Σ dy`, and `dx (+)= dy · w` when asked.
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d_in: usize,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], bool)>,
+) {
+    let d_out = w.len() / d_in;
+    let n = x.len() / d_in;
+    matmul(
+        d_out,
+        d_in,
+        n,
+        dw,
+        d_in,
+        Mat::rows(dy, d_out).t(),
+        Mat::rows(x, d_in),
+        true,
+    );
+    if let Some(db) = db {
+        add_col_sums(dy, d_out, db);
+    }
+    if let Some((dx, accumulate)) = dx {
+        matmul(
+            n,
+            d_in,
+            d_out,
+            dx,
+            d_in,
+            Mat::rows(dy, d_out),
+            Mat::rows(w, d_in),
+            accumulate,
+        );
+    }
+}
+
+/// `acc[j] += Σ_i x[i, j]` over the rows of `x` `[N, cols]`, reduced in a fixed order.
+pub fn add_col_sums(x: &[f32], cols: usize, acc: &mut [f32]) {
+    let rows = x.len() / cols;
+    let per = row_block(rows);
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(per * cols)
+        .map(|block| {
+            let mut s = vec![0f32; cols];
+            for row in block.chunks_exact(cols) {
+                for (a, &v) in s.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            s
+        })
+        .collect();
+    for p in &partials {
+        for (a, &v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+}
+
+/// What layer norm keeps for its backward: the normalised input and `1 / std` per row.
+#[derive(Default)]
+pub struct LayerNormSaved {
+    pub xhat: Vec<f32>,
+    pub rstd: Vec<f32>,
+}
+
+/// `y = (x - mean) / sqrt(var + eps) * gamma + beta` per row of `dim` (biased variance, as
+/// `torch.nn.LayerNorm`).
+pub fn layer_norm_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) -> LayerNormSaved {
+    let dim = gamma.len();
+    let rows = x.len() / dim;
+    let mut saved = LayerNormSaved {
+        xhat: vec![0f32; x.len()],
+        rstd: vec![0f32; rows],
+    };
+    let per = row_block(rows);
+    x.par_chunks(per * dim)
+        .zip(y.par_chunks_mut(per * dim))
+        .zip(saved.xhat.par_chunks_mut(per * dim))
+        .zip(saved.rstd.par_chunks_mut(per))
+        .for_each(|(((xb, yb), hb), rb)| {
+            for (((xr, yr), hr), r) in xb
+                .chunks_exact(dim)
+                .zip(yb.chunks_exact_mut(dim))
+                .zip(hb.chunks_exact_mut(dim))
+                .zip(rb.iter_mut())
+            {
+                let mean = xr.iter().sum::<f32>() / dim as f32;
+                let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                *r = rstd;
+                for ((h, o), (&v, (&g, &b))) in hr
+                    .iter_mut()
+                    .zip(yr.iter_mut())
+                    .zip(xr.iter().zip(gamma.iter().zip(beta)))
+                {
+                    *h = (v - mean) * rstd;
+                    *o = *h * g + b;
+                }
+            }
+        });
+    saved
+}
+
+/// Backward of `layer_norm_forward`: `dx (+)= ...`, `dgamma += Σ dy·xhat`, `dbeta += Σ dy`.
+pub fn layer_norm_backward(
+    dy: &[f32],
+    saved: &LayerNormSaved,
+    gamma: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let dim = gamma.len();
+    let rows = dy.len() / dim;
+    let per = row_block(rows);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dy
+        .par_chunks(per * dim)
+        .zip(dx.par_chunks_mut(per * dim))
+        .zip(saved.xhat.par_chunks(per * dim))
+        .zip(saved.rstd.par_chunks(per))
+        .map(|(((gb, xb), hb), rb)| {
+            let mut dg = vec![0f32; dim];
+            let mut dbt = vec![0f32; dim];
+            for (((gr, xr), hr), &rstd) in gb
+                .chunks_exact(dim)
+                .zip(xb.chunks_exact_mut(dim))
+                .zip(hb.chunks_exact(dim))
+                .zip(rb)
+            {
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for j in 0..dim {
+                    let dh = gr[j] * gamma[j];
+                    s1 += dh;
+                    s2 += dh * hr[j];
+                    dg[j] += gr[j] * hr[j];
+                    dbt[j] += gr[j];
+                }
+                let (m1, m2) = (s1 / dim as f32, s2 / dim as f32);
+                for j in 0..dim {
+                    let v = rstd * (gr[j] * gamma[j] - m1 - hr[j] * m2);
+                    if accumulate {
+                        xr[j] += v;
+                    } else {
+                        xr[j] = v;
+                    }
+                }
+            }
+            (dg, dbt)
+        })
+        .collect();
+    for (dg, dbt) in &partials {
+        for j in 0..dim {
+            dgamma[j] += dg[j];
+            dbeta[j] += dbt[j];
+        }
+    }
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `y = silu(h) * mask` (mask: dropout scales, or none).
+pub fn silu_forward(h: &[f32], mask: Option<&[f32]>, y: &mut [f32]) {
+    let per = row_block(h.len() / 64 + 1) * 64;
+    y.par_chunks_mut(per)
+        .zip(h.par_chunks(per))
+        .enumerate()
+        .for_each(|(blk, (yb, hb))| {
+            let off = blk * per;
+            for (i, (o, &v)) in yb.iter_mut().zip(hb).enumerate() {
+                let s = v * sigmoid(v);
+                *o = match mask {
+                    Some(m) => s * m[off + i],
+                    None => s,
+                };
+            }
+        });
+}
+
+/// `dh = dy * mask * silu'(h)` in place of `dy`.
+pub fn silu_backward(h: &[f32], mask: Option<&[f32]>, dy: &mut [f32]) {
+    let per = row_block(h.len() / 64 + 1) * 64;
+    dy.par_chunks_mut(per)
+        .zip(h.par_chunks(per))
+        .enumerate()
+        .for_each(|(blk, (gb, hb))| {
+            let off = blk * per;
+            for (i, (g, &v)) in gb.iter_mut().zip(hb).enumerate() {
+                let s = sigmoid(v);
+                let d = s * (1.0 + v * (1.0 - s));
+                *g *= d * mask.map_or(1.0, |m| m[off + i]);
+            }
+        });
+}
+
+/// `out = x + scale * f * mask` (a residual branch with dropout), in place of `f`'s buffer.
+pub fn residual_add(x: &[f32], f: &[f32], mask: Option<&[f32]>, scale: f32, out: &mut [f32]) {
+    let per = row_block(x.len() / 64 + 1) * 64;
+    out.par_chunks_mut(per).enumerate().for_each(|(blk, ob)| {
+        let off = blk * per;
+        for (i, o) in ob.iter_mut().enumerate() {
+            let j = off + i;
+            let m = mask.map_or(1.0, |m| m[j]);
+            *o = x[j] + scale * f[j] * m;
+        }
+    });
+}
+
+/// `g *= scale * mask` elementwise (the backward of a scaled dropout branch).
+pub fn scale_mask(g: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    if mask.is_none() && scale == 1.0 {
+        return;
+    }
+    let per = row_block(g.len() / 64 + 1) * 64;
+    g.par_chunks_mut(per).enumerate().for_each(|(blk, gb)| {
+        let off = blk * per;
+        for (i, v) in gb.iter_mut().enumerate() {
+            *v *= scale * mask.map_or(1.0, |m| m[off + i]);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| a.data[i * a.rs + p * a.cs] * b.data[p * b.rs + j * b.cs])
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_naive_on_strided_views() {
+        for &(m, n, k) in &[(3, 5, 7), (130, 70, 90), (20, 300, 65)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) - 5.0).collect();
+            // a as stored transposed, b row-major
+            let at = Mat::rows(&a, m).t();
+            let want = naive(m, n, k, at, Mat::rows(&b, n));
+            let mut got = vec![1f32; m * n];
+            matmul(m, n, k, &mut got, n, at, Mat::rows(&b, n), false);
+            assert_eq!(got, want);
+            matmul(m, n, k, &mut got, n, at, Mat::rows(&b, n), true);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(*g, 2.0 * w);
+            }
+        }
+    }
+}

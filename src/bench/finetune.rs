@@ -122,6 +122,7 @@ fn report(args: &FinetuneBenchArgs, what: &str, src: &dyn FeatureSource, summary
             audio_s / t.max(1e-9)
         );
     }
+    print_profile(summary);
     if summary.stopped_early {
         println!(
             "  (stopped by --max-steps after {} steps: the epoch time covers those steps only)",
@@ -129,4 +130,26 @@ fn report(args: &FinetuneBenchArgs, what: &str, src: &dyn FeatureSource, summary
         );
     }
     let _ = args;
+}
+
+/// Forward and backward seconds per step by op kind, so the next bottleneck is visible.
+fn print_profile(summary: &TrainSummary) {
+    let p = &summary.profile;
+    if p.steps == 0 {
+        return;
+    }
+    let per = |v: f64| 1000.0 * v / p.steps as f64;
+    println!(
+        "  time per optimizer step by op kind ({} steps, {}), ms:",
+        p.steps, summary.engine
+    );
+    println!("    {:<14} {:>9} {:>9}", "op", "forward", "backward");
+    let (f, b) = (p.forward.values(), p.backward.values());
+    for (i, kind) in crate::finetune::engine::OpTimes::KINDS.iter().enumerate() {
+        println!("    {kind:<14} {:>9.1} {:>9.1}", per(f[i]), per(b[i]));
+    }
+    println!("    {:<14} {:>9.1}", "data", per(p.data));
+    println!("    {:<14} {:>9.1}", "optimizer", per(p.optimizer));
+    let total: f64 = f.iter().chain(b.iter()).sum::<f64>() + p.data + p.optimizer;
+    println!("    {:<14} {:>9.1}", "total", per(total));
 }

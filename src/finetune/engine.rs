@@ -31,7 +31,7 @@ use crate::ops::{correlate_rows, kernel_major, weight_grad, DropoutRng};
 type Result<T> = candle_core::Result<T>;
 
 /// Where a step's time goes, by op kind (seconds).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct OpTimes {
     pub front: f64,
     pub subsampling: f64,
@@ -77,10 +77,26 @@ impl OpTimes {
 }
 
 /// Forward and backward time per op kind of one or more steps.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct StepProfile {
     pub forward: OpTimes,
     pub backward: OpTimes,
+    /// Reading batches and SpecAugment.
+    pub data: f64,
+    /// Gradient clipping and the optimiser update.
+    pub optimizer: f64,
+    /// Steps summed.
+    pub steps: u64,
+}
+
+impl StepProfile {
+    pub fn add(&mut self, o: &StepProfile) {
+        self.forward.add(&o.forward);
+        self.backward.add(&o.backward);
+        self.data += o.data;
+        self.optimizer += o.optimizer;
+        self.steps += o.steps;
+    }
 }
 
 /// One training step's result: per-utterance losses and one gradient per trainable variable.

@@ -175,6 +175,24 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Add one gradient per parameter, in the parameters' order (the CPU engine's output).
+    pub fn add_tensors(&mut self, grads: &[Tensor]) -> Result<()> {
+        if grads.len() != self.sums.len() {
+            candle_core::bail!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.sums.len()
+            );
+        }
+        for (slot, g) in self.sums.iter_mut().zip(grads) {
+            *slot = Some(match slot.take() {
+                Some(s) => (s + g)?,
+                None => g.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Names of parameters that received no gradient at all.
     pub fn missing(&self, params: &NamedVars) -> Vec<String> {
         self.sums

@@ -15,6 +15,7 @@ use crate::finetune::ctc::ctc_loss;
 use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
+use crate::finetune::engine::{unsupported_reason, CpuEngine, StepProfile};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::model::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
@@ -30,7 +31,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -216,6 +217,11 @@ pub struct TrainSummary {
     pub steps: u64,
     pub final_epoch: usize,
     pub stopped_early: bool,
+    /// Time per op kind of this invocation's steps (the CPU engine's; candle's autograd
+    /// reports data and optimiser time only).
+    pub profile: StepProfile,
+    /// Which compute path trained: "cpu-engine" or "candle".
+    pub engine: String,
 }
 
 /// One line of `train_log.jsonl`.
@@ -425,15 +431,34 @@ pub fn train(
     let seed = exp.meta.seed;
     let train_frames: Vec<usize> = (0..train.len()).map(|i| train.frames(i)).collect();
     let accum = cfg.optim.accum_grad;
+    let engine = match std::env::var("SPEECHCACHE_ENGINE").as_deref() {
+        Ok("candle") => None,
+        _ => match unsupported_reason(&model, dev, DType::F32) {
+            None => Some(CpuEngine::new(&model, &all_vars, &vars)?),
+            Some(reason) => {
+                say(format!("training with candle's autograd: {reason}"));
+                None
+            }
+        },
+    };
+    summary.engine = if engine.is_some() {
+        "cpu-engine"
+    } else {
+        "candle"
+    }
+    .to_string();
+    reserve_freed_memory();
     let mut step = Stepper {
         exp: &exp,
         model: &model,
+        engine: engine.as_ref(),
         vars: &vars,
         opt,
         source: train,
         targets: &train_t,
         device: dev,
         checked_grads: false,
+        profile: StepProfile::default(),
     };
     summary.setup_s = started.elapsed().as_secs_f64();
     say(format!("setup took {:.3} s", summary.setup_s));
@@ -524,10 +549,12 @@ pub fn train(
             ));
             summary.stopped_early = true;
             summary.final_epoch = epoch;
+            summary.profile = step.profile;
             return Ok(summary);
         }
         let valid_start = Instant::now();
-        let (valid_loss, valid_cer) = validate(&exp, &model, valid, &valid_t, dev)?;
+        let (valid_loss, valid_cer) =
+            validate(&exp, &model, engine.as_ref(), valid, &valid_t, dev)?;
         summary
             .epoch_valid_s
             .push(valid_start.elapsed().as_secs_f64());
@@ -569,6 +596,7 @@ pub fn train(
         }
         epoch += 1;
     }
+    summary.profile = step.profile;
     Ok(summary)
 }
 
@@ -576,6 +604,9 @@ pub fn train(
 struct Stepper<'a> {
     exp: &'a Experiment,
     model: &'a AsrModel,
+    engine: Option<&'a CpuEngine>,
+    /// Time per op kind, summed over steps.
+    profile: StepProfile,
     vars: &'a NamedVars,
     opt: Adam,
     source: &'a dyn FeatureSource,
@@ -616,13 +647,25 @@ impl Stepper<'_> {
                 .map(|&i| self.targets.tokens[i].clone())
                 .collect();
             let t1 = Instant::now();
-            let per_utt = utterance_losses(self.model, &feats, &lens, &targets, true)?;
             let n = items.len() as f64;
-            let mean = (per_utt.sum_all()? / n)?;
-            let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let t2 = Instant::now();
-            let grads = (mean / group)?.backward()?;
-            acc.add(self.vars, &grads)?;
+            let (loss_value, t2) = match self.engine {
+                Some(engine) => {
+                    let out = engine.train_step(&feats, &lens, &targets, 1.0 / (n * group))?;
+                    let t2 = t1 + Duration::from_secs_f64(sum_forward(&out.profile));
+                    acc.add_tensors(&out.grads)?;
+                    self.profile.add(&out.profile);
+                    (out.losses.iter().sum::<f64>() / n, t2)
+                }
+                None => {
+                    let per_utt = utterance_losses(self.model, &feats, &lens, &targets, true)?;
+                    let mean = (per_utt.sum_all()? / n)?;
+                    let loss_value = mean.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let t2 = Instant::now();
+                    let grads = (mean / group)?.backward()?;
+                    acc.add(self.vars, &grads)?;
+                    (loss_value, t2)
+                }
+            };
             timing[0] += (t1 - t0).as_secs_f64();
             timing[1] += (t2 - t1).as_secs_f64();
             timing[2] += t2.elapsed().as_secs_f64();
@@ -656,6 +699,9 @@ impl Stepper<'_> {
             self.opt.skip_step();
         }
         timing[3] = t_update.elapsed().as_secs_f64();
+        self.profile.data += timing[0];
+        self.profile.optimizer += timing[3];
+        self.profile.steps += 1;
         let loss = loss_sum / utts.max(1) as f64;
         Ok(StepLog {
             step: self.opt.step_count(),
@@ -673,6 +719,25 @@ impl Stepper<'_> {
             backward_s: timing[2],
             update_s: timing[3],
         })
+    }
+}
+
+/// Seconds of an engine step's forward (featurizer through CTC loss).
+fn sum_forward(p: &StepProfile) -> f64 {
+    p.forward.values().iter().sum()
+}
+
+/// Keep freed memory in the process for the next step instead of handing it back to the OS:
+/// a training step frees and reallocates the same large activation buffers every time, and
+/// glibc's defaults (mmap for blocks over 128 KiB, trimming the heap top) made the kernel zero
+/// fresh pages for every buffer of every step (a quarter of step time in page faults).
+fn reserve_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator thresholds; called before the hot loop.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 
@@ -753,6 +818,7 @@ fn utterance_losses(
 fn validate(
     exp: &Experiment,
     model: &AsrModel,
+    engine: Option<&CpuEngine>,
     valid: &dyn FeatureSource,
     targets: &Targets,
     dev: &Device,
@@ -763,7 +829,10 @@ fn validate(
     let mut errors = ErrorCounts::default();
     for items in &batches {
         let (feats, lens) = valid.batch(items, &exp.meta.layers, dev)?;
-        let (logits, out_lens) = model.forward(&feats, &lens, false)?;
+        let (logits, out_lens) = match engine {
+            Some(engine) => engine.forward_eval(&feats, &lens)?,
+            None => model.forward(&feats, &lens, false)?,
+        };
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();
         let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, Tokenizer::BLANK_ID, true)?;

@@ -796,17 +796,22 @@ impl CpuEngine {
             // conv0: 1 → d channels, per utterance: im2col [T1 F1, 9] · [9, d]
             let w0 = params.get("encoder.embed.conv.0.weight")?;
             let b0 = params.get("encoder.embed.conv.0.bias")?;
+            // Rows past an utterance's last valid output frame are never read by a valid
+            // frame (and get zero gradient): they are left at zero and skipped.
+            let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, s2);
             let mut r0 = vec![0f32; b * t1 * f1 * d];
             r0.par_chunks_mut(t1 * f1 * d)
                 .enumerate()
                 .for_each(|(bi, out)| {
                     let xb = &x[bi * t_in * f_in..][..t_in * f_in];
-                    let col = im2col_single(xb, f_in, t1, f1, 2);
+                    let rows1 = valid1[bi];
+                    let col = im2col_single(xb, f_in, rows1, f1, 2);
+                    let out = &mut out[..rows1 * f1 * d];
                     for row in out.chunks_exact_mut(d) {
                         row.copy_from_slice(b0);
                     }
                     matmul_serial(
-                        t1 * f1,
+                        rows1 * f1,
                         d,
                         9,
                         out,
@@ -826,8 +831,9 @@ impl CpuEngine {
                 .for_each(|(bi, out)| {
                     let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
                     let mut col = Vec::new();
-                    for tb in (0..t2).step_by(T_BLOCK) {
-                        let rows_t = T_BLOCK.min(t2 - tb);
+                    let rows2 = valid2[bi];
+                    for tb in (0..rows2).step_by(T_BLOCK) {
+                        let rows_t = T_BLOCK.min(rows2 - tb);
                         im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
                         let o = &mut out[tb * f2 * d..][..rows_t * f2 * d];
                         for row in o.chunks_exact_mut(d) {
@@ -944,13 +950,15 @@ impl CpuEngine {
             let mut dr0 = vec![0f32; saved.r0.len()];
             let items: Vec<(usize, &mut [f32])> = dr0.chunks_mut(t1 * f1 * d).enumerate().collect();
             let r0 = &saved.r0;
+            let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, s2);
             let dw1 = grouped(items, w1.len(), |(bi, dsrc), acc| {
                 let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
                 let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
                 let mut col = Vec::new();
                 let mut dcol = Vec::new();
-                for tb in (0..t2).step_by(T_BLOCK) {
-                    let rows_t = T_BLOCK.min(t2 - tb);
+                let rows2 = valid2[bi];
+                for tb in (0..rows2).step_by(T_BLOCK) {
+                    let rows_t = T_BLOCK.min(rows2 - tb);
                     let rows = rows_t * f2;
                     im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
                     let g = &dout[tb * f2 * d..][..rows * d];
@@ -998,12 +1006,13 @@ impl CpuEngine {
             };
             let dr0 = &dr0;
             let dw0 = grouped(items, 9 * d, |(bi, dxb), acc| {
-                let g = &dr0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                let col = im2col_single(&x[bi * t_in * f_in..][..t_in * f_in], f_in, t1, f1, 2);
+                let rows1 = valid1[bi];
+                let g = &dr0[bi * t1 * f1 * d..][..rows1 * f1 * d];
+                let col = im2col_single(&x[bi * t_in * f_in..][..t_in * f_in], f_in, rows1, f1, 2);
                 matmul_serial(
                     d,
                     9,
-                    t1 * f1,
+                    rows1 * f1,
                     acc,
                     9,
                     Mat::rows(g, d).t(),
@@ -1011,9 +1020,9 @@ impl CpuEngine {
                     true,
                 );
                 if !dxb.is_empty() {
-                    let mut dcol = vec![0f32; t1 * f1 * 9];
+                    let mut dcol = vec![0f32; rows1 * f1 * 9];
                     matmul_serial(
-                        t1 * f1,
+                        rows1 * f1,
                         9,
                         d,
                         &mut dcol,
@@ -1022,7 +1031,7 @@ impl CpuEngine {
                         Mat::rows(w0, 9),
                         false,
                     );
-                    col2im_single_add(&dcol, f_in, t1, f1, 2, dxb);
+                    col2im_single_add(&dcol, f_in, rows1, f1, 2, dxb);
                 }
             });
             let mut g = grads.take(w0n, 9 * d);
@@ -1915,8 +1924,30 @@ impl CpuEngine {
     }
 }
 
+/// Per utterance, the conv0 output frames (`valid1`) and conv1 output frames (`valid2`) that
+/// valid encoder frames depend on.
+fn valid_conv_rows(
+    out_lengths: &[usize],
+    t1: usize,
+    t2: usize,
+    s2: usize,
+) -> (Vec<usize>, Vec<usize>) {
+    let valid2: Vec<usize> = out_lengths.iter().map(|&n| n.min(t2)).collect();
+    let valid1 = valid2
+        .iter()
+        .map(|&n| {
+            if n == 0 {
+                0
+            } else {
+                (s2 * (n - 1) + 3).min(t1)
+            }
+        })
+        .collect();
+    (valid1, valid2)
+}
+
 /// Output time-block of the conv1 im2col (bounds its memory).
-const T_BLOCK: usize = 16;
+const T_BLOCK: usize = 48;
 
 fn apply_mask(mut x: Vec<f32>, mask: Option<&[f32]>) -> Vec<f32> {
     if let Some(m) = mask {

@@ -351,7 +351,26 @@ fn prepare_experiment(
 }
 
 /// Train (or resume) an experiment on `train`, validating on `valid` after every epoch.
+///
+/// The whole run executes on the threads of one rayon pool (`RAYON_NUM_THREADS`, default all
+/// cores): the step's serial parts run on a pool thread instead of the calling thread, so the
+/// process never has more busy threads than cores (a caller thread plus spinning workers
+/// made three threads fight over two cores).
 pub fn train(
+    opts: &TrainOptions,
+    train: &dyn FeatureSource,
+    valid: &dyn FeatureSource,
+    started: Instant,
+) -> Result<TrainSummary, TrainError> {
+    reserve_freed_memory();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("speechcache-train-{i}"))
+        .build()
+        .map_err(|e| TrainError::Model(candle_core::Error::Msg(format!("thread pool: {e}"))))?;
+    pool.install(|| train_on_pool(opts, train, valid, started))
+}
+
+fn train_on_pool(
     opts: &TrainOptions,
     train: &dyn FeatureSource,
     valid: &dyn FeatureSource,
@@ -447,7 +466,6 @@ pub fn train(
         "candle"
     }
     .to_string();
-    reserve_freed_memory();
     let mut step = Stepper {
         exp: &exp,
         model: &model,
@@ -641,7 +659,10 @@ impl Stepper<'_> {
             let t0 = Instant::now();
             let (feats, lens) = self.source.batch(items, &exp.meta.layers, self.device)?;
             let feats = specaug::apply(&cfg.specaug, &feats, &lens, &mut rng)?;
-            let feats = pad_time_for_conv2d_backward(exp, &feats)?;
+            let feats = match self.engine {
+                Some(_) => feats,
+                None => pad_time_for_conv2d_backward(exp, &feats)?,
+            };
             let targets: Vec<Vec<u32>> = items
                 .iter()
                 .map(|&i| self.targets.tokens[i].clone())
@@ -738,6 +759,9 @@ fn reserve_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_MMAP_MAX, 0);
+        // one arena: a thread arena's heaps are capped at 64 MiB, so large buffers allocated
+        // on pool threads would fall back to mmap (and fresh zeroed pages) every time
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

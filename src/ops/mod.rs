@@ -158,7 +158,9 @@ impl DropoutRng {
         Ok(())
     }
 
-    /// `n` inverted-dropout scales (`1 / (1 - p)` or 0), drawn in order from this source.
+    /// `n` inverted-dropout scales (`1 / (1 - p)` or 0), drawn in order from this source:
+    /// element `i` uses the stream's next `i`-th 32-bit word, whatever the thread count
+    /// (chunks jump to their word position, so large masks are drawn in parallel).
     pub fn keep_mask(&self, n: usize, p: f64) -> Result<Vec<f32>> {
         let scale = (1.0 / (1.0 - p)) as f32;
         // Compare 24 random bits against the drop threshold (exact for p on a 2^-24 grid).
@@ -167,15 +169,23 @@ impl DropoutRng {
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("dropout rng lock poisoned".into()))?;
-        Ok((0..n)
-            .map(|_| {
-                if (rng.random::<u32>() >> 8) >= threshold {
-                    scale
-                } else {
-                    0.0
+        let start = rng.get_word_pos();
+        const CHUNK: usize = 1 << 15;
+        let mut out = vec![0f32; n];
+        let base: &ChaCha8Rng = &rng;
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut r = base.clone();
+                r.set_word_pos(start + (i * CHUNK) as u128);
+                let mut words = vec![0u32; chunk.len()];
+                r.fill(&mut words[..]);
+                for (o, w) in chunk.iter_mut().zip(words) {
+                    *o = if (w >> 8) >= threshold { scale } else { 0.0 };
                 }
-            })
-            .collect())
+            });
+        rng.set_word_pos(start + n as u128);
+        Ok(out)
     }
 }
 
@@ -532,4 +542,35 @@ pub fn frame_mask(
         }
     }
     Tensor::from_vec(mask, (lengths.len(), frames, 1), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_mask_draws_the_sequential_stream() {
+        let p = 0.3;
+        let rng = DropoutRng::new(9);
+        let n = 100_003;
+        let first = rng.keep_mask(n, p).unwrap();
+        let second = rng.keep_mask(17, p).unwrap();
+        // the same words drawn one at a time
+        let mut seq = ChaCha8Rng::seed_from_u64(9);
+        let threshold = (p * (1u64 << 24) as f64) as u32;
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut draw = || {
+            if (seq.random::<u32>() >> 8) >= threshold {
+                scale
+            } else {
+                0.0
+            }
+        };
+        let want: Vec<f32> = (0..n).map(|_| draw()).collect();
+        assert_eq!(first, want);
+        let want2: Vec<f32> = (0..17).map(|_| draw()).collect();
+        assert_eq!(second, want2);
+        let kept = first.iter().filter(|&&v| v > 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
+    }
 }

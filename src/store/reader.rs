@@ -7,6 +7,7 @@ use super::{
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// An audio store opened for reading: `samples(i)` is a slice of a memory-mapped shard.
@@ -297,13 +298,15 @@ impl FeatureStore {
         let t_max = lengths.iter().copied().max().unwrap_or(0);
         let (b, l, d) = (items.len(), layers.len(), self.dim);
         let mut data = vec![0f32; b * l * t_max * d];
-        for (bi, &item) in items.iter().enumerate() {
-            for (li, &layer) in layers.iter().enumerate() {
-                let view = self.view(item, layer)?;
-                let start = (bi * l + li) * t_max * d;
-                view.write_f32(&mut data[start..start + lengths[bi] * d]);
-            }
-        }
+        // one (utterance, layer) block per task: decoding f16/bf16/int8 is most of a batch's cost
+        data.par_chunks_mut((t_max * d).max(1))
+            .enumerate()
+            .try_for_each(|(block, out)| -> Result<(), StoreError> {
+                let (bi, li) = (block / l, block % l);
+                let view = self.view(items[bi], layers[li])?;
+                view.write_f32(&mut out[..lengths[bi] * d]);
+                Ok(())
+            })?;
         let tensor = Tensor::from_vec(data, (b, l, t_max, d), device)?;
         Ok((tensor, lengths))
     }

@@ -152,6 +152,7 @@ impl Fixture {
             seed: Some(7),
             max_steps,
             max_epochs: None,
+            max_minutes: None,
             verbose: std::env::var_os("FINETUNE_TEST_VERBOSE").is_some(),
         }
     }
@@ -340,6 +341,7 @@ fn bad_input_gives_clear_errors() {
         seed: None,
         max_steps: None,
         max_epochs: None,
+        max_minutes: None,
         verbose: false,
     };
     let open = |n: &str| StoreSource::open(&root.join(n)).unwrap();
@@ -450,6 +452,7 @@ fn launch_cost_on_ten_hours() {
             seed: None,
             max_steps: Some(1),
             max_epochs: None,
+            max_minutes: None,
             verbose: true,
         },
         &t,
@@ -548,6 +551,7 @@ fn onthefly_features_train() {
             seed: None,
             max_steps: None,
             max_epochs: None,
+            max_minutes: None,
             verbose: false,
         },
         &src,
@@ -687,4 +691,91 @@ fn cli_finetune_and_decode() {
         "{stderr}"
     );
     assert!(!root.join("exp_bad").exists());
+}
+
+/// `--max-minutes`: a budget that runs out at the first step closes the epoch early with
+/// validation, checkpoints and averaging (a decodable experiment); `--resume` continues with the
+/// next epoch, and a budget that does not run out trains to `max_epochs`.
+#[test]
+fn time_budget_ends_cleanly_and_resumes() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write_store(&root.join("train"), 12, 1, true, DIM);
+    write_store(&root.join("valid"), 4, 2, true, DIM);
+    std::fs::write(
+        root.join("conf.toml"),
+        CONFIG.replace("max_epochs = 4", "max_epochs = 3"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_speechcache");
+    let finetune = |extra: &[&str]| {
+        let out = Command::new(bin)
+            .args(["finetune", "--train"])
+            .arg(root.join("train"))
+            .arg("--valid")
+            .arg(root.join("valid"))
+            .arg("--config")
+            .arg(root.join("conf.toml"))
+            .arg("--out")
+            .arg(root.join("exp"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let epochs = || {
+        std::fs::read_to_string(root.join("exp/epoch_log.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let stderr = finetune(&["--max-minutes", "0.00001"]);
+    assert!(stderr.contains("time budget"), "{stderr}");
+    assert!(stderr.contains("1 steps in this run"), "{stderr}");
+    assert_eq!(
+        epochs(),
+        1,
+        "the early-closed epoch is validated and logged"
+    );
+    let out = Command::new(bin)
+        .args(["decode", "--quiet", "--exp"])
+        .arg(root.join("exp"))
+        .arg("--data")
+        .arg(root.join("valid"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stderr = finetune(&["--resume", "--max-minutes", "0.00001"]);
+    assert!(stderr.contains("resuming at epoch 2"), "{stderr}");
+    assert_eq!(epochs(), 2);
+    let stderr = finetune(&["--resume", "--max-minutes", "60"]);
+    assert!(!stderr.contains("time budget"), "{stderr}");
+    assert_eq!(
+        epochs(),
+        3,
+        "a budget that does not run out trains to max_epochs"
+    );
+
+    let bad = Command::new(bin)
+        .args(["finetune", "--max-minutes=0", "--train"])
+        .arg(root.join("train"))
+        .arg("--valid")
+        .arg(root.join("valid"))
+        .arg("--config")
+        .arg(root.join("conf.toml"))
+        .arg("--out")
+        .arg(root.join("exp_bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("max_minutes"), "{stderr}");
 }

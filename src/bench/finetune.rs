@@ -87,6 +87,7 @@ fn time_training(
         seed: None,
         max_steps: args.max_steps,
         max_epochs: Some(args.epochs),
+        max_minutes: None,
         verbose: true,
     };
     let summary = train::train(&opts, train_src, valid_src, started);

@@ -174,6 +174,13 @@ pub struct TrainConfig {
     /// Drop training utterances longer than this many frames (0 = keep all).
     #[serde(default)]
     pub max_frames: usize,
+    /// Wall-clock budget in minutes, counted from the launch of each `finetune` invocation
+    /// (a resumed run gets a fresh budget). When it runs out, the current optimiser step
+    /// finishes and the epoch is closed early: validation, the epoch checkpoint, n-best
+    /// averaging and `last` are written as at the end of any epoch, and `--resume` continues
+    /// with the next epoch. `--max-minutes` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_minutes: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -186,6 +193,7 @@ impl Default for TrainConfig {
             keep_nbest: d_nbest(),
             log_every: d_log_every(),
             max_frames: 0,
+            max_minutes: None,
         }
     }
 }
@@ -267,7 +275,7 @@ impl FinetuneConfig {
         })
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |reason: String| {
             Err(ConfigError::Value {
                 path: path.to_path_buf(),
@@ -302,6 +310,13 @@ impl FinetuneConfig {
         }
         if t.log_every == 0 {
             return bad("train.log_every must be >= 1".into());
+        }
+        if let Some(m) = t.max_minutes {
+            if !(m > 0.0 && m.is_finite()) {
+                return bad(format!(
+                    "train.max_minutes must be a positive number of minutes, got {m}"
+                ));
+            }
         }
         if t.keep_nbest == 0 {
             return bad("train.keep_nbest must be >= 1".into());

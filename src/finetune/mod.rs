@@ -56,6 +56,11 @@ pub struct FinetuneArgs {
     /// Stop after this many optimiser steps in total (a resumable checkpoint is written).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Wall-clock budget of this invocation in minutes (overrides train.max_minutes): the
+    /// epoch under way is closed early with validation, checkpoints and averaging; --resume
+    /// continues with the next epoch.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
     /// No progress lines.
     #[arg(long, short)]
     pub quiet: bool,
@@ -122,16 +127,26 @@ pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_steps: args.max_steps,
         max_epochs: None,
+        max_minutes: args.max_minutes,
         verbose: !args.quiet,
     };
     let summary = train::train(&opts, &train_src, &valid_src, started)?;
     if !args.quiet {
         eprintln!(
-            "finetune: {} steps in this run; first step done {:.3} s after start; experiment in {}",
+            "finetune: {} steps in this run ({}); first step done {:.3} s after start; experiment in {}",
             summary.steps,
+            summary.engine,
             summary.first_step_s,
             args.out.display()
         );
+        if summary.steps > 0 {
+            eprintln!(
+                "finetune: {} train frames in {:.1} s of training loop (validation included): {:.0} train frames/s",
+                summary.train_frames,
+                summary.train_loop_s,
+                summary.train_frames as f64 / summary.train_loop_s.max(1e-9)
+            );
+        }
     }
     Ok(())
 }

@@ -200,6 +200,8 @@ pub struct TrainOptions {
     pub max_steps: Option<u64>,
     /// Overrides `train.max_epochs` (the benchmark trains one epoch).
     pub max_epochs: Option<usize>,
+    /// Overrides `train.max_minutes`.
+    pub max_minutes: Option<f64>,
     /// Print progress lines on stderr.
     pub verbose: bool,
 }
@@ -217,6 +219,13 @@ pub struct TrainSummary {
     pub steps: u64,
     pub final_epoch: usize,
     pub stopped_early: bool,
+    /// Stopped by `max_minutes`.
+    pub out_of_time: bool,
+    /// Input frames of this invocation's optimiser steps, and seconds of its training loop
+    /// (first batch to the end, per-epoch validation and checkpoints included): their ratio
+    /// is the training throughput as the PyTorch baselines report it.
+    pub train_frames: usize,
+    pub train_loop_s: f64,
     /// Time per op kind of this invocation's steps (the CPU engine's; candle's autograd
     /// reports data and optimiser time only).
     pub profile: StepProfile,
@@ -261,6 +270,10 @@ fn prepare_experiment(
     if let Some(e) = opts.max_epochs {
         config.train.max_epochs = e;
     }
+    if let Some(m) = opts.max_minutes {
+        config.train.max_minutes = Some(m);
+        config.validate(&opts.config)?;
+    }
     let layers = match &config.data.layers {
         Some(l) if !l.is_empty() => l.clone(),
         _ => train.layers().to_vec(),
@@ -281,11 +294,12 @@ fn prepare_experiment(
         let mut same = config.clone();
         same.train.max_epochs = exp.config.train.max_epochs;
         same.train.log_every = exp.config.train.log_every;
+        same.train.max_minutes = exp.config.train.max_minutes;
         if exp.config != same {
             return Err(exp_err(
                 &opts.config,
                 format!(
-                    "differs from the experiment's {} (beyond train.max_epochs/log_every); \
+                    "differs from the experiment's {} (beyond train.max_epochs/log_every/max_minutes); \
                      resuming needs the same config and seed",
                     dir.join(CONFIG_FILE).display()
                 ),
@@ -494,6 +508,10 @@ fn train_on_pool(
             cfg.train.max_epochs
         ));
     }
+    let budget = cfg
+        .train
+        .max_minutes
+        .map(|m| Duration::from_secs_f64(m * 60.0));
     while epoch <= cfg.train.max_epochs {
         let shuffle = cfg.train.shuffle.then_some((seed, epoch));
         let batches = make_batches(
@@ -507,6 +525,7 @@ fn train_on_pool(
         let mut bi = skip;
         skip = 0;
         let mut stopped = false;
+        let mut out_of_time = false;
         while bi < batches.len() {
             let group_end = (bi + accum).min(batches.len());
             let entry = step.run(epoch, &batches, bi..group_end, started)?;
@@ -526,6 +545,7 @@ fn train_on_pool(
             }
             loss_sum += entry.loss * entry.utts as f64;
             loss_utts += entry.utts;
+            summary.train_frames += entry.frames;
             let (step_no, mean_loss, lr, norm) =
                 (entry.step, entry.loss, entry.lr, entry.grad_norm);
             write_line(&mut log, &exp.dir.join(TRAIN_LOG), &entry)?;
@@ -541,6 +561,10 @@ fn train_on_pool(
             }
             if opts.max_steps.is_some_and(|m| step_no >= m) && bi < batches.len() {
                 stopped = true;
+                break;
+            }
+            if budget.is_some_and(|b| started.elapsed() >= b) {
+                out_of_time = true;
                 break;
             }
         }
@@ -568,9 +592,19 @@ fn train_on_pool(
             summary.stopped_early = true;
             summary.final_epoch = epoch;
             summary.profile = step.profile;
+            summary.train_loop_s = started.elapsed().as_secs_f64() - summary.setup_s;
             return Ok(summary);
         }
         let valid_start = Instant::now();
+        if out_of_time {
+            say(format!(
+                "time budget of {} min reached after step {} ({:.1} min since launch): closing epoch {epoch} after {bi} of {} batches",
+                cfg.train.max_minutes.unwrap_or(0.0),
+                step.opt.step_count(),
+                started.elapsed().as_secs_f64() / 60.0,
+                batches.len()
+            ));
+        }
         let (valid_loss, valid_cer) =
             validate(&exp, &model, engine.as_ref(), valid, &valid_t, dev)?;
         summary
@@ -604,6 +638,16 @@ fn train_on_pool(
         )?;
         write_epoch_log(&exp.dir, &history)?;
         summary.final_epoch = epoch;
+        if out_of_time || budget.is_some_and(|b| started.elapsed() >= b) {
+            summary.stopped_early = epoch < cfg.train.max_epochs;
+            summary.out_of_time = true;
+            say(format!(
+                "stopped for the time budget after epoch {epoch} (step {}); --resume continues with epoch {}",
+                step.opt.step_count(),
+                epoch + 1
+            ));
+            break;
+        }
         if opts.max_steps.is_some_and(|m| step.opt.step_count() >= m) {
             summary.stopped_early = epoch < cfg.train.max_epochs;
             say(format!(
@@ -615,6 +659,7 @@ fn train_on_pool(
         epoch += 1;
     }
     summary.profile = step.profile;
+    summary.train_loop_s = started.elapsed().as_secs_f64() - summary.setup_s;
     Ok(summary)
 }
 

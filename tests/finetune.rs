@@ -439,7 +439,8 @@ fn launch_cost_on_ten_hours() {
     w.finish().unwrap();
     eprintln!("wrote 10 h store in {:.1} s", t0.elapsed().as_secs_f64());
     write_store(&root.join("valid"), 4, 2, true, 80);
-    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/conf/demo_fbank.toml");
+    // the finetune issue's config (Conformer 4 x 144 on 80-dim fbank)
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/conf/fbank_vs_peer.toml");
     let started = Instant::now();
     let t = StoreSource::open(&root.join("big")).unwrap();
     let v = StoreSource::open(&root.join("valid")).unwrap();
@@ -450,7 +451,7 @@ fn launch_cost_on_ten_hours() {
             resume: false,
             device: Device::Cpu,
             seed: None,
-            max_steps: Some(1),
+            max_steps: Some(3),
             max_epochs: None,
             max_minutes: None,
             verbose: true,

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::finetune::ctc::ctc_loss_from_logits;
 use crate::finetune::model::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::NamedVars;
-use crate::models::conformer::{CnnModuleNorm, ConformerConfig, InputLayer};
+use crate::models::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
 use crate::ops::kernels::{
     add_col_sums, layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
     matmul_serial, residual_add, row_block, scale_mask, sigmoid, silu_backward, silu_forward,
@@ -367,7 +367,7 @@ impl CpuEngine {
         let (batch, sub, x) =
             self.subsample_forward(&params, x, &front, lengths, true, &mut prof)?;
         let d = self.cfg.output_size;
-        let pe = rel_pos_table(batch.t, d);
+        let pe = rel_positional_table(batch.t, d);
         let pe_mask = dropout_mask(&self.rng, pe.len(), self.cfg.positional_dropout_rate, true)?;
         let pe = apply_mask(pe, pe_mask.as_deref());
         let mut x = x;
@@ -468,7 +468,7 @@ impl CpuEngine {
         let (batch, _, x) =
             self.subsample_forward(&params, x, &front, lengths, false, &mut prof)?;
         let d = self.cfg.output_size;
-        let pe = rel_pos_table(batch.t, d);
+        let pe = rel_positional_table(batch.t, d);
         let mut x = x;
         for i in 0..self.cfg.num_blocks {
             x = self
@@ -2126,25 +2126,6 @@ fn utterance_mvn_backward(
                 }
             }
         });
-}
-
-/// ESPnet's relative positional table `[2T - 1, d]` (see `conformer::rel_positional_encoding`).
-fn rel_pos_table(t: usize, d: usize) -> Vec<f32> {
-    let rows = 2 * t - 1;
-    let mut pe = vec![0f32; rows * d];
-    let log_base = (10000f64).ln() / d as f64;
-    for (r, row) in pe.chunks_exact_mut(d).enumerate() {
-        let pos = t as f64 - 1.0 - r as f64;
-        for (i, pair) in row.chunks_mut(2).enumerate() {
-            let div = ((2 * i) as f32 * -(log_base as f32)).exp() as f64;
-            let angle = (pos * div) as f32;
-            pair[0] = angle.sin();
-            if pair.len() > 1 {
-                pair[1] = angle.cos();
-            }
-        }
-    }
-    pe
 }
 
 /// Softmax probabilities of one utterance and head: `((q+u)·kᵀ + shift((q+v)·pᵀ)) / sqrt(dk)`

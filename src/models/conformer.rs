@@ -318,6 +318,17 @@ pub fn rel_positional_encoding(
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let rows = (2 * frames).saturating_sub(1);
+    Tensor::from_vec(
+        rel_positional_table(frames, d_model),
+        (1, rows, d_model),
+        device,
+    )?
+    .to_dtype(dtype)
+}
+
+/// The values of `rel_positional_encoding` as a row-major `[2T - 1, d]` f32 table.
+pub fn rel_positional_table(frames: usize, d_model: usize) -> Vec<f32> {
+    let rows = (2 * frames).saturating_sub(1);
     let mut pe = vec![0f32; rows * d_model];
     let log_base = (10000f64).ln() / d_model as f64;
     for (r, row) in pe.chunks_exact_mut(d_model).enumerate() {
@@ -332,7 +343,7 @@ pub fn rel_positional_encoding(
             }
         }
     }
-    Tensor::from_vec(pe, (1, rows, d_model), device)?.to_dtype(dtype)
+    pe
 }
 
 /// ESPnet `RelPositionMultiHeadedAttention.rel_shift`: `[B, H, T, 2T - 1]` → `[B, H, T, T]`

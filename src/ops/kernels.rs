@@ -75,6 +75,21 @@ pub fn matmul(
     b: Mat,
     accumulate: bool,
 ) {
+    matmul_on(m, n, k, dst, dst_rs, a, b, accumulate, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_on(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -96,7 +111,7 @@ pub fn matmul(
     }
     let threads = rayon::current_num_threads();
     let ptr = DstPtr(dst.as_mut_ptr());
-    if m * n * k < PARALLEL_MIN_MACS || threads == 1 {
+    if !parallel || m * n * k < PARALLEL_MIN_MACS || threads == 1 {
         // SAFETY: bounds checked above.
         unsafe { gemm_block(m, n, k, ptr, dst_rs, a, b, accumulate) };
         return;
@@ -170,27 +185,7 @@ pub fn matmul_serial(
     b: Mat,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        a.fits(m, k) && b.fits(k, n),
-        "matmul: operand view out of bounds"
-    );
-    assert!(
-        (m - 1) * dst_rs + n <= dst.len(),
-        "matmul: destination out of bounds"
-    );
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: bounds checked above.
-    unsafe { gemm_block(m, n, k, DstPtr(dst.as_mut_ptr()), dst_rs, a, b, accumulate) };
+    matmul_on(m, n, k, dst, dst_rs, a, b, accumulate, false)
 }
 
 /// Rows per rayon task for row-wise element work: a few tasks per thread, at least 16 rows.

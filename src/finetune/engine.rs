@@ -555,6 +555,33 @@ impl CpuEngine {
         Ok(())
     }
 
+    /// A block's output: `x + scale * dropout(linear(h))` with the `prefix` Linear (d_in → d);
+    /// returns it and the dropout mask.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_branch(
+        &self,
+        params: &Params,
+        prefix: &str,
+        x: &[f32],
+        h: &[f32],
+        d_in: usize,
+        scale: f32,
+        train: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut o = vec![0f32; x.len()];
+        linear_forward(
+            h,
+            params.get(&format!("{prefix}.weight"))?,
+            Some(params.get(&format!("{prefix}.bias"))?),
+            d_in,
+            &mut o,
+        );
+        let mask = dropout_mask(&self.rng, x.len(), self.cfg.dropout_rate, train)?;
+        let mut y = vec![0f32; x.len()];
+        residual_add(x, &o, mask.as_deref(), scale, &mut y);
+        Ok((y, mask))
+    }
+
     // -----------------------------------------------------------------------------------------
     // Featurizer: global normalisation, weighted sum of layers, utterance MVN, pre-encoder.
 
@@ -1224,17 +1251,8 @@ impl CpuEngine {
         let inner_mask = dropout_mask(&self.rng, n * f, self.cfg.dropout_rate, train)?;
         let mut a = vec![0f32; n * f];
         silu_forward(&h, inner_mask.as_deref(), &mut a);
-        let mut o = vec![0f32; n * d];
-        linear_forward(
-            &a,
-            params.get(&format!("{prefix}.w_2.weight"))?,
-            Some(params.get(&format!("{prefix}.w_2.bias"))?),
-            f,
-            &mut o,
-        );
-        let out_mask = dropout_mask(&self.rng, n * d, self.cfg.dropout_rate, train)?;
-        let mut y = vec![0f32; n * d];
-        residual_add(x, &o, out_mask.as_deref(), scale, &mut y);
+        let (y, out_mask) =
+            self.residual_branch(params, &format!("{prefix}.w_2"), x, &a, f, scale, train)?;
         Ok((
             y,
             FfnSaved {
@@ -1382,17 +1400,15 @@ impl CpuEngine {
                 );
             }
         });
-        let mut o = vec![0f32; n * d];
-        linear_forward(
+        let (y, out_mask) = self.residual_branch(
+            params,
+            &enc(i, "self_attn.linear_out"),
+            x,
             &ctx,
-            get("self_attn.linear_out.weight")?,
-            Some(get("self_attn.linear_out.bias")?),
             d,
-            &mut o,
-        );
-        let out_mask = dropout_mask(&self.rng, n * d, self.cfg.dropout_rate, train)?;
-        let mut y = vec![0f32; n * d];
-        residual_add(x, &o, out_mask.as_deref(), 1.0, &mut y);
+            1.0,
+            train,
+        )?;
         Ok((
             y,
             AttnSaved {
@@ -1745,17 +1761,15 @@ impl CpuEngine {
         };
         let mut sw = vec![0f32; n * d];
         silu_forward(&bn_out, None, &mut sw);
-        let mut o = vec![0f32; n * d];
-        linear_forward(
+        let (y, out_mask) = self.residual_branch(
+            params,
+            &enc(i, "conv_module.pointwise_conv2"),
+            x,
             &sw,
-            get("conv_module.pointwise_conv2.weight")?,
-            Some(get("conv_module.pointwise_conv2.bias")?),
             d,
-            &mut o,
-        );
-        let out_mask = dropout_mask(&self.rng, n * d, self.cfg.dropout_rate, train)?;
-        let mut y = vec![0f32; n * d];
-        residual_add(x, &o, out_mask.as_deref(), 1.0, &mut y);
+            1.0,
+            train,
+        )?;
         Ok((
             y,
             ConvSaved {

@@ -1466,7 +1466,7 @@ impl CpuEngine {
         let mut dv = vec![0f32; n * d];
         // per utterance: dq, dk, dv rows; accumulators: dp [pn, d], du [H, dk], dbv [H, dk]
         let acc_len = pn * d + 2 * d;
-        let items: Vec<(usize, (&mut [f32], (&mut [f32], &mut [f32])))> = dq
+        let items: Vec<(usize, QkvRows)> = dq
             .chunks_mut(t * d)
             .zip(dk_.chunks_mut(t * d).zip(dv.chunks_mut(t * d)))
             .enumerate()
@@ -1959,6 +1959,9 @@ fn valid_conv_rows(
         .collect();
     (valid1, valid2)
 }
+
+/// One utterance's rows of the q, k and v gradients.
+type QkvRows<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
 
 /// Output time-block of the conv1 im2col (bounds its memory).
 const T_BLOCK: usize = 48;

@@ -1538,23 +1538,7 @@ impl CpuEngine {
                     let base = t - 1 - r;
                     dbd[r * pn + base..r * pn + base + t].copy_from_slice(&da[r * t..][..t]);
                 }
-                for r in 0..t {
-                    let qrow = &q[(bi * t + r) * d + h * dk..][..dk];
-                    for j in 0..dk {
-                        qu[r * dk + j] = qrow[j] + bu[h * dk + j];
-                        qv[r * dk + j] = qrow[j] + bv[h * dk + j];
-                    }
-                }
-                let kh = Mat {
-                    data: &k[bi * t * d + h * dk..],
-                    rs: d,
-                    cs: 1,
-                };
-                let ph = Mat {
-                    data: &p[h * dk..],
-                    rs: d,
-                    cs: 1,
-                };
+                let (kh, ph) = head_views((q, k, p), (bu, bv), (bi, h, t, d, dk), &mut qu, &mut qv);
                 // d(q+u) = ds · k ; dk = dsᵀ · (q+u)
                 matmul_serial(
                     t,
@@ -2145,6 +2129,31 @@ fn utterance_mvn_backward(
         });
 }
 
+/// For utterance `bi` and head `h`: the query plus each positional bias (`q + u` into `qu`,
+/// `q + v` into `qv`, `[T, dk]`), and strided views of the head's keys `[T, dk]` and projected
+/// positions `[2T - 1, dk]` (no copies).
+fn head_views<'a>(
+    (q, k, p): (&[f32], &'a [f32], &'a [f32]),
+    (bu, bv): (&[f32], &[f32]),
+    (bi, h, t, d, dk): (usize, usize, usize, usize, usize),
+    qu: &mut [f32],
+    qv: &mut [f32],
+) -> (Mat<'a>, Mat<'a>) {
+    for r in 0..t {
+        let qrow = &q[(bi * t + r) * d + h * dk..][..dk];
+        for j in 0..dk {
+            qu[r * dk + j] = qrow[j] + bu[h * dk + j];
+            qv[r * dk + j] = qrow[j] + bv[h * dk + j];
+        }
+    }
+    let head = |x: &'a [f32], row0: usize| Mat {
+        data: &x[row0 * d + h * dk..],
+        rs: d,
+        cs: 1,
+    };
+    (head(k, bi * t), head(p, 0))
+}
+
 /// Softmax probabilities of one utterance and head: `((q+u)·kᵀ + shift((q+v)·pᵀ)) / sqrt(dk)`
 /// with padded keys masked, into `out` `[T, T]`.
 fn attention_scores(
@@ -2158,23 +2167,7 @@ fn attention_scores(
     let pn = 2 * t - 1;
     let mut qu = vec![0f32; t * dk];
     let mut qv = vec![0f32; t * dk];
-    for r in 0..t {
-        let qrow = &q[(bi * t + r) * d + h * dk..][..dk];
-        for j in 0..dk {
-            qu[r * dk + j] = qrow[j] + bu[h * dk + j];
-            qv[r * dk + j] = qrow[j] + bv[h * dk + j];
-        }
-    }
-    let kh = Mat {
-        data: &k[bi * t * d + h * dk..],
-        rs: d,
-        cs: 1,
-    };
-    let ph = Mat {
-        data: &p[h * dk..],
-        rs: d,
-        cs: 1,
-    };
+    let (kh, ph) = head_views((q, k, p), (bu, bv), (bi, h, t, d, dk), &mut qu, &mut qv);
     matmul_serial(t, t, dk, out, t, Mat::rows(&qu, dk), kh.t(), false);
     let mut bd = vec![0f32; t * pn];
     matmul_serial(t, pn, dk, &mut bd, pn, Mat::rows(&qv, dk), ph.t(), false);

@@ -1705,33 +1705,26 @@ impl CpuEngine {
             CnnModuleNorm::BatchNorm => {
                 let gamma = get("conv_module.norm.weight")?;
                 let beta = get("conv_module.norm.bias")?;
-                let (cn, rstd) = if train {
+                // batch statistics of the valid frames in training, running ones in eval
+                let (mean, var) = if train {
                     let (mean, var) = masked_moments(&c, fm, d, batch.valid);
                     self.update_running_stats(i, &mean, &var, batch.valid)?;
-                    let rstd: Vec<f32> = var.iter().map(|&v| 1.0 / (v + 1e-5).sqrt()).collect();
-                    let mut cn = vec![0f32; n * d];
-                    cn.par_chunks_mut(d)
-                        .zip(c.par_chunks(d))
-                        .for_each(|(o, row)| {
-                            for j in 0..d {
-                                o[j] = (row[j] - mean[j]) * rstd[j];
-                            }
-                        });
-                    (cn, rstd)
+                    (mean, var)
                 } else {
-                    let rm = get("conv_module.norm.running_mean")?;
-                    let rv = get("conv_module.norm.running_var")?;
-                    let rstd: Vec<f32> = rv.iter().map(|&v| 1.0 / (v + 1e-5).sqrt()).collect();
-                    let mut cn = vec![0f32; n * d];
-                    cn.par_chunks_mut(d)
-                        .zip(c.par_chunks(d))
-                        .for_each(|(o, row)| {
-                            for j in 0..d {
-                                o[j] = (row[j] - rm[j]) * rstd[j];
-                            }
-                        });
-                    (cn, rstd)
+                    (
+                        get("conv_module.norm.running_mean")?.to_vec(),
+                        get("conv_module.norm.running_var")?.to_vec(),
+                    )
                 };
+                let rstd: Vec<f32> = var.iter().map(|&v| 1.0 / (v + 1e-5).sqrt()).collect();
+                let mut cn = vec![0f32; n * d];
+                cn.par_chunks_mut(d)
+                    .zip(c.par_chunks(d))
+                    .for_each(|(o, row)| {
+                        for j in 0..d {
+                            o[j] = (row[j] - mean[j]) * rstd[j];
+                        }
+                    });
                 bn_out
                     .par_chunks_mut(d)
                     .zip(cn.par_chunks(d))

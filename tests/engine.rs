@@ -242,7 +242,9 @@ fn check_case(case: &Case, dropout_seed: Option<u64>) {
 
     // eval forward
     let (want_logits, _) = model.forward(&feats, &case.lengths, false).unwrap();
-    let (got_logits, lens) = engine.forward_eval(&feats, &case.lengths).unwrap();
+    let (got_logits, lens) = engine
+        .forward_eval(&engine.params().unwrap(), &feats, &case.lengths)
+        .unwrap();
     assert_eq!(lens, out_lens);
     // compare valid frames only (padded frames are unspecified)
     for (u, &n) in lens.iter().enumerate() {

@@ -122,21 +122,13 @@ pub fn unsupported_reason(model: &AsrModel, device: &Device, dtype: DType) -> Op
     None
 }
 
-/// The parameters of one step, copied out of the model's variables.
-struct Params {
+/// The model's parameters copied out of its variables, as the engine reads them (taken once
+/// per training step, once per validation pass).
+pub struct Params {
     values: HashMap<String, Vec<f32>>,
 }
 
 impl Params {
-    fn load(vars: &NamedVars) -> Result<Self> {
-        let mut values = HashMap::with_capacity(vars.len());
-        for (name, var) in vars {
-            let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            values.insert(name.clone(), v);
-        }
-        Ok(Self { values })
-    }
-
     fn get(&self, name: &str) -> Result<&[f32]> {
         self.values
             .get(name)
@@ -293,7 +285,8 @@ struct SubsampleSaved {
     r1: Vec<f32>,
     dims: (usize, usize, usize, usize),
     ln: Option<LayerNormSaved>,
-    lin_out: Vec<f32>,
+    /// The positional encoding's dropout mask (training only).
+    pos_mask: Option<Vec<f32>>,
     mask: Option<Vec<f32>>,
 }
 
@@ -335,14 +328,14 @@ impl CpuEngine {
         })
     }
 
-    fn params(&self) -> Result<Params> {
-        let mut all: NamedVars = self
-            .all_vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        Params::load(&all)
+    /// The current values of every variable (reread after each optimiser update).
+    pub fn params(&self) -> Result<Params> {
+        let mut values = HashMap::with_capacity(self.all_vars.len());
+        for (name, var) in &self.all_vars {
+            let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            values.insert(name.clone(), v);
+        }
+        Ok(Params { values })
     }
 
     /// One training forward + backward: per-utterance CTC losses (blank 0, zero_infinity) and
@@ -435,7 +428,9 @@ impl CpuEngine {
         prof.backward.norms += t0.elapsed().as_secs_f64();
         drop(dh);
         for i in (0..self.cfg.num_blocks).rev() {
-            let s = saved.pop().expect("one saved state per layer");
+            let s = saved
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("engine: a layer saved no state".into()))?;
             dx = self.layer_backward(&params, &mut grads, i, dx, s, &pe, &batch, &mut prof)?;
         }
         let dsub = self.subsample_backward(&params, &mut grads, dx, sub, &batch, &mut prof)?;
@@ -460,19 +455,23 @@ impl CpuEngine {
         })
     }
 
-    /// Eval-mode logits `[B, T', vocab]` and output lengths (no dropout, running statistics).
-    pub fn forward_eval(&self, feats: &Tensor, lengths: &[usize]) -> Result<(Tensor, Vec<usize>)> {
-        let params = self.params()?;
+    /// Eval-mode logits `[B, T', vocab]` and output lengths (no dropout, running statistics),
+    /// with `params` from [`CpuEngine::params`].
+    pub fn forward_eval(
+        &self,
+        params: &Params,
+        feats: &Tensor,
+        lengths: &[usize],
+    ) -> Result<(Tensor, Vec<usize>)> {
         let mut prof = StepProfile::default();
-        let (front, x) = self.front_forward(&params, feats, lengths)?;
-        let (batch, _, x) =
-            self.subsample_forward(&params, x, &front, lengths, false, &mut prof)?;
+        let (front, x) = self.front_forward(params, feats, lengths)?;
+        let (batch, _, x) = self.subsample_forward(params, x, &front, lengths, false, &mut prof)?;
         let d = self.cfg.output_size;
         let pe = rel_positional_table(batch.t, d);
         let mut x = x;
         for i in 0..self.cfg.num_blocks {
             x = self
-                .layer_forward(&params, i, &x, &pe, &batch, false, &mut prof)?
+                .layer_forward(params, i, &x, &pe, &batch, false, &mut prof)?
                 .0;
         }
         let mut h = vec![0f32; x.len()];
@@ -790,7 +789,7 @@ impl CpuEngine {
             r1: Vec::new(),
             dims: (0, 0, 0, 0),
             ln: None,
-            lin_out: Vec::new(),
+            pos_mask: None,
             mask: None,
         };
         let mut y = vec![0f32; b * t * d];
@@ -901,7 +900,7 @@ impl CpuEngine {
             .enumerate()
             .map(|(i, &v)| v * scale * m.as_ref().map_or(1.0, |m| m[i]))
             .collect();
-        saved.lin_out = m.unwrap_or_default();
+        saved.pos_mask = m;
         prof.forward.subsampling += t0.elapsed().as_secs_f64();
         Ok((batch, saved, out))
     }
@@ -918,14 +917,15 @@ impl CpuEngine {
         let t0 = Instant::now();
         let d = self.cfg.output_size;
         let scale = (d as f32).sqrt();
-        let pos_mask = (!saved.lin_out.is_empty()).then_some(saved.lin_out.as_slice());
-        scale_mask(&mut dy, pos_mask, scale);
+        scale_mask(&mut dy, saved.pos_mask.as_deref(), scale);
         let need_dx = self.front_needs_grad();
         let b = batch.b;
         let (t_in, f_in) = (saved.t_in, saved.f_in);
         let result = if self.cfg.input_layer == InputLayer::Linear {
             scale_mask(&mut dy, saved.mask.as_deref(), 1.0);
-            let ln = saved.ln.as_ref().expect("linear embed saves its norm");
+            let ln = saved.ln.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("engine: the linear embed saved no norm".into())
+            })?;
             let mut dlin = vec![0f32; dy.len()];
             self.ln_bwd(params, grads, "encoder.embed.1", &dy, ln, &mut dlin, false)?;
             let mut dx = vec![0f32; if need_dx { saved.x.len() } else { 0 }];
@@ -966,11 +966,7 @@ impl CpuEngine {
             out_weight_grad_channel_major(&dwo, d, d, f2, &mut g);
             grads.put(won, g);
             drop(dy);
-            // relu1
-            relu_backward(&mut dr1, &saved.r1);
-            let mut db1 = grads.take("encoder.embed.conv.2.bias", d);
-            add_col_sums(&dr1, d, &mut db1);
-            grads.put("encoder.embed.conv.2.bias", db1);
+            relu_bias_backward(grads, "encoder.embed.conv.2.bias", &mut dr1, &saved.r1, d);
             // conv1: dW' = Σ dy1ᵀ col, dr0 = col2im(dy1 · W')
             let w1n = "encoder.embed.conv.2.weight";
             let w1 = conv_weight_taps_last(params.get(w1n)?, d, d);
@@ -1017,11 +1013,7 @@ impl CpuEngine {
             conv_weight_grad_channels_first(&dw1, d, d, &mut g);
             grads.put(w1n, g);
             drop(dr1);
-            // relu0, conv0
-            relu_backward(&mut dr0, &saved.r0);
-            let mut db0 = grads.take("encoder.embed.conv.0.bias", d);
-            add_col_sums(&dr0, d, &mut db0);
-            grads.put("encoder.embed.conv.0.bias", db0);
+            relu_bias_backward(grads, "encoder.embed.conv.0.bias", &mut dr0, &saved.r0, d);
             let w0n = "encoder.embed.conv.0.weight";
             let w0 = params.get(w0n)?;
             let x = &saved.x;
@@ -1959,6 +1951,15 @@ fn add_into(acc: &mut [f32], x: &[f32]) {
                 *a += b;
             }
         });
+}
+
+/// Backward of `relu(conv + bias)`: zeroes `g` where the output was clipped, then adds its
+/// column sums to the bias gradient `bias`.
+fn relu_bias_backward(grads: &mut Grads, bias: &str, g: &mut [f32], out: &[f32], d: usize) {
+    relu_backward(g, out);
+    let mut db = grads.take(bias, d);
+    add_col_sums(g, d, &mut db);
+    grads.put(bias, db);
 }
 
 fn relu_backward(g: &mut [f32], out: &[f32]) {

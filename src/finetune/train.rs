@@ -896,11 +896,13 @@ fn validate(
     let batches = make_batches(&frames, &targets.items, exp.config.train.batch_frames, None);
     let (mut loss, mut n) = (0f64, 0usize);
     let mut errors = ErrorCounts::default();
+    // the engine reads the parameters once for the whole pass
+    let params = engine.map(|e| e.params()).transpose()?;
     for items in &batches {
         let (feats, lens) = valid.batch(items, &exp.meta.layers, dev)?;
-        let (logits, out_lens) = match engine {
-            Some(engine) => engine.forward_eval(&feats, &lens)?,
-            None => model.forward(&feats, &lens, false)?,
+        let (logits, out_lens) = match (engine, &params) {
+            (Some(engine), Some(params)) => engine.forward_eval(params, &feats, &lens)?,
+            _ => model.forward(&feats, &lens, false)?,
         };
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();

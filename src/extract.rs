@@ -6,7 +6,7 @@
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
 use crate::models::checkpoint::{load_checkpoint_with_config, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::models::wav2vec2::{normalize_waveform, Wav2Vec2Model};
+use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::{
     AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, StoreKind,
@@ -198,11 +198,17 @@ pub fn parse_device(text: &str) -> anyhow::Result<Device> {
 /// What produces the features.
 enum Extractor {
     Fbank(Box<Fbank>),
+    /// candle tensor ops (CUDA, f16/bf16, or `SPEECHCACHE_ENGINE=candle`): padded batches.
     Model {
         model: Box<Wav2Vec2Model>,
         checkpoint: Box<LoadedCheckpoint>,
         device: Device,
         dtype: DType,
+    },
+    /// The CPU f32 engine: one utterance per thread, streamed to the writer.
+    Engine {
+        engine: Box<CpuEncoder>,
+        checkpoint: Box<LoadedCheckpoint>,
     },
 }
 
@@ -210,7 +216,7 @@ impl Extractor {
     fn frames_for_samples(&self, n: usize) -> usize {
         match self {
             Extractor::Fbank(f) => f.frames_for_samples(n),
-            Extractor::Model { checkpoint, .. } => {
+            Extractor::Model { checkpoint, .. } | Extractor::Engine { checkpoint, .. } => {
                 crate::models::wav2vec2::frames_for_samples(&checkpoint.config, n)
             }
         }
@@ -226,8 +232,20 @@ pub struct ExtractSummary {
     pub audio_seconds: f64,
     pub bytes: u64,
     pub wall_seconds: f64,
+    /// Opening the stores, reading and hashing the checkpoint, building the model.
+    pub load_seconds: f64,
+    /// From the first utterance started to the last one computed.
     pub model_seconds: f64,
+    /// Time the writer was busy (encoding, checksums, shard writes); overlapped with the model
+    /// on the CPU engine path.
     pub io_seconds: f64,
+    /// Sealing the last shard and writing the index and metadata.
+    pub finish_seconds: f64,
+    /// CPU time of the process over the run (user + system).
+    pub cpu_seconds: f64,
+    pub threads: usize,
+    /// Whether utterances streamed to a writer running beside the model (CPU engine).
+    pub streamed: bool,
     pub already_complete: bool,
 }
 
@@ -244,7 +262,7 @@ pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
     let hours = s.audio_seconds / 3600.0;
     println!(
         "extracted {}: {} utterances, {:.3} h audio, {} frames, {} failed, {} ({:.1} MB per audio hour), \
-         {:.1} s wall ({:.1} s model, {:.1} s reading/writing), {:.1}x real time",
+         {:.1}x real time",
         args.out.display(),
         s.items,
         hours,
@@ -252,10 +270,23 @@ pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
         s.failed,
         human_bytes(s.bytes),
         if hours > 0.0 { s.bytes as f64 / 1e6 / hours } else { 0.0 },
+        if s.wall_seconds > 0.0 { s.audio_seconds / s.wall_seconds } else { 0.0 }
+    );
+    let written_apart = if s.streamed { 0.0 } else { s.io_seconds };
+    let other =
+        s.wall_seconds - s.load_seconds - s.model_seconds - written_apart - s.finish_seconds;
+    println!(
+        "  {:.2} s wall = {:.2} s loading (store, checkpoint read + hash, model) + {:.2} s model \
+         + {:.2} s writing{} + {:.2} s sealing + {:.2} s other; CPU {:.0}% of {}00%",
         s.wall_seconds,
+        s.load_seconds,
         s.model_seconds,
         s.io_seconds,
-        if s.wall_seconds > 0.0 { s.audio_seconds / s.wall_seconds } else { 0.0 }
+        if s.streamed { " (overlapped with the model)" } else { "" },
+        s.finish_seconds,
+        other.max(0.0),
+        if s.wall_seconds > 0.0 { 100.0 * s.cpu_seconds / s.wall_seconds } else { 0.0 },
+        s.threads
     );
     if s.failed > 0 {
         eprintln!(
@@ -269,12 +300,19 @@ pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
 
 pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     let started = Instant::now();
+    let cpu_start = process_cpu_seconds();
+    // Utterances allocate and free the same large buffers over and over: keep them mapped.
+    crate::ops::kernels::reserve_freed_memory();
     let audio = AudioStore::open(&args.data)
         .with_context(|| format!("cannot open the audio store {}", args.data.display()))?;
     if args.batch_seconds <= 0.0 {
         bail!("--batch-seconds must be positive");
     }
-    let (extractor, spec) = build_extractor(args, &audio)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.jobs.unwrap_or(0))
+        .build()
+        .context("cannot start the thread pool")?;
+    let (extractor, spec) = pool.install(|| build_extractor(args, &audio))?;
     let layers = spec.layers.clone();
     let dim = spec.dim.unwrap_or(0);
     let mut writer = StoreWriter::create_or_resume(&args.out, spec)
@@ -295,46 +333,228 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             audio.len()
         );
     }
-    let mut summary = ExtractSummary::default();
+    let mut summary = ExtractSummary {
+        threads: pool.current_num_threads(),
+        load_seconds: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
     let mut progress = Progress::new(
         "extract",
         (audio.len() - first.min(audio.len())) as u64,
         args.quiet,
     );
     let max_layer = layers.iter().copied().max().unwrap_or(0);
-    let rate = audio.sample_rate() as f64;
-    let window_seconds = (args.batch_seconds * 2.0).max(30.0);
-    let mut start = first;
-    while start < audio.len() {
-        let mut end = start;
-        let mut seconds = 0.0;
-        while end < audio.len() && (end == start || seconds < window_seconds) {
-            seconds += audio.rows()[end].length as f64 / rate;
-            end += 1;
+    if let Extractor::Engine { engine, checkpoint } = &extractor {
+        let job = EngineJob {
+            args,
+            audio: &audio,
+            engine,
+            normalize: checkpoint.preprocessor.do_normalize,
+            layers: &layers,
+            first,
+        };
+        pool.install(|| job.run(&mut writer, &mut progress, &mut summary))?;
+    } else {
+        let rate = audio.sample_rate() as f64;
+        let window_seconds = (args.batch_seconds * 2.0).max(30.0);
+        let mut start = first;
+        while start < audio.len() {
+            let mut end = start;
+            let mut seconds = 0.0;
+            while end < audio.len() && (end == start || seconds < window_seconds) {
+                seconds += audio.rows()[end].length as f64 / rate;
+                end += 1;
+            }
+            let t = Instant::now();
+            let results = pool.install(|| {
+                extract_window(args, &audio, &extractor, start..end, &layers, max_layer)
+            })?;
+            summary.model_seconds += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for (offset, result) in results.into_iter().enumerate() {
+                let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
+                writer.push_input(start + offset, result)?;
+                progress.advance(1, secs);
+            }
+            summary.io_seconds += t.elapsed().as_secs_f64();
+            start = end;
         }
-        let t = Instant::now();
-        let results = extract_window(args, &audio, &extractor, start..end, &layers, max_layer)?;
-        summary.model_seconds += t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for (offset, result) in results.into_iter().enumerate() {
-            let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
-            writer.push_input(start + offset, result)?;
-            progress.advance(1, secs);
-        }
-        summary.io_seconds += t.elapsed().as_secs_f64();
-        start = end;
     }
     progress.finish();
     let t = Instant::now();
     let meta = writer.finish()?;
-    summary.io_seconds += t.elapsed().as_secs_f64();
+    summary.finish_seconds = t.elapsed().as_secs_f64();
     summary.items = meta.totals.items;
     summary.failed = meta.totals.failed;
     summary.frames = meta.totals.length;
     summary.audio_seconds = meta.totals.seconds;
     summary.bytes = meta.totals.bytes;
     summary.wall_seconds = started.elapsed().as_secs_f64();
+    summary.cpu_seconds = process_cpu_seconds() - cpu_start;
     Ok(summary)
+}
+
+/// CPU time (user + system) of this process so far, in seconds.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zero-initialised struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// Memory the system can still hand out (`MemAvailable`), when the OS says.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An extract run on the CPU engine: pool threads each take the next utterance (store order)
+/// and run it alone; this thread writes the results in store order as they arrive, so
+/// writing overlaps the model, and every row depends on its own utterance only (the same
+/// bytes whether the run was resumed, or where it started).
+struct EngineJob<'a> {
+    args: &'a ExtractArgs,
+    audio: &'a AudioStore,
+    engine: &'a CpuEncoder,
+    normalize: bool,
+    layers: &'a [usize],
+    first: usize,
+}
+
+impl EngineJob<'_> {
+    fn run(
+        &self,
+        writer: &mut StoreWriter,
+        progress: &mut Progress,
+        summary: &mut ExtractSummary,
+    ) -> anyhow::Result<()> {
+        let (audio, rate) = (self.audio, self.audio.sample_rate() as f64);
+        let threads = rayon::current_num_threads();
+        // An utterance may use its share of the memory that is free now.
+        let budget = available_memory().map(|m| m / threads.max(1) as u64);
+        let mut ready: std::collections::BTreeMap<usize, InputResult> = Default::default();
+        let mut runnable = Vec::new();
+        for i in self.first..audio.len() {
+            let row = &audio.rows()[i];
+            let seconds = row.length as f64 / rate;
+            let need = self.engine.peak_bytes(row.length as usize, self.layers.len());
+            let reason = if seconds > self.args.max_seconds_per_utterance {
+                Some(format!(
+                    "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
+                    self.args.max_seconds_per_utterance
+                ))
+            } else if self.engine.frames_for_samples(row.length as usize) == 0 {
+                Some(format!("{seconds:.3} s is too short to give one frame"))
+            } else if budget.is_some_and(|b| need > b) {
+                Some(format!(
+                    "{seconds:.1} s needs about {} of memory for {} hidden states, more than the {} \
+                     one of {threads} threads may use; extract fewer --layers, use fewer --jobs, \
+                     or cut the utterance",
+                    human_bytes(need),
+                    self.layers.len(),
+                    human_bytes(budget.unwrap_or(0))
+                ))
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    ready.insert(i, error_result(row, reason));
+                }
+                None => runnable.push(i),
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, InputResult)>(2 * threads);
+        let t = Instant::now();
+        let write_result = std::thread::scope(|scope| {
+            let compute = scope.spawn(|| {
+                let tx = tx;
+                self.engine.run_each(
+                    runnable.len(),
+                    self.layers,
+                    |j| {
+                        let mut wave = audio.samples(runnable[j]).to_vec();
+                        if self.normalize {
+                            normalize_waveform(&mut wave);
+                        }
+                        wave
+                    },
+                    |j, result| {
+                        let i = runnable[j];
+                        let row = &audio.rows()[i];
+                        let result = match result {
+                            Ok((states, t)) => {
+                                let dim = states.first().map_or(0, |s| s.len() / t.max(1));
+                                let layers = states
+                                    .into_iter()
+                                    .map(|s| Array2::from_shape_vec((t, dim), s))
+                                    .collect::<Result<Vec<_>, _>>();
+                                match layers {
+                                    Ok(layers) => item_result(row, layers),
+                                    Err(e) => error_result(row, format!("model output: {e}")),
+                                }
+                            }
+                            Err(e) => error_result(row, format!("model failed: {e}")),
+                        };
+                        tx.send((i, result)).is_ok()
+                    },
+                );
+                t.elapsed().as_secs_f64()
+            });
+            // Write in store order as results arrive; a failed write stops the model (the
+            // receiver is dropped, so the next send fails).
+            let mut next = self.first;
+            let write = || -> anyhow::Result<()> {
+                let mut flush = |ready: &mut std::collections::BTreeMap<usize, InputResult>,
+                                 next: &mut usize|
+                 -> anyhow::Result<()> {
+                    while let Some(result) = ready.remove(next) {
+                        let w = Instant::now();
+                        let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
+                        writer.push_input(*next, result)?;
+                        progress.advance(1, secs);
+                        summary.io_seconds += w.elapsed().as_secs_f64();
+                        *next += 1;
+                    }
+                    Ok(())
+                };
+                flush(&mut ready, &mut next)?;
+                for (i, result) in rx {
+                    ready.insert(i, result);
+                    flush(&mut ready, &mut next)?;
+                }
+                if next != audio.len() {
+                    bail!("the model stopped after utterance {next} of {}", audio.len());
+                }
+                Ok(())
+            };
+            let written = write();
+            let model_seconds = compute
+                .join()
+                .map_err(|_| anyhow::anyhow!("an extract thread panicked"))?;
+            summary.model_seconds = model_seconds;
+            written
+        });
+        summary.streamed = true;
+        write_result
+    }
+}
+
+fn error_result(row: &IndexRow, reason: String) -> InputResult {
+    InputResult {
+        items: vec![],
+        errors: vec![ErrorRow {
+            path: row.source.clone(),
+            id: Some(row.id.clone()),
+            reason,
+        }],
+    }
 }
 
 fn build_extractor(
@@ -426,15 +646,24 @@ fn build_extractor(
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    Ok((
+    let extractor = if model.uses_cpu_engine() {
+        // The engine copies the weights; the candle model is dropped here.
+        Extractor::Engine {
+            engine: Box::new(
+                CpuEncoder::new(&model)
+                    .with_context(|| format!("cannot build the model from {}", args.model))?,
+            ),
+            checkpoint: Box::new(checkpoint),
+        }
+    } else {
         Extractor::Model {
             model: Box::new(model),
             checkpoint: Box::new(checkpoint),
             device,
             dtype,
-        },
-        spec,
-    ))
+        }
+    };
+    Ok((extractor, spec))
 }
 
 fn load_model_checkpoint(
@@ -552,6 +781,7 @@ fn extract_window(
                 results[i - range.start] = Some(item_result(&audio.rows()[i], vec![feats]));
             }
         }
+        Extractor::Engine { .. } => bail!("the CPU engine streams utterances (EngineJob)"),
         Extractor::Model {
             model,
             checkpoint,

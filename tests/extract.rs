@@ -3,7 +3,7 @@
 //! against the fbank computed directly.
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{bin, ok, s, tree_bytes};
+use common::{assert_same_tree, bin, ok, s};
 use speechcache::models::checkpoint::load_checkpoint;
 use speechcache::models::fbank::{Fbank, FbankOptions};
 use speechcache::models::wav2vec2::{normalize_waveform, Wav2Vec2Model};
@@ -289,7 +289,7 @@ fn killed_extract_resumes_to_the_same_bytes_and_refuses_other_models() {
         .args(args(&killed))
         .output()
         .unwrap());
-    assert_eq!(tree_bytes(&killed), tree_bytes(&full));
+    assert_same_tree(&killed, &full);
     assert!(
         full.join("shards/00002").exists(),
         "several shards were written"

@@ -12,7 +12,7 @@
 use super::ops;
 use super::{conv_out_len, ConvNorm, Wav2Vec2Model, CONV_NORM_EPS};
 use crate::models::config::Activation;
-use crate::ops::kernels::{matmul, matmul_serial, Mat};
+use crate::ops::kernels::{matmul_serial, Mat};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -125,19 +125,60 @@ fn for_rows(
     }
 }
 
-/// `dst[m, n] = bias + a[m, k] · w[k, n]` (row-major `w`), on one thread or the pool.
-fn linear(a: &[f32], w: &[f32], bias: &[f32], k: usize, dst: &mut [f32], parallel: bool) {
-    let n = bias.len();
-    let m = a.len() / k;
-    for row in dst.chunks_exact_mut(n) {
-        row.copy_from_slice(bias);
-    }
-    let (a, w) = (Mat::rows(a, k), Mat::rows(w, n));
+/// Rows per gemm call. Every matmul is cut into the same row blocks whether it runs on one
+/// thread or over the pool, so an utterance gets the same bits either way.
+const GEMM_ROWS: usize = 256;
+
+/// `dst[m, n] (row stride n) = bias + lhs · w`, where lhs row i starts at `lhs[i·lhs_rs]` and
+/// holds k values (rows may overlap: the zero-copy frames of a strided conv) and `w` is
+/// row-major `[k, n]`; in fixed blocks of `GEMM_ROWS` rows, on the pool when `parallel`.
+fn gemm_rows(
+    lhs: &[f32],
+    lhs_rs: usize,
+    k: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+    n: usize,
+    parallel: bool,
+) {
+    let m = dst.len() / n;
+    assert!(
+        m == 0 || ((m - 1) * lhs_rs + k <= lhs.len() && w.len() >= k * n),
+        "gemm_rows: operands out of bounds"
+    );
+    let block = |bi: usize, rows: &mut [f32]| {
+        // SAFETY: block bi reads lhs rows bi·GEMM_ROWS.. (in bounds, checked above) and
+        // writes its own rows of dst.
+        unsafe {
+            ops::frames_gemm(
+                rows.len() / n,
+                n,
+                k,
+                lhs.as_ptr().add(bi * GEMM_ROWS * lhs_rs),
+                lhs_rs,
+                w.as_ptr(),
+                rows.as_mut_ptr(),
+                n,
+                bias,
+                1,
+            );
+        }
+    };
     if parallel {
-        matmul(m, n, k, dst, n, a, w, true);
+        dst.par_chunks_mut(GEMM_ROWS * n)
+            .enumerate()
+            .for_each(|(bi, rows)| block(bi, rows));
     } else {
-        matmul_serial(m, n, k, dst, n, a, w, true);
+        dst.chunks_mut(GEMM_ROWS * n)
+            .enumerate()
+            .for_each(|(bi, rows)| block(bi, rows));
     }
+}
+
+/// `dst[m, n] = bias + a[m, k] · w[k, n]` (row-major `w`).
+fn linear(a: &[f32], w: &[f32], bias: &[f32], k: usize, dst: &mut [f32], parallel: bool) {
+    gemm_rows(a, k, k, w, Some(bias), dst, bias.len(), parallel);
 }
 
 /// What follows a feature-encoder conv.
@@ -178,27 +219,16 @@ impl Conv {
             });
             return out;
         }
-        let threads = if parallel {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        // SAFETY: rows of x start every s·c_in values and span k·c_in ≤ t_in·c_in of them;
-        // `out` holds t_out rows of c.
-        unsafe {
-            ops::frames_gemm(
-                t_out,
-                c,
-                k * self.c_in,
-                x.as_ptr(),
-                s * self.c_in,
-                self.weight.as_ptr(),
-                out.as_mut_ptr(),
-                c,
-                bias,
-                threads,
-            );
-        }
+        gemm_rows(
+            x,
+            s * self.c_in,
+            k * self.c_in,
+            &self.weight,
+            bias,
+            &mut out,
+            c,
+            parallel,
+        );
         for_rows(&mut out, c, parallel, |_, rows| self.post_rows(rows));
         out
     }
@@ -247,12 +277,14 @@ impl Conv {
             (a1, a2)
         };
         let zero = || (vec![0f64; c], vec![0f64; c]);
+        // Partial sums per task, added in task order either way (the same bits).
         let tasks = t_out.div_ceil(ROWS_PER_TASK);
-        let (sum, sumsq) = if parallel {
-            (0..tasks).into_par_iter().map(stats).reduce(zero, add)
+        let partials: Vec<_> = if parallel {
+            (0..tasks).into_par_iter().map(stats).collect()
         } else {
-            (0..tasks).map(stats).fold(zero(), add)
+            (0..tasks).map(stats).collect()
         };
+        let (sum, sumsq) = partials.into_iter().fold(zero(), add);
         let n = t_out.max(1) as f64;
         let (mut scale, mut shift) = (vec![0f32; c], vec![0f32; c]);
         for i in 0..c {

@@ -130,6 +130,32 @@ pub fn load_checkpoint_with_config(
 ) -> Result<LoadedCheckpoint, CheckpointError> {
     let weights = find_weights(path)?;
     let (source, files) = Source::open(&weights)?;
+    // The weights' hash (part of a feature store's identity) is read on another thread while
+    // this one parses and converts the tensors.
+    std::thread::scope(|scope| {
+        let hash = scope.spawn(|| sha256_files(&files));
+        let loaded = load_opened(path, config, device, dtype, &weights, &source);
+        let weights_sha256 = hash.join().map_err(|_| CheckpointError::Unreadable {
+            path: weights.clone(),
+            reason: "hashing the weights panicked".into(),
+        })??;
+        loaded.map(|ckpt| LoadedCheckpoint {
+            weights_sha256,
+            ..ckpt
+        })
+    })
+}
+
+/// The checkpoint from an opened source; `weights_sha256` is left empty for the caller.
+fn load_opened(
+    _path: &Path,
+    config: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+    weights: &Path,
+    source: &Source,
+) -> Result<LoadedCheckpoint, CheckpointError> {
+    let weights = weights.to_path_buf();
     let (entries, is_fairseq) = source.entries(&weights)?;
     let (cfg, pre, config_source) = resolve_config(&weights, config, &source, is_fairseq)?;
 
@@ -171,7 +197,7 @@ pub fn load_checkpoint_with_config(
         } else {
             source.format_name().into()
         },
-        weights_sha256: sha256_files(&files)?,
+        weights_sha256: String::new(),
         path: weights,
         config_source,
         stored_dtype,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The Python reader's tests (python/tests): builds stores with the release binary, then reads
+# them with pytest in a venv under target/ (reused between runs; SPEECHCACHE_PY_VENV picks
+# another). torch is optional: the CPU wheel is installed when it can be, else the
+# Dataset/sampler tests are skipped with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${SPEECHCACHE_PY_VENV:-target/python-venv}
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q ./python pytest numpy
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+        || echo "python.sh: torch (CPU) could not be installed; Dataset/sampler tests will be skipped"
+fi
+
+cargo build --release --quiet
+bin=target/release/speechcache
+stores=target/python-test-stores
+rm -rf "$stores"
+mkdir -p "$stores"
+"$bin" prepare --quiet --input tests/fixtures/interop/librispeech --out "$stores/audio"
+for dtype in f32 f16 bf16 int8; do
+    "$bin" extract --quiet --data "$stores/audio" --model fbank --num-mel-bins 40 \
+        --dtype "$dtype" --out "$stores/fbank_$dtype"
+done
+"$bin" extract --quiet --data "$stores/audio" --model tests/fixtures/models/w2v_base \
+    --dtype f16 --out "$stores/w2v"
+
+SPEECHCACHE_TEST_STORES="$stores" "$venv/bin/python" -m pytest -q python/tests

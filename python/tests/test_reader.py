@@ -171,8 +171,22 @@ def test_the_readme_linear_probe_runs():
     readme = (REPO / "README.md").read_text()
     section = readme.split("### Use the cache from your own PyTorch code", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 12
-    code = code.replace('"feats/train"', repr(str(STORES / "w2v")))
+    assert len(code.strip().splitlines()) <= 13
+    last = open_store(STORES / "w2v").layers[-1]
+    code = code.replace('"feats/train"', repr(str(STORES / "w2v"))).replace(
+        "layer=6", f"layer={last}"
+    )
+    torch.manual_seed(0)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["loss"].item() < scope["first_loss"]
+    ds, speakers, probe = scope["ds"], scope["speakers"], scope["probe"]
+    torch.manual_seed(0)
+    untrained = torch.nn.Linear(ds.store.dim, len(speakers))  # the probe's initial weights
+
+    def loss_of(model):
+        x = torch.cat([ds[i]["input"] for i in range(len(ds))])
+        y = torch.cat([torch.full((ds[i]["length"],), speakers.index(ds[i]["speaker"])) for i in range(len(ds))])
+        return torch.nn.functional.cross_entropy(model(x), y).item()
+
+    with torch.no_grad():
+        assert loss_of(probe) < loss_of(untrained) - 0.05

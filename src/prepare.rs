@@ -442,14 +442,18 @@ fn process_embedded(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTime
                 opts,
                 &name,
             ),
-            (None, Some(file)) => {
-                decode_guarded(AudioInput::File(file), None, opts, &file.display().to_string())
+            (None, Some(file)) => decode_guarded(
+                AudioInput::File(file),
+                None,
+                opts,
+                &file.display().to_string(),
+            ),
+            (None, None) => {
+                Err("the row has no audio bytes (and no audio.path file to read)".into())
             }
-            (None, None) => Err("the row has no audio bytes (and no audio.path file to read)".into()),
         };
         times.decode += t.elapsed().as_secs_f64();
-        let outcome =
-            decoded.and_then(|audio| cut_utterance(utt, &audio, &name, opts, &mut times));
+        let outcome = decoded.and_then(|audio| cut_utterance(utt, &audio, &name, opts, &mut times));
         match outcome {
             Ok(items) => result.items.extend(items),
             Err(reason) => result.errors.push(ErrorRow {

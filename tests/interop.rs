@@ -68,7 +68,10 @@ fn a_corpus_as_directory_lhotse_and_parquet_gives_equal_stores() {
             "supervisions",
             fixture("lhotse/librispeech_supervisions_dev-clean.jsonl.gz"),
         ),
-        ("cuts", fixture("lhotse/librispeech_cuts_dev-clean.jsonl.gz")),
+        (
+            "cuts",
+            fixture("lhotse/librispeech_cuts_dev-clean.jsonl.gz"),
+        ),
         ("parquet", fixture("hf/librispeech")),
     ];
     let mut stores = Vec::new();
@@ -81,7 +84,10 @@ fn a_corpus_as_directory_lhotse_and_parquet_gives_equal_stores() {
     let (_, reference) = &stores[0];
     assert_eq!(reference.len(), 3);
     assert_eq!(reference[0].0, "1272-128104-0000");
-    assert_eq!(reference[0].1.as_deref(), Some("THE CACHE KEEPS EVERY FEATURE"));
+    assert_eq!(
+        reference[0].1.as_deref(),
+        Some("THE CACHE KEEPS EVERY FEATURE")
+    );
     assert!(reference.iter().all(|r| r.3.len() > 8000));
     for (name, rows) in &stores[1..] {
         // the same ids, texts, speakers and samples, bit for bit
@@ -106,7 +112,12 @@ fn lhotse_channels_and_segments_match_what_lhotse_loads() {
         let out = tmp.path().join(name);
         let mut args = vec!["--input", input];
         if name == "recs" {
-            args.extend(["--input", "lhotse/bad_supervisions.jsonl.gz", "--format", "lhotse"]);
+            args.extend([
+                "--input",
+                "lhotse/bad_supervisions.jsonl.gz",
+                "--format",
+                "lhotse",
+            ]);
         }
         let args: Vec<String> = args
             .iter()
@@ -119,7 +130,11 @@ fn lhotse_channels_and_segments_match_what_lhotse_loads() {
         ok(&prepare(&out, &args));
         let rows = contents(&out);
         let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        assert_eq!(ids, ["stereo-left", "stereo-right", "stereo-both"], "{name}");
+        assert_eq!(
+            ids,
+            ["stereo-left", "stereo-right", "stereo-both"],
+            "{name}"
+        );
         for (id, text, _, samples) in &rows {
             let want = read_npy(&fixture(&format!("lhotse/expected_{id}.npy")));
             assert_eq!(samples.len(), want.len(), "{id}");
@@ -129,7 +144,10 @@ fn lhotse_channels_and_segments_match_what_lhotse_loads() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             assert!(worst < 1e-6, "{id}: differs from Lhotse by {worst}");
-            assert_eq!(text.as_deref(), Some(&id["stereo-".len()..].to_uppercase()[..]));
+            assert_eq!(
+                text.as_deref(),
+                Some(&id["stereo-".len()..].to_uppercase()[..])
+            );
         }
         let errs = errors(&out);
         assert_eq!(errs.len(), 4, "{errs:?}");
@@ -141,15 +159,24 @@ fn lhotse_channels_and_segments_match_what_lhotse_loads() {
                 .ends_with("bad_supervisions.jsonl.gz:4"),
             "{bad_channel}"
         );
-        assert!(bad_channel["reason"].as_str().unwrap().contains("channel 5"));
+        assert!(bad_channel["reason"]
+            .as_str()
+            .unwrap()
+            .contains("channel 5"));
         let past_end = error_for(&errs, "past-end");
-        assert!(past_end["reason"].as_str().unwrap().contains("past the end"));
+        assert!(past_end["reason"]
+            .as_str()
+            .unwrap()
+            .contains("past the end"));
         assert!(past_end["path"].as_str().unwrap().ends_with("stereo.wav"));
         let missing = error_for(&errs, "missing-file");
         assert!(missing["path"].as_str().unwrap().ends_with("missing.flac"));
         assert!(missing["reason"].as_str().unwrap().contains("cannot open"));
         let remote = error_for(&errs, "remote-source");
-        assert!(remote["reason"].as_str().unwrap().contains("'url'"), "{remote}");
+        assert!(
+            remote["reason"].as_str().unwrap().contains("'url'"),
+            "{remote}"
+        );
         assert!(remote["path"]
             .as_str()
             .unwrap()
@@ -264,4 +291,21 @@ fn parquet_columns_can_be_named_and_wrong_names_are_explained() {
         msg.contains("duplicate utterance id '128104'") && msg.contains(".parquet:2"),
         "{msg}"
     );
+}
+
+#[test]
+fn plain_lhotse_json_lines_are_detected_like_gzipped_ones() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let gz = fixture("lhotse/librispeech_cuts_dev-clean.jsonl.gz");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&gz).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let plain = tmp.path().join("cuts.jsonl");
+    std::fs::write(&plain, text).unwrap();
+    let (a, b) = (tmp.path().join("gz"), tmp.path().join("plain"));
+    ok(&prepare(&a, &["--input", s(&gz)]));
+    ok(&prepare(&b, &["--input", s(&plain)]));
+    assert_eq!(contents(&a), contents(&b));
 }

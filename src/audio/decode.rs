@@ -55,7 +55,10 @@ pub enum AudioInput<'a> {
     File(&'a Path),
     /// Encoded bytes (WAV, FLAC, MP3, Ogg...) and the name errors give them, e.g.
     /// `train.parquet:12`. No temporary file: the decoder reads the bytes in place.
-    Bytes { bytes: &'a [u8], name: &'a Path },
+    Bytes {
+        bytes: &'a [u8],
+        name: &'a Path,
+    },
 }
 
 impl AudioInput<'_> {

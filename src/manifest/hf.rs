@@ -74,7 +74,11 @@ struct Chosen {
     speaker: Option<String>,
 }
 
-fn choose_columns(path: &Path, schema: &Schema, columns: &Columns) -> Result<Chosen, ManifestError> {
+fn choose_columns(
+    path: &Path,
+    schema: &Schema,
+    columns: &Columns,
+) -> Result<Chosen, ManifestError> {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let pick = |asked: &Option<String>, flag: &str, defaults: &[&str]| match asked {
         Some(name) if names.contains(&name.as_str()) => Ok(Some(name.clone())),
@@ -126,9 +130,9 @@ fn audio_column(schema: &Schema) -> Option<String> {
 fn leaves(schema: &SchemaDescriptor, wanted: &[Vec<&str>]) -> ProjectionMask {
     let indices = (0..schema.num_columns()).filter(|&i| {
         let parts = schema.column(i).path().parts().to_vec();
-        wanted.iter().any(|w| {
-            parts.len() >= w.len() && parts[..w.len()].iter().zip(w).all(|(a, b)| a == b)
-        })
+        wanted
+            .iter()
+            .any(|w| parts.len() >= w.len() && parts[..w.len()].iter().zip(w).all(|(a, b)| a == b))
     });
     ProjectionMask::leaves(schema, indices.collect::<Vec<_>>())
 }
@@ -146,7 +150,10 @@ fn load_file(
     let builder = open_parquet(path).map_err(|e| ManifestError::invalid(path, e))?;
     let chosen = choose_columns(path, builder.schema(), columns)?;
     let mut wanted: Vec<Vec<&str>> = vec![vec![chosen.audio.as_str(), "path"]];
-    for name in [&chosen.text, &chosen.id, &chosen.speaker].into_iter().flatten() {
+    for name in [&chosen.text, &chosen.id, &chosen.speaker]
+        .into_iter()
+        .flatten()
+    {
         wanted.push(vec![name.as_str()]);
     }
     let mask = leaves(builder.parquet_schema(), &wanted);
@@ -165,8 +172,8 @@ fn load_file(
     for batch in reader {
         let batch =
             batch.map_err(|e| ManifestError::invalid(path, format!("cannot read rows: {e}")))?;
-        let table = Table::new(&batch, &chosen)
-            .map_err(|e| ManifestError::line(path, row + 1, e))?;
+        let table =
+            Table::new(&batch, &chosen).map_err(|e| ManifestError::line(path, row + 1, e))?;
         for i in 0..batch.num_rows() {
             let (group, in_group) = locate.next();
             items.push(table.item(path, row, i, group, in_group));
@@ -247,14 +254,7 @@ impl Table {
         strings.is_valid(i).then(|| strings.value(i).to_string())
     }
 
-    fn item(
-        &self,
-        path: &Path,
-        row: usize,
-        i: usize,
-        group: usize,
-        in_group: usize,
-    ) -> CorpusItem {
+    fn item(&self, path: &Path, row: usize, i: usize, group: usize, in_group: usize) -> CorpusItem {
         let audio_path = Self::string(&self.audio_path, i);
         let id = match Self::string(&self.id, i) {
             Some(v) if is_audio_path(Path::new(&v)) => clean_id(&stem(&v)),

@@ -41,7 +41,9 @@ pub(super) enum ManifestSet {
 fn open_text(path: &Path) -> Result<Box<dyn BufRead>, ManifestError> {
     let mut file = std::fs::File::open(path).map_err(|e| ManifestError::io(path, e))?;
     let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(|e| ManifestError::io(path, e))?;
+    let n = file
+        .read(&mut magic)
+        .map_err(|e| ManifestError::io(path, e))?;
     let head = std::io::Cursor::new(magic[..n].to_vec());
     let whole = head.chain(file);
     Ok(if magic[..n] == [0x1f, 0x8b] {
@@ -52,10 +54,7 @@ fn open_text(path: &Path) -> Result<Box<dyn BufRead>, ManifestError> {
 }
 
 /// Calls `each` with every non-blank line and its 1-based number.
-fn for_each_line(
-    path: &Path,
-    mut each: impl FnMut(usize, &str),
-) -> Result<(), ManifestError> {
+fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str)) -> Result<(), ManifestError> {
     for (index, line) in open_text(path)?.lines().enumerate() {
         let line = line.map_err(|e| ManifestError::line(path, index + 1, e.to_string()))?;
         if !line.trim().is_empty() {
@@ -257,17 +256,18 @@ fn parse_recording(obj: &Map<String, Value>) -> Result<Recording, String> {
         if !t.is_empty() {
             return Ok(Recording {
                 id,
-                sources: Err("recording transforms (speed, resample, ...) are not supported; \
+                sources: Err(
+                    "recording transforms (speed, resample, ...) are not supported; \
                               prepare the original recordings and use --speed"
-                    .into()),
+                        .into(),
+                ),
             });
         }
     }
     let sources = match obj.get("sources") {
-        Some(Value::Array(list)) if !list.is_empty() => list
-            .iter()
-            .map(parse_source)
-            .collect::<Result<Vec<_>, _>>(),
+        Some(Value::Array(list)) if !list.is_empty() => {
+            list.iter().map(parse_source).collect::<Result<Vec<_>, _>>()
+        }
         _ => Err("'sources' must be a non-empty list".into()),
     };
     Ok(Recording { id, sources })
@@ -319,7 +319,9 @@ fn seconds(obj: &Map<String, Value>, key: &str) -> Result<Option<f64>, String> {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
             Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(s)),
-            _ => Err(format!("'{key}' must be a non-negative number of seconds, found {v}")),
+            _ => Err(format!(
+                "'{key}' must be a non-negative number of seconds, found {v}"
+            )),
         },
     }
 }
@@ -379,7 +381,10 @@ fn pick_source(
                     join(&all)
                 )
             } else {
-                format!("channels {} of recording '{rec}' are in different files", join(wanted))
+                format!(
+                    "channels {} of recording '{rec}' are in different files",
+                    join(wanted)
+                )
             }
         })?;
     let local: Vec<usize> = wanted
@@ -434,9 +439,7 @@ fn load_supervisions(path: &Path, recs: &Recordings) -> Result<Vec<CorpusItem>, 
         };
         let id = id_or_line(&obj, path, line);
         match parse_supervision(&obj, recs) {
-            Ok((utt, rec, channel)) => {
-                items.push(with_audio(utt, rec, channel.as_deref(), here))
-            }
+            Ok((utt, rec, channel)) => items.push(with_audio(utt, rec, channel.as_deref(), here)),
             Err(reason) => items.push(invalid(id, here, reason)),
         }
     })?;
@@ -508,16 +511,16 @@ fn load_cuts(path: &Path) -> Result<Vec<CorpusItem>, ManifestError> {
         };
         let id = id_or_line(&obj, path, line);
         match parse_cut(&obj) {
-            Ok((utt, rec, channel)) => {
-                items.push(with_audio(utt, &rec, channel.as_deref(), here))
-            }
+            Ok((utt, rec, channel)) => items.push(with_audio(utt, &rec, channel.as_deref(), here)),
             Err(reason) => items.push(invalid(id, here, reason)),
         }
     })?;
     Ok(items)
 }
 
-fn parse_cut(obj: &Map<String, Value>) -> Result<(Utterance, Recording, Option<Vec<usize>>), String> {
+fn parse_cut(
+    obj: &Map<String, Value>,
+) -> Result<(Utterance, Recording, Option<Vec<usize>>), String> {
     let kind = obj.get("type").and_then(Value::as_str).unwrap_or("MonoCut");
     if kind != "MonoCut" && kind != "MultiCut" {
         return Err(format!(
@@ -540,10 +543,8 @@ fn parse_cut(obj: &Map<String, Value>) -> Result<(Utterance, Recording, Option<V
         .iter()
         .filter_map(|s| optional_string(s, "text"))
         .collect();
-    let speakers: Vec<Option<String>> = sups
-        .iter()
-        .map(|s| optional_string(s, "speaker"))
-        .collect();
+    let speakers: Vec<Option<String>> =
+        sups.iter().map(|s| optional_string(s, "speaker")).collect();
     let speaker = match speakers.first() {
         Some(first) if speakers.iter().all(|s| s == first) => first.clone(),
         _ => None,

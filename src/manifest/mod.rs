@@ -246,7 +246,8 @@ pub fn corpus_json(items: &[CorpusItem]) -> serde_json::Value {
     let rows = items.iter().map(|item| {
         let mut row = serde_json::to_value(&item.utt).unwrap_or_default();
         if item.audio != AudioRef::File {
-            if let (Some(obj), Ok(audio)) = (row.as_object_mut(), serde_json::to_value(&item.audio)) {
+            if let (Some(obj), Ok(audio)) = (row.as_object_mut(), serde_json::to_value(&item.audio))
+            {
                 obj.insert("audio".into(), audio);
             }
         }

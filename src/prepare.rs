@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 #[derive(Args, Debug, Clone)]
 pub struct PrepareArgs {
     /// A corpus directory, fairseq .tsv, Kaldi data dir (or its wav.scp), .jsonl manifest, Lhotse
-    /// manifest (recordings/supervisions/cuts .jsonl.gz) or Hugging Face parquet (file or directory); repeatable.
+    /// manifest (recordings/supervisions/cuts .jsonl.gz) or Hugging Face dataset (parquet file or directory, save_to_disk directory); repeatable.
     #[arg(long = "input", required = true, value_name = "PATH")]
     pub inputs: Vec<PathBuf>,
     /// Output audio store directory (created; an interrupted run there is resumed).
@@ -26,11 +26,11 @@ pub struct PrepareArgs {
     /// How to read the inputs; `auto` detects each from its shape.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: InputFormat,
-    /// Hugging Face parquet: the transcript column (default: the first of text, sentence,
+    /// Hugging Face datasets: the transcript column (default: the first of text, sentence,
     /// transcription, normalized_text).
     #[arg(long, value_name = "NAME")]
     pub text_column: Option<String>,
-    /// Hugging Face parquet: the utterance id column (default: the first of id, segment_id,
+    /// Hugging Face datasets: the utterance id column (default: the first of id, segment_id,
     /// path; an audio file name gives its stem; none: the audio path's stem).
     #[arg(long, value_name = "NAME")]
     pub id_column: Option<String>,
@@ -363,10 +363,13 @@ fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
     }
 }
 
+type Decoded = Result<DecodedAudio, String>;
+
 fn process_file(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
     let mut times = StageTimes::default();
     let path = job.source.display().to_string();
-    let mut decoded: Vec<(Option<&[usize]>, Result<DecodedAudio, String>)> = Vec::new();
+    // one decode per channel choice among the job's utterances
+    let mut decoded: Vec<(Option<&[usize]>, Decoded)> = Vec::new();
     let mut result = InputResult::default();
     for (utt, audio_ref) in job.utterances.iter().zip(&job.audio) {
         let channels = match audio_ref {

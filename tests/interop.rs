@@ -43,8 +43,11 @@ fn read_npy(path: &Path) -> Vec<f32> {
     npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
 }
 
-/// (id, text, speaker, samples) of every row.
-fn contents(store: &Path) -> Vec<(String, Option<String>, Option<String>, Vec<f32>)> {
+/// (id, text, speaker, samples) of a row.
+type Row = (String, Option<String>, Option<String>, Vec<f32>);
+
+/// Every row of an audio store.
+fn contents(store: &Path) -> Vec<Row> {
     let store = AudioStore::open(store).unwrap();
     store
         .iter()
@@ -62,7 +65,7 @@ fn contents(store: &Path) -> Vec<(String, Option<String>, Option<String>, Vec<f3
 #[test]
 fn a_corpus_as_directory_lhotse_and_parquet_gives_equal_stores() {
     let tmp = tempfile::tempdir().unwrap();
-    let forms: [(&str, PathBuf); 4] = [
+    let forms: [(&str, PathBuf); 5] = [
         ("dir", fixture("librispeech")),
         (
             "supervisions",
@@ -73,6 +76,7 @@ fn a_corpus_as_directory_lhotse_and_parquet_gives_equal_stores() {
             fixture("lhotse/librispeech_cuts_dev-clean.jsonl.gz"),
         ),
         ("parquet", fixture("hf/librispeech")),
+        ("save_to_disk", fixture("hf/librispeech_saved")),
     ];
     let mut stores = Vec::new();
     for (name, input) in &forms {

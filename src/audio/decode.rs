@@ -155,9 +155,7 @@ fn open_format(input: AudioInput<'_>) -> Result<Box<dyn FormatReader + '_>, Stri
             }
             Box::new(file)
         }
-        AudioInput::Bytes { bytes, .. } if bytes.is_empty() => {
-            return Err("empty audio bytes (0 bytes)".into())
-        }
+        AudioInput::Bytes { bytes: [], .. } => return Err("empty audio bytes (0 bytes)".into()),
         AudioInput::Bytes { bytes, .. } => Box::new(std::io::Cursor::new(bytes)),
     };
     let mss = MediaSourceStream::new(source, MediaSourceStreamOptions::default());

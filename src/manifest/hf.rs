@@ -1,5 +1,6 @@
 //! Hugging Face datasets as parquet: one file, or a directory of them (all `*.parquet` below
-//! it, in path order; point it at one split). The audio column is the `datasets` `Audio`
+//! it, in path order; point it at one split); or a `save_to_disk` directory (`state.json`
+//! naming its Arrow stream files), or one such `.arrow` file. The audio column is the `datasets` `Audio`
 //! feature, `struct<bytes: binary, path: string>`: the encoded file (WAV, FLAC, MP3, Ogg...)
 //! is decoded from `bytes` by content, in memory. A row whose `bytes` is null falls back to
 //! `path` when that file exists (datasets written without embedding their audio).
@@ -11,17 +12,21 @@
 //! stem. Without an id column, the id is the audio `path`'s stem, else `FILE-ROW`. Speaker:
 //! the first of `speaker_id`, `speaker`, `client_id`.
 //!
-//! Only the small columns (and `audio.path`) are read here; `read_audio_bytes` reads the
-//! `bytes` of a few rows of one row group when `prepare` decodes them.
+//! Only the small columns (and `audio.path`) are read here (parquet; an Arrow stream is read
+//! whole, one batch at a time); `read_audio_bytes` reads the `bytes` of a few rows of one row
+//! group (record batch, for Arrow) when `prepare` decodes them. An Arrow stream has no index,
+//! so reading batch `k` reads the batches before it.
 use super::dir::clean_id;
 use super::{is_audio_path, AudioRef, Columns, CorpusItem, ManifestError, Origin, Utterance};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
+use arrow_ipc::reader::StreamReader;
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::arrow::ProjectionMask;
 use parquet::schema::types::SchemaDescriptor;
 use std::fs::File;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 const TEXT_COLUMNS: &[&str] = &["text", "sentence", "transcription", "normalized_text"];
@@ -31,10 +36,15 @@ const SPEAKER_COLUMNS: &[&str] = &["speaker_id", "speaker", "client_id"];
 /// Rows are read from a row group in chunks of at most this many, one `prepare` job each.
 pub const ROWS_PER_JOB: usize = 32;
 
-/// All parquet files of an input: the file itself, or those below a directory in path order.
-pub(super) fn parquet_files(input: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+/// The data files of an input: the file itself, the Arrow files a `save_to_disk` directory's
+/// `state.json` lists, or the parquet files below a directory in path order.
+pub(super) fn data_files(input: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     if !input.is_dir() {
         return Ok(vec![input.to_path_buf()]);
+    }
+    let state = input.join("state.json");
+    if state.is_file() {
+        return saved_arrow_files(input, &state);
     }
     let mut files: Vec<PathBuf> = walkdir::WalkDir::new(input)
         .sort_by_file_name()
@@ -53,17 +63,105 @@ pub(super) fn parquet_files(input: &Path) -> Result<Vec<PathBuf>, ManifestError>
     Ok(files)
 }
 
+/// `_data_files` of a `save_to_disk` directory's `state.json`, in order.
+fn saved_arrow_files(dir: &Path, state: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let text = std::fs::read_to_string(state).map_err(|e| ManifestError::io(state, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ManifestError::invalid(state, format!("not valid JSON ({e})")))?;
+    let files: Option<Vec<PathBuf>> = value["_data_files"].as_array().map(|list| {
+        list.iter()
+            .filter_map(|f| f["filename"].as_str())
+            .map(|name| dir.join(name))
+            .collect()
+    });
+    match files {
+        Some(files) if !files.is_empty() => Ok(files),
+        _ => Err(ManifestError::invalid(
+            state,
+            "no '_data_files' with file names (not a datasets save_to_disk directory?)",
+        )),
+    }
+}
+
+/// A directory `load` reads: a `save_to_disk` one, or one holding parquet files.
+pub(super) fn is_dataset_dir(dir: &Path) -> bool {
+    dir.join("state.json").is_file() || data_files(dir).is_ok()
+}
+
 pub(super) fn has_parquet_extension(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
+pub(super) fn has_arrow_extension(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("arrow"))
+}
+
 pub(super) fn load(input: &Path, columns: &Columns) -> Result<Vec<CorpusItem>, ManifestError> {
     let mut items = Vec::new();
-    for file in parquet_files(input)? {
-        load_file(&file, columns, &mut items)?;
+    for file in data_files(input)? {
+        if has_arrow_extension(&file) {
+            load_arrow_file(&file, columns, &mut items)?;
+        } else {
+            load_file(&file, columns, &mut items)?;
+        }
     }
     Ok(items)
+}
+
+fn open_arrow(
+    path: &Path,
+    columns: impl FnOnce(&Schema) -> Result<Vec<usize>, ManifestError>,
+) -> Result<StreamReader<BufReader<File>>, ManifestError> {
+    let open = |projection| {
+        let file = File::open(path).map_err(|e| ManifestError::io(path, e))?;
+        StreamReader::try_new_buffered(file, projection).map_err(|e| {
+            ManifestError::invalid(path, format!("not an Arrow stream (datasets' .arrow): {e}"))
+        })
+    };
+    let schema = open(None)?.schema();
+    open(Some(columns(&schema)?))
+}
+
+/// An Arrow stream file, as `save_to_disk` writes it: every batch is read once.
+fn load_arrow_file(
+    path: &Path,
+    columns: &Columns,
+    items: &mut Vec<CorpusItem>,
+) -> Result<(), ManifestError> {
+    let mut chosen = None;
+    let reader = open_arrow(path, |schema| {
+        let c = choose_columns(path, schema, columns)?;
+        let names = [
+            Some(&c.audio),
+            c.text.as_ref(),
+            c.id.as_ref(),
+            c.speaker.as_ref(),
+        ];
+        let mut indices: Vec<usize> = names
+            .into_iter()
+            .flatten()
+            .filter_map(|n| schema.index_of(n).ok())
+            .collect();
+        indices.sort_unstable();
+        indices.dedup();
+        chosen = Some(c);
+        Ok(indices)
+    })?;
+    let chosen = chosen.ok_or_else(|| ManifestError::invalid(path, "no schema"))?;
+    let mut row = 0usize;
+    for (group, batch) in reader.enumerate() {
+        let batch =
+            batch.map_err(|e| ManifestError::invalid(path, format!("cannot read rows: {e}")))?;
+        let table =
+            Table::new(&batch, &chosen).map_err(|e| ManifestError::line(path, row + 1, e))?;
+        for i in 0..batch.num_rows() {
+            items.push(table.item(path, row, i, group, i));
+            row += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The columns one file is read through, chosen from its schema.
@@ -299,8 +397,9 @@ fn stem(path: &str) -> String {
     }
 }
 
-/// The encoded audio of rows `rows` (ascending, within row group `group`) of a parquet file,
-/// in the order asked; `None` where the row's `bytes` is null.
+/// The encoded audio of rows `rows` (ascending, within row group `group`, or record batch
+/// `group` of an Arrow file) of a data file, in the order asked; `None` where the row's `bytes`
+/// is null.
 pub fn read_audio_bytes(
     path: &Path,
     group: usize,
@@ -309,6 +408,9 @@ pub fn read_audio_bytes(
     let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else {
         return Ok(Vec::new());
     };
+    if has_arrow_extension(path) {
+        return read_arrow_audio_bytes(path, group, rows);
+    }
     let builder = open_parquet(path)?;
     let audio = audio_column(builder.schema()).ok_or("no audio column")?;
     let mask = leaves(builder.parquet_schema(), &[vec![audio.as_str(), "bytes"]]);
@@ -326,17 +428,7 @@ pub fn read_audio_bytes(
     let mut bytes: Vec<Option<Vec<u8>>> = Vec::with_capacity(span);
     for batch in reader {
         let batch = batch.map_err(|e| format!("cannot read the audio bytes: {e}"))?;
-        let column = batch
-            .column_by_name(&audio)
-            .and_then(|c| c.as_struct_opt())
-            .and_then(|s: &StructArray| s.column_by_name("bytes"))
-            .ok_or("the audio column has no 'bytes'")?;
-        let binary = arrow_cast::cast(column, &DataType::LargeBinary)
-            .map_err(|e| format!("'{audio}.bytes' is not binary: {e}"))?;
-        let binary = binary.as_binary::<i64>();
-        for i in 0..binary.len() {
-            bytes.push(binary.is_valid(i).then(|| binary.value(i).to_vec()));
-        }
+        append_bytes(&batch, &audio, 0..batch.num_rows(), &mut bytes)?;
     }
     rows.iter()
         .map(|&r| {
@@ -346,4 +438,57 @@ pub fn read_audio_bytes(
                 .ok_or_else(|| format!("row {r} of row group {group} is missing"))
         })
         .collect()
+}
+
+/// Appends the `bytes` of rows `range` of a batch's audio column.
+fn append_bytes(
+    batch: &RecordBatch,
+    audio: &str,
+    range: std::ops::Range<usize>,
+    out: &mut Vec<Option<Vec<u8>>>,
+) -> Result<(), String> {
+    let column = batch
+        .column_by_name(audio)
+        .and_then(|c| c.as_struct_opt())
+        .and_then(|s: &StructArray| s.column_by_name("bytes"))
+        .ok_or("the audio column has no 'bytes'")?;
+    let binary = arrow_cast::cast(column, &DataType::LargeBinary)
+        .map_err(|e| format!("'{audio}.bytes' is not binary: {e}"))?;
+    let binary = binary.as_binary::<i64>();
+    for i in range {
+        if i >= binary.len() {
+            return Err(format!("row {i} is past the batch's {} rows", binary.len()));
+        }
+        out.push(binary.is_valid(i).then(|| binary.value(i).to_vec()));
+    }
+    Ok(())
+}
+
+/// `read_audio_bytes` for an Arrow stream: the batches before `batch` are read past.
+fn read_arrow_audio_bytes(
+    path: &Path,
+    batch: usize,
+    rows: &[usize],
+) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let mut audio = None;
+    let mut reader = open_arrow(path, |schema| {
+        let name =
+            audio_column(schema).ok_or_else(|| ManifestError::invalid(path, "no audio column"))?;
+        let index = schema
+            .index_of(&name)
+            .map_err(|e| ManifestError::invalid(path, e.to_string()))?;
+        audio = Some(name);
+        Ok(vec![index])
+    })
+    .map_err(|e| e.to_string())?;
+    let audio = audio.ok_or("no audio column")?;
+    let wanted = reader
+        .nth(batch)
+        .ok_or_else(|| format!("record batch {batch} is missing"))?
+        .map_err(|e| format!("cannot read the audio bytes: {e}"))?;
+    let mut bytes = Vec::with_capacity(rows.len());
+    for &row in rows {
+        append_bytes(&wanted, &audio, row..row + 1, &mut bytes)?;
+    }
+    Ok(bytes)
 }

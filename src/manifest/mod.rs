@@ -62,7 +62,8 @@ pub enum InputFormat {
     Jsonl,
     /// Lhotse manifests: recordings (+ supervisions beside them) or cuts, `.jsonl[.gz]`.
     Lhotse,
-    /// Hugging Face datasets: a `.parquet` file or a directory of them (one split).
+    /// Hugging Face datasets: a `.parquet` file or a directory of them (one split), or a
+    /// `save_to_disk` directory (or one of its `.arrow` files).
     Hf,
 }
 
@@ -280,13 +281,13 @@ fn resolve_format(input: &Path, format: InputFormat) -> Result<InputFormat, Mani
     if meta.is_dir() {
         return Ok(if input.join("wav.scp").is_file() {
             InputFormat::Kaldi
-        } else if hf::parquet_files(input).is_ok() {
+        } else if hf::is_dataset_dir(input) {
             InputFormat::Hf
         } else {
             InputFormat::Dir
         });
     }
-    if hf::has_parquet_extension(input) {
+    if hf::has_parquet_extension(input) || hf::has_arrow_extension(input) {
         return Ok(InputFormat::Hf);
     }
     let name = input.to_string_lossy().to_ascii_lowercase();

@@ -48,9 +48,11 @@ pub struct Utterance {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InputFormat {
-    /// Decide from the path: a directory holding `wav.scp` is a Kaldi data dir, any other
-    /// directory is scanned for audio; `*.tsv` is fairseq; `*.jsonl`/`*.json` is JSON lines;
-    /// a file named `wav.scp` stands for its Kaldi data dir.
+    /// Decide from the path: a directory holding `wav.scp` is a Kaldi data dir, one holding
+    /// `state.json` or `*.parquet` files a Hugging Face dataset, any other directory is scanned
+    /// for audio; `*.tsv` is fairseq; `*.parquet`/`*.arrow` is HF; `*.jsonl[.gz]`/`*.json` is
+    /// Lhotse when its first record is a Lhotse recording, supervision or cut, else our JSON
+    /// lines; a file named `wav.scp` stands for its Kaldi data dir.
     Auto,
     /// A directory of audio files (LibriSpeech and AISHELL-1 layouts recognised).
     Dir,

@@ -1,7 +1,7 @@
 //! Stage 1: corpus → audio store. Decoding and resampling run on all cores; the store is
 //! written in input order by one writer, so the result is byte-identical at any `--jobs`.
-use crate::audio::{self, DecodeOptions, DecodedAudio};
-use crate::manifest::{self, InputFormat, Utterance};
+use crate::audio::{self, AudioInput, DecodeOptions, DecodedAudio};
+use crate::manifest::{self, AudioRef, Columns, CorpusItem, InputFormat, Origin, Utterance};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::{
     json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind, StoreWriter,
@@ -9,14 +9,15 @@ use crate::store::{
 };
 use anyhow::Context;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug, Clone)]
 pub struct PrepareArgs {
-    /// A corpus directory, fairseq .tsv, Kaldi data dir (or its wav.scp) or .jsonl manifest; repeatable.
+    /// A corpus directory, fairseq .tsv, Kaldi data dir (or its wav.scp), .jsonl manifest, Lhotse
+    /// manifest (recordings/supervisions/cuts .jsonl.gz) or Hugging Face dataset (parquet file or directory, save_to_disk directory); repeatable.
     #[arg(long = "input", required = true, value_name = "PATH")]
     pub inputs: Vec<PathBuf>,
     /// Output audio store directory (created; an interrupted run there is resumed).
@@ -25,6 +26,14 @@ pub struct PrepareArgs {
     /// How to read the inputs; `auto` detects each from its shape.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: InputFormat,
+    /// Hugging Face datasets: the transcript column (default: the first of text, sentence,
+    /// transcription, normalized_text).
+    #[arg(long, value_name = "NAME")]
+    pub text_column: Option<String>,
+    /// Hugging Face datasets: the utterance id column (default: the first of id, segment_id,
+    /// path; an audio file name gives its stem; none: the audio path's stem).
+    #[arg(long, value_name = "NAME")]
+    pub id_column: Option<String>,
     /// Output sample rate in Hz.
     #[arg(long, default_value_t = 16000)]
     pub sample_rate: u32,
@@ -57,10 +66,14 @@ pub struct PrepareArgs {
     pub quiet: bool,
 }
 
-/// One unit of parallel work: a source file and the utterances cut from it, in input order.
+/// One unit of parallel work, in input order: a source file and the utterances cut from it
+/// (`audio[i]` says how utterance `i` is read), a few rows of one parquet row group, or one
+/// manifest row that cannot be used.
 struct Job {
     source: PathBuf,
     utterances: Vec<Utterance>,
+    audio: Vec<AudioRef>,
+    origins: Vec<Origin>,
 }
 
 /// What `prepare` did.
@@ -115,8 +128,12 @@ pub fn prepare(args: &PrepareArgs) -> anyhow::Result<PrepareSummary> {
 pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, StageTimes)> {
     let started = Instant::now();
     validate(args)?;
-    let utterances = manifest::load_inputs(&args.inputs, args.format)?;
-    let jobs = group_jobs(utterances);
+    let columns = Columns {
+        text: args.text_column.clone(),
+        id: args.id_column.clone(),
+    };
+    let items = manifest::load_corpus(&args.inputs, args.format, &columns)?;
+    let jobs = group_jobs(items);
     let spec = writer_spec(args, &jobs);
     let mut writer = StoreWriter::create_or_resume(&args.out, spec)
         .with_context(|| format!("cannot write the store at {}", args.out.display()))?;
@@ -240,15 +257,36 @@ fn validate(args: &PrepareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Consecutive utterances of one source become one job, so a recording is decoded once.
-fn group_jobs(utterances: Vec<Utterance>) -> Vec<Job> {
+/// Consecutive utterances of one source file become one job, so a recording is decoded once
+/// (once per channel choice); parquet rows group by row group, a few at a time; an unusable
+/// row is a job of its own.
+fn group_jobs(items: Vec<CorpusItem>) -> Vec<Job> {
     let mut jobs: Vec<Job> = Vec::new();
-    for utt in utterances {
+    for item in items {
+        let joins = jobs.last().is_some_and(|job| {
+            job.source == item.utt.source
+                && match (&job.audio[0], &item.audio) {
+                    (
+                        AudioRef::File | AudioRef::Channels(_),
+                        AudioRef::File | AudioRef::Channels(_),
+                    ) => true,
+                    (AudioRef::Embedded { group: a, .. }, AudioRef::Embedded { group: b, .. }) => {
+                        a == b && job.utterances.len() < manifest::hf::ROWS_PER_JOB
+                    }
+                    _ => false,
+                }
+        });
         match jobs.last_mut() {
-            Some(job) if job.source == utt.source => job.utterances.push(utt),
+            Some(job) if joins => {
+                job.utterances.push(item.utt);
+                job.audio.push(item.audio);
+                job.origins.push(item.origin);
+            }
             _ => jobs.push(Job {
-                source: utt.source.clone(),
-                utterances: vec![utt],
+                source: item.utt.source.clone(),
+                utterances: vec![item.utt],
+                audio: vec![item.audio],
+                origins: vec![item.origin],
             }),
         }
     }
@@ -267,8 +305,18 @@ fn speed_copies(speeds: &[f64]) -> Vec<f64> {
 }
 
 fn writer_spec(args: &PrepareArgs, jobs: &[Job]) -> WriterSpec {
-    let utterances: Vec<&Utterance> = jobs.iter().flat_map(|j| &j.utterances).collect();
-    let manifest_hash = json_sha256(&serde_json::to_value(&utterances).unwrap_or_default());
+    let items: Vec<CorpusItem> = jobs
+        .iter()
+        .flat_map(|j| {
+            (0..j.utterances.len()).map(|i| CorpusItem {
+                utt: j.utterances[i].clone(),
+                audio: j.audio[i].clone(),
+                origin: j.origins[i].clone(),
+            })
+        })
+        .collect();
+    let utterances = &items;
+    let manifest_hash = json_sha256(&manifest::corpus_json(&items));
     WriterSpec {
         kind: StoreKind::Audio,
         dtype: Dtype::F32,
@@ -305,31 +353,44 @@ struct ProcessOptions {
     decode: DecodeOptions,
 }
 
-/// Decodes a source once and cuts, filters, resamples and perturbs each of its utterances.
+/// Decodes a source once (per channel choice) and cuts, filters, resamples and perturbs each
+/// of its utterances.
 fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
+    match &job.audio[0] {
+        AudioRef::Invalid(_) => (invalid_rows(job), StageTimes::default()),
+        AudioRef::Embedded { .. } => process_embedded(job, opts),
+        AudioRef::File | AudioRef::Channels(_) => process_file(job, opts),
+    }
+}
+
+type Decoded = Result<DecodedAudio, String>;
+
+fn process_file(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
     let mut times = StageTimes::default();
-    let t = Instant::now();
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        audio::decode_file(&job.source, opts.decode)
-    }));
-    times.decode = t.elapsed().as_secs_f64();
     let path = job.source.display().to_string();
-    let decoded = match decoded {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => {
-            return (
-                fail_all(job, &path, &error_reason(&e.to_string(), &path)),
-                times,
-            )
-        }
-        Err(panic) => {
-            let reason = format!("decoder crashed: {}", panic_message(&panic));
-            return (fail_all(job, &path, &reason), times);
-        }
-    };
+    // one decode per channel choice among the job's utterances
+    let mut decoded: Vec<(Option<&[usize]>, Decoded)> = Vec::new();
     let mut result = InputResult::default();
-    for utt in &job.utterances {
-        match cut_utterance(utt, &decoded, opts, &mut times) {
+    for (utt, audio_ref) in job.utterances.iter().zip(&job.audio) {
+        let channels = match audio_ref {
+            AudioRef::Channels(c) => Some(c.as_slice()),
+            _ => None,
+        };
+        let at = match decoded.iter().position(|(c, _)| *c == channels) {
+            Some(at) => at,
+            None => {
+                let t = Instant::now();
+                let audio = decode_guarded(AudioInput::File(&job.source), channels, opts, &path);
+                times.decode += t.elapsed().as_secs_f64();
+                decoded.push((channels, audio));
+                decoded.len() - 1
+            }
+        };
+        let outcome = match &decoded[at].1 {
+            Ok(audio) => cut_utterance(utt, audio, &path, opts, &mut times),
+            Err(reason) => Err(reason.clone()),
+        };
+        match outcome {
             Ok(items) => result.items.extend(items),
             Err(reason) => result.errors.push(ErrorRow {
                 path: path.clone(),
@@ -339,6 +400,111 @@ fn process_job(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
         }
     }
     (result, times)
+}
+
+/// Rows of one parquet row group: their encoded bytes are read together, then each decoded
+/// from memory.
+fn process_embedded(job: &Job, opts: &ProcessOptions) -> (InputResult, StageTimes) {
+    let mut times = StageTimes::default();
+    let rows: Vec<(usize, usize, Option<&PathBuf>)> = job
+        .audio
+        .iter()
+        .filter_map(|a| match a {
+            AudioRef::Embedded {
+                group,
+                row,
+                fallback,
+                ..
+            } => Some((*group, *row, fallback.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let group = rows.first().map_or(0, |r| r.0);
+    let in_group: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    let t = Instant::now();
+    let bytes = match manifest::hf::read_audio_bytes(&job.source, group, &in_group) {
+        Ok(bytes) => bytes,
+        Err(reason) => {
+            let path = job.source.display().to_string();
+            return (fail_all(job, &path, &reason), times);
+        }
+    };
+    times.decode += t.elapsed().as_secs_f64();
+    let mut result = InputResult::default();
+    for (i, utt) in job.utterances.iter().enumerate() {
+        let name = job.origins[i].to_string();
+        let t = Instant::now();
+        let fallback = rows.get(i).and_then(|r| r.2).filter(|p| p.is_file());
+        let decoded = match (&bytes[i], fallback) {
+            (Some(b), _) => decode_guarded(
+                AudioInput::Bytes {
+                    bytes: b,
+                    name: Path::new(&name),
+                },
+                None,
+                opts,
+                &name,
+            ),
+            (None, Some(file)) => decode_guarded(
+                AudioInput::File(file),
+                None,
+                opts,
+                &file.display().to_string(),
+            ),
+            (None, None) => {
+                Err("the row has no audio bytes (and no audio.path file to read)".into())
+            }
+        };
+        times.decode += t.elapsed().as_secs_f64();
+        let outcome = decoded.and_then(|audio| cut_utterance(utt, &audio, &name, opts, &mut times));
+        match outcome {
+            Ok(items) => result.items.extend(items),
+            Err(reason) => result.errors.push(ErrorRow {
+                path: name,
+                id: Some(utt.id.clone()),
+                reason,
+            }),
+        }
+    }
+    (result, times)
+}
+
+/// Decodes, turning an error or a decoder panic into the reason (without the path prefix).
+fn decode_guarded(
+    input: AudioInput<'_>,
+    channels: Option<&[usize]>,
+    opts: &ProcessOptions,
+    name: &str,
+) -> Result<DecodedAudio, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        audio::decode_input(input, channels, opts.decode)
+    })) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(error_reason(&e.to_string(), name)),
+        Err(panic) => Err(format!("decoder crashed: {}", panic_message(&panic))),
+    }
+}
+
+/// Manifest rows that cannot be used: each is an error row naming the manifest and row.
+fn invalid_rows(job: &Job) -> InputResult {
+    let errors = job
+        .utterances
+        .iter()
+        .zip(&job.audio)
+        .zip(&job.origins)
+        .map(|((utt, audio), origin)| ErrorRow {
+            path: origin.to_string(),
+            id: Some(utt.id.clone()),
+            reason: match audio {
+                AudioRef::Invalid(reason) => reason.clone(),
+                _ => "unusable row".into(),
+            },
+        })
+        .collect();
+    InputResult {
+        items: Vec::new(),
+        errors,
+    }
 }
 
 fn fail_all(job: &Job, path: &str, reason: &str) -> InputResult {
@@ -375,6 +541,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn cut_utterance(
     utt: &Utterance,
     audio: &DecodedAudio,
+    source: &str,
     opts: &ProcessOptions,
     times: &mut StageTimes,
 ) -> Result<Vec<(IndexRow, ItemData)>, String> {
@@ -429,13 +596,13 @@ fn cut_utterance(
         let perturbed =
             audio::speed_perturb(&resampled, opts.rate, factor).map_err(|e| e.to_string())?;
         items.push((
-            row_for(utt, audio, opts.rate, perturbed.len(), Some(factor)),
+            row_for(utt, audio, source, opts.rate, perturbed.len(), Some(factor)),
             ItemData::Audio(perturbed),
         ));
     }
     times.resample += t.elapsed().as_secs_f64();
     let original = (
-        row_for(utt, audio, opts.rate, resampled.len(), None),
+        row_for(utt, audio, source, opts.rate, resampled.len(), None),
         ItemData::Audio(resampled),
     );
     items.insert(0, original);
@@ -445,6 +612,7 @@ fn cut_utterance(
 fn row_for(
     utt: &Utterance,
     audio: &DecodedAudio,
+    source: &str,
     rate: u32,
     samples: usize,
     speed: Option<f64>,
@@ -454,7 +622,7 @@ fn row_for(
         id: format!("{prefix}{}", utt.id),
         text: utt.text.clone(),
         speaker: utt.speaker.as_ref().map(|s| format!("{prefix}{s}")),
-        source: utt.source.display().to_string(),
+        source: source.to_string(),
         start: utt.start,
         duration: samples as f64 / rate as f64,
         orig_rate: Some(audio.sample_rate),

@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
 cargo test --release
+bash tests/python.sh

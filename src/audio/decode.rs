@@ -49,6 +49,27 @@ pub(super) struct Collected {
     pub last_packet_end: Option<u64>,
 }
 
+/// What to decode: a file, or an encoded file held in memory (a row of a parquet dataset).
+#[derive(Debug, Clone, Copy)]
+pub enum AudioInput<'a> {
+    File(&'a Path),
+    /// Encoded bytes (WAV, FLAC, MP3, Ogg...) and the name errors give them, e.g.
+    /// `train.parquet:12`. No temporary file: the decoder reads the bytes in place.
+    Bytes {
+        bytes: &'a [u8],
+        name: &'a Path,
+    },
+}
+
+impl AudioInput<'_> {
+    fn name(&self) -> &Path {
+        match self {
+            AudioInput::File(path) => path,
+            AudioInput::Bytes { name, .. } => name,
+        }
+    }
+}
+
 /// Decodes any supported file to mono f32 at its own rate.
 ///
 /// Fails (or, with `keep_damaged`, keeps the decodable part and sets `damage`) when packets fail
@@ -56,13 +77,26 @@ pub(super) struct Collected {
 /// Empty, zero-length, non-audio and unsupported inputs fail with the reason. Never panics:
 /// a panic inside a decoder becomes an error.
 pub fn decode_file(path: &Path, opts: DecodeOptions) -> Result<DecodedAudio, AudioError> {
-    guarded(path, || decode_collect(path).and_then(|c| judge(c, opts)))
+    decode_input(AudioInput::File(path), None, opts)
+}
+
+/// Like [`decode_file`], for a file or in-memory bytes; `channels` keeps only those channels
+/// (0-based, averaged to mono; Lhotse's `channel`) instead of all of them. A channel the
+/// stream does not have is an error.
+pub fn decode_input(
+    input: AudioInput<'_>,
+    channels: Option<&[usize]>,
+    opts: DecodeOptions,
+) -> Result<DecodedAudio, AudioError> {
+    guarded(input.name(), || {
+        decode_collect(input, channels).and_then(|c| judge(c, opts))
+    })
 }
 
 /// Reads rate, channels, declared length and codec from the header (no decoding).
 pub fn probe_info(path: &Path) -> Result<AudioInfo, AudioError> {
     guarded(path, || {
-        let fmt = open_format(path)?;
+        let fmt = open_format(AudioInput::File(path))?;
         let (track, params) = audio_track(fmt.as_ref())?;
         let codec = codec_name(params.codec);
         if params.codec == CODEC_ID_OPUS {
@@ -108,18 +142,25 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn open_format(path: &Path) -> Result<Box<dyn FormatReader>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat: {e}"))?
-        .len();
-    if len == 0 {
-        return Err("empty file (0 bytes)".into());
-    }
-    let mss = MediaSourceStream::new(Box::new(file), MediaSourceStreamOptions::default());
+fn open_format(input: AudioInput<'_>) -> Result<Box<dyn FormatReader + '_>, String> {
+    let source: Box<dyn symphonia::core::io::MediaSource + '_> = match input {
+        AudioInput::File(path) => {
+            let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+            let len = file
+                .metadata()
+                .map_err(|e| format!("cannot stat: {e}"))?
+                .len();
+            if len == 0 {
+                return Err("empty file (0 bytes)".into());
+            }
+            Box::new(file)
+        }
+        AudioInput::Bytes { bytes: [], .. } => return Err("empty audio bytes (0 bytes)".into()),
+        AudioInput::Bytes { bytes, .. } => Box::new(std::io::Cursor::new(bytes)),
+    };
+    let mss = MediaSourceStream::new(source, MediaSourceStreamOptions::default());
     let mut hint = Hint::new();
-    if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+    if let Some(ext) = input.name().extension().and_then(|e| e.to_str()) {
         hint.with_extension(ext);
     }
     symphonia::default::get_probe()
@@ -139,7 +180,7 @@ fn open_format(path: &Path) -> Result<Box<dyn FormatReader>, String> {
             }
             SymError::Unsupported(what) => format!("unsupported format or codec ({what})"),
             SymError::IoError(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                match sniff_container(path) {
+                match sniff_container(input) {
                     Some(kind) => format!(
                         "truncated: the {kind} file ends before its header or index is complete \
                          (unexpected end of file)"
@@ -153,11 +194,16 @@ fn open_format(path: &Path) -> Result<Box<dyn FormatReader>, String> {
 }
 
 /// Names the container from its magic bytes, to word a probe failure; None if unknown.
-fn sniff_container(path: &Path) -> Option<&'static str> {
+fn sniff_container(input: AudioInput<'_>) -> Option<&'static str> {
     use std::io::Read;
-    let mut head = [0u8; 12];
-    let n = File::open(path).ok()?.read(&mut head).ok()?;
-    let head = &head[..n];
+    let mut buf = [0u8; 12];
+    let head = match input {
+        AudioInput::File(path) => {
+            let n = File::open(path).ok()?.read(&mut buf).ok()?;
+            &buf[..n]
+        }
+        AudioInput::Bytes { bytes, .. } => &bytes[..bytes.len().min(12)],
+    };
     if head.starts_with(b"OggS") {
         Some("Ogg")
     } else if head.starts_with(b"fLaC") {
@@ -197,14 +243,18 @@ fn codec_name(id: AudioCodecId) -> String {
     }
 }
 
-fn decode_collect(path: &Path) -> Result<Collected, String> {
-    let mut fmt = open_format(path)?;
+fn decode_collect(input: AudioInput<'_>, channels: Option<&[usize]>) -> Result<Collected, String> {
+    let mut fmt = open_format(input)?;
     let (track, params) = audio_track(fmt.as_ref())?;
     if params.codec == CODEC_ID_OPUS {
+        if channels.is_some() {
+            return Err("choosing channels of an Opus stream is not supported".into());
+        }
         return ogg_opus::decode(fmt.as_mut(), &track, &params);
     }
-    let mut collected = decode_packets(fmt.as_mut(), &track, &params)?;
-    if fmt.format_info().short_name == "isomp4" {
+    let mut collected = decode_packets(fmt.as_mut(), &track, &params, channels)?;
+    // The edit list is read from the file; MP4 bytes in memory keep the encoder delay.
+    if let (AudioInput::File(path), "isomp4") = (input, fmt.format_info().short_name) {
         apply_mp4_edit(path, &mut collected);
     }
     Ok(collected)
@@ -214,6 +264,7 @@ fn decode_packets(
     fmt: &mut dyn FormatReader,
     track: &Track,
     params: &AudioCodecParameters,
+    keep: Option<&[usize]>,
 ) -> Result<Collected, String> {
     let codec = codec_name(params.codec);
     // No FLAC MD5 verification: it costs ~40 % of FLAC decode time, and the damage it would
@@ -244,7 +295,18 @@ fn decode_packets(
                 if channels == 0 {
                     channels = buf.num_planes() as u16;
                 }
-                append_mono(&buf, &mut samples);
+                if let Some(&missing) = keep
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|&&c| c >= buf.num_planes())
+                {
+                    return Err(format!(
+                        "channel {missing} was asked for, but the stream has {} channel{} (0-based)",
+                        buf.num_planes(),
+                        if buf.num_planes() == 1 { "" } else { "s" }
+                    ));
+                }
+                append_mono(&buf, &mut samples, keep);
                 if ts_counts_frames {
                     let end = packet.pts.get().saturating_add_unsigned(packet.dur.get());
                     last_packet_end = Some(end.max(0) as u64);
@@ -364,19 +426,53 @@ fn apply_mp4_edit(path: &Path, c: &mut Collected) {
     c.declared = Some(keep);
 }
 
-/// Averages the channels of one decoded buffer onto the end of `out`.
-fn append_mono(buf: &GenericAudioBufferRef<'_>, out: &mut Vec<f32>) {
+/// Averages the channels of one decoded buffer (or the `keep` ones) onto the end of `out`.
+fn append_mono(buf: &GenericAudioBufferRef<'_>, out: &mut Vec<f32>, keep: Option<&[usize]>) {
     match buf {
-        GenericAudioBufferRef::U8(b) => mix_down(b, out),
-        GenericAudioBufferRef::U16(b) => mix_down(b, out),
-        GenericAudioBufferRef::U24(b) => mix_down(b, out),
-        GenericAudioBufferRef::U32(b) => mix_down(b, out),
-        GenericAudioBufferRef::S8(b) => mix_down(b, out),
-        GenericAudioBufferRef::S16(b) => mix_down(b, out),
-        GenericAudioBufferRef::S24(b) => mix_down(b, out),
-        GenericAudioBufferRef::S32(b) => mix_down(b, out),
-        GenericAudioBufferRef::F32(b) => mix_down(b, out),
-        GenericAudioBufferRef::F64(b) => mix_down(b, out),
+        GenericAudioBufferRef::U8(b) => mix(b, out, keep),
+        GenericAudioBufferRef::U16(b) => mix(b, out, keep),
+        GenericAudioBufferRef::U24(b) => mix(b, out, keep),
+        GenericAudioBufferRef::U32(b) => mix(b, out, keep),
+        GenericAudioBufferRef::S8(b) => mix(b, out, keep),
+        GenericAudioBufferRef::S16(b) => mix(b, out, keep),
+        GenericAudioBufferRef::S24(b) => mix(b, out, keep),
+        GenericAudioBufferRef::S32(b) => mix(b, out, keep),
+        GenericAudioBufferRef::F32(b) => mix(b, out, keep),
+        GenericAudioBufferRef::F64(b) => mix(b, out, keep),
+    }
+}
+
+fn mix<S>(buf: &AudioBuffer<S>, out: &mut Vec<f32>, keep: Option<&[usize]>)
+where
+    S: Sample,
+    f32: FromSample<S>,
+{
+    match keep {
+        Some(channels) => mix_selected(buf, out, channels),
+        None => mix_down(buf, out),
+    }
+}
+
+/// Averages the listed planes (all present: the caller checked) onto the end of `out`.
+fn mix_selected<S>(buf: &AudioBuffer<S>, out: &mut Vec<f32>, channels: &[usize])
+where
+    S: Sample,
+    f32: FromSample<S>,
+{
+    let start = out.len();
+    out.resize(start + buf.frames(), 0.0);
+    for &c in channels {
+        if let Some(plane) = buf.plane(c) {
+            for (o, &s) in out[start..].iter_mut().zip(plane) {
+                *o += f32::from_sample(s);
+            }
+        }
+    }
+    if channels.len() > 1 {
+        let scale = 1.0 / channels.len() as f32;
+        for o in &mut out[start..] {
+            *o *= scale;
+        }
     }
 }
 

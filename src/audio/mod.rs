@@ -23,7 +23,7 @@ mod mp4_edit;
 mod ogg_opus;
 mod resample;
 
-pub use decode::{decode_file, probe_info, AudioInfo};
+pub use decode::{decode_file, decode_input, probe_info, AudioInfo, AudioInput};
 pub use resample::{resample_to, speed_perturb};
 
 /// A decoded file, downmixed to mono at the source rate.

@@ -121,6 +121,8 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
             inputs: args.inputs.clone(),
             out: out.clone(),
             format: args.format,
+            text_column: None,
+            id_column: None,
             sample_rate: args.sample_rate,
             jobs: Some(jobs.max(1)),
             shard_size: 1 << 30,

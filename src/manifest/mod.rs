@@ -5,7 +5,13 @@
 //!   AISHELL-1 layouts recognised (`layouts`) so transcripts and speakers come along;
 //! - `tsv`: a fairseq manifest with an optional `.wrd` / `.ltr` label file;
 //! - `kaldi`: a Kaldi data directory (`wav.scp`, `text`, `utt2spk`, `segments`);
-//! - `jsonl`: JSON lines, our fields or NeMo's.
+//! - `jsonl`: JSON lines, our fields or NeMo's;
+//! - `lhotse`: Lhotse recordings + supervisions, or cuts (JSON lines, gzipped or not);
+//! - `hf`: Hugging Face datasets as parquet, audio embedded as encoded bytes.
+//!
+//! `load_corpus` gives each utterance with how its audio is reached (`AudioRef`): a whole
+//! file, some channels of it (Lhotse), a row of a parquet file (HF), or a row that cannot be
+//! used, which `prepare` lists in `errors.jsonl` with the manifest row and the reason.
 //!
 //! Every importer returns utterances in a deterministic order together with where each one
 //! was defined, so that errors (duplicate ids across inputs included) name the file and line.
@@ -15,9 +21,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod dir;
+pub mod hf;
 mod jsonl;
 mod kaldi;
 mod layouts;
+mod lhotse;
 mod text_file;
 mod tsv;
 
@@ -40,9 +48,11 @@ pub struct Utterance {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InputFormat {
-    /// Decide from the path: a directory holding `wav.scp` is a Kaldi data dir, any other
-    /// directory is scanned for audio; `*.tsv` is fairseq; `*.jsonl`/`*.json` is JSON lines;
-    /// a file named `wav.scp` stands for its Kaldi data dir.
+    /// Decide from the path: a directory holding `wav.scp` is a Kaldi data dir, one holding
+    /// `state.json` or `*.parquet` files a Hugging Face dataset, any other directory is scanned
+    /// for audio; `*.tsv` is fairseq; `*.parquet`/`*.arrow` is HF; `*.jsonl[.gz]`/`*.json` is
+    /// Lhotse when its first record is a Lhotse recording, supervision or cut, else our JSON
+    /// lines; a file named `wav.scp` stands for its Kaldi data dir.
     Auto,
     /// A directory of audio files (LibriSpeech and AISHELL-1 layouts recognised).
     Dir,
@@ -52,6 +62,48 @@ pub enum InputFormat {
     Kaldi,
     /// JSON lines: `id`, `path`, `start`, `duration`, `text`, `speaker` (or NeMo's fields).
     Jsonl,
+    /// Lhotse manifests: recordings (+ supervisions beside them) or cuts, `.jsonl[.gz]`.
+    Lhotse,
+    /// Hugging Face datasets: a `.parquet` file or a directory of them (one split), or a
+    /// `save_to_disk` directory (or one of its `.arrow` files).
+    Hf,
+}
+
+/// How an utterance's audio is reached.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioRef {
+    /// `source`, all channels averaged.
+    File,
+    /// These channels (0-based) of `source`, averaged.
+    Channels(Vec<usize>),
+    /// Encoded audio in a parquet file (`source`): row `row` of row group `group`, which is
+    /// row `file_row` (0-based) of the file. `fallback` is the row's `audio.path`, read when
+    /// its bytes are null.
+    Embedded {
+        group: usize,
+        row: usize,
+        file_row: usize,
+        fallback: Option<PathBuf>,
+    },
+    /// A manifest row that cannot be used, and why.
+    Invalid(String),
+}
+
+/// One utterance as `prepare` reads it: the record, its audio and where it was defined
+/// (a manifest file and 1-based row, or an audio file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CorpusItem {
+    pub utt: Utterance,
+    pub audio: AudioRef,
+    pub origin: Origin,
+}
+
+/// Column choices for tabular inputs (HF); `None` picks the common defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Columns {
+    pub text: Option<String>,
+    pub id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +151,13 @@ impl ManifestError {
 
 /// Where an utterance was defined: a manifest line, or an audio file found in a directory.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Origin {
+pub struct Origin {
     pub path: PathBuf,
     pub line: Option<usize>,
 }
 
 impl Origin {
-    pub(crate) fn at_line(path: &Path, line: usize) -> Self {
+    pub fn at_line(path: &Path, line: usize) -> Self {
         Origin {
             path: path.to_path_buf(),
             line: Some(line),
@@ -133,7 +185,9 @@ impl std::fmt::Display for Origin {
 pub(crate) type Located = Vec<(Utterance, Origin)>;
 
 const ACCEPTED: &str = "a directory of audio files, a Kaldi data directory (or its wav.scp), \
-                        a fairseq manifest (*.tsv) or JSON lines (*.jsonl, *.json)";
+                        a fairseq manifest (*.tsv), JSON lines (*.jsonl, *.json), Lhotse \
+                        manifests (*.jsonl.gz) or Hugging Face parquet (*.parquet, or a \
+                        directory of them)";
 
 /// Reads every input (in the order given) into one list of utterances, in deterministic order.
 ///
@@ -143,20 +197,66 @@ pub fn load_inputs(
     inputs: &[PathBuf],
     format: InputFormat,
 ) -> Result<Vec<Utterance>, ManifestError> {
-    let mut all: Located = Vec::new();
+    let items = load_corpus(inputs, format, &Columns::default())?;
+    Ok(items.into_iter().map(|item| item.utt).collect())
+}
+
+/// Like `load_inputs`, with how each utterance's audio is reached and where it was defined.
+/// Unusable rows of Lhotse and HF inputs come back as `AudioRef::Invalid` instead of
+/// stopping the run. A Lhotse recordings/supervisions pair given as two inputs is read once.
+pub fn load_corpus(
+    inputs: &[PathBuf],
+    format: InputFormat,
+    columns: &Columns,
+) -> Result<Vec<CorpusItem>, ManifestError> {
+    let mut all: Vec<CorpusItem> = Vec::new();
+    let mut lhotse_sets = Vec::new();
     for input in inputs {
         let format = resolve_format(input, format)?;
-        let mut items = match format {
+        let located = match format {
             InputFormat::Dir => dir::load(input)?,
             InputFormat::Tsv => tsv::load(input)?,
             InputFormat::Kaldi => kaldi::load(input)?,
             InputFormat::Jsonl => jsonl::load(input)?,
+            InputFormat::Lhotse => {
+                let set = lhotse::manifest_set(input)?;
+                if !lhotse_sets.contains(&set) {
+                    all.extend(lhotse::load(&set)?);
+                    lhotse_sets.push(set);
+                }
+                continue;
+            }
+            InputFormat::Hf => {
+                all.extend(hf::load(input, columns)?);
+                continue;
+            }
             InputFormat::Auto => return Err(ManifestError::invalid(input, "format unresolved")),
         };
-        all.append(&mut items);
+        all.extend(located.into_iter().map(|(utt, origin)| CorpusItem {
+            utt,
+            audio: AudioRef::File,
+            origin,
+        }));
     }
     check_unique_ids(&all)?;
-    Ok(all.into_iter().map(|(utt, _)| utt).collect())
+    Ok(all)
+}
+
+/// The identity of the corpus as `prepare` records it: each utterance's JSON (exactly
+/// `Utterance`'s for whole files, so stores of the older formats keep their hash), with
+/// `audio` added for the other ways audio is reached.
+pub fn corpus_json(items: &[CorpusItem]) -> serde_json::Value {
+    let rows = items.iter().map(|item| {
+        let mut row = serde_json::to_value(&item.utt).unwrap_or_default();
+        if item.audio != AudioRef::File {
+            if let (Some(obj), Ok(audio)) = (row.as_object_mut(), serde_json::to_value(&item.audio))
+            {
+                obj.insert("audio".into(), audio);
+            }
+        }
+        row
+    });
+    serde_json::Value::Array(rows.collect())
 }
 
 /// Detects (for `Auto`) or checks (otherwise) the format of one input path.
@@ -165,7 +265,7 @@ fn resolve_format(input: &Path, format: InputFormat) -> Result<InputFormat, Mani
     if format != InputFormat::Auto {
         let expects_dir = match format {
             InputFormat::Dir => Some(true),
-            InputFormat::Tsv | InputFormat::Jsonl => Some(false),
+            InputFormat::Tsv | InputFormat::Jsonl | InputFormat::Lhotse => Some(false),
             _ => None,
         };
         return match expects_dir {
@@ -183,9 +283,20 @@ fn resolve_format(input: &Path, format: InputFormat) -> Result<InputFormat, Mani
     if meta.is_dir() {
         return Ok(if input.join("wav.scp").is_file() {
             InputFormat::Kaldi
+        } else if hf::is_dataset_dir(input) {
+            InputFormat::Hf
         } else {
             InputFormat::Dir
         });
+    }
+    if hf::has_parquet_extension(input) || hf::has_arrow_extension(input) {
+        return Ok(InputFormat::Hf);
+    }
+    let name = input.to_string_lossy().to_ascii_lowercase();
+    if (name.ends_with(".jsonl.gz") || name.ends_with(".jsonl") || name.ends_with(".json"))
+        && lhotse::sniff(input).is_some()
+    {
+        return Ok(InputFormat::Lhotse);
     }
     if input.file_name().is_some_and(|n| n == "wav.scp") {
         return Ok(InputFormat::Kaldi);
@@ -203,11 +314,11 @@ fn resolve_format(input: &Path, format: InputFormat) -> Result<InputFormat, Mani
     }
 }
 
-fn check_unique_ids(items: &[(Utterance, Origin)]) -> Result<(), ManifestError> {
+fn check_unique_ids(items: &[CorpusItem]) -> Result<(), ManifestError> {
     let mut seen: HashMap<&str, &Origin> = HashMap::with_capacity(items.len());
-    for (utt, origin) in items {
-        if let Some(first) = seen.insert(utt.id.as_str(), origin) {
-            return Err(duplicate_id_error(&utt.id, first, origin));
+    for item in items {
+        if let Some(first) = seen.insert(item.utt.id.as_str(), &item.origin) {
+            return Err(duplicate_id_error(&item.utt.id, first, &item.origin));
         }
     }
     Ok(())

@@ -1,0 +1,253 @@
+"""Reading a speechcache store: the format the Rust writer documents in `src/store/`.
+
+STORE/meta.json     kind (audio | features), format_version, dtype, sample_rate or
+                    frame_rate, layers, dim, totals
+STORE/index.jsonl   one row per utterance: id, shard, offset, length, checksum, text, ...
+STORE/shards/NNNNN.npy                 audio: 1-D <f4, utterances concatenated
+STORE/shards/NNNNN/layer_LL.npy        features: [frames, dim] per layer; f32 <f4, f16 <f2,
+                                       bf16 <u2 (the high 16 bits of a float32), int8 |i1
+STORE/shards/NNNNN/layer_LL.scale.npy  int8 only: <f4 [frames], value = q * scale
+STORE/stats/layer_LL.npy               features: <f8 [2, dim], per-dim mean and variance
+
+Shards are memory-mapped once; an utterance is a slice of them (no copy) where the stored
+dtype is the one returned. The checksum of a row is the zlib CRC-32 of its stored bytes
+(features: for each layer in order, its values then, for int8, its scales).
+"""
+import json
+import os
+import zlib
+
+import numpy as np
+
+#: The store layout this reader understands (`FORMAT_VERSION` in src/store/mod.rs).
+FORMAT_VERSION = 1
+
+
+class StoreError(Exception):
+    """A store that cannot be read, with the path and the reason."""
+
+
+def open_store(path, verify=False):
+    """Opens an audio or feature store (by its `meta.json` kind).
+
+    Refuses an unfinished store (`in_progress.json`: the run that writes it has not finished)
+    and a store written in a newer format. `verify=True` checks every row's checksum.
+    """
+    meta = _load_meta(path)
+    cls = AudioStore if meta["kind"] == "audio" else FeatureStore
+    store = cls(path, meta)
+    if verify:
+        store.verify()
+    return store
+
+
+def _load_meta(path):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise StoreError(f"{path}: no such store directory")
+    if os.path.exists(os.path.join(path, "in_progress.json")):
+        raise StoreError(
+            f"{path}: the run that writes this store has not finished (in_progress.json is "
+            "there): rerun the same speechcache command to resume it, then read it"
+        )
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise StoreError(f"{path}: not a speechcache store (no meta.json)")
+    with open(meta_path, encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_path}: invalid JSON ({e})") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {version} is newer than this reader understands "
+            f"(version {FORMAT_VERSION}); upgrade speechcache_reader (pip install ./python from "
+            "the speechcache that wrote it)"
+        )
+    if version < FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {version} is older than this reader's "
+            f"{FORMAT_VERSION}; rebuild the store with the current speechcache"
+        )
+    if meta.get("kind") not in ("audio", "features"):
+        raise StoreError(f"{meta_path}: unknown store kind {meta.get('kind')!r}")
+    return meta
+
+
+def _read_index(path):
+    rows = []
+    index = os.path.join(path, "index.jsonl")
+    with open(index, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise StoreError(f"{index}:{n}: invalid JSON ({e})") from None
+    return rows
+
+
+class _Store:
+    def __init__(self, path, meta):
+        self.path = os.fspath(path)
+        self.meta = meta
+        self.rows = _read_index(self.path)
+        self.ids = [r["id"] for r in self.rows]
+        self._by_id = {id_: i for i, id_ in enumerate(self.ids)}
+        self._shards = {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def kind(self):
+        return self.meta["kind"]
+
+    @property
+    def dtype(self):
+        return self.meta["dtype"]
+
+    def lengths(self):
+        """Samples (audio) or frames (features) of every row, in order."""
+        return [int(r["length"]) for r in self.rows]
+
+    def index_of(self, key):
+        """Row number of an id (or the number itself)."""
+        if isinstance(key, (int, np.integer)):
+            if not -len(self) <= key < len(self):
+                raise IndexError(f"row {key} out of range ({len(self)} rows)")
+            return int(key) % len(self)
+        try:
+            return self._by_id[key]
+        except KeyError:
+            raise KeyError(f"no utterance {key!r} in {self.path}") from None
+
+    def _npy(self, relative):
+        """A shard file, memory-mapped once."""
+        mapped = self._shards.get(relative)
+        if mapped is None:
+            full = os.path.join(self.path, relative)
+            try:
+                mapped = np.load(full, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{full}: cannot map ({e})") from None
+            self._shards[relative] = mapped
+        return mapped
+
+    def _slice(self, relative, row):
+        array = self._npy(relative)
+        start, length = int(row["offset"]), int(row["length"])
+        if start + length > array.shape[0]:
+            raise StoreError(
+                f"{os.path.join(self.path, relative)}: row {row['id']!r} runs past the shard "
+                f"({start}+{length} > {array.shape[0]})"
+            )
+        return array[start : start + length]
+
+    def verify(self, rows=None):
+        """Checks the checksum of each row (all when `rows` is None); raises on a mismatch."""
+        for i in range(len(self)) if rows is None else [self.index_of(r) for r in rows]:
+            row = self.rows[i]
+            crc = 0
+            for part in self._stored_parts(row):
+                crc = zlib.crc32(np.ascontiguousarray(part).view(np.uint8).reshape(-1), crc)
+            if f"{crc:08x}" != row["checksum"]:
+                raise StoreError(
+                    f"{self.path}: checksum mismatch for {row['id']!r} (shard {row['shard']}): "
+                    f"stored {row['checksum']}, computed {crc:08x}; the shard is damaged"
+                )
+
+
+class AudioStore(_Store):
+    """An audio store: mono float32 at `sample_rate`."""
+
+    @property
+    def sample_rate(self):
+        return int(self.meta["sample_rate"])
+
+    def _shard(self, row):
+        return f"shards/{int(row['shard']):05d}.npy"
+
+    def _stored_parts(self, row):
+        return [self._slice(self._shard(row), row)]
+
+    def audio(self, key, verify=False):
+        """`[T]` float32 samples: a read-only view into the memory-mapped shard."""
+        i = self.index_of(key)
+        if verify:
+            self.verify([i])
+        return self._slice(self._shard(self.rows[i]), self.rows[i])
+
+    __getitem__ = audio
+
+
+class FeatureStore(_Store):
+    """A feature store: `layers` hidden states of `dim` values per frame at `frame_rate`."""
+
+    @property
+    def layers(self):
+        return list(self.meta["layers"])
+
+    @property
+    def dim(self):
+        return int(self.meta["dim"])
+
+    @property
+    def frame_rate(self):
+        return float(self.meta["frame_rate"])
+
+    def _layer_file(self, row, layer, scale=False):
+        suffix = ".scale.npy" if scale else ".npy"
+        return f"shards/{int(row['shard']):05d}/layer_{layer:02d}{suffix}"
+
+    def _stored_parts(self, row):
+        parts = []
+        for layer in self.layers:
+            parts.append(self._slice(self._layer_file(row, layer), row))
+            if self.dtype == "int8":
+                parts.append(self._slice(self._layer_file(row, layer, scale=True), row))
+        return parts
+
+    def _check_layer(self, layer):
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not in {self.path} (layers: {self.layers})")
+
+    def layer(self, key, layer, verify=False):
+        """`[T, D]` of one layer. f32 and f16 are views into the memory-mapped shard (their
+        stored dtype); bf16 and int8 are decoded to float32."""
+        self._check_layer(layer)
+        i = self.index_of(key)
+        if verify:
+            self.verify([i])
+        row = self.rows[i]
+        stored = self._slice(self._layer_file(row, layer), row)
+        if self.dtype == "bf16":
+            return bf16_to_float32(stored)
+        if self.dtype == "int8":
+            scale = self._slice(self._layer_file(row, layer, scale=True), row)
+            return stored.astype(np.float32) * scale[:, None]
+        return stored
+
+    def features(self, key, layers=None, verify=False):
+        """`[L, T, D]` of the given layers (all by default), stacked (a copy: shards are
+        layer-major)."""
+        layers = self.layers if layers is None else list(layers)
+        i = self.index_of(key)
+        if verify:
+            self.verify([i])
+        return np.stack([self.layer(i, layer) for layer in layers])
+
+    def __getitem__(self, key):
+        return self.features(key)
+
+    def stats(self, layer):
+        """(mean, variance) per dimension of a layer over the store, float64."""
+        self._check_layer(layer)
+        stats = np.load(os.path.join(self.path, "stats", f"layer_{layer:02d}.npy"))
+        return stats[0], stats[1]
+
+
+def bf16_to_float32(stored):
+    """bfloat16 kept as uint16 → float32 (shift into the high half)."""
+    return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

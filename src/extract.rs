@@ -48,6 +48,12 @@ pub struct ExtractArgs {
     /// Audio seconds per model batch (padding included).
     #[arg(long, default_value_t = 200.0)]
     pub batch_seconds: f64,
+    /// Memory a model batch may use on the tensor-op path (CUDA, f16/bf16 compute); batches
+    /// are cut by their estimated peak (conv outputs, hidden states) as well as by seconds.
+    /// Default: half of the free memory on CPU, 8GiB on CUDA. An utterance that cannot fit
+    /// alone is listed in errors.jsonl.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub batch_memory: Option<u64>,
     /// Utterances longer than this are listed in errors.jsonl instead of run.
     #[arg(long, value_name = "S", default_value_t = 120.0)]
     pub max_seconds_per_utterance: f64,
@@ -546,6 +552,28 @@ impl EngineJob<'_> {
     }
 }
 
+/// Estimated peak bytes per utterance of `samples` samples in a padded batch on the tensor-op
+/// path: the widest pair of consecutive conv outputs, the kept hidden states and a layer's
+/// activations (attention scores are computed in blocks of bounded size).
+fn tensor_path_bytes(
+    cfg: &crate::models::config::Wav2Vec2Config,
+    samples: usize,
+    states: usize,
+    elem: usize,
+) -> u64 {
+    let (mut t, mut c, mut conv_peak) = (samples, 1usize, 0usize);
+    for ((&k, &s), &d) in cfg.conv_kernel.iter().zip(&cfg.conv_stride).zip(&cfg.conv_dim) {
+        let t_out = if t < k { 0 } else { (t - k) / s + 1 };
+        // input, output, and the gathered frames of one chunk
+        conv_peak = conv_peak.max(t * c + 2 * t_out * d);
+        t = t_out;
+        c = d;
+    }
+    let h = cfg.hidden_size;
+    let layer = t * (8 * h + 2 * cfg.intermediate_size);
+    (elem * (conv_peak.max(layer) + states * t * h)) as u64
+}
+
 fn error_result(row: &IndexRow, reason: String) -> InputResult {
     InputResult {
         items: vec![],
@@ -790,10 +818,40 @@ fn extract_window(
         } => {
             runnable.sort_by_key(|&i| std::cmp::Reverse(audio.rows()[i].length));
             let budget = (args.batch_seconds * rate) as usize;
+            let memory = args.batch_memory.unwrap_or_else(|| {
+                if device.is_cpu() {
+                    available_memory().map_or(u64::MAX, |m| m / 2)
+                } else {
+                    8 << 30
+                }
+            });
+            let bytes = |samples: usize| {
+                tensor_path_bytes(&checkpoint.config, samples, max_layer + 1, dtype.size_in_bytes())
+            };
+            // An utterance that cannot fit even alone is listed, not run.
+            runnable.retain(|&i| {
+                let row = &audio.rows()[i];
+                let need = bytes(row.length as usize);
+                if need <= memory {
+                    return true;
+                }
+                results[i - range.start] = Some(error_result(
+                    row,
+                    format!(
+                        "{:.1} s needs about {} for one model batch, more than --batch-memory {}; \
+                         extract fewer --layers or cut the utterance",
+                        row.length as f64 / rate,
+                        human_bytes(need),
+                        human_bytes(memory)
+                    ),
+                ));
+                false
+            });
             let mut batch_start = 0;
             while batch_start < runnable.len() {
                 let longest = audio.rows()[runnable[batch_start]].length as usize;
-                let per_batch = (budget / longest.max(1)).max(1);
+                let by_memory = (memory / bytes(longest).max(1)).max(1) as usize;
+                let per_batch = (budget / longest.max(1)).clamp(1, by_memory);
                 let batch = &runnable[batch_start..(batch_start + per_batch).min(runnable.len())];
                 let outputs = run_model_batch(
                     model, checkpoint, device, *dtype, audio, batch, layers, max_layer,

@@ -388,3 +388,99 @@ fn fbank_follows_the_audio_store_rate() {
         fbank.compute_from_unit_scale(audio.samples(0))
     );
 }
+
+/// A 16-bit mono WAV of deterministic noise.
+fn noise_wav(path: &Path, seconds: f64, seed: u32) {
+    let n = (seconds * 16000.0) as u32;
+    let mut bytes = Vec::with_capacity(44 + 2 * n as usize);
+    bytes.extend_from_slice(b"RIFF");
+    bytes.extend_from_slice(&(36 + 2 * n).to_le_bytes());
+    bytes.extend_from_slice(b"WAVEfmt ");
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // mono
+    bytes.extend_from_slice(&16000u32.to_le_bytes());
+    bytes.extend_from_slice(&32000u32.to_le_bytes());
+    bytes.extend_from_slice(&2u16.to_le_bytes());
+    bytes.extend_from_slice(&16u16.to_le_bytes());
+    bytes.extend_from_slice(b"data");
+    bytes.extend_from_slice(&(2 * n).to_le_bytes());
+    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+    for _ in 0..n {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        bytes.extend_from_slice(&((state % 6000) as i16 - 3000).to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The hubert_base fixture's shapes with a 20x conv stack (800 frames/s) and random weights.
+fn fast_frame_model(dir: &Path) -> PathBuf {
+    use speechcache::models::config::{expected_tensors, Wav2Vec2Config};
+    let model = dir.join("model-800fps");
+    std::fs::create_dir_all(&model).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir("hubert_base").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["conv_dim"] = serde_json::json!([16, 16, 24]);
+    cfg["conv_kernel"] = serde_json::json!([10, 3, 3]);
+    cfg["conv_stride"] = serde_json::json!([5, 2, 2]);
+    std::fs::write(model.join("config.json"), cfg.to_string()).unwrap();
+    let parsed = Wav2Vec2Config::from_file(&model.join("config.json")).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = expected_tensors(&parsed)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap();
+            (format!("hubert.{name}"), t)
+        })
+        .collect();
+    candle_core::safetensors::save(&tensors, model.join("model.safetensors")).unwrap();
+    model
+}
+
+/// 16 s utterances through a model of 800 frames/s: 12,800 frames, whose full attention
+/// scores (4 heads) would take 2.6 GB per utterance and 5 GB per batch of two. Under a 2 GiB
+/// address-space limit, both the CPU engine and the tensor-op path (blocked attention, batches
+/// cut by memory) finish, with the same rows.
+#[test]
+fn long_utterances_at_a_high_frame_rate_stay_in_bounded_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wavs = tmp.path().join("wavs");
+    std::fs::create_dir_all(&wavs).unwrap();
+    for (i, secs) in [16.0, 15.5, 2.0].iter().enumerate() {
+        noise_wav(&wavs.join(format!("u{i}.wav")), *secs, i as u32 + 1);
+    }
+    let audio = tmp.path().join("audio");
+    ok(&bin()
+        .args(["prepare", "--quiet", "--input", s(&wavs), "--out", s(&audio)])
+        .output()
+        .unwrap());
+    let model = fast_frame_model(tmp.path());
+    let mut frames = Vec::new();
+    for engine in ["cpu", "candle"] {
+        let out = tmp.path().join(format!("features-{engine}"));
+        let cmd = format!(
+            "ulimit -v 2097152; exec '{}' extract --quiet --data '{}' --model '{}' --out '{}' --dtype f32",
+            env!("CARGO_BIN_EXE_speechcache"),
+            audio.display(),
+            model.display(),
+            out.display()
+        );
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", &cmd]);
+        if engine == "candle" {
+            c.env("SPEECHCACHE_ENGINE", "candle");
+        }
+        ok(&c.output().unwrap());
+        let store = FeatureStore::open(&out).unwrap();
+        assert_eq!(store.len(), 3, "{engine}");
+        let lens: Vec<usize> = (0..3).map(|i| store.to_array(i, 2).unwrap().nrows()).collect();
+        assert_eq!(lens[0], 12_799, "{engine}: 16 s at 800 frames/s");
+        frames.push((lens, store.to_array(1, 2).unwrap()));
+    }
+    assert_eq!(frames[0].0, frames[1].0);
+    let d = (&frames[0].1 - &frames[1].1).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(d < 1e-3, "engine and tensor path differ by {d}");
+}

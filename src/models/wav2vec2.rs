@@ -44,6 +44,8 @@ use candle_nn::VarBuilder;
 
 /// Largest gathered-frames tensor per matmul (elements): bounds memory for long batches.
 const CHUNK_ELEMS: usize = 1 << 23;
+/// Largest block of attention scores (elements) on the tensor-op path: 128 MiB of f32.
+const ATTENTION_BLOCK_ELEMS: usize = 1 << 25;
 /// nn.LayerNorm / nn.GroupNorm default eps, used by the feature-encoder norms.
 const CONV_NORM_EPS: f64 = 1e-5;
 
@@ -389,9 +391,23 @@ impl Attention {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let scores = q.matmul(&k.t()?)?;
-        let probs = ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let k_t = k.t()?;
+        // Queries in blocks, so the scores held at once stay under ATTENTION_BLOCK_ELEMS
+        // (B·heads·rows·T) however long the batch: memory O(T) per block instead of O(T²).
+        let rows = (ATTENTION_BLOCK_ELEMS / (b * self.heads * t).max(1)).clamp(1, t.max(1));
+        let mut blocks = Vec::with_capacity(t.div_ceil(rows));
+        for q0 in (0..t).step_by(rows) {
+            let qb = q.narrow(2, q0, rows.min(t - q0))?;
+            let scores = qb.matmul(&k_t)?;
+            let probs = ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
+            blocks.push(probs.matmul(&v)?);
+        }
+        let ctx = if blocks.len() == 1 {
+            blocks.pop().unwrap_or(q)
+        } else {
+            Tensor::cat(&blocks, 2)?
+        };
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, h))?;
         self.out_proj.forward(&ctx)
     }
 }

@@ -122,7 +122,7 @@ struct Linear {
 impl Linear {
     fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Self {
-            weight_t: vb.get((d_out, d_in), "weight")?.t()?.contiguous()?,
+            weight_t: transposed(&vb.get((d_out, d_in), "weight")?)?,
             bias: vb.get(d_out, "bias")?,
         })
     }
@@ -138,6 +138,35 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.matmul(x)?.broadcast_add(&self.bias)
     }
+}
+
+/// The transpose of a matrix, laid out contiguously. On the CPU (f32) a blocked copy over the
+/// pool: candle's strided copy moves one element at a time, and transposing a large model's
+/// linear weights that way took most of its load time.
+fn transposed(w: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+        return w.t()?.contiguous();
+    }
+    const BLOCK: usize = 64;
+    let (r, c) = w.dims2()?;
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![0f32; r * c];
+    dst.par_chunks_mut(BLOCK * r.max(1))
+        .enumerate()
+        .for_each(|(bj, rows)| {
+            let j0 = bj * BLOCK;
+            let cols = rows.len() / r.max(1);
+            for i0 in (0..r).step_by(BLOCK) {
+                for dj in 0..cols {
+                    let out = &mut rows[dj * r..(dj + 1) * r];
+                    for i in i0..(i0 + BLOCK).min(r) {
+                        out[i] = src[i * c + j0 + dj];
+                    }
+                }
+            }
+        });
+    Tensor::from_vec(dst, (c, r), w.device())
 }
 
 enum ConvNorm {
@@ -371,7 +400,7 @@ impl Attention {
             biases.push((vb.get(h, &format!("{name}.bias"))? * s)?);
         }
         let qkv_proj = Linear {
-            weight_t: Tensor::cat(&weights, 0)?.t()?.contiguous()?,
+            weight_t: transposed(&Tensor::cat(&weights, 0)?)?,
             bias: Tensor::cat(&biases, 0)?,
         };
         Ok(Self {

@@ -95,8 +95,8 @@ impl Norm {
     fn rows(&self, xs: &mut [f32]) {
         let c = self.weight.len();
         for row in xs.chunks_exact_mut(c) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let mean = lane_sum(row, |v| v) / c as f64;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / c as f64;
             let rstd = 1.0 / (var + self.eps).sqrt();
             let (mean, rstd) = (mean as f32, rstd as f32);
             for ((y, &w), &b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
@@ -104,6 +104,21 @@ impl Norm {
             }
         }
     }
+}
+
+/// `Σ f(v)` in f64 over `row`, with one accumulator per SIMD lane (a single running sum would
+/// make every add wait for the previous one).
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// `f(first_row, rows)` over blocks of `c`-wide rows of `xs`, on the pool when `parallel`.

@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
 cargo test --release
+bash tests/cuda_build.sh   # the CUDA build (no GPU needed): compiled and tested against a driver stub

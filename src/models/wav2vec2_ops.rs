@@ -267,6 +267,12 @@ pub fn masked_softmax(
         Some(m) => scores.broadcast_add(m)?,
         None => scores.clone(),
     };
+    // candle's CUDA softmax sums in f32 for f16/bf16; its CPU softmax sums in the input dtype,
+    // which loses most of bf16's 8 bits over a few hundred keys, so the CPU sums in f32 too.
+    if scores.device().is_cpu() && scores.dtype() != DType::F32 {
+        let dtype = scores.dtype();
+        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
     candle_nn::ops::softmax_last_dim(&scores)
 }
 

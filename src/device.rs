@@ -45,7 +45,10 @@ fn no_gpu_reason(err: &candle_core::Error, ordinal: usize) -> String {
     } else if detail.contains("CUDA_ERROR_NO_DEVICE") {
         "the NVIDIA driver sees no GPU"
     } else if detail.contains("CUDA_ERROR_INVALID_DEVICE") {
-        return format!("there is no GPU with ordinal {ordinal} ({})", one_line(&detail));
+        return format!(
+            "there is no GPU with ordinal {ordinal} ({})",
+            one_line(&detail)
+        );
     } else if detail.contains("CUDA_ERROR_INSUFFICIENT_DRIVER") {
         "the NVIDIA driver is older than the CUDA version this build needs"
     } else {

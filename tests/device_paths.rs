@@ -161,11 +161,7 @@ fn encoder_states(
 }
 
 /// The worst of `f` over every utterance and layer.
-fn worst(
-    a: &[Vec<Vec<f32>>],
-    b: &[Vec<Vec<f32>>],
-    f: impl Fn(&[f32], &[f32]) -> f32,
-) -> f32 {
+fn worst(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>], f: impl Fn(&[f32], &[f32]) -> f32) -> f32 {
     a.iter()
         .zip(b)
         .flat_map(|(ua, ub)| ua.iter().zip(ub).map(|(x, y)| f(x, y)))
@@ -286,7 +282,9 @@ fn asr_models(
     };
     let (cpu, off) = (build(&Device::Cpu), build(dev));
     let off_vars = named_vars(&off.0);
-    for (i, ((name, var), (off_name, off_var))) in named_vars(&cpu.0).iter().zip(&off_vars).enumerate() {
+    for (i, ((name, var), (off_name, off_var))) in
+        named_vars(&cpu.0).iter().zip(&off_vars).enumerate()
+    {
         assert_eq!(name, off_name);
         let noise = rand_tensor(var.as_tensor().dims(), 100 + i as u64, 0.2);
         let value = if name.ends_with("running_var") {
@@ -307,8 +305,24 @@ fn asr_models(
 fn finetune_off_cpu_path_equals_the_cpu_engine() {
     let dev = test_device();
     let cases = [
-        (InputLayer::Conv2d, CnnModuleNorm::BatchNorm, FeatureNormalize::Utterance, 1, 20, 43, vec![43, 30, 37]),
-        (InputLayer::Conv2d2, CnnModuleNorm::LayerNorm, FeatureNormalize::None, 3, 12, 40, vec![40, 29]),
+        (
+            InputLayer::Conv2d,
+            CnnModuleNorm::BatchNorm,
+            FeatureNormalize::Utterance,
+            1,
+            20,
+            43,
+            vec![43, 30, 37],
+        ),
+        (
+            InputLayer::Conv2d2,
+            CnnModuleNorm::LayerNorm,
+            FeatureNormalize::None,
+            3,
+            12,
+            40,
+            vec![40, 29],
+        ),
     ];
     for (input_layer, norm, normalize, layers, dim, frames, lengths) in cases {
         let mut cfg = asr_config(input_layer, norm);
@@ -329,7 +343,9 @@ fn finetune_off_cpu_path_equals_the_cpu_engine() {
         let (eval_logits, _) = engine
             .forward_eval(&engine.params().unwrap(), &feats, &lengths)
             .unwrap();
-        let out = engine.train_step(&feats, &lengths, &targets, scale).unwrap();
+        let out = engine
+            .train_step(&feats, &lengths, &targets, scale)
+            .unwrap();
 
         // candle autograd on the device under test, tensor-op paths
         let _g = force_tensor_ops();
@@ -339,8 +355,14 @@ fn finetune_off_cpu_path_equals_the_cpu_engine() {
         assert_eq!(out_lens, out.out_lengths, "{name}");
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
         let (losses, _) = ctc_loss(&lp, &targets, &out_lens, 0, true).unwrap();
-        assert!(losses.device().same_device(&dev), "{name}: CTC returns on the input's device");
-        let grads = (losses.sum_all().unwrap() * scale).unwrap().backward().unwrap();
+        assert!(
+            losses.device().same_device(&dev),
+            "{name}: CTC returns on the input's device"
+        );
+        let grads = (losses.sum_all().unwrap() * scale)
+            .unwrap()
+            .backward()
+            .unwrap();
 
         let got: Vec<f32> = out.losses.iter().map(|&l| l as f32).collect();
         let e = rel_err(&flat(&losses), &got, 1.0);
@@ -350,10 +372,16 @@ fn finetune_off_cpu_path_equals_the_cpu_engine() {
             .zip(&out.grads)
             .map(|((n, _), g)| (n.as_str(), flat(g)))
             .collect();
-        let floor = cpu_grads.values().flatten().fold(0f32, |m, v| m.max(v.abs())) * 1e-3;
+        let floor = cpu_grads
+            .values()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            * 1e-3;
         let mut worst_grad = 0f32;
         for (n, v) in trainable_vars(&map) {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
             let e = rel_err(&flat(g), &cpu_grads[n.as_str()], floor);
             assert!(e < 2e-3, "{name}: gradient of {n} differs (rel {e:e})");
             worst_grad = worst_grad.max(e);
@@ -386,7 +414,9 @@ fn adam_off_cpu_equals_the_fused_cpu_step() {
         let params = |d: &Device| -> NamedVars {
             (0..3)
                 .map(|i| {
-                    let t = rand_tensor(&[5 + i, 7], 40 + i as u64, 1.0).to_device(d).unwrap();
+                    let t = rand_tensor(&[5 + i, 7], 40 + i as u64, 1.0)
+                        .to_device(d)
+                        .unwrap();
                     (format!("p{i}"), Var::from_tensor(&t).unwrap())
                 })
                 .collect()
@@ -418,12 +448,20 @@ fn dropout_off_cpu_drops_the_asked_fraction() {
     let _g = force_tensor_ops();
     let p = 0.2;
     let x = Tensor::ones((400, 500), DType::F32, &dev).unwrap();
-    let y = flat(&Dropout::new(p, DropoutRng::new(1)).forward(&x, true).unwrap());
+    let y = flat(
+        &Dropout::new(p, DropoutRng::new(1))
+            .forward(&x, true)
+            .unwrap(),
+    );
     let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / y.len() as f64;
     assert!((dropped - p).abs() < 0.01, "dropped {dropped}");
     let kept = (1.0 / (1.0 - p)) as f32;
     assert!(y.iter().all(|&v| v == 0.0 || (v - kept).abs() < 1e-6));
-    let eval = flat(&Dropout::new(p, DropoutRng::new(1)).forward(&x, false).unwrap());
+    let eval = flat(
+        &Dropout::new(p, DropoutRng::new(1))
+            .forward(&x, false)
+            .unwrap(),
+    );
     assert!(eval.iter().all(|&v| v == 1.0));
 }
 
@@ -447,7 +485,14 @@ fn audio_store(dir: &Path) -> PathBuf {
     std::fs::write(&manifest, lines.join("\n") + "\n").unwrap();
     let store = dir.join("audio");
     ok(&bin()
-        .args(["prepare", "--quiet", "--input", s(&manifest), "--out", s(&store)])
+        .args([
+            "prepare",
+            "--quiet",
+            "--input",
+            s(&manifest),
+            "--out",
+            s(&store),
+        ])
         .output()
         .unwrap());
     store
@@ -468,9 +513,41 @@ fn device_cuda_without_a_usable_gpu_fails_in_one_line() {
     let model = fixtures().join("w2v_base");
     let conf = root().join("manifests/conf/demo_fbank.toml");
     let runs: [Vec<&str>; 4] = [
-        vec!["extract", "--data", s(&audio), "--model", s(&model), "--out", s(&feats), "--device", "cuda:0"],
-        vec!["extract", "--data", s(&audio), "--model", s(&model), "--out", s(&feats), "--device", "cuda"],
-        vec!["finetune", "--train", s(&audio), "--valid", s(&audio), "--config", s(&conf), "--out", s(&exp), "--device", "cuda:1"],
+        vec![
+            "extract",
+            "--data",
+            s(&audio),
+            "--model",
+            s(&model),
+            "--out",
+            s(&feats),
+            "--device",
+            "cuda:0",
+        ],
+        vec![
+            "extract",
+            "--data",
+            s(&audio),
+            "--model",
+            s(&model),
+            "--out",
+            s(&feats),
+            "--device",
+            "cuda",
+        ],
+        vec![
+            "finetune",
+            "--train",
+            s(&audio),
+            "--valid",
+            s(&audio),
+            "--config",
+            s(&conf),
+            "--out",
+            s(&exp),
+            "--device",
+            "cuda:1",
+        ],
         vec!["bench", "extract", "--model", "base", "--device", "cuda:0"],
     ];
     for args in runs {
@@ -478,15 +555,34 @@ fn device_cuda_without_a_usable_gpu_fails_in_one_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.starts_with("error: --device cuda") && err.contains("no usable GPU: "), "{args:?}: {err}");
-        assert!(!feats.exists() && !exp.exists(), "{args:?} wrote its output");
+        assert!(
+            err.starts_with("error: --device cuda") && err.contains("no usable GPU: "),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !feats.exists() && !exp.exists(),
+            "{args:?} wrote its output"
+        );
     }
     let out = bin()
-        .args(["extract", "--data", s(&audio), "--model", s(&model), "--out", s(&feats), "--device", "gpu0"])
+        .args([
+            "extract",
+            "--data",
+            s(&audio),
+            "--model",
+            s(&model),
+            "--out",
+            s(&feats),
+            "--device",
+            "gpu0",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("invalid --device \"gpu0\""), "{err}");
+    assert!(
+        !out.status.success() && err.contains("invalid --device \"gpu0\""),
+        "{err}"
+    );
     assert!(!feats.exists());
 }
 
@@ -503,9 +599,16 @@ fn extract_off_cpu_paths_store_what_the_cpu_kernels_store() {
     let run = |name: &str, extra: &[&str], kernels_off: bool| -> FeatureStore {
         let out = tmp.path().join(name);
         let mut cmd = bin();
-        cmd.args(["extract", "--quiet", "--data", s(&audio), "--model", s(&model)])
-            .args(["--out", s(&out), "--dtype", "f32", "--batch-seconds", "8"])
-            .args(extra);
+        cmd.args([
+            "extract",
+            "--quiet",
+            "--data",
+            s(&audio),
+            "--model",
+            s(&model),
+        ])
+        .args(["--out", s(&out), "--dtype", "f32", "--batch-seconds", "8"])
+        .args(extra);
         if kernels_off {
             cmd.env("SPEECHCACHE_CPU_KERNELS", "off");
         }
@@ -515,9 +618,21 @@ fn extract_off_cpu_paths_store_what_the_cpu_kernels_store() {
     let fused = run("fused", &[], false);
     let mut failures = Vec::new();
     let cases: [(&str, Vec<&str>, f32); 3] = [
-        ("tensor_ops", vec!["--device", &device, "--compute-dtype", "f32"], 1e-4),
-        ("f16", vec!["--device", &device, "--compute-dtype", "f16"], F16_TOL),
-        ("bf16", vec!["--device", &device, "--compute-dtype", "bf16"], BF16_TOL),
+        (
+            "tensor_ops",
+            vec!["--device", &device, "--compute-dtype", "f32"],
+            1e-4,
+        ),
+        (
+            "f16",
+            vec!["--device", &device, "--compute-dtype", "f16"],
+            F16_TOL,
+        ),
+        (
+            "bf16",
+            vec!["--device", &device, "--compute-dtype", "bf16"],
+            BF16_TOL,
+        ),
     ];
     for (name, extra, tol) in cases {
         let store = run(name, &extra, true);

@@ -1165,7 +1165,14 @@ mod tensor_op_conv_tests {
 
     fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1.0)
     }
 

@@ -344,3 +344,59 @@ fn process_cpu_seconds() -> f64 {
     });
     ticks / 100.0
 }
+
+/// Attention in blocks of a few queries gives the states of one block per utterance.
+#[test]
+fn blocked_attention_matches_whole_attention() {
+    let inputs = inputs();
+    for variant in VARIANTS {
+        let (cfg, model) = load(variant, DType::F32);
+        let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
+        let wave = inputs["norm_1"].to_vec1::<f32>().unwrap();
+        let mut engine = speechcache::models::wav2vec2::CpuEncoder::new(&model).unwrap();
+        let (whole, t) = engine.forward(&wave, &keep, false).unwrap();
+        assert!(t > 3, "{variant}: {t} frames is too short to split");
+        engine.set_attention_block(3 * t); // 3 query rows per block, the last one shorter
+        for parallel in [false, true] {
+            let (blocked, t2) = engine.forward(&wave, &keep, parallel).unwrap();
+            assert_eq!(t, t2);
+            for (a, b) in whole.iter().zip(&blocked) {
+                let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-5, "{variant} parallel={parallel}: {d}");
+            }
+        }
+    }
+}
+
+/// The CPU engine (one utterance at a time, blocked attention) and the tensor-op path give the
+/// same states on a padded batch, including early stops.
+#[test]
+fn cpu_engine_equals_tensor_op_path() {
+    let inputs = inputs();
+    for variant in VARIANTS {
+        let (cfg, model) = load(variant, DType::F32);
+        assert!(model.uses_cpu_engine() || std::env::var("SPEECHCACHE_ENGINE").is_ok());
+        let waves: Vec<Vec<f32>> = (0..N_UTTS)
+            .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
+            .collect();
+        let lengths: Vec<usize> = waves.iter().map(|w| w.len()).collect();
+        let s = *lengths.iter().max().unwrap();
+        let flat: Vec<f32> = waves
+            .iter()
+            .flat_map(|w| w.iter().copied().chain(std::iter::repeat(0.7).take(s - w.len())))
+            .collect();
+        let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();
+        for last in [1, cfg.num_hidden_layers] {
+            let (a, va) = model.forward(&batch, &lengths, last).unwrap();
+            let (b, vb) = model.forward_tensor_ops(&batch, &lengths, last).unwrap();
+            assert_eq!(va, vb);
+            assert_eq!(a.len(), last + 1);
+            for (x, y) in a.iter().zip(&b) {
+                for (i, &n) in va.iter().enumerate() {
+                    let d = max_abs_diff(&x.i(i).unwrap().narrow(0, 0, n).unwrap(), &y.i(i).unwrap().narrow(0, 0, n).unwrap());
+                    assert!(d < 1e-5, "{variant} state up to {last}, utterance {i}: {d}");
+                }
+            }
+        }
+    }
+}

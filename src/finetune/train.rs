@@ -376,7 +376,7 @@ pub fn train(
     valid: &dyn FeatureSource,
     started: Instant,
 ) -> Result<TrainSummary, TrainError> {
-    reserve_freed_memory();
+    crate::ops::kernels::reserve_freed_memory();
     let pool = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("speechcache-train-{i}"))
         .build()
@@ -791,23 +791,6 @@ impl Stepper<'_> {
 /// Seconds of an engine step's forward (featurizer through CTC loss).
 fn sum_forward(p: &StepProfile) -> f64 {
     p.forward.values().iter().sum()
-}
-
-/// Keep freed memory in the process for the next step instead of handing it back to the OS:
-/// a training step frees and reallocates the same large activation buffers every time, and
-/// glibc's defaults (mmap for blocks over 128 KiB, trimming the heap top) made the kernel zero
-/// fresh pages for every buffer of every step (a quarter of step time in page faults).
-fn reserve_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes glibc's allocator thresholds; called before the hot loop.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        // one arena: a thread arena's heaps are capped at 64 MiB, so large buffers allocated
-        // on pool threads would fall back to mmap (and fresh zeroed pages) every time
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
 }
 
 /// Work around candle 0.11's conv2d backward, which derives the transposed convolution's

@@ -31,8 +31,12 @@
 //! - attention adds a large negative value to padded keys.
 //!
 //! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
+#[path = "wav2vec2_cpu.rs"]
+mod cpu;
 #[path = "wav2vec2_ops.rs"]
 mod ops;
+
+pub use cpu::CpuEncoder;
 
 use crate::models::config::{Activation, Wav2Vec2Config};
 use candle_core::{DType, Device, Result, Tensor};
@@ -508,6 +512,8 @@ impl Encoder {
 /// Wall time of each stage of one forward pass (only when asked for: it synchronises the device).
 struct Profiler {
     laps: Option<Vec<(String, f64)>>,
+    /// Run the candle tensor ops even where the CPU engine applies.
+    tensor_ops: bool,
     start: std::time::Instant,
 }
 
@@ -515,6 +521,7 @@ impl Profiler {
     fn new(enabled: bool) -> Self {
         Self {
             laps: enabled.then(Vec::new),
+            tensor_ops: false,
             start: std::time::Instant::now(),
         }
     }
@@ -532,6 +539,8 @@ impl Profiler {
 /// transformers' `Wav2Vec2Model` / `HubertModel` (inference), returning every hidden state.
 pub struct Wav2Vec2Model {
     cfg: Wav2Vec2Config,
+    /// The CPU f32 engine over a copy of the weights, built on the first CPU f32 forward.
+    cpu: std::sync::OnceLock<CpuEncoder>,
     conv_layers: Vec<ConvLayer>,
     feature_projection: FeatureProjection,
     encoder: Encoder,
@@ -552,6 +561,7 @@ impl Wav2Vec2Model {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
+            cpu: std::sync::OnceLock::new(),
             conv_layers,
             feature_projection: FeatureProjection::load(vb.pp("feature_projection"), cfg)?,
             encoder: Encoder::load(vb.pp("encoder"), cfg)?,
@@ -591,6 +601,19 @@ impl Wav2Vec2Model {
         self.run(wave, lengths, max_hidden_state, &mut Profiler::new(false))
     }
 
+    /// `forward` through candle's tensor ops (with the fused CPU kernels) even on CPU f32, where
+    /// `forward` runs the CPU engine: the path CUDA and f16/bf16 take, for tests and comparisons.
+    pub fn forward_tensor_ops(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let mut prof = Profiler::new(false);
+        prof.tensor_ops = true;
+        self.run(wave, lengths, max_hidden_state, &mut prof)
+    }
+
     /// `forward` on a batch of waveforms of any lengths (zero-padded here into one
     /// [B, max length] tensor on the model's device). Normalise each one first with
     /// `normalize_waveform` when `preprocessor_config.json` says `do_normalize`.
@@ -623,6 +646,73 @@ impl Wav2Vec2Model {
         Ok((states, valid, prof.laps.unwrap_or_default()))
     }
 
+    /// Whether `forward` runs on the CPU engine (`CpuEncoder`): CPU f32, unless the
+    /// environment sets `SPEECHCACHE_ENGINE=candle` (the tensor-op path CUDA and f16/bf16 use).
+    pub fn uses_cpu_engine(&self) -> bool {
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && std::env::var("SPEECHCACHE_ENGINE").as_deref() != Ok("candle")
+    }
+
+    /// The CPU engine over this model's weights (built once, on first use).
+    pub fn cpu_engine(&self) -> Result<&CpuEncoder> {
+        if let Some(engine) = self.cpu.get() {
+            return Ok(engine);
+        }
+        let engine = CpuEncoder::new(self)?;
+        Ok(self.cpu.get_or_init(|| engine))
+    }
+
+    /// `forward` on the CPU engine: every utterance alone (no padding), in parallel, then
+    /// laid out as the padded `[B, T, H]` states of the tensor path (zeros past valid frames).
+    fn run_cpu(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let engine = self.cpu_engine()?;
+        let (b, s) = wave.dims2()?;
+        let t = frames_for_samples(&self.cfg, s);
+        let h = self.cfg.hidden_size;
+        let rows = wave.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let valid: Vec<usize> = lengths
+            .iter()
+            .map(|&n| frames_for_samples(&self.cfg, n))
+            .collect();
+        let keep: Vec<usize> = (0..=max_hidden_state).collect();
+        let runnable: Vec<usize> = (0..b).filter(|&i| valid[i] > 0).collect();
+        let results = std::sync::Mutex::new((0..b).map(|_| None).collect::<Vec<_>>());
+        engine.run_each(
+            runnable.len(),
+            &keep,
+            |j| rows[runnable[j]][..lengths[runnable[j]]].to_vec(),
+            |j, r| match results.lock() {
+                Ok(mut slots) => {
+                    slots[runnable[j]] = Some(r);
+                    true
+                }
+                Err(_) => false,
+            },
+        );
+        let results = results
+            .into_inner()
+            .map_err(|_| candle_core::Error::Msg("a CPU engine thread panicked".into()))?;
+        let mut flat = vec![vec![0f32; b * t * h]; keep.len()];
+        for (i, r) in results.into_iter().enumerate() {
+            let Some(r) = r else { continue };
+            let (states, n) = r?;
+            for (dst, state) in flat.iter_mut().zip(states) {
+                dst[i * t * h..(i * t + n) * h].copy_from_slice(&state);
+            }
+        }
+        let states = flat
+            .into_iter()
+            .map(|v| Tensor::from_vec(v, (b, t, h), &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((states, valid))
+    }
+
     fn run(
         &self,
         wave: &Tensor,
@@ -648,6 +738,9 @@ impl Wav2Vec2Model {
                 "a batch of {s} samples is shorter than the model's receptive field of {} samples",
                 self.cfg.receptive_field()
             );
+        }
+        if prof.laps.is_none() && !prof.tensor_ops && self.uses_cpu_engine() {
+            return self.run_cpu(wave, lengths, max_hidden_state);
         }
         let mut x = wave.to_dtype(self.dtype)?.reshape((b, s, 1))?;
         let mut valid = lengths.to_vec();

@@ -68,7 +68,7 @@ fn silu(x: f32) -> f32 {
 
 /// `xs[i] = act(xs[i] + bias[i % C])` over rows of length `bias.len()` (no bias: `bias` empty).
 #[inline(always)]
-fn bias_act_rows(xs: &mut [f32], bias: &[f32], act: Activation) {
+pub(super) fn bias_act_rows(xs: &mut [f32], bias: &[f32], act: Activation) {
     if !bias.is_empty() {
         for row in xs.chunks_exact_mut(bias.len()) {
             for (x, b) in row.iter_mut().zip(bias) {
@@ -87,6 +87,11 @@ fn bias_act_rows(xs: &mut [f32], bias: &[f32], act: Activation) {
 fn gelu_slice(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { gelu_slice_avx512(xs) };
+            return;
+        }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports the features the function is compiled for.
             unsafe { gelu_slice_avx2(xs) };
@@ -99,6 +104,12 @@ fn gelu_slice(xs: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_slice_avx2(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = gelu_erf(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gelu_slice_avx512(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = gelu_erf(*x));
 }
 
@@ -191,11 +202,33 @@ pub fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Te
 /// mask gives once exp underflows).
 #[inline(always)]
 fn softmax_row(row: &mut [f32], n: usize) {
+    const LANES: usize = 16;
     let (valid, masked) = row.split_at_mut(n.min(row.len()));
     masked.fill(0.0);
-    let max = valid.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in valid.iter_mut() {
+    // Lane-wise max and sum (one accumulator per SIMD lane), so both loops vectorise instead
+    // of waiting on one scalar dependency chain per element.
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = valid.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut sums = [0f32; LANES];
+    let mut chunks = valid.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = fast_exp(*v - max);
+            *s += *v;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
         *v = fast_exp(*v - max);
         sum += *v;
     }
@@ -203,9 +236,14 @@ fn softmax_row(row: &mut [f32], n: usize) {
     valid.iter_mut().for_each(|v| *v *= inv);
 }
 
-fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {
+pub(super) fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { softmax_rows_avx512(rows, t, n) };
+            return;
+        }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports the features the function is compiled for.
             unsafe { softmax_rows_avx2(rows, t, n) };
@@ -218,6 +256,12 @@ fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_rows_avx2(rows: &mut [f32], t: usize, n: usize) {
+    rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_rows_avx512(rows: &mut [f32], t: usize, n: usize) {
     rows.chunks_exact_mut(t).for_each(|r| softmax_row(r, n));
 }
 
@@ -388,7 +432,7 @@ impl SharedMut {
 /// `lhs` must hold `(m-1)·lhs_rs + k` values, `rhs` `k·n` values, and `dst` rows of stride
 /// `dst_rs` ≥ n must be writable for `m` rows.
 #[allow(clippy::too_many_arguments)]
-unsafe fn frames_gemm(
+pub(super) unsafe fn frames_gemm(
     m: usize,
     n: usize,
     k: usize,
@@ -436,7 +480,7 @@ unsafe fn frames_gemm(
 
 /// Output rows `t0..` of a one-input-channel conv: `out[t] = bias + Σ_j x[t·s + j] · w[j]`.
 #[allow(clippy::too_many_arguments)]
-fn direct_conv_rows(
+pub(super) fn direct_conv_rows(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,

@@ -76,7 +76,7 @@ def noise_corpus(a):
     for i in range(a.utts):
         n = int(rng.uniform(2.0, 10.0) * 16000)
         x = (rng.standard_normal(n) * 0.1 * 32767).clip(-32767, 32767).astype("<i2")
-        path = os.path.join(a.dir, "wav", f"utt{i:05d}.wav")
+        path = os.path.abspath(os.path.join(a.dir, "wav", f"utt{i:05d}.wav"))
         with wave.open(path, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)

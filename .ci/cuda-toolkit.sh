@@ -31,7 +31,7 @@ if ! python3 -m pip --version >/dev/null 2>&1; then
 fi
 rm -rf "$prefix"
 mkdir -p "$prefix"
-python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
   --target "$prefix/py" "${pins[@]}"
 cuda_home="$prefix/py/nvidia/cu13"
 [ -x "$cuda_home/bin/nvcc" ] || { echo "cuda-toolkit.sh: no nvcc in $cuda_home/bin after pip install" >&2; exit 1; }

@@ -40,25 +40,30 @@ fn no_gpu_reason(err: &candle_core::Error, ordinal: usize) -> String {
             .into();
     }
     let detail = err.to_string();
-    let reason = if detail.contains("CUDA_ERROR_STUB_LIBRARY") {
-        "libcuda.so.1 is the toolkit's stub, not an NVIDIA driver (no driver on this machine)"
-    } else if detail.contains("CUDA_ERROR_NO_DEVICE") {
-        "the NVIDIA driver sees no GPU"
-    } else if detail.contains("CUDA_ERROR_INVALID_DEVICE") {
-        return format!(
-            "there is no GPU with ordinal {ordinal} ({})",
-            one_line(&detail)
-        );
-    } else if detail.contains("CUDA_ERROR_INSUFFICIENT_DRIVER") {
-        "the NVIDIA driver is older than the CUDA version this build needs"
-    } else {
-        return format!("cannot open cuda:{ordinal}: {}", one_line(&detail));
+    // The driver's error name, without the backtrace candle appends under RUST_BACKTRACE.
+    let name = detail
+        .find("CUDA_ERROR_")
+        .map(|at| {
+            let rest = &detail[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .unwrap_or_else(|| detail.lines().next().unwrap_or("").trim());
+    let reason = match name {
+        "CUDA_ERROR_STUB_LIBRARY" => {
+            "libcuda.so.1 is the toolkit's stub, not an NVIDIA driver (no driver on this machine)"
+                .to_string()
+        }
+        "CUDA_ERROR_NO_DEVICE" => "the NVIDIA driver sees no GPU".to_string(),
+        "CUDA_ERROR_INVALID_DEVICE" => format!("there is no GPU with ordinal {ordinal}"),
+        "CUDA_ERROR_INSUFFICIENT_DRIVER" => {
+            "the NVIDIA driver is older than the CUDA version this build needs".to_string()
+        }
+        _ => format!("cannot open cuda:{ordinal}"),
     };
-    format!("{reason} ({})", one_line(&detail))
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    format!("{reason} ({name})")
 }
 
 thread_local! {
@@ -90,5 +95,52 @@ pub struct TensorOpsGuard {
 impl Drop for TensorOpsGuard {
     fn drop(&mut self) {
         FORCED_TENSOR_OPS.with(|f| f.set(self.previous));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_errors_become_one_short_reason() {
+        let stub = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_STUB_LIBRARY, \"x\")\n   0: candle_core::error::Error::bt\n   1: main"
+                .into(),
+        );
+        assert_eq!(
+            no_gpu_reason(&stub, 0),
+            "libcuda.so.1 is the toolkit's stub, not an NVIDIA driver (no driver on this machine) \
+             (CUDA_ERROR_STUB_LIBRARY)"
+        );
+        let ordinal =
+            candle_core::Error::Msg("DriverError(CUDA_ERROR_INVALID_DEVICE, \"\")".into());
+        assert_eq!(
+            no_gpu_reason(&ordinal, 3),
+            "there is no GPU with ordinal 3 (CUDA_ERROR_INVALID_DEVICE)"
+        );
+        let other = candle_core::Error::Msg("out of luck\n   0: bt".into());
+        assert_eq!(no_gpu_reason(&other, 1), "cannot open cuda:1 (out of luck)");
+    }
+
+    #[test]
+    fn device_names_are_checked() {
+        assert!(open("cpu").unwrap().is_cpu());
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda1"] {
+            let err = open(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid --device"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn force_tensor_ops_is_scoped_to_the_guard() {
+        assert!(cpu_kernels(&Device::Cpu) || std::env::var("SPEECHCACHE_CPU_KERNELS").is_ok());
+        let before = cpu_kernels(&Device::Cpu);
+        {
+            let _g = force_tensor_ops();
+            assert!(!cpu_kernels(&Device::Cpu));
+            let _inner = force_tensor_ops();
+        }
+        assert_eq!(cpu_kernels(&Device::Cpu), before);
     }
 }

@@ -14,7 +14,7 @@
 #   then prints one markdown table per measurement (also in OUT/gpu_check.md).
 #
 # usage: benches/gpu_check.sh [--device cuda:0] [--out DIR] [--quick] [--python PY]
-#                             [--prebuilt DIR] [--skip-tests]
+#                             [--prebuilt DIR] [--skip-tests | --tests-only]
 #        benches/gpu_check.sh --pack DIR     (on a build machine, no GPU needed: builds the CUDA
 #                             binaries and a wheel cache so a GPU machine without network or
 #                             toolkit runs `benches/gpu_check.sh --prebuilt DIR`)
@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-device=cuda:0; out=bench-out/gpu; quick=0; py=python3; prebuilt=""; pack=""; skip_tests=0
+device=cuda:0; out=bench-out/gpu; quick=0; py=python3; prebuilt=""; pack=""; skip_tests=0; tests_only=0
 while (($#)); do
   case "$1" in
     --device) device=$2; shift 2 ;;
@@ -33,6 +33,7 @@ while (($#)); do
     --prebuilt) prebuilt=$2; shift 2 ;;
     --pack) pack=$2; shift 2 ;;
     --skip-tests) skip_tests=1; shift ;;
+    --tests-only) tests_only=1; shift ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -74,16 +75,18 @@ if [ -n "$pack" ]; then
   export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
   tests_bin=$(build_cuda)
   mkdir -p "$pack/wheels"
-  cp target/cuda/release/speechcache "$pack/speechcache"
-  cp "$tests_bin" "$pack/device_paths"
-  strip "$pack/speechcache" "$pack/device_paths" 2>/dev/null || true
+  # xz: the two binaries are ~120 MB, ~16 MB compressed (a lent machine takes 64 MiB).
+  xz -T0 -6 -c target/cuda/release/speechcache > "$pack/speechcache.xz"
+  xz -T0 -6 -c "$tests_bin" > "$pack/device_paths.xz"
   echo "$root" > "$pack/built_in"
-  # transformers for the peer and the random checkpoint; torch comes from the GPU machine.
+  # transformers 4.46.3 for the peer and the random checkpoint, without what a torch venv has
+  # (torch, numpy, filelock, fsspec, typing-extensions); torch comes from the GPU machine.
   for v in 3.10 3.11 3.12; do
-    "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+    "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
         --python-version "$v" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-        -d "$pack/wheels" transformers==4.46.3 safetensors tokenizers huggingface-hub regex \
-        pyyaml tqdm requests filelock packaging >&2
+        -d "$pack/wheels" transformers==4.46.3 tokenizers==0.20.3 safetensors==0.8.0 \
+        huggingface-hub==0.36.2 hf-xet==1.8.0 regex pyyaml tqdm requests charset-normalizer idna \
+        urllib3 certifi packaging filelock fsspec typing-extensions >&2
   done
   du -sh "$pack" >&2
   echo "pack ready: $pack (run: benches/gpu_check.sh --prebuilt $pack)"
@@ -97,13 +100,24 @@ if [ -n "$prebuilt" ]; then
   if [ "$built_in" != "$root" ]; then
     [ -e "$built_in" ] || { mkdir -p "$(dirname "$built_in")"; ln -sfn "$root" "$built_in"; }
   fi
-  mkdir -p target/cuda/release
-  cp "$prebuilt/speechcache" target/cuda/release/speechcache
-  tests_bin=$prebuilt/device_paths
-  if ! "$py" -c 'import transformers' 2>/dev/null && [ -d "$prebuilt/wheels" ]; then
-    "$py" -m venv --system-site-packages "$out/venv" >&2
-    "$out/venv/bin/pip" install --quiet --no-index --find-links "$prebuilt/wheels" transformers==4.46.3 >&2
-    py=$out/venv/bin/python
+  mkdir -p target/cuda/release "$out"
+  xz -dc "$prebuilt/speechcache.xz" > target/cuda/release/speechcache
+  xz -dc "$prebuilt/device_paths.xz" > "$out/device_paths"
+  chmod +x target/cuda/release/speechcache "$out/device_paths"
+  tests_bin=$out/device_paths
+  # No toolkit here: what the loader cannot find (ldd) is taken from the CUDA 13 runtime
+  # libraries of the machine's torch venv (nvidia-* wheels).
+  missing() { ldd target/cuda/release/speechcache | sed -n 's/^[[:space:]]*\([^ ]*\) => not found.*/\1/p'; }
+  need=$(missing)
+  if [ -n "$need" ]; then
+    dirs=$("$py" -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null || true)
+    for lib in $need; do
+      # shellcheck disable=SC2086
+      d=$( [ -n "$dirs" ] && find $dirs -name "$lib" 2>/dev/null | head -1 | xargs -r dirname)
+      [ -z "$d" ] || export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    done
+    need=$(missing)
+    [ -z "$need" ] || { echo "gpu_check.sh: not found on this machine (driver, or in $py's nvidia wheels):" $need >&2; exit 1; }
   fi
 else
   use_toolkit
@@ -132,6 +146,8 @@ if [ "$skip_tests" = 0 ]; then
   emit '```'
   emit ""
 fi
+
+[ "$tests_only" = 0 ] || { say "done (tests only) in $(($(date +%s) - started)) s"; exit 0; }
 
 # ---------------------------------------------------------------- extract x-real-time
 

@@ -121,16 +121,19 @@ fn transformers_states(variant: &str, layers: usize) -> Vec<Vec<Vec<f32>>> {
         .collect()
 }
 
-/// Hidden states `[utterance][layer]` (valid frames, f32) of each waveform run alone, then of
-/// all of them in one batch padded with a loud signal.
+/// Hidden states `[utterance][layer]`, each the valid frames as f32.
+type States = Vec<Vec<Vec<f32>>>;
+
+/// [`States`] of each waveform run alone, then of all of them in one batch padded with a loud
+/// signal.
 fn encoder_states(
     model: &Wav2Vec2Model,
     layers: usize,
     waves: &[Vec<f32>],
     dev: &Device,
     dtype: DType,
-) -> (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) {
-    let states = |batch: Tensor, lengths: &[usize]| -> Vec<Vec<Vec<f32>>> {
+) -> (States, States) {
+    let states = |batch: Tensor, lengths: &[usize]| -> States {
         let batch = batch.to_device(dev).unwrap().to_dtype(dtype).unwrap();
         let (hidden, valid) = model.forward(&batch, lengths, layers).unwrap();
         (0..lengths.len())

@@ -183,22 +183,9 @@ pub fn parse_layers(text: &str, max: usize) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N`.
+/// Parses and opens `cpu`, `cuda`, `cuda:N` (see [`crate::device::open`]).
 pub fn parse_device(text: &str) -> anyhow::Result<Device> {
-    match text.trim() {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0)
-            .context("cannot open cuda:0 (was speechcache built with --features cuda?)"),
-        other => match other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(n) => Device::new_cuda(n).with_context(|| {
-                format!("cannot open {other} (was speechcache built with --features cuda?)")
-            }),
-            None => bail!("invalid --device {other:?}: use cpu, cuda or cuda:N"),
-        },
-    }
+    crate::device::open(text)
 }
 
 /// What produces the features.

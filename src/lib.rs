@@ -6,6 +6,7 @@
 
 pub mod audio;
 pub mod bench;
+pub mod device;
 pub mod extract;
 pub mod finetune;
 pub mod manifest;

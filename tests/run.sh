@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
 cargo test --release
 bash tests/python.sh
+bash tests/cuda_build.sh   # the CUDA build (no GPU needed): compiled and tested against a driver stub

@@ -95,23 +95,9 @@ pub struct DecodeArgs {
     pub quiet: bool,
 }
 
-/// `cpu`, `cuda`, `cuda:N` → a candle device.
+/// `cpu`, `cuda`, `cuda:N` → a candle device (see [`crate::device::open`]).
 pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    let s = s.trim();
-    if s == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let ordinal = match s.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| anyhow::anyhow!("--device {s}: expected cpu, cuda or cuda:N"))?,
-        None => anyhow::bail!("--device {s}: expected cpu, cuda or cuda:N"),
-    };
-    candle_core::Device::new_cuda(ordinal).map_err(|e| {
-        anyhow::anyhow!("--device {s}: {e} (was speechcache built with `--features cuda`?)")
-    })
+    crate::device::open(s)
 }
 
 pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {

@@ -78,7 +78,10 @@ impl Adam {
         let bc2_sqrt = bc2.sqrt();
         for (i, g) in grads.iter().enumerate() {
             let p = &self.params[i].1;
-            if p.device().is_cpu() && p.dtype() == DType::F32 && g.dtype() == DType::F32 {
+            if crate::device::cpu_kernels(p.device())
+                && p.dtype() == DType::F32
+                && g.dtype() == DType::F32
+            {
                 self.step_cpu_f32(i, g, lr, (step_size, bc2_sqrt))?;
                 continue;
             }

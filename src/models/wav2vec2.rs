@@ -692,9 +692,10 @@ impl Wav2Vec2Model {
     }
 
     /// Whether `forward` runs on the CPU engine (`CpuEncoder`): CPU f32, unless the
-    /// environment sets `SPEECHCACHE_ENGINE=candle` (the tensor-op path CUDA and f16/bf16 use).
+    /// environment sets `SPEECHCACHE_ENGINE=candle` (the tensor-op path CUDA and f16/bf16 use)
+    /// or the CPU kernels are off (`SPEECHCACHE_CPU_KERNELS=off`, `device::force_tensor_ops`).
     pub fn uses_cpu_engine(&self) -> bool {
-        self.device.is_cpu()
+        crate::device::cpu_kernels(&self.device)
             && self.dtype == DType::F32
             && std::env::var("SPEECHCACHE_ENGINE").as_deref() != Ok("candle")
     }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 const TASK_ELEMS: usize = 1 << 15;
 
 fn fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    crate::device::cpu_kernels(x.device()) && x.dtype() == DType::F32
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -311,6 +311,12 @@ pub fn masked_softmax(
         Some(m) => scores.broadcast_add(m)?,
         None => scores.clone(),
     };
+    // candle's CUDA softmax sums in f32 for f16/bf16; its CPU softmax sums in the input dtype,
+    // which loses most of bf16's 8 bits over a few hundred keys, so the CPU sums in f32 too.
+    if scores.device().is_cpu() && scores.dtype() != DType::F32 {
+        let dtype = scores.dtype();
+        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
     candle_nn::ops::softmax_last_dim(&scores)
 }
 
@@ -1189,5 +1195,79 @@ mod tests {
     fn libm_erf(x: f64) -> f64 {
         let t = Tensor::new(&[x], &Device::Cpu).unwrap();
         t.erf().unwrap().to_vec1::<f64>().unwrap()[0]
+    }
+}
+
+/// The CUDA paths of the convs (frames gathered in chunks, then one matmul per chunk) run on
+/// the CPU with the fused kernels turned off, with chunks small enough that every conv takes
+/// several and the last one is short; they must equal the fused CPU convs.
+#[cfg(test)]
+mod tensor_op_conv_tests {
+    use super::*;
+    use crate::device::force_tensor_ops;
+    use candle_core::Device;
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1.0)
+    }
+
+    #[test]
+    fn chunked_frame_gathers_equal_the_fused_convs() {
+        let dev = Device::Cpu;
+        let (b, t_in, c_in, c_out, k, stride) = (3, 61, 5, 7, 3, 2);
+        let x = Tensor::randn(0f32, 1.0, (b, t_in, c_in), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (k * c_in, c_out), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.1, c_out, &dev).unwrap();
+        let (nw, nb) = (
+            Tensor::randn(1f32, 0.2, c_out, &dev).unwrap(),
+            Tensor::randn(0f32, 0.2, c_out, &dev).unwrap(),
+        );
+        let post = |i: usize| match i {
+            0 => ConvPost::Identity,
+            1 => ConvPost::Act(Activation::Gelu),
+            _ => ConvPost::LayerNormAct {
+                weight: &nw,
+                bias: &nb,
+                eps: 1e-5,
+                act: Activation::Gelu,
+            },
+        };
+        // 7 output frames per chunk: 30 frames take 5 chunks, the last of 2.
+        let chunk = b * k * c_in * 7;
+        for i in 0..3 {
+            let run = || strided_conv(&x, &w, Some(&bias), k, stride, chunk, post(i)).unwrap();
+            let fused = run();
+            let tensor_ops = {
+                let _g = force_tensor_ops();
+                run()
+            };
+            assert_eq!(fused.dims(), &[b, (t_in - k) / stride + 1, c_out]);
+            let e = rel_diff(&tensor_ops, &fused);
+            assert!(e < 1e-5, "strided conv, post {i}: {e}");
+        }
+
+        // positional conv: 4 groups of 3 channels, kernel 5, 23 outputs in chunks of 4 frames
+        let (g, cg, kp, t) = (4, 3, 5, 23);
+        let xg = Tensor::randn(0f32, 1.0, (g, b, t + kp, cg), &dev).unwrap();
+        let wg = Tensor::randn(0f32, 0.3, (g, kp * cg, cg), &dev).unwrap();
+        let bg = Tensor::randn(0f32, 0.1, g * cg, &dev).unwrap();
+        let chunk = g * b * kp * cg * 4;
+        let fused = grouped_conv(&xg, &wg, &bg, kp, t, chunk).unwrap();
+        let tensor_ops = {
+            let _g = force_tensor_ops();
+            grouped_conv(&xg, &wg, &bg, kp, t, chunk).unwrap()
+        };
+        assert_eq!(fused.dims(), &[b, t, g * cg]);
+        let e = rel_diff(&tensor_ops, &fused);
+        assert!(e < 1e-5, "grouped conv: {e}");
     }
 }

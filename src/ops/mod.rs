@@ -208,7 +208,7 @@ impl Dropout {
         if !(0.0..1.0).contains(&self.p) {
             candle_core::bail!("dropout probability must be in [0, 1), got {}", self.p)
         }
-        if !x.device().is_cpu() {
+        if !crate::device::cpu_kernels(x.device()) {
             return candle_nn::ops::dropout(x, self.p as f32);
         }
         let mask = self.rng.keep_mask(x.elem_count(), self.p)?;
@@ -283,7 +283,7 @@ impl DepthwiseConv1d {
 /// launches; candle's grouped conv would run one conv per channel there).
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     check_depthwise_shapes(x, weight)?;
-    if !x.device().is_cpu() {
+    if !crate::device::cpu_kernels(x.device()) {
         return depthwise_conv1d_shift_add(x, weight);
     }
     let k = weight.dim(2)?;

@@ -4,7 +4,7 @@
 //! Utterances are taken in windows of store order; inside a window they are sorted by length
 //! and batched by total audio seconds (little padding), and results are written back in store
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
-use crate::models::checkpoint::{load_checkpoint_with_config, LoadedCheckpoint};
+use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
 use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
@@ -615,28 +615,41 @@ fn build_extractor(
         ("auto", false, Dtype::Bf16) => DType::BF16,
         _ => DType::F32,
     };
-    let mut checkpoint = load_model_checkpoint(
+    // The model (and the CPU engine) are built while the weights are hashed.
+    let (checkpoint, built) = load_checkpoint_then(
         Path::new(&args.model),
         args.model_config.as_deref(),
         &device,
         dtype,
-    )?;
-    let cfg = &checkpoint.config;
-    if checkpoint.preprocessor.sampling_rate != audio.sample_rate() {
-        bail!(
-            "{} expects {} Hz audio but {} is {} Hz: prepare it with --sample-rate {}",
-            args.model,
-            checkpoint.preprocessor.sampling_rate,
-            args.data.display(),
-            audio.sample_rate(),
-            checkpoint.preprocessor.sampling_rate
-        );
-    }
-    let layers = parse_layers(&args.layers, cfg.num_hidden_layers)?;
-    let model = Wav2Vec2Model::load(checkpoint.var_builder(), cfg)
-        .with_context(|| format!("cannot build the model from {}", args.model))?;
-    // The model holds its own (re-laid-out) weights; keep only the checkpoint's description.
-    checkpoint.tensors.clear();
+        |ckpt| -> anyhow::Result<(Wav2Vec2Model, Option<CpuEncoder>)> {
+            if ckpt.preprocessor.sampling_rate != audio.sample_rate() {
+                bail!(
+                    "{} expects {} Hz audio but {} is {} Hz: prepare it with --sample-rate {}",
+                    args.model,
+                    ckpt.preprocessor.sampling_rate,
+                    args.data.display(),
+                    audio.sample_rate(),
+                    ckpt.preprocessor.sampling_rate
+                );
+            }
+            let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config)
+                .with_context(|| format!("cannot build the model from {}", args.model))?;
+            // The model holds its own (re-laid-out) weights; keep only the description.
+            ckpt.tensors.clear();
+            let engine = if model.uses_cpu_engine() {
+                Some(
+                    CpuEncoder::new(&model)
+                        .with_context(|| format!("cannot build the model from {}", args.model))?,
+                )
+            } else {
+                None
+            };
+            Ok((model, engine))
+        },
+    )
+    .with_context(|| format!("cannot load the model {}", args.model))?;
+    let (model, engine) = built?;
+    let layers = parse_layers(&args.layers, checkpoint.config.num_hidden_layers)?;
     let cfg = &checkpoint.config;
     let samples_per_frame: usize = cfg.conv_stride.iter().product();
     let frame_rate = audio.sample_rate() as f64 / samples_per_frame as f64;
@@ -661,13 +674,11 @@ fn build_extractor(
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    let extractor = if model.uses_cpu_engine() {
-        // The engine copies the weights; the candle model is dropped here.
+    let extractor = if let Some(engine) = engine {
+        // The engine holds a copy of the weights; the candle model is dropped here.
+        drop(model);
         Extractor::Engine {
-            engine: Box::new(
-                CpuEncoder::new(&model)
-                    .with_context(|| format!("cannot build the model from {}", args.model))?,
-            ),
+            engine: Box::new(engine),
             checkpoint: Box::new(checkpoint),
         }
     } else {
@@ -679,16 +690,6 @@ fn build_extractor(
         }
     };
     Ok((extractor, spec))
-}
-
-fn load_model_checkpoint(
-    path: &Path,
-    config: Option<&Path>,
-    device: &Device,
-    dtype: DType,
-) -> anyhow::Result<LoadedCheckpoint> {
-    load_checkpoint_with_config(path, config, device, dtype)
-        .with_context(|| format!("cannot load the model {}", path.display()))
 }
 
 /// Estimates the store size from the index alone and refuses when the disk is too small.

@@ -128,20 +128,41 @@ pub fn load_checkpoint_with_config(
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedCheckpoint, CheckpointError> {
+    load_checkpoint_then(path, config, device, dtype, |_| ()).map(|(ckpt, ())| ckpt)
+}
+
+/// As [`load_checkpoint_with_config`], then runs `then` on the checkpoint (e.g. building the
+/// model from it) while the weights are still being hashed on another thread: the hash (part
+/// of a feature store's identity) costs no wall time of its own. `then` sees an empty
+/// `weights_sha256`; the returned checkpoint has it.
+pub fn load_checkpoint_then<R>(
+    path: &Path,
+    config: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+    then: impl FnOnce(&mut LoadedCheckpoint) -> R,
+) -> Result<(LoadedCheckpoint, R), CheckpointError> {
     let weights = find_weights(path)?;
     let (source, files) = Source::open(&weights)?;
-    // The weights' hash (part of a feature store's identity) is read on another thread while
-    // this one parses and converts the tensors.
     std::thread::scope(|scope| {
         let hash = scope.spawn(|| sha256_files(&files));
-        let loaded = load_opened(path, config, device, dtype, &weights, &source);
+        let loaded = load_opened(path, config, device, dtype, &weights, &source)
+            .map(|mut ckpt| {
+                let r = then(&mut ckpt);
+                (ckpt, r)
+            });
         let weights_sha256 = hash.join().map_err(|_| CheckpointError::Unreadable {
             path: weights.clone(),
             reason: "hashing the weights panicked".into(),
         })??;
-        loaded.map(|ckpt| LoadedCheckpoint {
-            weights_sha256,
-            ..ckpt
+        loaded.map(|(ckpt, r)| {
+            (
+                LoadedCheckpoint {
+                    weights_sha256,
+                    ..ckpt
+                },
+                r,
+            )
         })
     })
 }

@@ -148,20 +148,23 @@ fn transposed(w: &Tensor) -> Result<Tensor> {
     if !(w.device().is_cpu() && w.dtype() == DType::F32) {
         return w.t()?.contiguous();
     }
-    const BLOCK: usize = 64;
+    // 16 source rows per tile (the rows of a large matrix are pages apart: more would thrash
+    // the TLB), 64 output rows per task; reads run along source rows.
+    const ROWS: usize = 16;
+    const COLS: usize = 64;
     let (r, c) = w.dims2()?;
     let src = w.flatten_all()?.to_vec1::<f32>()?;
     let mut dst = vec![0f32; r * c];
-    dst.par_chunks_mut(BLOCK * r.max(1))
+    dst.par_chunks_mut(COLS * r.max(1))
         .enumerate()
-        .for_each(|(bj, rows)| {
-            let j0 = bj * BLOCK;
-            let cols = rows.len() / r.max(1);
-            for i0 in (0..r).step_by(BLOCK) {
-                for dj in 0..cols {
-                    let out = &mut rows[dj * r..(dj + 1) * r];
-                    for i in i0..(i0 + BLOCK).min(r) {
-                        out[i] = src[i * c + j0 + dj];
+        .for_each(|(bj, out)| {
+            let j0 = bj * COLS;
+            let cols = out.len() / r.max(1);
+            for i0 in (0..r).step_by(ROWS) {
+                for i in i0..(i0 + ROWS).min(r) {
+                    let row = &src[i * c + j0..i * c + j0 + cols];
+                    for (dj, &v) in row.iter().enumerate() {
+                        out[dj * r + i] = v;
                     }
                 }
             }

@@ -275,10 +275,18 @@ pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
         s.load_seconds,
         s.model_seconds,
         s.io_seconds,
-        if s.streamed { " (overlapped with the model)" } else { "" },
+        if s.streamed {
+            " (overlapped with the model)"
+        } else {
+            ""
+        },
         s.finish_seconds,
         other.max(0.0),
-        if s.wall_seconds > 0.0 { 100.0 * s.cpu_seconds / s.wall_seconds } else { 0.0 },
+        if s.wall_seconds > 0.0 {
+            100.0 * s.cpu_seconds / s.wall_seconds
+        } else {
+            0.0
+        },
         s.threads
     );
     if s.failed > 0 {
@@ -436,7 +444,9 @@ impl EngineJob<'_> {
         for i in self.first..audio.len() {
             let row = &audio.rows()[i];
             let seconds = row.length as f64 / rate;
-            let need = self.engine.peak_bytes(row.length as usize, self.layers.len());
+            let need = self
+                .engine
+                .peak_bytes(row.length as usize, self.layers.len());
             let reason = if seconds > self.args.max_seconds_per_utterance {
                 Some(format!(
                     "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
@@ -523,7 +533,10 @@ impl EngineJob<'_> {
                     flush(&mut ready, &mut next)?;
                 }
                 if next != audio.len() {
-                    bail!("the model stopped after utterance {next} of {}", audio.len());
+                    bail!(
+                        "the model stopped after utterance {next} of {}",
+                        audio.len()
+                    );
                 }
                 Ok(())
             };
@@ -549,7 +562,12 @@ fn tensor_path_bytes(
     elem: usize,
 ) -> u64 {
     let (mut t, mut c, mut conv_peak) = (samples, 1usize, 0usize);
-    for ((&k, &s), &d) in cfg.conv_kernel.iter().zip(&cfg.conv_stride).zip(&cfg.conv_dim) {
+    for ((&k, &s), &d) in cfg
+        .conv_kernel
+        .iter()
+        .zip(&cfg.conv_stride)
+        .zip(&cfg.conv_dim)
+    {
         let t_out = if t < k { 0 } else { (t - k) / s + 1 };
         // input, output, and the gathered frames of one chunk
         conv_peak = conv_peak.max(t * c + 2 * t_out * d);
@@ -814,7 +832,12 @@ fn extract_window(
                 }
             });
             let bytes = |samples: usize| {
-                tensor_path_bytes(&checkpoint.config, samples, max_layer + 1, dtype.size_in_bytes())
+                tensor_path_bytes(
+                    &checkpoint.config,
+                    samples,
+                    max_layer + 1,
+                    dtype.size_in_bytes(),
+                )
             };
             // An utterance that cannot fit even alone is listed, not run.
             runnable.retain(|&i| {

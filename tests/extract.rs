@@ -454,7 +454,14 @@ fn long_utterances_at_a_high_frame_rate_stay_in_bounded_memory() {
     }
     let audio = tmp.path().join("audio");
     ok(&bin()
-        .args(["prepare", "--quiet", "--input", s(&wavs), "--out", s(&audio)])
+        .args([
+            "prepare",
+            "--quiet",
+            "--input",
+            s(&wavs),
+            "--out",
+            s(&audio),
+        ])
         .output()
         .unwrap());
     let model = fast_frame_model(tmp.path());
@@ -476,11 +483,15 @@ fn long_utterances_at_a_high_frame_rate_stay_in_bounded_memory() {
         ok(&c.output().unwrap());
         let store = FeatureStore::open(&out).unwrap();
         assert_eq!(store.len(), 3, "{engine}");
-        let lens: Vec<usize> = (0..3).map(|i| store.to_array(i, 2).unwrap().nrows()).collect();
+        let lens: Vec<usize> = (0..3)
+            .map(|i| store.to_array(i, 2).unwrap().nrows())
+            .collect();
         assert_eq!(lens[0], 12_799, "{engine}: 16 s at 800 frames/s");
         frames.push((lens, store.to_array(1, 2).unwrap()));
     }
     assert_eq!(frames[0].0, frames[1].0);
-    let d = (&frames[0].1 - &frames[1].1).iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = (&frames[0].1 - &frames[1].1)
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()));
     assert!(d < 1e-3, "engine and tensor path differ by {d}");
 }

@@ -360,7 +360,11 @@ fn blocked_attention_matches_whole_attention() {
         let (blocked, t2) = engine.forward(&wave, &keep, false).unwrap();
         assert_eq!(t, t2);
         for (a, b) in whole.iter().zip(&blocked) {
-            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(d < 1e-5, "{variant}: {d}");
         }
         // Spread over the pool, an utterance gets the same bits as on one thread (resumed
@@ -389,7 +393,11 @@ fn cpu_engine_equals_tensor_op_path() {
         let s = *lengths.iter().max().unwrap();
         let flat: Vec<f32> = waves
             .iter()
-            .flat_map(|w| w.iter().copied().chain(std::iter::repeat(0.7).take(s - w.len())))
+            .flat_map(|w| {
+                w.iter()
+                    .copied()
+                    .chain(std::iter::repeat(0.7).take(s - w.len()))
+            })
             .collect();
         let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();
         for last in [1, cfg.num_hidden_layers] {
@@ -399,7 +407,10 @@ fn cpu_engine_equals_tensor_op_path() {
             assert_eq!(a.len(), last + 1);
             for (x, y) in a.iter().zip(&b) {
                 for (i, &n) in va.iter().enumerate() {
-                    let d = max_abs_diff(&x.i(i).unwrap().narrow(0, 0, n).unwrap(), &y.i(i).unwrap().narrow(0, 0, n).unwrap());
+                    let d = max_abs_diff(
+                        &x.i(i).unwrap().narrow(0, 0, n).unwrap(),
+                        &y.i(i).unwrap().narrow(0, 0, n).unwrap(),
+                    );
                     assert!(d < 1e-5, "{variant} state up to {last}, utterance {i}: {d}");
                 }
             }

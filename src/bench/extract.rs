@@ -144,25 +144,30 @@ fn bench_cpu_engine(
     engine.forward(&noise(chunk_samples, 99), &keep[..2], false)?;
     engine.enable_profile();
     let failed = std::sync::Mutex::new(None);
-    let cpu0 = process_cpu_seconds();
+    let cpu0 = crate::extract::process_cpu_seconds();
     let t = Instant::now();
-    engine.run_each(chunks, &keep, |i| waves[i].clone(), |_, r| match r {
-        Ok((states, _)) => {
-            for s in states {
-                let half: Vec<half::f16> = s.iter().map(|&v| half::f16::from_f32(v)).collect();
-                std::hint::black_box(half);
+    engine.run_each(
+        chunks,
+        &keep,
+        |i| waves[i].clone(),
+        |_, r| match r {
+            Ok((states, _)) => {
+                for s in states {
+                    let half: Vec<half::f16> = s.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    std::hint::black_box(half);
+                }
+                true
             }
-            true
-        }
-        Err(e) => {
-            if let Ok(mut f) = failed.lock() {
-                *f = Some(e);
+            Err(e) => {
+                if let Ok(mut f) = failed.lock() {
+                    *f = Some(e);
+                }
+                false
             }
-            false
-        }
-    });
+        },
+    );
     let wall = t.elapsed().as_secs_f64();
-    let cpu = process_cpu_seconds() - cpu0;
+    let cpu = crate::extract::process_cpu_seconds() - cpu0;
     if let Some(e) = failed.into_inner().ok().flatten() {
         return Err(e.into());
     }
@@ -190,15 +195,6 @@ fn bench_cpu_engine(
         (cpu - profiled).max(0.0)
     );
     Ok(())
-}
-
-/// CPU time (user + system) of this process so far, in seconds.
-fn process_cpu_seconds() -> f64 {
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct we pass.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
-    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 /// A real-config model with random weights (`base`, `large`) or a checkpoint.

@@ -146,11 +146,10 @@ pub fn load_checkpoint_then<R>(
     let (source, files) = Source::open(&weights)?;
     std::thread::scope(|scope| {
         let hash = scope.spawn(|| sha256_files(&files));
-        let loaded = load_opened(path, config, device, dtype, &weights, &source)
-            .map(|mut ckpt| {
-                let r = then(&mut ckpt);
-                (ckpt, r)
-            });
+        let loaded = load_opened(path, config, device, dtype, &weights, &source).map(|mut ckpt| {
+            let r = then(&mut ckpt);
+            (ckpt, r)
+        });
         let weights_sha256 = hash.join().map_err(|_| CheckpointError::Unreadable {
             path: weights.clone(),
             reason: "hashing the weights panicked".into(),

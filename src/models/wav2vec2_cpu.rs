@@ -58,7 +58,11 @@ struct Laps<'a> {
 
 impl<'a> Laps<'a> {
     fn new(profile: Option<&'a Profile>) -> Self {
-        let last = if profile.is_some() { thread_cpu_nanos() } else { 0 };
+        let last = if profile.is_some() {
+            thread_cpu_nanos()
+        } else {
+            0
+        };
         Self { profile, last }
     }
 
@@ -122,12 +126,7 @@ fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// `f(first_row, rows)` over blocks of `c`-wide rows of `xs`, on the pool when `parallel`.
-fn for_rows(
-    xs: &mut [f32],
-    c: usize,
-    parallel: bool,
-    f: impl Fn(usize, &mut [f32]) + Send + Sync,
-) {
+fn for_rows(xs: &mut [f32], c: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
     let task = ROWS_PER_TASK * c;
     if parallel {
         xs.par_chunks_mut(task)
@@ -389,7 +388,12 @@ impl CpuEncoder {
                 STAGES
                     .iter()
                     .zip(&p.nanos)
-                    .map(|(name, n)| (*name, n.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9))
+                    .map(|(name, n)| {
+                        (
+                            *name,
+                            n.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -514,7 +518,11 @@ impl CpuEncoder {
                 wave.len()
             );
         }
-        let mut laps = Laps::new(if parallel { None } else { self.profile.as_ref() });
+        let mut laps = Laps::new(if parallel {
+            None
+        } else {
+            self.profile.as_ref()
+        });
         let mut x = wave.to_vec();
         for conv in &self.convs {
             x = conv.forward(&x, parallel);
@@ -631,7 +639,14 @@ impl CpuEncoder {
             s.normed.copy_from_slice(x);
             for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
             laps.lap(6);
-            self.attention(p, &s.normed, t, (&mut s.qkv, &mut s.ctx, &mut s.proj), parallel, laps);
+            self.attention(
+                p,
+                &s.normed,
+                t,
+                (&mut s.qkv, &mut s.ctx, &mut s.proj),
+                parallel,
+                laps,
+            );
             add_rows(x, &s.proj, h, None, parallel);
             s.normed.copy_from_slice(x);
             for_rows(&mut s.normed, h, parallel, |_, rows| p.ln2.rows(rows));
@@ -640,7 +655,14 @@ impl CpuEncoder {
             laps.lap(5);
             add_rows(x, &s.proj, h, None, parallel);
         } else {
-            self.attention(p, x, t, (&mut s.qkv, &mut s.ctx, &mut s.proj), parallel, laps);
+            self.attention(
+                p,
+                x,
+                t,
+                (&mut s.qkv, &mut s.ctx, &mut s.proj),
+                parallel,
+                laps,
+            );
             add_rows(x, &s.proj, h, Some(&p.ln1), parallel);
             laps.lap(6);
             self.feed_forward(p, x, &mut s.ff, &mut s.proj, parallel);

@@ -44,12 +44,23 @@ pub fn tree_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
 pub fn assert_same_tree(a: &Path, b: &Path) {
     let (ta, tb) = (tree_bytes(a), tree_bytes(b));
     let names = |t: &[(String, Vec<u8>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&ta), names(&tb), "{} and {} hold different files", a.display(), b.display());
+    assert_eq!(
+        names(&ta),
+        names(&tb),
+        "{} and {} hold different files",
+        a.display(),
+        b.display()
+    );
     let differ: Vec<&String> = ta
         .iter()
         .zip(&tb)
         .filter(|((_, x), (_, y))| x != y)
         .map(|((n, _), _)| n)
         .collect();
-    assert!(differ.is_empty(), "{} and {} differ in {differ:?}", a.display(), b.display());
+    assert!(
+        differ.is_empty(),
+        "{} and {} differ in {differ:?}",
+        a.display(),
+        b.display()
+    );
 }

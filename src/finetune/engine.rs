@@ -26,7 +26,7 @@ use crate::ops::kernels::{
     matmul_serial, residual_add, row_block, scale_mask, sigmoid, silu_backward, silu_forward,
     LayerNormSaved, Mat,
 };
-use crate::ops::{correlate_rows, kernel_major, weight_grad, DropoutRng};
+use crate::ops::{correlate_rows, kernel_major, weight_grad, winograd, DropoutRng};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -849,35 +849,60 @@ impl CpuEngine {
                     out.iter_mut().for_each(|v| *v = v.max(0.0));
                 });
             // conv1: d → d channels, stride s2: im2col blocks [rows, 9 d] · [9 d, d]
-            let w1 = conv_weight_taps_last(params.get("encoder.embed.conv.2.weight")?, d, d);
             let b1 = params.get("encoder.embed.conv.2.bias")?;
             let mut r1 = vec![0f32; b * t2 * f2 * d];
-            r1.par_chunks_mut(t2 * f2 * d)
-                .enumerate()
-                .for_each(|(bi, out)| {
-                    let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                    let mut col = Vec::new();
-                    let rows2 = valid2[bi];
-                    for tb in (0..rows2).step_by(T_BLOCK) {
-                        let rows_t = T_BLOCK.min(rows2 - tb);
-                        im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
-                        let o = &mut out[tb * f2 * d..][..rows_t * f2 * d];
-                        for row in o.chunks_exact_mut(d) {
+            if s2 == 1 {
+                // stride 1: Winograd F(2×2, 3×3), 2.25× fewer multiply-adds than im2col
+                let u =
+                    winograd::transform_filter(params.get("encoder.embed.conv.2.weight")?, d, d);
+                r1.par_chunks_mut(t2 * f2 * d)
+                    .enumerate()
+                    .for_each(|(bi, out)| {
+                        let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
+                        let rows2 = valid2[bi];
+                        let out = &mut out[..rows2 * f2 * d];
+                        for row in out.chunks_exact_mut(d) {
                             row.copy_from_slice(b1);
                         }
-                        matmul_serial(
-                            rows_t * f2,
-                            d,
-                            9 * d,
-                            o,
-                            d,
-                            Mat::rows(&col, 9 * d),
-                            Mat::rows(&w1, 9 * d).t(),
-                            true,
-                        );
-                        o.iter_mut().for_each(|v| *v = v.max(0.0));
-                    }
-                });
+                        let geo = winograd::Geometry {
+                            rows: t1,
+                            cols: f1,
+                            c_in: d,
+                            c_out: d,
+                            out_rows: rows2,
+                        };
+                        winograd::forward(src, geo, &u, out);
+                        out.iter_mut().for_each(|v| *v = v.max(0.0));
+                    });
+            } else {
+                let w1 = conv_weight_taps_last(params.get("encoder.embed.conv.2.weight")?, d, d);
+                r1.par_chunks_mut(t2 * f2 * d)
+                    .enumerate()
+                    .for_each(|(bi, out)| {
+                        let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
+                        let mut col = Vec::new();
+                        let rows2 = valid2[bi];
+                        for tb in (0..rows2).step_by(T_BLOCK) {
+                            let rows_t = T_BLOCK.min(rows2 - tb);
+                            im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
+                            let o = &mut out[tb * f2 * d..][..rows_t * f2 * d];
+                            for row in o.chunks_exact_mut(d) {
+                                row.copy_from_slice(b1);
+                            }
+                            matmul_serial(
+                                rows_t * f2,
+                                d,
+                                9 * d,
+                                o,
+                                d,
+                                Mat::rows(&col, 9 * d),
+                                Mat::rows(&w1, 9 * d).t(),
+                                true,
+                            );
+                            o.iter_mut().for_each(|v| *v = v.max(0.0));
+                        }
+                    });
+            }
             // out: [B T2, F2 d] · W'ᵀ with W' the [d, F2 d] permutation of ESPnet's [d, d F2]
             let wo = out_weight_freq_major(params.get("encoder.embed.out.0.weight")?, d, d, f2);
             linear_forward(
@@ -969,49 +994,68 @@ impl CpuEngine {
             relu_bias_backward(grads, "encoder.embed.conv.2.bias", &mut dr1, &saved.r1, d);
             // conv1: dW' = Σ dy1ᵀ col, dr0 = col2im(dy1 · W')
             let w1n = "encoder.embed.conv.2.weight";
-            let w1 = conv_weight_taps_last(params.get(w1n)?, d, d);
             let mut dr0 = vec![0f32; saved.r0.len()];
             let items: Vec<(usize, &mut [f32])> = dr0.chunks_mut(t1 * f1 * d).enumerate().collect();
             let r0 = &saved.r0;
             let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, s2);
-            let dw1 = grouped(items, w1.len(), |(bi, dsrc), acc| {
-                let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
-                let mut col = Vec::new();
-                let mut dcol = Vec::new();
-                let rows2 = valid2[bi];
-                for tb in (0..rows2).step_by(T_BLOCK) {
-                    let rows_t = T_BLOCK.min(rows2 - tb);
-                    let rows = rows_t * f2;
-                    im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
-                    let g = &dout[tb * f2 * d..][..rows * d];
-                    matmul_serial(
-                        d,
-                        9 * d,
-                        rows,
-                        acc,
-                        9 * d,
-                        Mat::rows(g, d).t(),
-                        Mat::rows(&col, 9 * d),
-                        true,
-                    );
-                    dcol.resize(rows * 9 * d, 0.0);
-                    matmul_serial(
-                        rows,
-                        9 * d,
-                        d,
-                        &mut dcol,
-                        9 * d,
-                        Mat::rows(g, d),
-                        Mat::rows(&w1, 9 * d),
-                        false,
-                    );
-                    col2im_channels_add(&dcol, (f1, d), (tb, rows_t, f2), s2, dsrc);
-                }
-            });
-            let mut g = grads.take(w1n, w1.len());
-            conv_weight_grad_channels_first(&dw1, d, d, &mut g);
-            grads.put(w1n, g);
+            if s2 == 1 {
+                let u = winograd::transform_filter(params.get(w1n)?, d, d);
+                let acc = grouped(items, 16 * d * d, |(bi, dsrc), acc| {
+                    let geo = winograd::Geometry {
+                        rows: t1,
+                        cols: f1,
+                        c_in: d,
+                        c_out: d,
+                        out_rows: valid2[bi],
+                    };
+                    let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
+                    let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
+                    winograd::backward(src, geo, &u, dout, acc, Some(dsrc));
+                });
+                let mut g = grads.take(w1n, d * d * 9);
+                winograd::add_filter_grad(&acc, d, d, &mut g);
+                grads.put(w1n, g);
+            } else {
+                let w1 = conv_weight_taps_last(params.get(w1n)?, d, d);
+                let dw1 = grouped(items, w1.len(), |(bi, dsrc), acc| {
+                    let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
+                    let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
+                    let mut col = Vec::new();
+                    let mut dcol = Vec::new();
+                    let rows2 = valid2[bi];
+                    for tb in (0..rows2).step_by(T_BLOCK) {
+                        let rows_t = T_BLOCK.min(rows2 - tb);
+                        let rows = rows_t * f2;
+                        im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
+                        let g = &dout[tb * f2 * d..][..rows * d];
+                        matmul_serial(
+                            d,
+                            9 * d,
+                            rows,
+                            acc,
+                            9 * d,
+                            Mat::rows(g, d).t(),
+                            Mat::rows(&col, 9 * d),
+                            true,
+                        );
+                        dcol.resize(rows * 9 * d, 0.0);
+                        matmul_serial(
+                            rows,
+                            9 * d,
+                            d,
+                            &mut dcol,
+                            9 * d,
+                            Mat::rows(g, d),
+                            Mat::rows(&w1, 9 * d),
+                            false,
+                        );
+                        col2im_channels_add(&dcol, (f1, d), (tb, rows_t, f2), s2, dsrc);
+                    }
+                });
+                let mut g = grads.take(w1n, w1.len());
+                conv_weight_grad_channels_first(&dw1, d, d, &mut g);
+                grads.put(w1n, g);
+            }
             drop(dr1);
             relu_bias_backward(grads, "encoder.embed.conv.0.bias", &mut dr0, &saved.r0, d);
             let w0n = "encoder.embed.conv.0.weight";

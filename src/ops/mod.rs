@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 pub mod kernels;
+pub mod winograd;
 
 /// Softmax over the last dimension built from differentiable primitives (never the fused
 /// `softmax_last_dim`, whose backward is missing).

@@ -529,3 +529,50 @@ fn sharded_safetensors_load_like_one_file() {
     cat.extend(std::fs::read(&shard2).unwrap());
     assert_eq!(ck.weights_sha256, hex::encode(Sha256::digest(&cat)));
 }
+
+#[test]
+fn weight_hashes_are_remembered_only_while_the_files_are_unchanged() {
+    use speechcache::models::checkpoint::sha256_with_cache;
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache/weights-sha256.json");
+    let file = dir.path().join("model.safetensors");
+    let old = SystemTime::now() - Duration::from_secs(3600);
+    let write = |bytes: &[u8]| {
+        std::fs::write(&file, bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    };
+    let files = [file.clone()];
+    write(b"first weights");
+    let first = sha256_with_cache(Some(&cache), &files).unwrap();
+    assert_eq!(first, hex::encode(Sha256::digest(b"first weights")));
+    assert!(cache.exists(), "a settled file's hash is remembered");
+    // the remembered value is what a second run returns (planted to prove it is read)
+    let text = std::fs::read_to_string(&cache).unwrap();
+    std::fs::write(&cache, text.replace(&first, "planted")).unwrap();
+    assert_eq!(sha256_with_cache(Some(&cache), &files).unwrap(), "planted");
+    // same size, same mtime, new bytes: the ctime moved, so it is hashed again
+    std::thread::sleep(Duration::from_millis(20));
+    write(b"other weights");
+    assert_eq!(
+        sha256_with_cache(Some(&cache), &files).unwrap(),
+        hex::encode(Sha256::digest(b"other weights"))
+    );
+    // a file modified just now is hashed but not remembered
+    let fresh = dir.path().join("fresh.safetensors");
+    std::fs::write(&fresh, b"fresh").unwrap();
+    let fresh_cache = dir.path().join("fresh-cache.json");
+    sha256_with_cache(Some(&fresh_cache), &[fresh]).unwrap();
+    assert!(!fresh_cache.exists());
+    // a cache that cannot be parsed is ignored
+    std::fs::write(&cache, "not json").unwrap();
+    assert_eq!(
+        sha256_with_cache(Some(&cache), &files).unwrap(),
+        hex::encode(Sha256::digest(b"other weights"))
+    );
+}

@@ -7,7 +7,9 @@ use candle_core::{Device, Tensor};
 use speechcache::ops::winograd;
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ops").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ops")
+        .join(name);
     candle_core::safetensors::load(&path, &Device::Cpu).expect("fixture loads")
 }
 

@@ -6,6 +6,7 @@
 use crate::finetune::config::{MaskWidth, SpecAugConfig};
 use candle_core::{Result, Tensor};
 use rand::Rng;
+use rayon::prelude::*;
 
 /// Multiply `feats [B, L, T, D]` by zero/one time and frequency masks.
 // Mirrors ESPnet's MaskAlongAxis / MaskAlongAxisVariableMaxWidth (replace_with_zero=True),
@@ -16,77 +17,90 @@ pub fn apply(
     lengths: &[usize],
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
-    if !cfg.enabled {
+    if !cfg.enabled
+        || (cfg.time_warp_window == 0 && cfg.num_time_masks == 0 && cfg.num_freq_masks == 0)
+    {
         return Ok(feats.clone());
     }
-    let warped;
-    let feats = if cfg.time_warp_window > 0 {
-        warped = time_warp(feats, lengths, cfg.time_warp_window, rng)?;
-        &warped
-    } else {
-        feats
-    };
-    if cfg.num_time_masks == 0 && cfg.num_freq_masks == 0 {
-        return Ok(feats.clone());
-    }
-    let (b, _l, t, d) = feats.dims4()?;
-    let mut time = vec![1f32; b * t];
-    let mut freq = vec![1f32; b * d];
-    for (u, &len) in lengths.iter().enumerate().take(b) {
-        let len = len.min(t);
-        let max_w = match cfg.time_mask_width {
-            MaskWidth::Frames(n) => n,
-            MaskWidth::Ratio(r) => (r * len as f64).floor() as usize,
-        };
-        let row = &mut time[u * t..u * t + len];
-        for _ in 0..cfg.num_time_masks {
-            mask_span(row, max_w, rng);
-        }
-        let row = &mut freq[u * d..(u + 1) * d];
-        for _ in 0..cfg.num_freq_masks {
-            mask_span(row, cfg.freq_mask_width, rng);
-        }
-    }
-    let dev = feats.device();
-    let time = Tensor::from_vec(time, (b, 1, t, 1), dev)?;
-    let freq = Tensor::from_vec(freq, (b, 1, 1, d), dev)?;
-    feats.broadcast_mul(&time)?.broadcast_mul(&freq)
-}
-
-/// Time warping of every utterance within its own length, on the CPU.
-// Mirrors ESPnet's espnet2/layers/time_warp.py (time_warp with mode "bicubic", per utterance
-// when lengths differ): a centre c drawn from [w, T - w) moves to c' from [c - w + 1, c + w];
-// the frames before and after it are resampled to c' and T - c' frames.
-fn time_warp(
-    feats: &Tensor,
-    lengths: &[usize],
-    window: usize,
-    rng: &mut impl Rng,
-) -> Result<Tensor> {
     let (b, l, t, d) = feats.dims4()?;
     let dev = feats.device().clone();
     let mut x = feats
         .to_device(&candle_core::Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let mut src = Vec::new();
-    for (u, &len) in lengths.iter().enumerate().take(b) {
-        let len = len.min(t);
-        if len <= 2 * window {
-            continue;
-        }
-        let centre = rng.random_range(window..len - window);
-        let new_centre = rng.random_range(centre - window..centre + window) + 1;
-        for layer in 0..l {
-            let start = (u * l + layer) * t * d;
-            let utt = &mut x[start..start + len * d];
-            src.clear();
-            src.extend_from_slice(utt);
-            resample_cubic(&src[..centre * d], d, &mut utt[..new_centre * d]);
-            resample_cubic(&src[centre * d..], d, &mut utt[new_centre * d..]);
+    apply_in_place(cfg, &mut x, (b, l, t, d), lengths, rng);
+    Tensor::from_vec(x, (b, l, t, d), &dev)
+}
+
+/// [`apply`] on the batch's values `x` `[B, L, T, D]` in place. All random draws come first,
+/// in a fixed order (the warps of every utterance, then its masks), and the (utterance, layer)
+/// blocks are then augmented in parallel.
+pub fn apply_in_place(
+    cfg: &SpecAugConfig,
+    x: &mut [f32],
+    (b, l, t, d): (usize, usize, usize, usize),
+    lengths: &[usize],
+    rng: &mut impl Rng,
+) {
+    if !cfg.enabled {
+        return;
+    }
+    // time warp: (centre, new centre) per utterance, drawn as ESPnet does
+    let mut warps: Vec<Option<(usize, usize)>> = vec![None; b];
+    let window = cfg.time_warp_window;
+    if window > 0 {
+        for (u, &len) in lengths.iter().enumerate().take(b) {
+            let len = len.min(t);
+            if len <= 2 * window {
+                continue;
+            }
+            let centre = rng.random_range(window..len - window);
+            let new_centre = rng.random_range(centre - window..centre + window) + 1;
+            warps[u] = Some((centre, new_centre));
         }
     }
-    Tensor::from_vec(x, (b, l, t, d), &dev)
+    let masked = cfg.num_time_masks > 0 || cfg.num_freq_masks > 0;
+    let mut time = vec![1f32; b * t];
+    let mut freq = vec![1f32; b * d];
+    if masked {
+        for (u, &len) in lengths.iter().enumerate().take(b) {
+            let len = len.min(t);
+            let max_w = match cfg.time_mask_width {
+                MaskWidth::Frames(n) => n,
+                MaskWidth::Ratio(r) => (r * len as f64).floor() as usize,
+            };
+            let row = &mut time[u * t..u * t + len];
+            for _ in 0..cfg.num_time_masks {
+                mask_span(row, max_w, rng);
+            }
+            let row = &mut freq[u * d..(u + 1) * d];
+            for _ in 0..cfg.num_freq_masks {
+                mask_span(row, cfg.freq_mask_width, rng);
+            }
+        }
+    }
+    x.par_chunks_mut((t * d).max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |src, (block, utt)| {
+            let u = block / l.max(1);
+            if let Some((centre, new_centre)) = warps[u] {
+                let len = lengths[u].min(t);
+                let utt = &mut utt[..len * d];
+                src.clear();
+                src.extend_from_slice(utt);
+                resample_cubic(&src[..centre * d], d, &mut utt[..new_centre * d]);
+                resample_cubic(&src[centre * d..], d, &mut utt[new_centre * d..]);
+            }
+            if masked {
+                // the products `x · time · freq` in this order, as the tensor ops gave them
+                let (tm, fm) = (&time[u * t..][..t], &freq[u * d..][..d]);
+                for (row, &a) in utt.chunks_exact_mut(d).zip(tm) {
+                    for (v, &f) in row.iter_mut().zip(fm) {
+                        *v = *v * a * f;
+                    }
+                }
+            }
+        });
 }
 
 /// Resample `src` (rows of `d` values) to `dst.len() / d` rows along time, as torch's
@@ -202,7 +216,15 @@ mod tests {
         let t = 30;
         let x: Vec<f32> = (0..2 * t).map(|i| (i % t) as f32).collect();
         let x = Tensor::from_vec(x, (2, 1, t, 1), &Device::Cpu).unwrap();
-        let y = time_warp(&x, &[30, 20], 5, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let cfg = SpecAugConfig {
+            enabled: true,
+            time_warp_window: 5,
+            num_time_masks: 0,
+            time_mask_width: MaskWidth::Frames(0),
+            num_freq_masks: 0,
+            freq_mask_width: 0,
+        };
+        let y = apply(&cfg, &x, &[30, 20], &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
         let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(
             &v[t + 20..],

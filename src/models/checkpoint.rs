@@ -145,7 +145,7 @@ pub fn load_checkpoint_then<R>(
     let weights = find_weights(path)?;
     let (source, files) = Source::open(&weights)?;
     std::thread::scope(|scope| {
-        let hash = scope.spawn(|| sha256_files(&files));
+        let hash = scope.spawn(|| cached_sha256(&files));
         let loaded = load_opened(path, config, device, dtype, &weights, &source).map(|mut ckpt| {
             let r = then(&mut ckpt);
             (ckpt, r)
@@ -686,9 +686,94 @@ fn stored_as(name: &str, e: &Entry) -> String {
     }
 }
 
+/// [`sha256_files`], remembered across runs: a checkpoint is hashed once, and later runs read
+/// the hash back while every file's device, inode, size, mtime and ctime are unchanged (as
+/// git's index and DVC's state do). Files modified within the last 2 s are not remembered
+/// (their mtime could still change within the same tick). The cache is
+/// `$SPEECHCACHE_CACHE_DIR` or `$XDG_CACHE_HOME/speechcache` (`~/.cache/speechcache`);
+/// `SPEECHCACHE_CACHE_DIR=off` turns it off. A cache that cannot be read or written is ignored.
+pub fn cached_sha256(paths: &[PathBuf]) -> Result<String, CheckpointError> {
+    sha256_with_cache(hash_cache_file().as_deref(), paths)
+}
+
+/// [`cached_sha256`] with the cache file given (`None`: no cache).
+pub fn sha256_with_cache(
+    cache: Option<&Path>,
+    paths: &[PathBuf],
+) -> Result<String, CheckpointError> {
+    let Some((cache, key)) = cache.zip(files_identity(paths)) else {
+        return sha256_files(paths);
+    };
+    let mut known: HashMap<String, String> = std::fs::read_to_string(&cache)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    if let Some(hash) = known.get(&key) {
+        return Ok(hash.clone());
+    }
+    let hash = sha256_files(paths)?;
+    // unchanged while we read, and not modified within the last 2 s
+    let settled = files_identity(paths).as_deref() == Some(key.as_str())
+        && paths.iter().all(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs_f64() > 2.0)
+        });
+    if settled {
+        known.insert(key, hash.clone());
+        if let (Some(dir), Ok(text)) = (cache.parent(), serde_json::to_string(&known)) {
+            let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
+            let written = std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&tmp, text))
+                .and_then(|_| std::fs::rename(&tmp, &cache));
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+    Ok(hash)
+}
+
+fn hash_cache_file() -> Option<PathBuf> {
+    let dir = match std::env::var_os("SPEECHCACHE_CACHE_DIR") {
+        Some(d) if d == "off" => return None,
+        Some(d) => PathBuf::from(d),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+            .join("speechcache"),
+    };
+    Some(dir.join("weights-sha256.json"))
+}
+
+/// One string naming the exact state of `paths`: canonical path, device, inode, size, mtime
+/// and ctime (ns) of each.
+fn files_identity(paths: &[PathBuf]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in paths {
+        let m = std::fs::metadata(p).ok()?;
+        let path = std::fs::canonicalize(p).ok()?;
+        parts.push(format!(
+            "{}|{}:{}|{}|{}.{}|{}.{}",
+            path.display(),
+            m.dev(),
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        ));
+    }
+    Some(parts.join("\n"))
+}
+
 /// sha256 of the weights bytes; for a sharded checkpoint, of its shards concatenated in index
 /// order (`cat shard1 shard2 ... | sha256sum`).
-fn sha256_files(paths: &[PathBuf]) -> Result<String, CheckpointError> {
+pub fn sha256_files(paths: &[PathBuf]) -> Result<String, CheckpointError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for path in paths {

@@ -114,62 +114,30 @@ impl LayerNorm {
 
 /// nn.Linear on `[B, T, in]`, as one `[B·T, in] × [in, out]` matmul.
 struct Linear {
-    /// `[in, out]` (a transposed view of the checkpoint's `[out, in]`).
-    weight_t: Tensor,
+    /// The checkpoint's `[out, in]`; matmuls read it transposed (no copy).
+    weight: Tensor,
     bias: Tensor,
 }
 
 impl Linear {
     fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Self {
-            weight_t: transposed(&vb.get((d_out, d_in), "weight")?)?,
+            weight: vb.get((d_out, d_in), "weight")?,
             bias: vb.get(d_out, "bias")?,
         })
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let out = self.weight_t.dim(1)?;
+        let out = self.weight.dim(0)?;
         x.reshape((b * t, d))?
-            .matmul(&self.weight_t)?
+            .matmul(&self.weight.t()?)?
             .reshape((b, t, out))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.matmul(x)?.broadcast_add(&self.bias)
     }
-}
-
-/// The transpose of a matrix, laid out contiguously. On the CPU (f32) a blocked copy over the
-/// pool: candle's strided copy moves one element at a time, and transposing a large model's
-/// linear weights that way took most of its load time.
-fn transposed(w: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
-        return w.t()?.contiguous();
-    }
-    // 16 source rows per tile (the rows of a large matrix are pages apart: more would thrash
-    // the TLB), 64 output rows per task; reads run along source rows.
-    const ROWS: usize = 16;
-    const COLS: usize = 64;
-    let (r, c) = w.dims2()?;
-    let src = w.flatten_all()?.to_vec1::<f32>()?;
-    let mut dst = vec![0f32; r * c];
-    dst.par_chunks_mut(COLS * r.max(1))
-        .enumerate()
-        .for_each(|(bj, out)| {
-            let j0 = bj * COLS;
-            let cols = out.len() / r.max(1);
-            for i0 in (0..r).step_by(ROWS) {
-                for i in i0..(i0 + ROWS).min(r) {
-                    let row = &src[i * c + j0..i * c + j0 + cols];
-                    for (dj, &v) in row.iter().enumerate() {
-                        out[dj * r + i] = v;
-                    }
-                }
-            }
-        });
-    Tensor::from_vec(dst, (c, r), w.device())
 }
 
 enum ConvNorm {
@@ -398,12 +366,21 @@ impl Attention {
         // transformers scales the projected queries by head_dim^-0.5; fold it into q_proj.
         let scale = ((h / heads) as f64).powf(-0.5);
         let (mut weights, mut biases) = (Vec::with_capacity(3), Vec::with_capacity(3));
-        for (name, s) in [("q_proj", scale), ("k_proj", 1.0), ("v_proj", 1.0)] {
-            weights.push((vb.get((h, h), &format!("{name}.weight"))? * s)?);
-            biases.push((vb.get(h, &format!("{name}.bias"))? * s)?);
+        for name in ["q_proj", "k_proj", "v_proj"] {
+            let (w, b) = (
+                vb.get((h, h), &format!("{name}.weight"))?,
+                vb.get(h, &format!("{name}.bias"))?,
+            );
+            let (w, b) = if name == "q_proj" {
+                ((w * scale)?, (b * scale)?)
+            } else {
+                (w, b)
+            };
+            weights.push(w);
+            biases.push(b);
         }
         let qkv_proj = Linear {
-            weight_t: transposed(&Tensor::cat(&weights, 0)?)?,
+            weight: Tensor::cat(&weights, 0)?,
             bias: Tensor::cat(&biases, 0)?,
         };
         Ok(Self {

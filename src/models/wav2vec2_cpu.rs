@@ -145,12 +145,14 @@ const GEMM_ROWS: usize = 1024;
 
 /// `dst[m, n] (row stride n) = bias + lhs · w`, where lhs row i starts at `lhs[i·lhs_rs]` and
 /// holds k values (rows may overlap: the zero-copy frames of a strided conv) and `w` is
-/// row-major `[k, n]`; in fixed blocks of `GEMM_ROWS` rows, on the pool when `parallel`.
+/// row-major `[k, n]`, or, when `w_t`, a torch `Linear` weight `[n, k]` read transposed; in
+/// fixed blocks of `GEMM_ROWS` rows, on the pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     lhs: &[f32],
     lhs_rs: usize,
     k: usize,
-    w: &[f32],
+    (w, w_t): (&[f32], bool),
     bias: Option<&[f32]>,
     dst: &mut [f32],
     n: usize,
@@ -161,6 +163,7 @@ fn gemm_rows(
         m == 0 || ((m - 1) * lhs_rs + k <= lhs.len() && w.len() >= k * n),
         "gemm_rows: operands out of bounds"
     );
+    let w_strides = if w_t { (1, k) } else { (n, 1) };
     let block = |bi: usize, rows: &mut [f32]| {
         // SAFETY: block bi reads lhs rows bi·GEMM_ROWS.. (in bounds, checked above) and
         // writes its own rows of dst.
@@ -172,6 +175,7 @@ fn gemm_rows(
                 lhs.as_ptr().add(bi * GEMM_ROWS * lhs_rs),
                 lhs_rs,
                 w.as_ptr(),
+                w_strides,
                 rows.as_mut_ptr(),
                 n,
                 bias,
@@ -190,9 +194,9 @@ fn gemm_rows(
     }
 }
 
-/// `dst[m, n] = bias + a[m, k] · w[k, n]` (row-major `w`).
+/// `dst[m, n] = bias + a[m, k] · wᵀ` for a torch `Linear` weight `w` `[n, k]`.
 fn linear(a: &[f32], w: &[f32], bias: &[f32], k: usize, dst: &mut [f32], parallel: bool) {
-    gemm_rows(a, k, k, w, Some(bias), dst, bias.len(), parallel);
+    gemm_rows(a, k, k, (w, true), Some(bias), dst, bias.len(), parallel);
 }
 
 /// What follows a feature-encoder conv.
@@ -237,7 +241,7 @@ impl Conv {
             x,
             s * self.c_in,
             k * self.c_in,
-            &self.weight,
+            (&self.weight, false),
             bias,
             &mut out,
             c,
@@ -434,14 +438,14 @@ impl CpuEncoder {
             .iter()
             .map(|l| {
                 Ok(Layer {
-                    qkv_w: to_vec(&l.attention.qkv_proj.weight_t)?,
+                    qkv_w: to_vec(&l.attention.qkv_proj.weight)?,
                     qkv_b: to_vec(&l.attention.qkv_proj.bias)?,
-                    out_w: to_vec(&l.attention.out_proj.weight_t)?,
+                    out_w: to_vec(&l.attention.out_proj.weight)?,
                     out_b: to_vec(&l.attention.out_proj.bias)?,
                     ln1: Norm::from(&l.layer_norm.weight, &l.layer_norm.bias, l.layer_norm.eps)?,
-                    ff1_w: to_vec(&l.feed_forward.intermediate_dense.weight_t)?,
+                    ff1_w: to_vec(&l.feed_forward.intermediate_dense.weight)?,
                     ff1_b: to_vec(&l.feed_forward.intermediate_dense.bias)?,
-                    ff2_w: to_vec(&l.feed_forward.output_dense.weight_t)?,
+                    ff2_w: to_vec(&l.feed_forward.output_dense.weight)?,
                     ff2_b: to_vec(&l.feed_forward.output_dense.bias)?,
                     ln2: Norm::from(
                         &l.final_layer_norm.weight,
@@ -459,7 +463,7 @@ impl CpuEncoder {
                 .as_ref()
                 .map(|ln| Norm::from(&ln.weight, &ln.bias, ln.eps))
                 .transpose()?,
-            proj_w: to_vec(&fp.projection.weight_t)?,
+            proj_w: to_vec(&fp.projection.weight)?,
             proj_b: to_vec(&fp.projection.bias)?,
             pos_w: to_vec(&pos.weight)?,
             pos_b: to_vec(&pos.bias)?,
@@ -605,6 +609,7 @@ impl CpuEncoder {
                     xg[gi * tp * cg..].as_ptr(),
                     cg,
                     self.pos_w[gi * k * cg * cg..].as_ptr(),
+                    (cg, 1),
                     dst.add(gi * cg),
                     h,
                     Some(&self.pos_b[gi * cg..(gi + 1) * cg]),

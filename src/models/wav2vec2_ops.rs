@@ -425,12 +425,14 @@ impl SharedMut {
     }
 }
 
-/// `dst[m, n] = bias[n] + Σ_k lhs[m·lhs_rs + k] · rhs[k·n_total + n]` on one thread or all.
-/// `lhs` rows overlap when `lhs_rs` < k: that is the zero-copy im2col of a time-major conv.
+/// `dst[m, n] = bias[n] + Σ_k lhs[m·lhs_rs + k] · rhs[k·rhs_rs + n·rhs_cs]` on one thread or
+/// all (`rhs_rs = n, rhs_cs = 1`: row-major `[k, n]`; `rhs_rs = 1, rhs_cs = k`: a torch
+/// `Linear` weight `[n, k]` read transposed, no copy). `lhs` rows overlap when `lhs_rs` < k:
+/// that is the zero-copy im2col of a time-major conv.
 ///
 /// # Safety
-/// `lhs` must hold `(m-1)·lhs_rs + k` values, `rhs` `k·n` values, and `dst` rows of stride
-/// `dst_rs` ≥ n must be writable for `m` rows.
+/// `lhs` must hold `(m-1)·lhs_rs + k` values, `rhs` every `(k, n)` position of its strides,
+/// and `dst` rows of stride `dst_rs` ≥ n must be writable for `m` rows.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn frames_gemm(
     m: usize,
@@ -439,6 +441,7 @@ pub(super) unsafe fn frames_gemm(
     lhs: *const f32,
     lhs_rs: usize,
     rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     bias: Option<&[f32]>,
@@ -467,8 +470,8 @@ pub(super) unsafe fn frames_gemm(
         1,
         lhs_rs as isize,
         rhs,
-        1,
-        n as isize,
+        rhs_cs as isize,
+        rhs_rs as isize,
         1.0,
         1.0,
         false,
@@ -631,6 +634,7 @@ impl candle_core::CustomOp3 for StridedConv {
                     x[b * t_in * c_in..].as_ptr(),
                     s * c_in,
                     w.as_ptr(),
+                    (c_out, 1),
                     out[b * t_out * c_out..].as_mut_ptr(),
                     c_out,
                     bias,
@@ -788,6 +792,7 @@ impl candle_core::CustomOp3 for GroupedConv {
                     x[(gi * nb + b) * tp * cg..].as_ptr(),
                     cg,
                     w[gi * k * cg * cg..].as_ptr(),
+                    (cg, 1),
                     dst.get().add(b * t * h + gi * cg),
                     h,
                     Some(&bias[gi * cg..(gi + 1) * cg]),

@@ -7,13 +7,16 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
-command -v slurmctld >/dev/null 2>&1 || need+=(slurmctld)
-command -v slurmd >/dev/null 2>&1 || need+=(slurmd)
-command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
-command -v munged >/dev/null 2>&1 || need+=(munge)
-if ((${#need[@]})); then
+slurm=()
+command -v slurmctld >/dev/null 2>&1 || slurm+=(slurmctld)
+command -v slurmd >/dev/null 2>&1 || slurm+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || slurm+=(slurm-client)
+command -v munged >/dev/null 2>&1 || slurm+=(munge)
+if ((${#need[@]} + ${#slurm[@]})); then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  ((${#need[@]})) && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}" >/dev/null
+  ((${#slurm[@]})) && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq \
+    --no-install-recommends "${slurm[@]}" >/dev/null
 fi

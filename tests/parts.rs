@@ -39,7 +39,10 @@ fn stderr(out: &Output) -> String {
 /// Asserts a refusal: non-zero exit and one `error:` line containing `needle`.
 fn refused(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected a refusal, got success: {err}");
+    assert!(
+        !out.status.success(),
+        "expected a refusal, got success: {err}"
+    );
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
@@ -144,7 +147,10 @@ fn prepare_parts_merge_to_the_rows_of_one_run_and_bad_sets_are_refused() {
     let mut killed_args = common(&killed);
     killed_args.extend(["--part".into(), "2/3".into()]);
     let mut child = bin().args(&killed_args).spawn().unwrap();
-    assert!(kill_when(&mut child, &killed.join("shards/00001.npy.seal.json")));
+    assert!(kill_when(
+        &mut child,
+        &killed.join("shards/00001.npy.seal.json")
+    ));
     // a part still in progress cannot be merged
     let merged = tmp.path().join("merged");
     let out = run(&[
@@ -169,7 +175,12 @@ fn prepare_parts_merge_to_the_rows_of_one_run_and_bad_sets_are_refused() {
     );
     let foreign = tmp.path().join("foreign");
     let mut args = common(&foreign);
-    args.extend(["--part".into(), "2/3".into(), "--sample-rate".into(), "8000".into()]);
+    args.extend([
+        "--part".into(),
+        "2/3".into(),
+        "--sample-rate".into(),
+        "8000".into(),
+    ]);
     ok(&run_with(&args, None));
     refused(
         &run(&[
@@ -210,10 +221,23 @@ fn prepare_parts_merge_to_the_rows_of_one_run_and_bad_sets_are_refused() {
     assert!(errors(&full).contains("/no/such/file.wav"));
     let meta = |d: &Path| AudioStore::open(d).unwrap().meta().clone();
     let (m, f) = (meta(&merged), meta(&full));
-    assert_eq!(m.fingerprint, f.fingerprint, "the merged store is the whole run's");
     assert_eq!(
-        (m.totals.items, m.totals.failed, m.totals.length, m.totals.bytes),
-        (f.totals.items, f.totals.failed, f.totals.length, f.totals.bytes)
+        m.fingerprint, f.fingerprint,
+        "the merged store is the whole run's"
+    );
+    assert_eq!(
+        (
+            m.totals.items,
+            m.totals.failed,
+            m.totals.length,
+            m.totals.bytes
+        ),
+        (
+            f.totals.items,
+            f.totals.failed,
+            f.totals.length,
+            f.totals.bytes
+        )
     );
     ok(&run(&["verify", s(&merged)]));
     // the same command over a merged store finds it complete
@@ -283,7 +307,8 @@ fn extract_parts_and_resumes_give_the_bytes_of_one_run() {
         for seal in [3, 20, 50] {
             let marker = resumed.join(format!("shards/{seal:05}.seal.json"));
             let mut cmd = bin();
-            cmd.args(args(&resumed, &[])).env("SPEECHCACHE_ENGINE", engine);
+            cmd.args(args(&resumed, &[]))
+                .env("SPEECHCACHE_ENGINE", engine);
             let mut child = cmd.spawn().unwrap();
             kill_when(&mut child, &marker);
         }
@@ -326,7 +351,10 @@ fn extract_parts_and_resumes_give_the_bytes_of_one_run() {
         for &layer in fs.layers() {
             let ((mm, mv), (fm, fv)) = (ms.stats(layer).unwrap(), fs.stats(layer).unwrap());
             for (a, b) in mm.iter().chain(&mv).zip(fm.iter().chain(&fv)) {
-                assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{name} stats {a} {b}");
+                assert!(
+                    (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                    "{name} stats {a} {b}"
+                );
             }
         }
     }

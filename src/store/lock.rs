@@ -22,7 +22,10 @@ struct Holder {
 impl Holder {
     fn describe(text: &str) -> String {
         match serde_json::from_str::<Holder>(text) {
-            Ok(h) => format!("speechcache {} (pid {} on host {})", h.command, h.pid, h.host),
+            Ok(h) => format!(
+                "speechcache {} (pid {} on host {})",
+                h.command, h.pid, h.host
+            ),
             Err(_) => "another speechcache process".into(),
         }
     }

@@ -289,8 +289,9 @@ fn claim_output(out: &Path, whole: &str, options: &serde_json::Value) -> Result<
     }
     let shards = out.join("shards");
     std::fs::create_dir_all(&shards).map_err(|e| StoreError::io(&shards, e))?;
-    let text = serde_json::to_vec_pretty(&serde_json::json!({"fingerprint": whole, "options": options}))
-        .map_err(|e| StoreError::Format(e.to_string()))?;
+    let text =
+        serde_json::to_vec_pretty(&serde_json::json!({"fingerprint": whole, "options": options}))
+            .map_err(|e| StoreError::Format(e.to_string()))?;
     write_atomic(&marker, &text)
 }
 
@@ -330,11 +331,7 @@ fn place_file(from: &Path, to: &Path, copy: bool) -> Result<(), StoreError> {
 }
 
 /// `stats/` of the merged store from the parts' sums over `frames` frames in all.
-fn merge_stats(
-    parts: &[(PathBuf, StoreMeta)],
-    out: &Path,
-    frames: u64,
-) -> Result<(), StoreError> {
+fn merge_stats(parts: &[(PathBuf, StoreMeta)], out: &Path, frames: u64) -> Result<(), StoreError> {
     let stats_dir = out.join("stats");
     std::fs::create_dir_all(&stats_dir).map_err(|e| StoreError::io(&stats_dir, e))?;
     let layers = parts[0].1.layers.clone();
@@ -355,8 +352,13 @@ fn merge_stats(
                     format!("{} values, expected 2 x {dim}", values.len()),
                 ));
             }
-            sum.iter_mut().zip(&values[..dim]).for_each(|(a, b)| *a += b);
-            sumsq.iter_mut().zip(&values[dim..]).for_each(|(a, b)| *a += b);
+            sum.iter_mut()
+                .zip(&values[..dim])
+                .for_each(|(a, b)| *a += b);
+            sumsq
+                .iter_mut()
+                .zip(&values[dim..])
+                .for_each(|(a, b)| *a += b);
         }
         write_stats_files(&stats_dir, layer, &sum, &sumsq, frames)?;
     }

@@ -24,10 +24,10 @@ mod reader;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
-pub use prune::{prune_layers, PruneReport};
-pub use reader::{AudioStore, FeatureStore, FeatureView};
 pub use lock::{host_name, refuse_if_being_written, StoreLock, LOCK_FILE};
 pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
+pub use prune::{prune_layers, PruneReport};
+pub use reader::{AudioStore, FeatureStore, FeatureView};
 pub use writer::{InputResult, ItemData, PartSlice, StoreWriter, WriterSpec};
 
 /// Version of the layout described above; bumped on any incompatible change.

@@ -60,20 +60,15 @@ pub fn parse_part(text: &str) -> Result<PartSpec, String> {
 pub fn split_balanced(weights: &[f64], n: usize) -> Vec<Range<usize>> {
     let n = n.max(1);
     let total: f64 = weights.iter().sum();
-    let uniform = !(total > 0.0) || !total.is_finite();
+    let uniform = !total.is_finite() || total <= 0.0;
     let weight = |w: f64| if uniform { 1.0 } else { w.max(0.0) };
-    let total = if uniform {
-        weights.len() as f64
-    } else {
-        total
-    };
+    let total = if uniform { weights.len() as f64 } else { total };
     let mut ranges = Vec::with_capacity(n);
     let (mut start, mut before) = (0usize, 0.0f64);
     let mut unit = 0usize;
     for k in 1..=n {
         let share_end = total * k as f64 / n as f64;
-        while unit < weights.len() && (k == n || before + weight(weights[unit]) / 2.0 < share_end)
-        {
+        while unit < weights.len() && (k == n || before + weight(weights[unit]) / 2.0 < share_end) {
             before += weight(weights[unit]);
             unit += 1;
         }

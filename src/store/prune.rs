@@ -4,7 +4,7 @@ use super::reader::row_checksum;
 use super::writer::{fingerprint_of, remove_if_exists};
 use super::{
     layer_file, read_jsonl, scale_file, shard_name, sums_file, to_jsonl, write_atomic, Dtype,
-    IndexRow, StoreError, StoreKind, StoreMeta, StoreLock, WriterSpec,
+    IndexRow, StoreError, StoreKind, StoreLock, StoreMeta, WriterSpec,
 };
 use std::path::Path;
 

@@ -147,7 +147,8 @@ pub struct StoreWriter {
     fingerprint: String,
     /// Set when this store is one part of a partitioned run (`--part K/N`).
     part: Option<PartInfo>,
-    _lock: StoreLock,
+    /// Held until `finish`; released at once when the store is found complete (nothing to write).
+    lock: Option<StoreLock>,
     complete: Option<StoreMeta>,
     sealed: Vec<SealRecord>,
     next_input: usize,
@@ -201,7 +202,7 @@ impl StoreWriter {
             spec,
             fingerprint,
             part,
-            _lock: lock,
+            lock: Some(lock),
             complete: None,
             sealed: Vec::new(),
             next_input: 0,
@@ -212,6 +213,8 @@ impl StoreWriter {
         writer.claim_directory()?;
         if writer.complete.is_none() {
             writer.load_sealed()?;
+        } else {
+            writer.lock = None;
         }
         Ok(writer)
     }

@@ -26,6 +26,8 @@ enum Command {
     ModelInfo(speechcache::models::ModelInfoArgs),
     /// Run a model (or Kaldi fbank) once over an audio store and cache the features.
     Extract(speechcache::extract::ExtractArgs),
+    /// Join the part stores of a partitioned run (--part K/N) into one store.
+    Merge(speechcache::store::MergeArgs),
     /// Drop layers from a feature store.
     Prune(speechcache::extract::PruneArgs),
     /// Train a Conformer-CTC on cached features.
@@ -43,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => speechcache::store::run_verify(&args)?,
         Command::ModelInfo(args) => speechcache::models::run_model_info(&args)?,
         Command::Extract(args) => speechcache::extract::run(&args)?,
+        Command::Merge(args) => speechcache::store::run_merge(&args)?,
         Command::Prune(args) => speechcache::extract::run_prune(&args)?,
         Command::Finetune(args) => speechcache::finetune::run_finetune(&args)?,
         Command::Decode(args) => speechcache::finetune::run_decode(&args)?,

@@ -8,15 +8,17 @@ use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
 use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
+use crate::store::partition::{split_balanced, PartSpec};
 use crate::store::{
-    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, StoreKind,
-    StoreWriter, WriterSpec,
+    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, PartSlice,
+    StoreKind, StoreWriter, WriterSpec,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use ndarray::Array2;
 use rayon::prelude::*;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -72,6 +74,14 @@ pub struct ExtractArgs {
     /// Threads for fbank (default: all cores).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Extract only part K of N (1-based: 1/4 .. 4/4) into --out: an ordinary store of one
+    /// contiguous slice of the audio store's rows, balanced by audio seconds and cut at the
+    /// batch windows, so the parts joined with `speechcache merge` equal one run byte for
+    /// byte. In a Slurm array submitted with --array=1-N:
+    /// --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; on one node with several GPUs,
+    /// one process per GPU: --part K/N --device cuda:(K-1).
+    #[arg(long, value_name = "K/N", value_parser = crate::store::partition::parse_part)]
+    pub part: Option<PartSpec>,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -316,7 +326,22 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     let (extractor, spec) = pool.install(|| build_extractor(args, &audio))?;
     let layers = spec.layers.clone();
     let dim = spec.dim.unwrap_or(0);
-    let mut writer = StoreWriter::create_or_resume(&args.out, spec)
+    let grid = window_grid(&audio, window_seconds(args));
+    let opened = match args.part {
+        Some(part) => {
+            let owned = part_rows(&audio, &grid, &extractor, part);
+            let slice = PartSlice {
+                k: part.k,
+                n: part.n,
+                first_input: owned.start,
+                end_input: owned.end,
+                inputs: audio.len(),
+            };
+            StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
+        }
+        None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..audio.len())),
+    };
+    let (mut writer, owned) = opened
         .with_context(|| format!("cannot write the feature store at {}", args.out.display()))?;
     if let Some(meta) = writer.completed_meta() {
         return Ok(ExtractSummary {
@@ -325,13 +350,16 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             ..Default::default()
         });
     }
-    let first = writer.next_input();
-    check_disk_space(args, &audio, &extractor, layers.len(), dim, first)?;
-    if first > 0 && !args.quiet {
+    // Rows are numbered in the whole audio store; the writer counts from the part's start.
+    let first = owned.start + writer.next_input();
+    let todo = first..owned.end;
+    check_disk_space(args, &audio, &extractor, layers.len(), dim, todo.clone())?;
+    if writer.next_input() > 0 && !args.quiet {
         eprintln!(
-            "resuming {}: continuing at utterance {first} of {}",
+            "resuming {}: continuing at utterance {first} of {}..{}",
             args.out.display(),
-            audio.len()
+            owned.start,
+            owned.end
         );
     }
     let mut summary = ExtractSummary {
@@ -339,11 +367,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
         load_seconds: started.elapsed().as_secs_f64(),
         ..Default::default()
     };
-    let mut progress = Progress::new(
-        "extract",
-        (audio.len() - first.min(audio.len())) as u64,
-        args.quiet,
-    );
+    let mut progress = Progress::new("extract", todo.len() as u64, args.quiet);
     let max_layer = layers.iter().copied().max().unwrap_or(0);
     if let Extractor::Engine { engine, checkpoint } = &extractor {
         let job = EngineJob {
@@ -352,33 +376,35 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             engine,
             normalize: checkpoint.preprocessor.do_normalize,
             layers: &layers,
-            first,
+            rows: todo.clone(),
+            base: owned.start,
         };
         pool.install(|| job.run(&mut writer, &mut progress, &mut summary))?;
     } else {
-        let rate = audio.sample_rate() as f64;
-        let window_seconds = (args.batch_seconds * 2.0).max(30.0);
-        let mut start = first;
-        while start < audio.len() {
-            let mut end = start;
-            let mut seconds = 0.0;
-            while end < audio.len() && (end == start || seconds < window_seconds) {
-                seconds += audio.rows()[end].length as f64 / rate;
-                end += 1;
+        // The whole store's windows, cut to this run's rows: a window the run resumes inside
+        // is computed whole (its batches are the same as in an uninterrupted run) and only
+        // the rows not yet written are pushed.
+        for window in &grid {
+            let window = window.start.max(owned.start)..window.end.min(owned.end);
+            if window.end <= first || window.is_empty() {
+                continue;
             }
             let t = Instant::now();
             let results = pool.install(|| {
-                extract_window(args, &audio, &extractor, start..end, &layers, max_layer)
+                extract_window(args, &audio, &extractor, window.clone(), &layers, max_layer)
             })?;
             summary.model_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
             for (offset, result) in results.into_iter().enumerate() {
+                let row = window.start + offset;
+                if row < first {
+                    continue;
+                }
                 let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
-                writer.push_input(start + offset, result)?;
+                writer.push_input(row - owned.start, result)?;
                 progress.advance(1, secs);
             }
             summary.io_seconds += t.elapsed().as_secs_f64();
-            start = end;
         }
     }
     progress.finish();
@@ -393,6 +419,53 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     summary.wall_seconds = started.elapsed().as_secs_f64();
     summary.cpu_seconds = process_cpu_seconds() - cpu_start;
     Ok(summary)
+}
+
+/// Audio seconds per batch window on the tensor-op path.
+fn window_seconds(args: &ExtractArgs) -> f64 {
+    (args.batch_seconds * 2.0).max(30.0)
+}
+
+/// The store's batch windows: consecutive rows of at least `seconds` of audio, counted from
+/// row 0 of the whole store. Batches are formed inside a window only, so a row's batch
+/// neighbours depend on the store and the options, never on where a run (a resume, a part)
+/// starts.
+fn window_grid(audio: &AudioStore, seconds: f64) -> Vec<Range<usize>> {
+    let rate = audio.sample_rate() as f64;
+    let mut grid = Vec::new();
+    let mut start = 0;
+    while start < audio.len() {
+        let (mut end, mut filled) = (start, 0.0);
+        while end < audio.len() && (end == start || filled < seconds) {
+            filled += audio.rows()[end].length as f64 / rate;
+            end += 1;
+        }
+        grid.push(start..end);
+        start = end;
+    }
+    grid
+}
+
+/// The rows part `part` owns: balanced by audio seconds; on the tensor-op path whole windows
+/// (batches never straddle two parts), elsewhere single rows (each row is computed alone).
+fn part_rows(
+    audio: &AudioStore,
+    grid: &[Range<usize>],
+    extractor: &Extractor,
+    part: PartSpec,
+) -> Range<usize> {
+    let seconds = |r: &IndexRow| r.duration;
+    let units: Vec<Range<usize>> = match extractor {
+        Extractor::Model { .. } => grid.to_vec(),
+        _ => (0..audio.len()).map(|i| i..i + 1).collect(),
+    };
+    let weights: Vec<f64> = units
+        .iter()
+        .map(|u| audio.rows()[u.clone()].iter().map(seconds).sum())
+        .collect();
+    let cut = split_balanced(&weights, part.n)[part.k - 1].clone();
+    let row_at = |unit: usize| units.get(unit).map_or(audio.len(), |u| u.start);
+    row_at(cut.start)..row_at(cut.end)
 }
 
 /// CPU time (user + system) of this process so far, in seconds.
@@ -425,7 +498,10 @@ struct EngineJob<'a> {
     engine: &'a CpuEncoder,
     normalize: bool,
     layers: &'a [usize],
-    first: usize,
+    /// Rows of the whole store this run computes.
+    rows: Range<usize>,
+    /// The whole-store row the writer's input 0 is (the part's first row).
+    base: usize,
 }
 
 impl EngineJob<'_> {
@@ -441,7 +517,7 @@ impl EngineJob<'_> {
         let budget = available_memory().map(|m| m / threads.max(1) as u64);
         let mut ready: std::collections::BTreeMap<usize, InputResult> = Default::default();
         let mut runnable = Vec::new();
-        for i in self.first..audio.len() {
+        for i in self.rows.clone() {
             let row = &audio.rows()[i];
             let seconds = row.length as f64 / rate;
             let need = self
@@ -512,7 +588,7 @@ impl EngineJob<'_> {
             });
             // Write in store order as results arrive; a failed write stops the model (the
             // receiver is dropped, so the next send fails).
-            let mut next = self.first;
+            let mut next = self.rows.start;
             let write = || -> anyhow::Result<()> {
                 let mut flush = |ready: &mut std::collections::BTreeMap<usize, InputResult>,
                                  next: &mut usize|
@@ -520,7 +596,7 @@ impl EngineJob<'_> {
                     while let Some(result) = ready.remove(next) {
                         let w = Instant::now();
                         let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
-                        writer.push_input(*next, result)?;
+                        writer.push_input(*next - self.base, result)?;
                         progress.advance(1, secs);
                         summary.io_seconds += w.elapsed().as_secs_f64();
                         *next += 1;
@@ -532,10 +608,10 @@ impl EngineJob<'_> {
                     ready.insert(i, result);
                     flush(&mut ready, &mut next)?;
                 }
-                if next != audio.len() {
+                if next != self.rows.end {
                     bail!(
                         "the model stopped after utterance {next} of {}",
-                        audio.len()
+                        self.rows.end
                     );
                 }
                 Ok(())
@@ -678,6 +754,16 @@ fn build_extractor(
         "weights_sha256": checkpoint.weights_sha256,
         "format": checkpoint.format,
     });
+    let mut ssl_options = serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common});
+    if engine.is_none() {
+        // Padded batches: a row's float rounding depends on its batch, so the batch plan is
+        // part of what the store is (resumes and parts with another plan are refused).
+        ssl_options["batching"] = serde_json::json!({
+            "window_seconds": window_seconds(args),
+            "batch_seconds": args.batch_seconds,
+            "batch_memory": args.batch_memory.map_or("auto".to_string(), |m| m.to_string()),
+        });
+    }
     let spec = WriterSpec {
         kind: StoreKind::Features,
         dtype: args.dtype,
@@ -685,7 +771,7 @@ fn build_extractor(
         frame_rate: Some(frame_rate),
         dim: Some(cfg.hidden_size),
         layers: layers.clone(),
-        options: serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common}),
+        options: ssl_options,
         source: serde_json::json!({"audio": audio_identity, "model": model_identity}),
         extra: serde_json::json!({"model": {"path": args.model, "family": cfg.model_type,
             "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size}}),
@@ -717,9 +803,9 @@ fn check_disk_space(
     extractor: &Extractor,
     layers: usize,
     dim: usize,
-    first: usize,
+    rows: Range<usize>,
 ) -> anyhow::Result<()> {
-    let frames: u64 = audio.rows()[first.min(audio.len())..]
+    let frames: u64 = audio.rows()[rows]
         .iter()
         .map(|r| extractor.frames_for_samples(r.length as usize) as u64)
         .sum();

@@ -3,9 +3,10 @@
 use crate::audio::{self, AudioInput, DecodeOptions, DecodedAudio};
 use crate::manifest::{self, AudioRef, Columns, CorpusItem, InputFormat, Origin, Utterance};
 use crate::progress::{human_bytes, parse_size, Progress};
+use crate::store::partition::{split_balanced, PartSpec};
 use crate::store::{
-    json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind, StoreWriter,
-    WriterSpec,
+    json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, PartSlice, StoreKind,
+    StoreWriter, WriterSpec,
 };
 use anyhow::Context;
 use clap::Args;
@@ -61,6 +62,13 @@ pub struct PrepareArgs {
     /// Replace a store at --out that was made with different options.
     #[arg(long)]
     pub overwrite: bool,
+    /// Prepare only part K of N (1-based: 1/4 .. 4/4) into --out, an ordinary store of one
+    /// contiguous slice of the inputs (balanced by the manifest's durations when every
+    /// utterance has one, else by utterance count); join the N part stores with `speechcache
+    /// merge`. In a Slurm array submitted with --array=1-N:
+    /// --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.
+    #[arg(long, value_name = "K/N", value_parser = crate::store::partition::parse_part)]
+    pub part: Option<PartSpec>,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -133,10 +141,26 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
         id: args.id_column.clone(),
     };
     let items = manifest::load_corpus(&args.inputs, args.format, &columns)?;
-    let jobs = group_jobs(items);
-    let spec = writer_spec(args, &jobs);
-    let mut writer = StoreWriter::create_or_resume(&args.out, spec)
-        .with_context(|| format!("cannot write the store at {}", args.out.display()))?;
+    let all_jobs = group_jobs(items);
+    let spec = writer_spec(args, &all_jobs);
+    let opened = match args.part {
+        Some(part) => {
+            let owned = part_range(&all_jobs, part);
+            let slice = PartSlice {
+                k: part.k,
+                n: part.n,
+                first_input: owned.start,
+                end_input: owned.end,
+                inputs: all_jobs.len(),
+            };
+            StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
+        }
+        None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..all_jobs.len())),
+    };
+    let (mut writer, owned) =
+        opened.with_context(|| format!("cannot write the store at {}", args.out.display()))?;
+    // A part run's writer numbers its inputs from 0 within its slice.
+    let jobs = &all_jobs[owned];
     if let Some(meta) = writer.completed_meta() {
         return Ok((
             PrepareSummary {
@@ -227,6 +251,22 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
 }
 
 const SKIPPED: &str = "skipped:";
+
+/// The source-file jobs part `part` owns: contiguous, balanced by the manifest's durations
+/// when every utterance has one, else by utterance count.
+fn part_range(jobs: &[Job], part: PartSpec) -> std::ops::Range<usize> {
+    let known = jobs
+        .iter()
+        .all(|j| j.utterances.iter().all(|u| u.duration.is_some()));
+    let weights: Vec<f64> = jobs
+        .iter()
+        .map(|j| match known {
+            true => j.utterances.iter().filter_map(|u| u.duration).sum(),
+            false => j.utterances.len() as f64,
+        })
+        .collect();
+    split_balanced(&weights, part.n)[part.k - 1].clone()
+}
 
 fn default_jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
 cargo test --release
 bash tests/python.sh
+bash tests/slurm.sh        # a real single-node Slurm: the pipeline in 3 parts vs one process (~70 s)
 bash tests/cuda_build.sh   # the CUDA build (no GPU needed): compiled and tested against a driver stub

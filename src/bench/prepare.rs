@@ -132,6 +132,7 @@ pub fn run(args: &PrepareBenchArgs) -> anyhow::Result<()> {
             keep_damaged: false,
             strict: false,
             overwrite: true,
+            part: None,
             quiet: true,
         };
         let t = Instant::now();

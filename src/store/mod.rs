@@ -15,15 +15,20 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 mod inspect;
+mod lock;
+mod merge;
 pub mod npy;
+pub mod partition;
 mod prune;
 mod reader;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
+pub use lock::{host_name, refuse_if_being_written, StoreLock, LOCK_FILE};
+pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView};
-pub use writer::{InputResult, ItemData, StoreWriter, WriterSpec};
+pub use writer::{InputResult, ItemData, PartSlice, StoreWriter, WriterSpec};
 
 /// Version of the layout described above; bumped on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
@@ -198,11 +203,39 @@ pub struct StoreMeta {
     /// Free-form details (model description, rates seen, ...).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Set on the store of one part of a partitioned run (`--part K/N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartInfo>,
+}
+
+/// Which slice of the whole input a part store holds, and of which whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// 1-based part number.
+    pub k: usize,
+    pub n: usize,
+    /// The fingerprint a single run over the whole input with the same options would have.
+    pub whole_fingerprint: String,
+    /// Inputs (prepare: source files; extract: audio store rows) `first_input..end_input` of
+    /// the whole run's `inputs`.
+    pub first_input: usize,
+    pub end_input: usize,
+    pub inputs: usize,
 }
 
 impl StoreMeta {
-    /// Reads `DIR/meta.json`; a missing file means the store is not complete.
+    /// Reads `DIR/meta.json`; a missing file means the store is not complete, a held writer
+    /// lock that it is being written (both refused).
     pub fn load(dir: &Path) -> Result<Self, StoreError> {
+        if !dir.is_dir() {
+            return Err(StoreError::refused(dir, "no such store directory"));
+        }
+        lock::refuse_if_being_written(dir)?;
+        Self::read(dir)
+    }
+
+    /// `load` without the writer-lock check, for the writer that holds the lock.
+    pub(crate) fn read(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("meta.json");
         if !dir.is_dir() {
             return Err(StoreError::refused(dir, "no such store directory"));
@@ -315,6 +348,11 @@ pub fn shard_name(kind: StoreKind, shard: u32) -> String {
 /// `layer_LL.npy` within a feature shard directory or `stats/`.
 pub fn layer_file(layer: usize) -> String {
     format!("layer_{layer:02}.npy")
+}
+
+/// `layer_LL.sums.npy` within `stats/`: per-dim sums and sums of squares.
+pub fn sums_file(layer: usize) -> String {
+    format!("layer_{layer:02}.sums.npy")
 }
 
 /// `layer_LL.scale.npy` within a feature shard (int8 only).

@@ -3,8 +3,8 @@ use super::npy::MappedNpy;
 use super::reader::row_checksum;
 use super::writer::{fingerprint_of, remove_if_exists};
 use super::{
-    layer_file, read_jsonl, scale_file, shard_name, to_jsonl, write_atomic, Dtype, IndexRow,
-    StoreError, StoreKind, StoreMeta, WriterSpec,
+    layer_file, read_jsonl, scale_file, shard_name, sums_file, to_jsonl, write_atomic, Dtype,
+    IndexRow, StoreError, StoreKind, StoreLock, StoreMeta, WriterSpec,
 };
 use std::path::Path;
 
@@ -18,7 +18,18 @@ pub struct PruneReport {
 /// Keeps only `keep` (hidden-state numbers present in the store): recomputes the row checksums
 /// over the kept layers, rewrites index and meta atomically, then deletes the dropped files.
 pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreError> {
-    let mut meta = StoreMeta::load(dir)?;
+    StoreMeta::load(dir)?;
+    let _lock = StoreLock::acquire(dir, "prune")?;
+    let mut meta = StoreMeta::read(dir)?;
+    if let Some(part) = &meta.part {
+        return Err(StoreError::refused(
+            dir,
+            format!(
+                "is part {}/{} of a partitioned run: merge the parts first, then prune",
+                part.k, part.n
+            ),
+        ));
+    }
     if meta.kind != StoreKind::Features {
         return Err(StoreError::refused(
             dir,
@@ -106,6 +117,7 @@ pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreErro
     }
     for &layer in &removed {
         remove_if_exists(&dir.join("stats").join(layer_file(layer)))?;
+        remove_if_exists(&dir.join("stats").join(sums_file(layer)))?;
     }
     Ok(PruneReport {
         removed,

@@ -1,9 +1,11 @@
 //! Writing a store with crash safety and resume (see the module docs in `store`).
+use super::lock::{StoreLock, LOCK_FILE};
 use super::npy::{header_bytes, HEADER_LEN};
 use super::reader::check_sealed_shard;
 use super::{
-    json_sha256, layer_file, read_jsonl, scale_file, shard_name, tmp_path, to_jsonl, write_atomic,
-    Dtype, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta, Totals, FORMAT_VERSION,
+    json_sha256, layer_file, read_jsonl, scale_file, shard_name, sums_file, tmp_path, to_jsonl,
+    write_atomic, Dtype, ErrorRow, IndexRow, PartInfo, StoreError, StoreKind, StoreMeta, Totals,
+    FORMAT_VERSION,
 };
 use half::{bf16, f16};
 use ndarray::Array2;
@@ -137,11 +139,16 @@ struct OpenShard {
     sums: Vec<(Vec<f64>, Vec<f64>)>,
 }
 
-/// Writes a store in input order; resumable after a kill at any point.
+/// Writes a store in input order; resumable after a kill at any point. Holds the store's
+/// writer lock from open to finish.
 pub struct StoreWriter {
     dir: PathBuf,
     spec: WriterSpec,
     fingerprint: String,
+    /// Set when this store is one part of a partitioned run (`--part K/N`).
+    part: Option<PartInfo>,
+    /// Held until `finish`; released at once when the store is found complete (nothing to write).
+    lock: Option<StoreLock>,
     complete: Option<StoreMeta>,
     sealed: Vec<SealRecord>,
     next_input: usize,
@@ -155,14 +162,47 @@ impl StoreWriter {
     /// Opens `dir` for writing: a new store, a resume of an interrupted run with the same
     /// fingerprint, or a finished store (then `is_complete()` and nothing is written).
     pub fn create_or_resume(dir: &Path, spec: WriterSpec) -> Result<Self, StoreError> {
+        Self::open(dir, spec, None)
+    }
+
+    /// Like `create_or_resume`, for the store of one part of the whole input that `spec`
+    /// describes (`part.first_input..part.end_input` of its inputs; pushed as inputs 0, 1, ...).
+    pub fn create_or_resume_part(
+        dir: &Path,
+        spec: WriterSpec,
+        part: PartSlice,
+    ) -> Result<Self, StoreError> {
+        Self::open(dir, spec, Some(part))
+    }
+
+    fn open(dir: &Path, spec: WriterSpec, part: Option<PartSlice>) -> Result<Self, StoreError> {
         if spec.kind == StoreKind::Features && spec.dim.is_none() {
             return Err(StoreError::Format("a feature store needs its dim".into()));
         }
-        let fingerprint = fingerprint_of(&spec);
+        let command = match spec.kind {
+            StoreKind::Audio => "prepare",
+            StoreKind::Features => "extract",
+        };
+        let lock = StoreLock::acquire(dir, command)?;
+        let whole = fingerprint_of(&spec);
+        let part = part.map(|p| PartInfo {
+            k: p.k,
+            n: p.n,
+            whole_fingerprint: whole.clone(),
+            first_input: p.first_input,
+            end_input: p.end_input,
+            inputs: p.inputs,
+        });
+        let fingerprint = match &part {
+            Some(p) => json_sha256(&serde_json::json!({"whole": whole, "part": p})),
+            None => whole,
+        };
         let mut writer = StoreWriter {
             dir: dir.to_path_buf(),
             spec,
             fingerprint,
+            part,
+            lock: Some(lock),
             complete: None,
             sealed: Vec::new(),
             next_input: 0,
@@ -173,6 +213,8 @@ impl StoreWriter {
         writer.claim_directory()?;
         if writer.complete.is_none() {
             writer.load_sealed()?;
+        } else {
+            writer.lock = None;
         }
         Ok(writer)
     }
@@ -270,6 +312,7 @@ impl StoreWriter {
             checksum: "crc32".into(),
             totals,
             extra: self.spec.extra.clone(),
+            part: self.part.clone(),
         };
         meta.save(&self.dir)?;
         for seal in &self.sealed {
@@ -286,12 +329,12 @@ impl StoreWriter {
             return Err(StoreError::refused(&dir, "exists and is not a directory"));
         }
         if dir.join("meta.json").exists() {
-            let meta = StoreMeta::load(&dir)?;
+            let meta = StoreMeta::read(&dir)?;
             if meta.fingerprint == self.fingerprint {
                 self.complete = Some(meta);
                 return Ok(());
             }
-            self.refuse_or_clear(&meta.options)?;
+            self.refuse_or_clear(&with_part(&meta.options, meta.part.as_ref()))?;
         } else if dir.join(IN_PROGRESS).exists() {
             let path = dir.join(IN_PROGRESS);
             let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
@@ -302,7 +345,7 @@ impl StoreWriter {
             }
         } else if dir.is_dir() {
             let mut entries = std::fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
-            if entries.next().is_some() {
+            if entries.any(|e| e.map_or(true, |e| e.file_name() != LOCK_FILE)) {
                 return Err(StoreError::refused(
                     &dir,
                     "exists, is not empty and is not a speechcache store; choose a new or empty directory",
@@ -313,7 +356,7 @@ impl StoreWriter {
         std::fs::create_dir_all(&shards).map_err(|e| StoreError::io(&shards, e))?;
         let progress = InProgress {
             fingerprint: self.fingerprint.clone(),
-            options: self.spec.options.clone(),
+            options: with_part(&self.spec.options, self.part.as_ref()),
         };
         let text =
             serde_json::to_vec_pretty(&progress).map_err(|e| StoreError::Format(e.to_string()))?;
@@ -322,7 +365,8 @@ impl StoreWriter {
 
     fn refuse_or_clear(&self, stored_options: &serde_json::Value) -> Result<(), StoreError> {
         if !self.spec.overwrite {
-            let what = describe_difference(stored_options, &self.spec.options);
+            let now = with_part(&self.spec.options, self.part.as_ref());
+            let what = describe_difference(stored_options, &now);
             return Err(StoreError::refused(
                 &self.dir,
                 format!(
@@ -331,7 +375,7 @@ impl StoreWriter {
                 ),
             ));
         }
-        std::fs::remove_dir_all(&self.dir).map_err(|e| StoreError::io(&self.dir, e))
+        clear_store_dir(&self.dir)
     }
 
     /// Finds the contiguous run of sealed shards, verifies them, and removes anything unsealed.
@@ -576,7 +620,6 @@ impl StoreWriter {
         let stats_dir = self.dir.join("stats");
         std::fs::create_dir_all(&stats_dir).map_err(|e| StoreError::io(&stats_dir, e))?;
         let dim = self.spec.dim.unwrap_or(0);
-        let n = frames.max(1) as f64;
         for (li, &layer) in self.spec.layers.iter().enumerate() {
             let mut sum = vec![0.0f64; dim];
             let mut sumsq = vec![0.0f64; dim];
@@ -586,19 +629,76 @@ impl StoreWriter {
                     sumsq.iter_mut().zip(q).for_each(|(a, b)| *a += b);
                 }
             }
-            let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-            let var: Vec<f64> = sumsq
-                .iter()
-                .zip(&mean)
-                .map(|(q, m)| (q / n - m * m).max(0.0))
-                .collect();
-            let mut bytes = header_bytes("<f8", &[2, dim as u64])?;
-            bytes.extend_from_slice(bytemuck::cast_slice(&mean));
-            bytes.extend_from_slice(bytemuck::cast_slice(&var));
-            write_atomic(&stats_dir.join(layer_file(layer)), &bytes)?;
+            write_stats_files(&stats_dir, layer, &sum, &sumsq, frames)?;
         }
         Ok(())
     }
+}
+
+/// `stats/layer_LL.npy` (per-dim mean and variance over `frames`) and `stats/layer_LL.sums.npy`
+/// (the per-dim sums and sums of squares they come from, so that parts combine exactly).
+pub(crate) fn write_stats_files(
+    stats_dir: &Path,
+    layer: usize,
+    sum: &[f64],
+    sumsq: &[f64],
+    frames: u64,
+) -> Result<(), StoreError> {
+    let n = frames.max(1) as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let var: Vec<f64> = sumsq
+        .iter()
+        .zip(&mean)
+        .map(|(q, m)| (q / n - m * m).max(0.0))
+        .collect();
+    let dim = sum.len() as u64;
+    let mut bytes = header_bytes("<f8", &[2, dim])?;
+    bytes.extend_from_slice(bytemuck::cast_slice(&mean));
+    bytes.extend_from_slice(bytemuck::cast_slice(&var));
+    write_atomic(&stats_dir.join(layer_file(layer)), &bytes)?;
+    let mut bytes = header_bytes("<f8", &[2, dim])?;
+    bytes.extend_from_slice(bytemuck::cast_slice(sum));
+    bytes.extend_from_slice(bytemuck::cast_slice(sumsq));
+    write_atomic(&stats_dir.join(sums_file(layer)), &bytes)
+}
+
+/// Which part of the whole input a part store holds (`--part K/N`).
+#[derive(Debug, Clone, Copy)]
+pub struct PartSlice {
+    pub k: usize,
+    pub n: usize,
+    pub first_input: usize,
+    pub end_input: usize,
+    /// Inputs of the whole run.
+    pub inputs: usize,
+}
+
+/// The options as compared on resume: a part store's include its `part: "K/N"`.
+fn with_part(options: &serde_json::Value, part: Option<&PartInfo>) -> serde_json::Value {
+    let mut options = options.clone();
+    if let (Some(p), Some(map)) = (part, options.as_object_mut()) {
+        map.insert("part".into(), serde_json::json!(format!("{}/{}", p.k, p.n)));
+    }
+    options
+}
+
+/// Empties a store directory for `--overwrite`, keeping the lock file this writer holds.
+fn clear_store_dir(dir: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        if entry.file_name() == LOCK_FILE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| StoreError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn fingerprint_of(spec: &WriterSpec) -> String {
@@ -706,7 +806,7 @@ pub(crate) fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
 }
 
 /// fsync a directory so renames inside it survive a power cut (best effort).
-fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

@@ -1,0 +1,145 @@
+//! One writer per store: an exclusive OS file lock (`flock`) on `STORE/writer.lock`, held for
+//! the whole run. The kernel drops it when the process dies, so a `kill -9` never leaves a
+//! stale lock; the file names the holder (pid, host, command) for the refusal message.
+use super::StoreError;
+use fs4::fs_std::FileExt;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The lock file inside a store; present only while a writer holds it.
+pub const LOCK_FILE: &str = "writer.lock";
+
+/// Who holds a store (the lock file's content).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Holder {
+    pid: u32,
+    host: String,
+    command: String,
+}
+
+impl Holder {
+    fn describe(text: &str) -> String {
+        match serde_json::from_str::<Holder>(text) {
+            Ok(h) => format!(
+                "speechcache {} (pid {} on host {})",
+                h.command, h.pid, h.host
+            ),
+            Err(_) => "another speechcache process".into(),
+        }
+    }
+}
+
+/// An exclusive lock on a store directory; released (and the lock file removed) on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl StoreLock {
+    /// Creates `dir` if needed and takes its writer lock, or refuses at once naming the holder.
+    pub fn acquire(dir: &Path, command: &str) -> Result<Self, StoreError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::refused(dir, "exists and is not a directory"));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        // A holder that was finishing may unlink the file we opened: retry on the new one.
+        for _ in 0..100 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| StoreError::io(&path, e))?;
+            let locked =
+                FileExt::try_lock_exclusive(&file).map_err(|e| StoreError::io(&path, e))?;
+            if !locked {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(StoreError::refused(
+                    dir,
+                    format!(
+                        "is being written by {}; one writer per store: wait for it, or give \
+                         each run (each array task) its own --out",
+                        Holder::describe(&text)
+                    ),
+                ));
+            }
+            if !same_file(&file, &path) {
+                continue;
+            }
+            let mut lock = StoreLock { file, path };
+            lock.write_holder(command)?;
+            return Ok(lock);
+        }
+        Err(StoreError::refused(dir, "cannot take the writer lock"))
+    }
+
+    fn write_holder(&mut self, command: &str) -> Result<(), StoreError> {
+        let holder = Holder {
+            pid: std::process::id(),
+            host: host_name(),
+            command: command.to_string(),
+        };
+        let text = serde_json::to_string(&holder).map_err(|e| StoreError::Format(e.to_string()))?;
+        let io = |e| StoreError::io(&self.path, e);
+        self.file.set_len(0).map_err(io)?;
+        self.file.write_all(text.as_bytes()).map_err(io)?;
+        self.file.flush().map_err(io)
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        // Unlinked while still held, so a waiting opener sees a changed inode and retries.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+/// Refuses a store whose writer lock is held by a live process (readers call this).
+pub fn refuse_if_being_written(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(&path, e)),
+    };
+    let free = FileExt::try_lock_shared(&file).map_err(|e| StoreError::io(&path, e))?;
+    if free {
+        let _ = FileExt::unlock(&file);
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    Err(StoreError::refused(
+        dir,
+        format!(
+            "is being written by {}; read it when that run has finished",
+            Holder::describe(&text)
+        ),
+    ))
+}
+
+/// Whether the open `file` is still the one at `path` (not unlinked or replaced).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev() && a.nlink() > 0,
+        _ => false,
+    }
+}
+
+/// This machine's host name (for the holder line), or `unknown`.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or errs.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

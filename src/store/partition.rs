@@ -1,0 +1,102 @@
+//! `--part K/N`: which contiguous slice of the whole input a part run owns.
+//!
+//! Parts are numbered 1..=N (Slurm: `sbatch --array=1-N`, then
+//! `--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`). The cut depends only on the whole
+//! input and N: units (source files, store rows or batch windows) stay in input order and each
+//! part gets about 1/N of their total weight (audio seconds where known).
+use std::ops::Range;
+use std::str::FromStr;
+
+/// Part K of N, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSpec {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl FromStr for PartSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let usage = "use K/N with 1 <= K <= N, e.g. --part 2/8 \
+                     (in a Slurm array --array=1-N: --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)";
+        let (k, n) = text
+            .split_once('/')
+            .ok_or_else(|| format!("--part {text:?} is not K/N: {usage}"))?;
+        let (Ok(k), Ok(n)) = (k.trim().parse::<usize>(), n.trim().parse::<usize>()) else {
+            return Err(format!("--part {text:?} is not K/N: {usage}"));
+        };
+        if n == 0 {
+            return Err(format!("--part {text}: N must be at least 1; {usage}"));
+        }
+        if k == 0 {
+            return Err(format!(
+                "--part {text}: parts are numbered from 1, not 0 (an array --array=0-{} gives \
+                 0-based ids: submit --array=1-{n} instead); {usage}",
+                n.saturating_sub(1)
+            ));
+        }
+        if k > n {
+            return Err(format!("--part {text}: K is larger than N; {usage}"));
+        }
+        Ok(PartSpec { k, n })
+    }
+}
+
+impl std::fmt::Display for PartSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.k, self.n)
+    }
+}
+
+/// clap value parser for `--part`.
+pub fn parse_part(text: &str) -> Result<PartSpec, String> {
+    text.parse()
+}
+
+/// Cuts units `0..weights.len()` into `n` contiguous ranges of about equal total weight: a
+/// unit belongs to the first part whose share its midpoint falls in. All-zero weights count
+/// units instead.
+pub fn split_balanced(weights: &[f64], n: usize) -> Vec<Range<usize>> {
+    let n = n.max(1);
+    let total: f64 = weights.iter().sum();
+    let uniform = !total.is_finite() || total <= 0.0;
+    let weight = |w: f64| if uniform { 1.0 } else { w.max(0.0) };
+    let total = if uniform { weights.len() as f64 } else { total };
+    let mut ranges = Vec::with_capacity(n);
+    let (mut start, mut before) = (0usize, 0.0f64);
+    let mut unit = 0usize;
+    for k in 1..=n {
+        let share_end = total * k as f64 / n as f64;
+        while unit < weights.len() && (k == n || before + weight(weights[unit]) / 2.0 < share_end) {
+            before += weight(weights[unit]);
+            unit += 1;
+        }
+        ranges.push(start..unit);
+        start = unit;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cover_the_input_in_order_and_balance_weight() {
+        let w = [1.0, 1.0, 1.0, 1.0, 4.0, 1.0, 1.0];
+        let r = split_balanced(&w, 3);
+        assert_eq!(r, vec![0..3, 3..5, 5..7]);
+        assert_eq!(split_balanced(&[0.0; 5], 2), vec![0..2, 2..5]);
+        assert_eq!(split_balanced(&[1.0; 2], 4), vec![0..0, 0..1, 1..1, 1..2]);
+        assert_eq!(split_balanced(&[], 2), vec![0..0, 0..0]);
+    }
+
+    #[test]
+    fn part_specs_are_one_based() {
+        assert_eq!("2/3".parse::<PartSpec>(), Ok(PartSpec { k: 2, n: 3 }));
+        for bad in ["0/0", "4/3", "0/3", "x", "1/x", "1/0"] {
+            assert!(bad.parse::<PartSpec>().is_err(), "{bad}");
+        }
+    }
+}

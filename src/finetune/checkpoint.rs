@@ -176,7 +176,8 @@ pub struct EpochResult {
     pub valid_utts: usize,
 }
 
-pub const RNG_SCHEME: &str = "chacha8(splitmix(seed, epoch, batch))";
+pub const RNG_SCHEME: &str =
+    "chacha8(splitmix(seed, epoch, batch)); dropout masks: splitmix64(key, position)";
 
 pub fn checkpoint_dir(exp: &Path) -> PathBuf {
     exp.join("checkpoints")

@@ -17,6 +17,7 @@ use super::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -183,26 +184,31 @@ fn load_opened(
     let expected = expected_tensors(&cfg);
     validate(&weights, &canonical, &expected)?;
 
-    let mut tensors = HashMap::with_capacity(expected.len());
     let mut stored: HashMap<String, usize> = HashMap::new();
     for (name, _) in &expected {
-        let entry = &canonical[name];
-        *stored.entry(entry.dtype.clone()).or_default() += 1;
-        let t = source
-            .load(entry, device)
-            .and_then(|t| {
-                if !entry.is_float {
-                    return Err(format!("stored as {}, not floating point", entry.dtype));
-                }
-                t.to_dtype(dtype).map_err(|e| e.to_string())
-            })
-            .map_err(|reason| CheckpointError::Tensor {
-                path: weights.clone(),
-                name: format!("{name} (stored as {})", entry.original),
-                reason,
-            })?;
-        tensors.insert(name.clone(), t);
+        *stored.entry(canonical[name].dtype.clone()).or_default() += 1;
     }
+    // tensors are read (copied out of the mapped file, converted) in parallel
+    let tensors = expected
+        .par_iter()
+        .map(|(name, _)| {
+            let entry = &canonical[name];
+            source
+                .load(entry, device)
+                .and_then(|t| {
+                    if !entry.is_float {
+                        return Err(format!("stored as {}, not floating point", entry.dtype));
+                    }
+                    t.to_dtype(dtype).map_err(|e| e.to_string())
+                })
+                .map(|t| (name.clone(), t))
+                .map_err(|reason| CheckpointError::Tensor {
+                    path: weights.clone(),
+                    name: format!("{name} (stored as {})", entry.original),
+                    reason,
+                })
+        })
+        .collect::<Result<HashMap<_, _>, _>>()?;
     let stored_dtype = stored
         .into_iter()
         .max_by_key(|(d, n)| (*n, d.clone()))

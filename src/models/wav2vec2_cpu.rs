@@ -79,6 +79,58 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
+/// A weight matrix the engine reads in place: the values of a contiguous f32 CPU tensor,
+/// shared with the candle model (no copy at load), or an f32 copy of any other tensor.
+enum Weights {
+    Shared {
+        /// Keeps the storage alive; never written (model weights are not `Var`s).
+        _tensor: Tensor,
+        ptr: *const f32,
+        len: usize,
+    },
+    Owned(Vec<f32>),
+}
+
+// SAFETY: `Shared` points into the storage of a tensor it keeps alive and that nothing
+// writes to (the engine and the candle model only read their weights), so the values can be
+// read from any thread.
+unsafe impl Send for Weights {}
+unsafe impl Sync for Weights {}
+
+impl Weights {
+    fn of(t: &Tensor) -> Result<Self> {
+        if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+            let (storage, layout) = t.storage_and_layout();
+            if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage {
+                let len = t.elem_count();
+                let start = layout.start_offset();
+                if start + len <= v.len() {
+                    // SAFETY: in bounds (checked); the Vec lives as long as the storage, which
+                    // `_tensor` keeps alive, and is never reallocated (see above).
+                    let ptr = unsafe { v.as_ptr().add(start) };
+                    return Ok(Self::Shared {
+                        _tensor: t.clone(),
+                        ptr,
+                        len,
+                    });
+                }
+            }
+        }
+        Ok(Self::Owned(to_vec(t)?))
+    }
+}
+
+impl std::ops::Deref for Weights {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            // SAFETY: see `Weights::of`.
+            Self::Shared { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+            Self::Owned(v) => v,
+        }
+    }
+}
+
 /// LayerNorm parameters (statistics in f64, two passes, as the candle path).
 struct Norm {
     weight: Vec<f32>,
@@ -209,7 +261,7 @@ enum Post {
 
 struct Conv {
     /// `[K·C_in, C_out]`, rows ordered (tap, input channel).
-    weight: Vec<f32>,
+    weight: Weights,
     bias: Option<Vec<f32>>,
     kernel: usize,
     stride: usize,
@@ -326,14 +378,14 @@ impl Conv {
 
 struct Layer {
     /// `[H, 3H]`: q (pre-scaled by head_dim^-0.5), k, v.
-    qkv_w: Vec<f32>,
+    qkv_w: Weights,
     qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
+    out_w: Weights,
     out_b: Vec<f32>,
     ln1: Norm,
-    ff1_w: Vec<f32>,
+    ff1_w: Weights,
     ff1_b: Vec<f32>,
-    ff2_w: Vec<f32>,
+    ff2_w: Weights,
     ff2_b: Vec<f32>,
     ln2: Norm,
 }
@@ -347,14 +399,15 @@ struct Scratch {
     normed: Vec<f32>,
 }
 
-/// The CPU f32 inference engine of one loaded model (its weights copied out of the tensors).
+/// The CPU f32 inference engine of one loaded model (it reads the model's f32 CPU weights in
+/// place, and copies any others).
 pub struct CpuEncoder {
     convs: Vec<Conv>,
     proj_norm: Option<Norm>,
-    proj_w: Vec<f32>,
+    proj_w: Weights,
     proj_b: Vec<f32>,
     /// `[G, K·C_g, C_g]`.
-    pos_w: Vec<f32>,
+    pos_w: Weights,
     pos_b: Vec<f32>,
     pos_kernel: usize,
     pos_groups: usize,
@@ -403,7 +456,7 @@ impl CpuEncoder {
             .unwrap_or_default()
     }
 
-    /// Copies the weights of `model` (any device or dtype) into the engine.
+    /// The engine of `model`: f32 CPU weights are shared, any others copied as f32.
     pub fn new(model: &Wav2Vec2Model) -> Result<Self> {
         let cfg = &model.cfg;
         let mut convs = Vec::with_capacity(model.conv_layers.len());
@@ -422,7 +475,7 @@ impl CpuEncoder {
                 }
             };
             convs.push(Conv {
-                weight: to_vec(&layer.weight)?,
+                weight: Weights::of(&layer.weight)?,
                 bias: layer.bias.as_ref().map(to_vec).transpose()?,
                 kernel: layer.kernel,
                 stride: layer.stride,
@@ -438,14 +491,14 @@ impl CpuEncoder {
             .iter()
             .map(|l| {
                 Ok(Layer {
-                    qkv_w: to_vec(&l.attention.qkv_proj.weight)?,
+                    qkv_w: Weights::of(&l.attention.qkv_proj.weight)?,
                     qkv_b: to_vec(&l.attention.qkv_proj.bias)?,
-                    out_w: to_vec(&l.attention.out_proj.weight)?,
+                    out_w: Weights::of(&l.attention.out_proj.weight)?,
                     out_b: to_vec(&l.attention.out_proj.bias)?,
                     ln1: Norm::from(&l.layer_norm.weight, &l.layer_norm.bias, l.layer_norm.eps)?,
-                    ff1_w: to_vec(&l.feed_forward.intermediate_dense.weight)?,
+                    ff1_w: Weights::of(&l.feed_forward.intermediate_dense.weight)?,
                     ff1_b: to_vec(&l.feed_forward.intermediate_dense.bias)?,
-                    ff2_w: to_vec(&l.feed_forward.output_dense.weight)?,
+                    ff2_w: Weights::of(&l.feed_forward.output_dense.weight)?,
                     ff2_b: to_vec(&l.feed_forward.output_dense.bias)?,
                     ln2: Norm::from(
                         &l.final_layer_norm.weight,
@@ -463,9 +516,9 @@ impl CpuEncoder {
                 .as_ref()
                 .map(|ln| Norm::from(&ln.weight, &ln.bias, ln.eps))
                 .transpose()?,
-            proj_w: to_vec(&fp.projection.weight)?,
+            proj_w: Weights::of(&fp.projection.weight)?,
             proj_b: to_vec(&fp.projection.bias)?,
-            pos_w: to_vec(&pos.weight)?,
+            pos_w: Weights::of(&pos.weight)?,
             pos_b: to_vec(&pos.bias)?,
             pos_kernel: pos.kernel,
             pos_groups: pos.groups,

@@ -5,6 +5,7 @@
 //! and a plain tensor-op path for every other device and dtype (CUDA, f16, bf16).
 //! Statistics are always computed in f32 (f64 accumulators on the fast path), two-pass.
 use crate::models::config::Activation;
+use crate::ops::kernels::fast_exp;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -24,23 +25,6 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [
 }
 
 // ---------------------------------------------------------------- activation kernels
-
-/// e^v for v in [-87, 88], vectorisable: 2^round(v·log2 e) times a degree-6 polynomial.
-#[inline(always)]
-fn fast_exp(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer in the low bits
-    let a = v.clamp(-87.0, 88.0) * std::f32::consts::LOG2_E;
-    let shifted = a + MAGIC;
-    let n = shifted - MAGIC;
-    let f = (a - n) * std::f32::consts::LN_2;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    // n as a two's-complement integer straight from the bits (no saturating float→int cast).
-    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
-    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
-}
 
 /// Exact-GELU 0.5·x·(1 + erf(x/√2)) with Abramowitz–Stegun 7.1.26 erf (|error| < 1.5e-7).
 #[inline(always)]

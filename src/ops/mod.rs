@@ -11,8 +11,6 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
 };
 use candle_nn::{Init, VarBuilder};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 pub mod kernels;
@@ -143,49 +141,77 @@ impl MaskedBatchNorm {
 /// repeated exactly (candle's CPU RNG cannot be seeded). On non-CPU devices dropout uses the
 /// device RNG (`Device::set_seed`) instead, since building masks on the host would be slow there.
 #[derive(Debug, Clone)]
-pub struct DropoutRng(Arc<Mutex<ChaCha8Rng>>);
+pub struct DropoutRng(Arc<Mutex<MaskStream>>);
+
+/// A counter-based stream: element `i` of the stream is a hash of (key, i), so any chunk of a
+/// mask is drawn independently (in parallel, vectorised) and the bits do not depend on the
+/// thread count.
+#[derive(Debug)]
+struct MaskStream {
+    key: u64,
+    pos: u64,
+}
+
+/// SplitMix64's output function (Steele, Lea & Flood 2014) of `key + (i + 1)·γ`.
+#[inline(always)]
+fn mix(key: u64, i: u64) -> u64 {
+    let mut z = key.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl MaskStream {
+    fn new(seed: u64) -> Self {
+        Self {
+            key: mix(seed, 0x5EED),
+            pos: 0,
+        }
+    }
+}
 
 impl DropoutRng {
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))))
+        Self(Arc::new(Mutex::new(MaskStream::new(seed))))
     }
 
     pub fn reseed(&self, seed: u64) -> Result<()> {
-        let mut rng = self
+        let mut stream = self
             .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("dropout rng lock poisoned".into()))?;
-        *rng = ChaCha8Rng::seed_from_u64(seed);
+        *stream = MaskStream::new(seed);
         Ok(())
     }
 
-    /// `n` inverted-dropout scales (`1 / (1 - p)` or 0), drawn in order from this source:
-    /// element `i` uses the stream's next `i`-th 32-bit word, whatever the thread count
-    /// (chunks jump to their word position, so large masks are drawn in parallel).
+    /// `n` inverted-dropout scales (`1 / (1 - p)` or 0), the stream's next `n` elements:
+    /// element `i` keeps when the top 24 bits of its hash are at least `p · 2^24` (exact for p
+    /// on a 2^-24 grid), whatever the thread count.
     pub fn keep_mask(&self, n: usize, p: f64) -> Result<Vec<f32>> {
         let scale = (1.0 / (1.0 - p)) as f32;
-        // Compare 24 random bits against the drop threshold (exact for p on a 2^-24 grid).
-        let threshold = (p * (1u64 << 24) as f64) as u32;
-        let mut rng = self
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("dropout rng lock poisoned".into()))?;
-        let start = rng.get_word_pos();
+        let threshold = (p * (1u64 << 24) as f64) as u64;
+        let (key, start) = {
+            let mut stream = self
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout rng lock poisoned".into()))?;
+            let start = stream.pos;
+            stream.pos += n as u64;
+            (stream.key, start)
+        };
         const CHUNK: usize = 1 << 15;
         let mut out = vec![0f32; n];
-        let base: &ChaCha8Rng = &rng;
         out.par_chunks_mut(CHUNK)
             .enumerate()
-            .for_each(|(i, chunk)| {
-                let mut r = base.clone();
-                r.set_word_pos(start + (i * CHUNK) as u128);
-                let mut words = vec![0u32; chunk.len()];
-                r.fill(&mut words[..]);
-                for (o, w) in chunk.iter_mut().zip(words) {
-                    *o = if (w >> 8) >= threshold { scale } else { 0.0 };
-                }
+            .for_each(|(c, chunk)| {
+                let first = start + (c * CHUNK) as u64;
+                kernels::simd(|| {
+                    for (i, o) in chunk.iter_mut().enumerate() {
+                        let keep = (mix(key, first + i as u64) >> 40) >= threshold;
+                        *o = if keep { scale } else { 0.0 };
+                    }
+                })
             });
-        rng.set_word_pos(start + n as u128);
         Ok(out)
     }
 }
@@ -556,12 +582,24 @@ mod tests {
         let n = 100_003;
         let first = rng.keep_mask(n, p).unwrap();
         let second = rng.keep_mask(17, p).unwrap();
-        // the same words drawn one at a time
-        let mut seq = ChaCha8Rng::seed_from_u64(9);
-        let threshold = (p * (1u64 << 24) as f64) as u32;
+        // the same stream drawn one at a time by a plain sequential SplitMix64
+        struct SplitMix64(u64);
+        impl SplitMix64 {
+            fn next(&mut self) -> u64 {
+                self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = self.0;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            }
+        }
+        // the published first output for seed 0
+        assert_eq!(SplitMix64(0).next(), 0xE220_A839_7B1D_CDAF);
+        let mut seq = SplitMix64(MaskStream::new(9).key);
+        let threshold = (p * (1u64 << 24) as f64) as u64;
         let scale = (1.0 / (1.0 - p)) as f32;
         let mut draw = || {
-            if (seq.random::<u32>() >> 8) >= threshold {
+            if (seq.next() >> 40) >= threshold {
                 scale
             } else {
                 0.0

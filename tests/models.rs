@@ -396,7 +396,7 @@ fn cpu_engine_equals_tensor_op_path() {
             .flat_map(|w| {
                 w.iter()
                     .copied()
-                    .chain(std::iter::repeat(0.7).take(s - w.len()))
+                    .chain(std::iter::repeat_n(0.7, s - w.len()))
             })
             .collect();
         let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();

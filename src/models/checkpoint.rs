@@ -178,7 +178,7 @@ fn load_opened(
 ) -> Result<LoadedCheckpoint, CheckpointError> {
     let weights = weights.to_path_buf();
     let (entries, is_fairseq) = source.entries(&weights)?;
-    let (cfg, pre, config_source) = resolve_config(&weights, config, &source, is_fairseq)?;
+    let (cfg, pre, config_source) = resolve_config(&weights, config, source, is_fairseq)?;
 
     let canonical = canonicalize(&weights, entries)?;
     let expected = expected_tensors(&cfg);
@@ -710,7 +710,7 @@ pub fn sha256_with_cache(
     let Some((cache, key)) = cache.zip(files_identity(paths)) else {
         return sha256_files(paths);
     };
-    let mut known: HashMap<String, String> = std::fs::read_to_string(&cache)
+    let mut known: HashMap<String, String> = std::fs::read_to_string(cache)
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
@@ -733,7 +733,7 @@ pub fn sha256_with_cache(
             let tmp = cache.with_extension(format!("{}.tmp", std::process::id()));
             let written = std::fs::create_dir_all(dir)
                 .and_then(|_| std::fs::write(&tmp, text))
-                .and_then(|_| std::fs::rename(&tmp, &cache));
+                .and_then(|_| std::fs::rename(&tmp, cache));
             if written.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }

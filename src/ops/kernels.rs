@@ -513,6 +513,24 @@ pub fn scale_mask(g: &mut [f32], mask: Option<&[f32]>, scale: f32) {
     });
 }
 
+/// Keep freed memory in the process for the next step instead of handing it back to the OS:
+/// a training step (or an utterance of extract) frees and reallocates the same large
+/// activation buffers every time, and
+/// glibc's defaults (mmap for blocks over 128 KiB, trimming the heap top) made the kernel zero
+/// fresh pages for every buffer of every step (a quarter of step time in page faults).
+pub fn reserve_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator thresholds; called before the hot loop.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        // one arena: a thread arena's heaps are capped at 64 MiB, so large buffers allocated
+        // on pool threads would fall back to mmap (and fresh zeroed pages) every time
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,23 +563,5 @@ mod tests {
                 assert_eq!(*g, 2.0 * w);
             }
         }
-    }
-}
-
-/// Keep freed memory in the process for the next step instead of handing it back to the OS:
-/// a training step (or an utterance of extract) frees and reallocates the same large
-/// activation buffers every time, and
-/// glibc's defaults (mmap for blocks over 128 KiB, trimming the heap top) made the kernel zero
-/// fresh pages for every buffer of every step (a quarter of step time in page faults).
-pub fn reserve_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes glibc's allocator thresholds; called before the hot loop.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        // one arena: a thread arena's heaps are capped at 64 MiB, so large buffers allocated
-        // on pool threads would fall back to mmap (and fresh zeroed pages) every time
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

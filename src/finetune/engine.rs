@@ -2217,44 +2217,9 @@ fn attention_scores(
             for ((v, &s), &m) in row.iter_mut().zip(shifted).zip(key_mask) {
                 *v = (*v + s) * inv + (m - 1.0) * 1e9;
             }
-            softmax_in_place(row);
+            kernels::softmax_in_place(row);
         }
     });
-}
-
-/// `row = softmax(row)`, with lane-wise max and sum (so the loops vectorise) and `fast_exp`.
-#[inline(always)]
-fn softmax_in_place(row: &mut [f32]) {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let mx = chunks
-        .remainder()
-        .iter()
-        .chain(lanes.iter())
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    let mut sums = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    // masked keys sit ~1e9 below the max: exactly 0, as exp underflows to in torch
-    let e = |x: f32| if x < -87.0 { 0.0 } else { kernels::fast_exp(x) };
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
-            *v = e(*v - mx);
-            *s += *v;
-        }
-    }
-    let mut sum: f32 = sums.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = e(*v - mx);
-        sum += *v;
-    }
-    let r_sum = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= r_sum);
 }
 
 /// `[T, F]` single-channel input → im2col `[T1 F1, 9]` of 3x3 taps at `stride`.

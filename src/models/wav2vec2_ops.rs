@@ -5,7 +5,7 @@
 //! and a plain tensor-op path for every other device and dtype (CUDA, f16, bf16).
 //! Statistics are always computed in f32 (f64 accumulators on the fast path), two-pass.
 use crate::models::config::Activation;
-use crate::ops::kernels::fast_exp;
+use crate::ops::kernels::{fast_exp, softmax_in_place};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -186,38 +186,9 @@ pub fn bias_act(x: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Te
 /// mask gives once exp underflows).
 #[inline(always)]
 fn softmax_row(row: &mut [f32], n: usize) {
-    const LANES: usize = 16;
     let (valid, masked) = row.split_at_mut(n.min(row.len()));
     masked.fill(0.0);
-    // Lane-wise max and sum (one accumulator per SIMD lane), so both loops vectorise instead
-    // of waiting on one scalar dependency chain per element.
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = valid.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, &v) in lanes.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(lanes.iter())
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    let mut sums = [0f32; LANES];
-    let mut chunks = valid.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
-            *v = fast_exp(*v - max);
-            *s += *v;
-        }
-    }
-    let mut sum: f32 = sums.iter().sum();
-    for v in chunks.into_remainder() {
-        *v = fast_exp(*v - max);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    valid.iter_mut().for_each(|v| *v *= inv);
+    softmax_in_place(valid);
 }
 
 pub(super) fn softmax_rows(rows: &mut [f32], t: usize, n: usize) {

@@ -330,13 +330,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     let opened = match args.part {
         Some(part) => {
             let owned = part_rows(&audio, &grid, &extractor, part);
-            let slice = PartSlice {
-                k: part.k,
-                n: part.n,
-                first_input: owned.start,
-                end_input: owned.end,
-                inputs: audio.len(),
-            };
+            let slice = PartSlice::new(part, &owned, audio.len());
             StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
         }
         None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..audio.len())),

@@ -146,13 +146,7 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
     let opened = match args.part {
         Some(part) => {
             let owned = part_range(&all_jobs, part);
-            let slice = PartSlice {
-                k: part.k,
-                n: part.n,
-                first_input: owned.start,
-                end_input: owned.end,
-                inputs: all_jobs.len(),
-            };
+            let slice = PartSlice::new(part, &owned, all_jobs.len());
             StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
         }
         None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..all_jobs.len())),

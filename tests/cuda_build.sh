@@ -25,7 +25,10 @@ fi
 
 cargo test --release --features cuda --target-dir target/cuda
 cuda_bin=target/cuda/release/speechcache
+# ldd's output is read whole first: `ldd | grep -q` under pipefail fails at random when grep
+# stops at the first match and ldd gets SIGPIPE.
+linked=$(ldd "$cuda_bin")
 for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10; do
-  ldd "$cuda_bin" | grep -q "$lib => /" || { echo "cuda_build.sh: $cuda_bin does not link $lib" >&2; exit 1; }
+  grep -q "$lib => /" <<< "$linked" || { echo "cuda_build.sh: $cuda_bin does not link $lib" >&2; exit 1; }
 done
 echo "cuda_build.sh: CUDA build and its tests passed in $(($(date +%s) - started)) s"

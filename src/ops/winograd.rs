@@ -95,6 +95,15 @@ pub fn add_filter_grad(acc: &[f32], c_out: usize, c_in: usize, dw: &mut [f32]) {
     }
 }
 
+/// Transformed position `k` of a `[tiles, 16, width]` buffer, as a `[tiles, width]` view.
+fn position(buf: &[f32], k: usize, width: usize) -> Mat<'_> {
+    Mat {
+        data: &buf[k * width..],
+        rs: K * width,
+        cs: 1,
+    }
+}
+
 /// One channels-last image and the part of the output that is wanted.
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
@@ -161,11 +170,7 @@ pub fn forward(x: &[f32], geo: Geometry, u: &[f32], y: &mut [f32]) {
                 c_in,
                 &mut m[k * c_out..],
                 K * c_out,
-                Mat {
-                    data: &v[k * c_in..],
-                    rs: K * c_in,
-                    cs: 1,
-                },
+                position(&v, k, c_in),
                 Mat::rows(&u[k * c_in * c_out..][..c_in * c_out], c_out),
                 false,
             );
@@ -367,16 +372,8 @@ pub fn backward(
                 tiles,
                 &mut acc[k * c_out * c_in..][..c_out * c_in],
                 c_in,
-                Mat {
-                    data: &z[k * c_out..],
-                    rs: 1,
-                    cs: K * c_out,
-                },
-                Mat {
-                    data: &v[k * c_in..],
-                    rs: K * c_in,
-                    cs: 1,
-                },
+                position(&z, k, c_out).t(),
+                position(&v, k, c_in),
                 true,
             );
         }
@@ -392,11 +389,7 @@ pub fn backward(
                 c_out,
                 &mut p[k * c_in..],
                 K * c_in,
-                Mat {
-                    data: &z[k * c_out..],
-                    rs: K * c_out,
-                    cs: 1,
-                },
+                position(&z, k, c_out),
                 Mat::rows(&u[k * c_in * c_out..][..c_in * c_out], c_out).t(),
                 false,
             );

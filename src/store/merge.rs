@@ -7,7 +7,7 @@
 //! fingerprint is the whole run's, so it resumes, refuses and feeds `extract` like one.
 use super::lock::{StoreLock, LOCK_FILE};
 use super::npy::MappedNpy;
-use super::writer::{remove_if_exists, sync_dir, write_stats_files, IN_PROGRESS};
+use super::writer::{remove_if_exists, remove_path, sync_dir, write_stats_files, IN_PROGRESS};
 use super::{
     read_jsonl, shard_name, sums_file, to_jsonl, write_atomic, ErrorRow, IndexRow, StoreError,
     StoreKind, StoreMeta, Totals,
@@ -279,12 +279,7 @@ fn claim_output(out: &Path, whole: &str, options: &serde_json::Value) -> Result<
         }
         for entry in entries {
             let path = entry.path();
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            removed.map_err(|e| StoreError::io(&path, e))?;
+            remove_path(&path)?;
         }
     }
     let shards = out.join("shards");

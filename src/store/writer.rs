@@ -420,12 +420,7 @@ impl StoreWriter {
             let name = entry.file_name().to_string_lossy().to_string();
             if !keep.contains(&name) {
                 let path = entry.path();
-                let removed = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                removed.map_err(|e| StoreError::io(&path, e))?;
+                remove_path(&path)?;
             }
         }
         Ok(())
@@ -662,6 +657,16 @@ pub(crate) fn write_stats_files(
     write_atomic(&stats_dir.join(sums_file(layer)), &bytes)
 }
 
+/// Removes a file or a whole directory.
+pub(super) fn remove_path(path: &Path) -> Result<(), StoreError> {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    removed.map_err(|e| StoreError::io(path, e))
+}
+
 /// Which part of the whole input a part store holds (`--part K/N`).
 #[derive(Debug, Clone, Copy)]
 pub struct PartSlice {
@@ -671,6 +676,23 @@ pub struct PartSlice {
     pub end_input: usize,
     /// Inputs of the whole run.
     pub inputs: usize,
+}
+
+impl PartSlice {
+    /// Part `part`, owning inputs `owned` of the whole run's `inputs`.
+    pub fn new(
+        part: super::partition::PartSpec,
+        owned: &std::ops::Range<usize>,
+        inputs: usize,
+    ) -> Self {
+        Self {
+            k: part.k,
+            n: part.n,
+            first_input: owned.start,
+            end_input: owned.end,
+            inputs,
+        }
+    }
 }
 
 /// The options as compared on resume: a part store's include its `part: "K/N"`.
@@ -691,12 +713,7 @@ fn clear_store_dir(dir: &Path) -> Result<(), StoreError> {
             continue;
         }
         let path = entry.path();
-        let removed = if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(|e| StoreError::io(&path, e))?;
+        remove_path(&path)?;
     }
     Ok(())
 }

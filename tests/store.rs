@@ -203,6 +203,42 @@ fn killed_writer_resumes_to_identical_store() {
 }
 
 #[test]
+fn a_run_killed_while_claiming_its_directory_resumes() {
+    // What a kill -9 between taking the lock and writing `in_progress.json` can leave.
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    write_audio(&full, 5, None);
+    let leftovers: [&[&str]; 3] = [
+        &["writer.lock"],
+        &["writer.lock", "shards/"],
+        &["writer.lock", "shards/", "in_progress.json.tmp"],
+    ];
+    for (i, left) in leftovers.iter().enumerate() {
+        let dir = tmp.path().join(format!("claim{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        for name in left.iter() {
+            match name.strip_suffix('/') {
+                Some(sub) => std::fs::create_dir(dir.join(sub)).unwrap(),
+                None => std::fs::write(dir.join(name), b"{\"pid\": 1").unwrap(),
+            }
+        }
+        assert!(write_audio(&dir, 5, None), "{left:?}");
+        assert_eq!(tree_bytes(&dir), tree_bytes(&full), "{left:?}");
+    }
+    // A non-empty shards/ that no store claims is not ours to take over.
+    let dir = tmp.path().join("foreign_shards");
+    std::fs::create_dir_all(dir.join("shards")).unwrap();
+    std::fs::write(dir.join("shards/00000.npy"), b"x").unwrap();
+    let err = StoreWriter::create_or_resume(&dir, audio_spec(8000, serde_json::json!({"a": 1})))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("is not a speechcache store"),
+        "{err}"
+    );
+}
+
+#[test]
 fn finished_store_is_not_redone_and_other_options_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");

@@ -345,22 +345,23 @@ impl StoreWriter {
             }
         } else if dir.is_dir() {
             let mut entries = std::fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
-            if entries.any(|e| e.map_or(true, |e| e.file_name() != LOCK_FILE)) {
+            if entries.any(|e| e.map_or(true, |e| !left_by_a_killed_claim(&e))) {
                 return Err(StoreError::refused(
                     &dir,
                     "exists, is not empty and is not a speechcache store; choose a new or empty directory",
                 ));
             }
         }
-        let shards = dir.join("shards");
-        std::fs::create_dir_all(&shards).map_err(|e| StoreError::io(&shards, e))?;
+        // `in_progress.json` first: from then on a killed run leaves a store that resumes.
         let progress = InProgress {
             fingerprint: self.fingerprint.clone(),
             options: with_part(&self.spec.options, self.part.as_ref()),
         };
         let text =
             serde_json::to_vec_pretty(&progress).map_err(|e| StoreError::Format(e.to_string()))?;
-        write_atomic(&dir.join(IN_PROGRESS), &text)
+        write_atomic(&dir.join(IN_PROGRESS), &text)?;
+        let shards = dir.join("shards");
+        std::fs::create_dir_all(&shards).map_err(|e| StoreError::io(&shards, e))
     }
 
     fn refuse_or_clear(&self, stored_options: &serde_json::Value) -> Result<(), StoreError> {
@@ -812,6 +813,17 @@ fn accumulate_sums(sums: &mut (Vec<f64>, Vec<f64>), values: &[f32], dim: usize) 
             *q += v * v;
         }
     }
+}
+
+/// What a run killed while claiming an empty directory can leave behind: its lock file, a
+/// half-written `in_progress.json.tmp`, an empty `shards/` (older versions made it first).
+fn left_by_a_killed_claim(entry: &std::fs::DirEntry) -> bool {
+    let name = entry.file_name();
+    if name == LOCK_FILE || name == tmp_path(Path::new(IN_PROGRESS)).as_os_str() {
+        return true;
+    }
+    name == "shards"
+        && std::fs::read_dir(entry.path()).is_ok_and(|mut shards| shards.next().is_none())
 }
 
 pub(crate) fn remove_if_exists(path: &Path) -> Result<(), StoreError> {

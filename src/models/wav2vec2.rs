@@ -41,6 +41,7 @@ pub use cpu::CpuEncoder;
 use crate::models::config::{Activation, Wav2Vec2Config};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 /// Largest gathered-frames tensor per matmul (elements): bounds memory for long batches.
 const CHUNK_ELEMS: usize = 1 << 23;
@@ -494,11 +495,19 @@ struct Encoder {
 
 impl Encoder {
     fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg))
-            .collect::<Result<Vec<_>>>()?;
+        // Layers are built in parallel (their weight re-layouts are single-threaded copies).
+        let (layers, pos_conv_embed) = rayon::join(
+            || {
+                (0..cfg.num_hidden_layers)
+                    .into_par_iter()
+                    .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg))
+                    .collect::<Result<Vec<_>>>()
+            },
+            || PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg),
+        );
+        let layers = layers?;
         Ok(Self {
-            pos_conv_embed: PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg)?,
+            pos_conv_embed: pos_conv_embed?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers,
             pre_ln: cfg.do_stable_layer_norm,
@@ -582,6 +591,7 @@ impl Wav2Vec2Model {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let fe = vb.pp("feature_extractor").pp("conv_layers");
         let conv_layers = (0..cfg.conv_dim.len())
+            .into_par_iter()
             .map(|i| ConvLayer::load(fe.pp(i), cfg, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

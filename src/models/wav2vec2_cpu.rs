@@ -120,6 +120,51 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// A torch `Linear` weight `[n, k]` as a row-major `[k, n]` copy: the gemm reads it with
+    /// unit stride along n, which runs the linears 5–25% faster than reading `[n, k]` in place
+    /// (measured at the base model's shapes on one AVX-512 core: 500×3072×768 at 97 against
+    /// 75 GFLOP/s). A parallel blocked transpose: ~0.13 s for the base model's 85 M weights on 2 cores.
+    fn transposed(t: &Tensor) -> Result<Self> {
+        let (n, k) = t.dims2()?;
+        let src = Self::of(t)?;
+        Ok(Self::Owned(transpose(&src, n, k)))
+    }
+}
+
+/// `src` `[rows, cols]` → `[cols, rows]`: 16×16 tiles through a local buffer (whole-row reads
+/// and writes), output rows spread over the pool.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 16;
+    let mut dst = vec![0f32; rows * cols];
+    if rows * cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(bi, out)| {
+            let c0 = bi * T;
+            let tc = out.len() / rows;
+            let mut tile = [[0f32; T]; T];
+            for r0 in (0..rows).step_by(T) {
+                let tr = T.min(rows - r0);
+                for (i, line) in tile.iter_mut().enumerate().take(tr) {
+                    let at = (r0 + i) * cols + c0;
+                    line[..tc].copy_from_slice(&src[at..at + tc]);
+                }
+                for j in 0..tc {
+                    for (i, o) in out[j * rows + r0..j * rows + r0 + tr]
+                        .iter_mut()
+                        .enumerate()
+                    {
+                        *o = tile[i][j];
+                    }
+                }
+            }
+        });
+    dst
+}
+
 impl std::ops::Deref for Weights {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
@@ -246,9 +291,9 @@ fn gemm_rows(
     }
 }
 
-/// `dst[m, n] = bias + a[m, k] · wᵀ` for a torch `Linear` weight `w` `[n, k]`.
+/// `dst[m, n] = bias + a[m, k] · w` for a torch `Linear` weight transposed, `w` `[k, n]`.
 fn linear(a: &[f32], w: &[f32], bias: &[f32], k: usize, dst: &mut [f32], parallel: bool) {
-    gemm_rows(a, k, k, (w, true), Some(bias), dst, bias.len(), parallel);
+    gemm_rows(a, k, k, (w, false), Some(bias), dst, bias.len(), parallel);
 }
 
 /// What follows a feature-encoder conv.
@@ -262,6 +307,8 @@ enum Post {
 struct Conv {
     /// `[K·C_in, C_out]`, rows ordered (tap, input channel).
     weight: Weights,
+    /// `W0 + W2` (`[C_in, C_out]`) of a 3-tap stride-2 conv, for [`Conv::forward_3s2`].
+    outer_taps: Option<Vec<f32>>,
     bias: Option<Vec<f32>>,
     kernel: usize,
     stride: usize,
@@ -289,18 +336,128 @@ impl Conv {
             });
             return out;
         }
-        gemm_rows(
-            x,
-            s * self.c_in,
-            k * self.c_in,
-            (&self.weight, false),
-            bias,
-            &mut out,
-            c,
-            parallel,
-        );
+        match &self.outer_taps {
+            Some(outer) if t_out >= 2 => self.forward_3s2(x, outer, &mut out, parallel),
+            _ => gemm_rows(
+                x,
+                s * self.c_in,
+                k * self.c_in,
+                (&self.weight, false),
+                bias,
+                &mut out,
+                c,
+                parallel,
+            ),
+        }
         for_rows(&mut out, c, parallel, |_, rows| self.post_rows(rows));
         out
+    }
+
+    /// A 3-tap stride-2 conv (most of the feature encoder's work) by polyphase Winograd
+    /// F(2, 2): with taps W0, W1, W2 (`[C_in, C_out]` each) and e = x[2t], o = x[2t+1],
+    ///   y[2p]   = b + o[2p]·W1   + (e[2p] − e[2p+1])·W0 + e[2p+1]·(W0 + W2)
+    ///   y[2p+1] = b + o[2p+1]·W1 + (e[2p+2] − e[2p+1])·W2 + e[2p+1]·(W0 + W2)
+    /// The shared product saves a sixth of the conv's multiply-adds; every other operand is
+    /// the input read in place (strided rows). Pairs are cut into fixed blocks from row 0, so
+    /// a row's bits do not depend on the pool; an odd last row is computed directly.
+    fn forward_3s2(&self, x: &[f32], outer: &[f32], out: &mut [f32], parallel: bool) {
+        const PAIRS: usize = GEMM_ROWS / 2;
+        let (ci, co) = (self.c_in, self.c_out);
+        let t_out = out.len() / co;
+        let pairs = t_out / 2;
+        let w = &self.weight[..];
+        let bias = self.bias.as_deref();
+        assert!(
+            w.len() == 3 * ci * co && outer.len() == ci * co && x.len() >= (2 * t_out + 1) * ci,
+            "forward_3s2: operands out of bounds"
+        );
+        let (paired, last) = out.split_at_mut(2 * pairs * co);
+        let block = |bi: usize, y: &mut [f32]| {
+            let p0 = bi * PAIRS;
+            let np = y.len() / (2 * co);
+            // rows 4p (e[2p]), 4p+2 (e[2p+1]), 4p+4 (e[2p+2]) of x, p = p0..p0+np
+            let row = |r: usize| &x[r * ci..(r + 1) * ci];
+            let mut before = vec![0f32; np * ci];
+            let mut after = vec![0f32; np * ci];
+            for (i, (b, a)) in before
+                .chunks_exact_mut(ci)
+                .zip(after.chunks_exact_mut(ci))
+                .enumerate()
+            {
+                let p = p0 + i;
+                let (e0, e1, e2) = (row(4 * p), row(4 * p + 2), row(4 * p + 4));
+                for j in 0..ci {
+                    b[j] = e0[j] - e1[j];
+                    a[j] = e2[j] - e1[j];
+                }
+            }
+            let mut shared = vec![0f32; np * co];
+            // SAFETY: every lhs row read is a row of x (bounds asserted above: the last one
+            // read is 4(pairs−1)+4 ≤ 2·t_out); the outputs are this block's rows of y.
+            unsafe {
+                ops::frames_gemm(
+                    2 * np,
+                    co,
+                    ci,
+                    x[(4 * p0 + 1) * ci..].as_ptr(),
+                    2 * ci,
+                    w[ci * co..].as_ptr(),
+                    (co, 1),
+                    y.as_mut_ptr(),
+                    co,
+                    bias,
+                    1,
+                );
+                ops::frames_gemm(
+                    np,
+                    co,
+                    ci,
+                    x[(4 * p0 + 2) * ci..].as_ptr(),
+                    4 * ci,
+                    outer.as_ptr(),
+                    (co, 1),
+                    shared.as_mut_ptr(),
+                    co,
+                    None,
+                    1,
+                );
+                let y = y.as_mut_ptr();
+                ops::frames_gemm_add(np, co, ci, before.as_ptr(), ci, w.as_ptr(), y, 2 * co);
+                let w2 = w[2 * ci * co..].as_ptr();
+                ops::frames_gemm_add(np, co, ci, after.as_ptr(), ci, w2, y.add(co), 2 * co);
+            }
+            for (pair, s) in y.chunks_exact_mut(2 * co).zip(shared.chunks_exact(co)) {
+                for half in pair.chunks_exact_mut(co) {
+                    for (v, &a) in half.iter_mut().zip(s) {
+                        *v += a;
+                    }
+                }
+            }
+        };
+        if parallel {
+            paired
+                .par_chunks_mut(2 * PAIRS * co)
+                .enumerate()
+                .for_each(|(bi, y)| block(bi, y));
+        } else {
+            paired
+                .chunks_mut(2 * PAIRS * co)
+                .enumerate()
+                .for_each(|(bi, y)| block(bi, y));
+        }
+        if !last.is_empty() {
+            let t = t_out - 1;
+            gemm_rows(
+                &x[2 * t * ci..],
+                0,
+                3 * ci,
+                (w, false),
+                bias,
+                last,
+                co,
+                false,
+            );
+        }
     }
 
     fn post_rows(&self, rows: &mut [f32]) {
@@ -474,8 +631,15 @@ impl CpuEncoder {
                     candle_core::bail!("GroupNorm is only supported on the first conv")
                 }
             };
+            let weight = Weights::of(&layer.weight)?;
+            let outer_taps = (layer.kernel == 3 && layer.stride == 2 && c_in > 1).then(|| {
+                let n = c_in * cfg.conv_dim[i];
+                let (w0, w2) = (&weight[..n], &weight[2 * n..3 * n]);
+                w0.iter().zip(w2).map(|(a, b)| a + b).collect()
+            });
             convs.push(Conv {
-                weight: Weights::of(&layer.weight)?,
+                weight,
+                outer_taps,
                 bias: layer.bias.as_ref().map(to_vec).transpose()?,
                 kernel: layer.kernel,
                 stride: layer.stride,
@@ -488,17 +652,17 @@ impl CpuEncoder {
         let enc = &model.encoder;
         let layers = enc
             .layers
-            .iter()
+            .par_iter()
             .map(|l| {
                 Ok(Layer {
-                    qkv_w: Weights::of(&l.attention.qkv_proj.weight)?,
+                    qkv_w: Weights::transposed(&l.attention.qkv_proj.weight)?,
                     qkv_b: to_vec(&l.attention.qkv_proj.bias)?,
-                    out_w: Weights::of(&l.attention.out_proj.weight)?,
+                    out_w: Weights::transposed(&l.attention.out_proj.weight)?,
                     out_b: to_vec(&l.attention.out_proj.bias)?,
                     ln1: Norm::from(&l.layer_norm.weight, &l.layer_norm.bias, l.layer_norm.eps)?,
-                    ff1_w: Weights::of(&l.feed_forward.intermediate_dense.weight)?,
+                    ff1_w: Weights::transposed(&l.feed_forward.intermediate_dense.weight)?,
                     ff1_b: to_vec(&l.feed_forward.intermediate_dense.bias)?,
-                    ff2_w: Weights::of(&l.feed_forward.output_dense.weight)?,
+                    ff2_w: Weights::transposed(&l.feed_forward.output_dense.weight)?,
                     ff2_b: to_vec(&l.feed_forward.output_dense.bias)?,
                     ln2: Norm::from(
                         &l.final_layer_norm.weight,
@@ -516,7 +680,7 @@ impl CpuEncoder {
                 .as_ref()
                 .map(|ln| Norm::from(&ln.weight, &ln.bias, ln.eps))
                 .transpose()?,
-            proj_w: Weights::of(&fp.projection.weight)?,
+            proj_w: Weights::transposed(&fp.projection.weight)?,
             proj_b: to_vec(&fp.projection.bias)?,
             pos_w: Weights::of(&pos.weight)?,
             pos_b: to_vec(&pos.bias)?,
@@ -885,5 +1049,82 @@ impl CpuEncoder {
         let layers = t * (7 * h + self.ffn) + self.block_scores.max(t);
         let states = kept * t * h;
         4 * (conv_peak.max(pos) + states + layers) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{transpose, Activation, Conv, Post, Weights};
+
+    /// A 3-tap stride-2 conv with deterministic pseudo-random weights.
+    fn conv(c_in: usize, c_out: usize, winograd: bool) -> Conv {
+        let value = |i: usize, salt: usize| {
+            let h = (i.wrapping_mul(2654435761) ^ salt.wrapping_mul(40503)) % 1000;
+            h as f32 / 1000.0 - 0.5
+        };
+        let weight: Vec<f32> = (0..3 * c_in * c_out).map(|i| value(i, 1) * 0.2).collect();
+        let n = c_in * c_out;
+        let outer: Vec<f32> = (0..n).map(|i| weight[i] + weight[2 * n + i]).collect();
+        Conv {
+            weight: Weights::Owned(weight),
+            outer_taps: winograd.then_some(outer),
+            bias: Some((0..c_out).map(|i| value(i, 2)).collect()),
+            kernel: 3,
+            stride: 2,
+            c_in,
+            c_out,
+            post: Post::Act(Activation::Gelu),
+        }
+    }
+
+    #[test]
+    fn winograd_stride2_conv_equals_the_direct_conv() {
+        let (c_in, c_out) = (24, 20);
+        let (direct, fast) = (conv(c_in, c_out, false), conv(c_in, c_out, true));
+        // t_out = 2, 3 (odd last row), 7, and across the 1,024-row blocks
+        for t_in in [5, 7, 16, 2051, 4101] {
+            let x: Vec<f32> = (0..t_in * c_in)
+                .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            let want = direct.forward(&x, false);
+            let got = fast.forward(&x, false);
+            assert_eq!(want.len(), got.len());
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-6, "t_in {t_in}: {worst}");
+            assert_eq!(
+                fast.forward(&x, true),
+                got,
+                "pool and one thread give the same bits"
+            );
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_value_on_ragged_shapes() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 5),
+            (5, 1),
+            (16, 16),
+            (37, 21),
+            (100, 33),
+            (33, 100),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let dst = transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -770,18 +770,8 @@ fn encode_values(dtype: Dtype, values: &[f32], dim: usize, out: &mut Vec<u8>) {
     out.clear();
     match dtype {
         Dtype::F32 => out.extend_from_slice(bytemuck::cast_slice(values)),
-        Dtype::F16 => {
-            out.reserve(values.len() * 2);
-            for v in values {
-                out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
-            }
-        }
-        Dtype::Bf16 => {
-            out.reserve(values.len() * 2);
-            for v in values {
-                out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes());
-            }
-        }
+        Dtype::F16 => encode_half::<f16>(values, out),
+        Dtype::Bf16 => encode_half::<bf16>(values, out),
         Dtype::Int8 => {
             out.reserve(values.len());
             for frame in values.chunks(dim.max(1)) {
@@ -791,6 +781,31 @@ fn encode_values(dtype: Dtype, values: &[f32], dim: usize, out: &mut Vec<u8>) {
                     let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
                     out.push(q as u8);
                 }
+            }
+        }
+    }
+}
+
+/// `values` as little-endian f16 or bf16 bytes, converted a slice at a time (F16C / AVX-512
+/// where the CPU has them: a per-value loop took most of extract's writing time).
+fn encode_half<H>(values: &[f32], out: &mut Vec<u8>)
+where
+    H: bytemuck::Pod + Default,
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 4096;
+    out.reserve(values.len() * 2);
+    let mut halves = [H::default(); CHUNK];
+    for part in values.chunks(CHUNK) {
+        let halves = &mut halves[..part.len()];
+        halves.convert_from_f32_slice(part);
+        if cfg!(target_endian = "little") {
+            out.extend_from_slice(bytemuck::cast_slice(halves));
+        } else {
+            for h in halves.iter() {
+                let bits: u16 = bytemuck::cast(*h);
+                out.extend_from_slice(&bits.to_le_bytes());
             }
         }
     }

@@ -543,6 +543,7 @@ impl EngineJob<'_> {
                 None => runnable.push(i),
             }
         }
+        let encoder = writer.feature_encoder();
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, InputResult)>(2 * threads);
         let t = Instant::now();
         let write_result = std::thread::scope(|scope| {
@@ -561,15 +562,13 @@ impl EngineJob<'_> {
                     |j, result| {
                         let i = runnable[j];
                         let row = &audio.rows()[i];
+                        // Encoded here, in parallel, so the writer only appends bytes.
                         let result = match result {
                             Ok((states, t)) => {
-                                let dim = states.first().map_or(0, |s| s.len() / t.max(1));
-                                let layers = states
-                                    .into_iter()
-                                    .map(|s| Array2::from_shape_vec((t, dim), s))
-                                    .collect::<Result<Vec<_>, _>>();
-                                match layers {
-                                    Ok(layers) => item_result(row, layers),
+                                let layers: Vec<&[f32]> =
+                                    states.iter().map(|s| s.as_slice()).collect();
+                                match encoder.encode(&layers, t) {
+                                    Ok(item) => item_result(row, item),
                                     Err(e) => error_result(row, format!("model output: {e}")),
                                 }
                             }
@@ -709,7 +708,7 @@ fn build_extractor(
         args.model_config.as_deref(),
         &device,
         dtype,
-        |ckpt| -> anyhow::Result<(Wav2Vec2Model, Option<CpuEncoder>)> {
+        |ckpt| -> anyhow::Result<Built> {
             if ckpt.preprocessor.sampling_rate != audio.sample_rate() {
                 bail!(
                     "{} expects {} Hz audio but {} is {} Hz: prepare it with --sample-rate {}",
@@ -724,19 +723,18 @@ fn build_extractor(
                 .with_context(|| format!("cannot build the model from {}", args.model))?;
             // The model holds its own (re-laid-out) weights; keep only the description.
             ckpt.tensors.clear();
-            let engine = if model.uses_cpu_engine() {
-                Some(
-                    CpuEncoder::new(&model)
-                        .with_context(|| format!("cannot build the model from {}", args.model))?,
-                )
+            if model.uses_cpu_engine() {
+                // The engine takes the model's weights over (re-laid out for its gemms).
+                let engine = CpuEncoder::from_model(model)
+                    .with_context(|| format!("cannot build the model from {}", args.model))?;
+                Ok(Built::Engine(engine))
             } else {
-                None
-            };
-            Ok((model, engine))
+                Ok(Built::Model(model))
+            }
         },
     )
     .with_context(|| format!("cannot load the model {}", args.model))?;
-    let (model, engine) = built?;
+    let built = built?;
     let layers = parse_layers(&args.layers, checkpoint.config.num_hidden_layers)?;
     let cfg = &checkpoint.config;
     let samples_per_frame: usize = cfg.conv_stride.iter().product();
@@ -749,7 +747,7 @@ fn build_extractor(
         "format": checkpoint.format,
     });
     let mut ssl_options = serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common});
-    if engine.is_none() {
+    if matches!(built, Built::Model(_)) {
         // Padded batches: a row's float rounding depends on its batch, so the batch plan is
         // part of what the store is (resumes and parts with another plan are refused).
         ssl_options["batching"] = serde_json::json!({
@@ -772,22 +770,25 @@ fn build_extractor(
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    let extractor = if let Some(engine) = engine {
-        // The engine holds a copy of the weights; the candle model is dropped here.
-        drop(model);
-        Extractor::Engine {
+    let extractor = match built {
+        Built::Engine(engine) => Extractor::Engine {
             engine: Box::new(engine),
             checkpoint: Box::new(checkpoint),
-        }
-    } else {
-        Extractor::Model {
+        },
+        Built::Model(model) => Extractor::Model {
             model: Box::new(model),
             checkpoint: Box::new(checkpoint),
             device,
             dtype,
-        }
+        },
     };
     Ok((extractor, spec))
+}
+
+/// What runs the model: the CPU f32 engine (which took the weights over) or the candle model.
+enum Built {
+    Engine(CpuEncoder),
+    Model(Wav2Vec2Model),
 }
 
 /// Estimates the store size from the index alone and refuses when the disk is too small.
@@ -892,7 +893,10 @@ fn extract_window(
                     .collect()
             });
             for (i, feats) in computed {
-                results[i - range.start] = Some(item_result(&audio.rows()[i], vec![feats]));
+                results[i - range.start] = Some(item_result(
+                    &audio.rows()[i],
+                    ItemData::Features(vec![feats]),
+                ));
             }
         }
         Extractor::Engine { .. } => bail!("the CPU engine streams utterances (EngineJob)"),
@@ -948,7 +952,8 @@ fn extract_window(
                     model, checkpoint, device, *dtype, audio, batch, layers, max_layer,
                 )?;
                 for (&i, feats) in batch.iter().zip(outputs) {
-                    results[i - range.start] = Some(item_result(&audio.rows()[i], feats));
+                    results[i - range.start] =
+                        Some(item_result(&audio.rows()[i], ItemData::Features(feats)));
                 }
                 batch_start += batch.len();
             }
@@ -957,7 +962,7 @@ fn extract_window(
     Ok(results.into_iter().map(|r| r.unwrap_or_default()).collect())
 }
 
-fn item_result(row: &IndexRow, layers: Vec<Array2<f32>>) -> InputResult {
+fn item_result(row: &IndexRow, data: ItemData) -> InputResult {
     let out = IndexRow {
         id: row.id.clone(),
         text: row.text.clone(),
@@ -972,7 +977,7 @@ fn item_result(row: &IndexRow, layers: Vec<Array2<f32>>) -> InputResult {
         ..Default::default()
     };
     InputResult {
-        items: vec![(out, ItemData::Features(layers))],
+        items: vec![(out, data)],
         errors: vec![],
     }
 }

@@ -296,6 +296,12 @@ fn features(frames: usize, dim: usize, seed: f32) -> Array2<f32> {
 }
 
 fn write_features(dir: &Path, dtype: Dtype, lengths: &[usize]) {
+    write_features_as(dir, dtype, lengths, false)
+}
+
+/// As `write_features`; `encoded`: items come pre-encoded by the store's `FeatureEncoder` (as
+/// extract's compute threads hand them over).
+fn write_features_as(dir: &Path, dtype: Dtype, lengths: &[usize], encoded: bool) {
     let spec = WriterSpec {
         kind: StoreKind::Features,
         dtype,
@@ -311,7 +317,13 @@ fn write_features(dir: &Path, dtype: Dtype, lengths: &[usize]) {
     };
     let mut w = StoreWriter::create_or_resume(dir, spec).unwrap();
     for (i, &t) in lengths.iter().enumerate() {
-        let layers = (0..3).map(|l| features(t, 6, (i * 3 + l) as f32)).collect();
+        let layers: Vec<Array2<f32>> = (0..3).map(|l| features(t, 6, (i * 3 + l) as f32)).collect();
+        let data = if encoded {
+            let flat: Vec<&[f32]> = layers.iter().map(|l| l.as_slice().unwrap()).collect();
+            w.feature_encoder().encode(&flat, t).unwrap()
+        } else {
+            ItemData::Features(layers)
+        };
         let row = IndexRow {
             id: format!("u{i}"),
             source: "x".into(),
@@ -321,7 +333,7 @@ fn write_features(dir: &Path, dtype: Dtype, lengths: &[usize]) {
         w.push_input(
             i,
             InputResult {
-                items: vec![(row, ItemData::Features(layers))],
+                items: vec![(row, data)],
                 errors: vec![],
             },
         )
@@ -381,6 +393,44 @@ fn feature_store_round_trips_every_dtype() {
         assert!(pad.iter().all(|v| *v == 0.0));
         let first = store.to_array(1, 7).unwrap();
         assert_eq!(&flat[..6], first.as_slice().unwrap());
+    }
+}
+
+#[test]
+fn pre_encoded_items_give_the_bytes_of_plain_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::Int8] {
+        let plain = tmp.path().join(format!("plain-{dtype:?}"));
+        let encoded = tmp.path().join(format!("encoded-{dtype:?}"));
+        write_features_as(&plain, dtype, &[5, 9, 1, 12], false);
+        write_features_as(&encoded, dtype, &[5, 9, 1, 12], true);
+        for file in ["index.jsonl", "errors.jsonl"] {
+            assert_eq!(
+                std::fs::read(plain.join(file)).unwrap(),
+                std::fs::read(encoded.join(file)).unwrap(),
+                "{dtype:?} {file}"
+            );
+        }
+        assert_eq!(
+            tree_bytes(&plain.join("shards")),
+            tree_bytes(&encoded.join("shards")),
+            "{dtype:?} shards"
+        );
+        // per-item sums added per shard: the same statistics up to f64 rounding
+        let (a, b) = (
+            FeatureStore::open(&plain).unwrap(),
+            FeatureStore::open(&encoded).unwrap(),
+        );
+        for layer in [0, 3, 7] {
+            let (ma, sa) = a.stats(layer).unwrap();
+            let (mb, sb) = b.stats(layer).unwrap();
+            for (x, y) in ma.iter().chain(&sa).zip(mb.iter().chain(&sb)) {
+                assert!(
+                    (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+                    "{dtype:?} {x} {y}"
+                );
+            }
+        }
     }
 }
 

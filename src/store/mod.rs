@@ -28,7 +28,9 @@ pub use lock::{host_name, refuse_if_being_written, StoreLock, LOCK_FILE};
 pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView};
-pub use writer::{InputResult, ItemData, PartSlice, StoreWriter, WriterSpec};
+pub use writer::{
+    EncodedFeatures, FeatureEncoder, InputResult, ItemData, PartSlice, StoreWriter, WriterSpec,
+};
 
 /// Version of the layout described above; bumped on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;

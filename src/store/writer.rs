@@ -40,6 +40,69 @@ pub struct WriterSpec {
 pub enum ItemData {
     Audio(Vec<f32>),
     Features(Vec<Array2<f32>>),
+    /// Features already encoded by [`FeatureEncoder`] on the thread that computed them.
+    Encoded(EncodedFeatures),
+}
+
+/// Encodes an item's layers as a feature store stores them (dtype, int8 scales, checksum,
+/// per-dim sums), on any thread: extract's compute threads do this work in parallel, so the
+/// writer thread only appends bytes and the run does not end waiting for it.
+#[derive(Debug, Clone, Copy)]
+pub struct FeatureEncoder {
+    dtype: Dtype,
+    dim: usize,
+    layers: usize,
+}
+
+/// One item's encoded layers (see [`FeatureEncoder`]).
+#[derive(Debug, Clone)]
+pub struct EncodedFeatures {
+    frames: usize,
+    dim: usize,
+    /// Per store file of the item (a layer's values, then its int8 scales), in file order.
+    files: Vec<Vec<u8>>,
+    sums: Vec<(Vec<f64>, Vec<f64>)>,
+    checksum: String,
+}
+
+impl FeatureEncoder {
+    /// `layers[l]` holds `frames × dim` values, row-major.
+    pub fn encode(&self, layers: &[&[f32]], frames: usize) -> Result<ItemData, StoreError> {
+        if layers.len() != self.layers || layers.iter().any(|l| l.len() != frames * self.dim) {
+            return Err(StoreError::Format(format!(
+                "{} layers of {:?} values, expected {} of {frames} × {}",
+                layers.len(),
+                layers.iter().map(|l| l.len()).collect::<Vec<_>>(),
+                self.layers,
+                self.dim
+            )));
+        }
+        let mut crc = crc32fast::Hasher::new();
+        let mut files = Vec::with_capacity(layers.len() * 2);
+        let mut sums = Vec::with_capacity(layers.len());
+        for values in layers {
+            let mut layer_sums = (vec![0f64; self.dim], vec![0f64; self.dim]);
+            accumulate_sums(&mut layer_sums, values, self.dim);
+            sums.push(layer_sums);
+            let mut bytes = Vec::new();
+            encode_values(self.dtype, values, self.dim, &mut bytes);
+            crc.update(&bytes);
+            files.push(bytes);
+            if self.dtype == Dtype::Int8 {
+                let scales = frame_scales(values, self.dim);
+                let raw: &[u8] = bytemuck::cast_slice(&scales);
+                crc.update(raw);
+                files.push(raw.to_vec());
+            }
+        }
+        Ok(ItemData::Encoded(EncodedFeatures {
+            frames,
+            dim: self.dim,
+            files,
+            sums,
+            checksum: crc32_hex_from(crc),
+        }))
+    }
 }
 
 /// What one input (a file, a recording with segments, an utterance) produced.
@@ -432,9 +495,19 @@ impl StoreWriter {
             .join(format!("{}.seal.json", shard_name(self.spec.kind, shard)))
     }
 
+    /// The encoder for this feature store's items (see [`FeatureEncoder`]).
+    pub fn feature_encoder(&self) -> FeatureEncoder {
+        FeatureEncoder {
+            dtype: self.spec.dtype,
+            dim: self.spec.dim.unwrap_or(1),
+            layers: self.spec.layers.len(),
+        }
+    }
+
     fn item_bytes(&self, data: &ItemData) -> u64 {
         match data {
             ItemData::Audio(s) => (s.len() * 4) as u64,
+            ItemData::Encoded(e) => e.files.iter().map(|f| f.len() as u64).sum(),
             ItemData::Features(layers) => layers
                 .iter()
                 .map(|l| {
@@ -509,6 +582,7 @@ impl StoreWriter {
             return Err(StoreError::Format("no open shard".into()));
         };
         let mut crc = crc32fast::Hasher::new();
+        let mut encoded_checksum = None;
         let length = match (kind, data) {
             (StoreKind::Audio, ItemData::Audio(samples)) => {
                 let raw: &[u8] = bytemuck::cast_slice(&samples);
@@ -551,6 +625,35 @@ impl StoreWriter {
                 }
                 frames as u64
             }
+            (StoreKind::Features, ItemData::Encoded(item)) => {
+                let per_layer_files = if dtype == Dtype::Int8 { 2 } else { 1 };
+                if item.sums.len() != expected_layers
+                    || item.files.len() != expected_layers * per_layer_files
+                    || Some(item.dim) != expected_dim
+                {
+                    return Err(StoreError::Format(format!(
+                        "item {}: encoded for {} layers of dim {}, store has {expected_layers} \
+                         of dim {}",
+                        row.id,
+                        item.sums.len(),
+                        item.dim,
+                        expected_dim.unwrap_or(0)
+                    )));
+                }
+                for (total, add) in shard.sums.iter_mut().zip(&item.sums) {
+                    for (t, a) in total.0.iter_mut().zip(&add.0) {
+                        *t += a;
+                    }
+                    for (t, a) in total.1.iter_mut().zip(&add.1) {
+                        *t += a;
+                    }
+                }
+                for (file, bytes) in shard.files.iter_mut().zip(&item.files) {
+                    file.append(bytes, item.frames as u64)?;
+                }
+                encoded_checksum = Some(item.checksum);
+                item.frames as u64
+            }
             _ => {
                 return Err(StoreError::Format(format!(
                     "item {}: data kind does not match the store kind",
@@ -561,7 +664,7 @@ impl StoreWriter {
         row.shard = shard.number;
         row.offset = shard.length;
         row.length = length;
-        row.checksum = crc32_hex_from(crc);
+        row.checksum = encoded_checksum.unwrap_or_else(|| crc32_hex_from(crc));
         shard.length += length;
         shard.bytes += bytes;
         shard.rows.push(row);

@@ -727,9 +727,9 @@ fn build_extractor(
                 // The engine takes the model's weights over (re-laid out for its gemms).
                 let engine = CpuEncoder::from_model(model)
                     .with_context(|| format!("cannot build the model from {}", args.model))?;
-                Ok(Built::Engine(engine))
+                Ok(Built::Engine(Box::new(engine)))
             } else {
-                Ok(Built::Model(model))
+                Ok(Built::Model(Box::new(model)))
             }
         },
     )
@@ -772,11 +772,11 @@ fn build_extractor(
     };
     let extractor = match built {
         Built::Engine(engine) => Extractor::Engine {
-            engine: Box::new(engine),
+            engine,
             checkpoint: Box::new(checkpoint),
         },
         Built::Model(model) => Extractor::Model {
-            model: Box::new(model),
+            model,
             checkpoint: Box::new(checkpoint),
             device,
             dtype,
@@ -787,8 +787,8 @@ fn build_extractor(
 
 /// What runs the model: the CPU f32 engine (which took the weights over) or the candle model.
 enum Built {
-    Engine(CpuEncoder),
-    Model(Wav2Vec2Model),
+    Engine(Box<CpuEncoder>),
+    Model(Box<Wav2Vec2Model>),
 }
 
 /// Estimates the store size from the index alone and refuses when the disk is too small.

@@ -6,7 +6,7 @@
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, Wav2Vec2Model};
+use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, LinearLayout, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::{split_balanced, PartSpec};
 use crate::store::{
@@ -708,6 +708,12 @@ fn build_extractor(
         args.model_config.as_deref(),
         &device,
         dtype,
+        // the CPU engine's gemm reads `[in, out]`: transpose while reading the file
+        if Wav2Vec2Model::cpu_engine_applies(&device, dtype) {
+            LinearLayout::InOut
+        } else {
+            LinearLayout::OutIn
+        },
         |ckpt| -> anyhow::Result<Built> {
             if ckpt.preprocessor.sampling_rate != audio.sample_rate() {
                 bail!(
@@ -719,7 +725,7 @@ fn build_extractor(
                     ckpt.preprocessor.sampling_rate
                 );
             }
-            let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config)
+            let model = Wav2Vec2Model::from_checkpoint(ckpt)
                 .with_context(|| format!("cannot build the model from {}", args.model))?;
             // The model holds its own (re-laid-out) weights; keep only the description.
             ckpt.tensors.clear();

@@ -4,9 +4,10 @@
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 use speechcache::models::checkpoint::{
-    load_checkpoint, load_checkpoint_with_config, CheckpointError, LoadedCheckpoint,
+    load_checkpoint, load_checkpoint_then, load_checkpoint_with_config, CheckpointError,
+    LoadedCheckpoint,
 };
-use speechcache::models::wav2vec2::Wav2Vec2Model;
+use speechcache::models::wav2vec2::{LinearLayout, Wav2Vec2Model};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -233,6 +234,74 @@ fn fairseq_and_safetensors_give_the_same_hidden_states() {
             );
             let norm = x.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert!(norm.to_scalar::<f32>().unwrap() > 0.0);
+        }
+    }
+}
+
+#[test]
+fn linears_loaded_in_out_are_the_transposed_weights_and_give_the_same_model() {
+    let n = 1200;
+    let wave: Vec<f32> = (0..n).map(|i| (i as f32 * 0.037).sin() * 0.4).collect();
+    let wave = Tensor::from_vec(wave, (1, n), &Device::Cpu).unwrap();
+    // the mapped f32 safetensors path, and the load-then-transpose paths (torch, fairseq f16)
+    for file in [
+        "w2v_group/model.safetensors",
+        "w2v_group/pytorch_model.bin",
+        "w2v_group/fairseq_ctc_f16.pt",
+        "hubert_layer/model.safetensors",
+    ] {
+        let path = fixtures().join(file);
+        let plain = load(&path);
+        let (in_out, ()) = load_checkpoint_then(
+            &path,
+            None,
+            &Device::Cpu,
+            DType::F32,
+            LinearLayout::InOut,
+            |_| (),
+        )
+        .unwrap();
+        assert_eq!(plain.linear_layout, LinearLayout::OutIn);
+        assert_eq!(in_out.linear_layout, LinearLayout::InOut, "{file}");
+        let mut transposed = 0;
+        for (name, t) in &plain.tensors {
+            let u = &in_out.tensors[name];
+            let linear = name.ends_with("_proj.weight")
+                || name.ends_with("_dense.weight")
+                || name.ends_with("projection.weight");
+            let want = if linear {
+                transposed += 1;
+                t.t().unwrap().contiguous().unwrap()
+            } else {
+                t.clone()
+            };
+            assert_eq!(u.dims(), want.dims(), "{file} {name}");
+            let (a, b) = (
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                u.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(a, b, "{file} {name}");
+        }
+        assert_eq!(transposed, 1 + 6 * plain.config.num_hidden_layers, "{file}");
+        // both the tensor-op path and the CPU engine read either layout: the same states
+        let run = |ck: &LoadedCheckpoint| {
+            let model = Wav2Vec2Model::from_checkpoint(ck).unwrap();
+            let layers = ck.config.num_hidden_layers;
+            let mut states = model.forward(&wave, &[n], layers).unwrap().0;
+            states.extend(model.forward_tensor_ops(&wave, &[n], layers).unwrap().0);
+            states
+        };
+        let (a, b) = (run(&plain), run(&in_out));
+        for (x, y) in a.iter().zip(&b) {
+            let d = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{file}");
         }
     }
 }

@@ -14,6 +14,8 @@
 use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
 use super::checkpoint_torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
 use super::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
+use super::wav2vec2::LinearLayout;
+use crate::ops::kernels::transpose;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -98,6 +100,9 @@ pub struct LoadedCheckpoint {
     pub stored_dtype: String,
     pub dtype: DType,
     pub device: Device,
+    /// How the `nn.Linear` weights in `tensors` are laid out (`[in, out]` when asked for on
+    /// a CPU f32 load; see [`load_checkpoint_then`]).
+    pub linear_layout: LinearLayout,
 }
 
 impl LoadedCheckpoint {
@@ -129,25 +134,37 @@ pub fn load_checkpoint_with_config(
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedCheckpoint, CheckpointError> {
-    load_checkpoint_then(path, config, device, dtype, |_| ()).map(|(ckpt, ())| ckpt)
+    load_checkpoint_then(path, config, device, dtype, LinearLayout::OutIn, |_| ())
+        .map(|(ckpt, ())| ckpt)
 }
 
 /// As [`load_checkpoint_with_config`], then runs `then` on the checkpoint (e.g. building the
 /// model from it) while the weights are still being hashed on another thread: the hash (part
 /// of a feature store's identity) costs no wall time of its own. `then` sees an empty
 /// `weights_sha256`; the returned checkpoint has it.
+///
+/// `linears`: `LinearLayout::InOut` reads the `nn.Linear` weights transposed (`[in, out]`,
+/// what the CPU engine's gemm wants) when loading f32 on the CPU, straight out of a mapped
+/// f32 safetensors file (one pass instead of a copy and then a transpose); elsewhere the
+/// checkpoint's own layout is kept. `LoadedCheckpoint::linear_layout` says which it got.
 pub fn load_checkpoint_then<R>(
     path: &Path,
     config: Option<&Path>,
     device: &Device,
     dtype: DType,
+    linears: LinearLayout,
     then: impl FnOnce(&mut LoadedCheckpoint) -> R,
 ) -> Result<(LoadedCheckpoint, R), CheckpointError> {
     let weights = find_weights(path)?;
     let (source, files) = Source::open(&weights)?;
     std::thread::scope(|scope| {
         let hash = scope.spawn(|| cached_sha256(&files));
-        let loaded = load_opened(path, config, device, dtype, &weights, &source).map(|mut ckpt| {
+        let layout = match linears {
+            LinearLayout::InOut if device.is_cpu() && dtype == DType::F32 => LinearLayout::InOut,
+            _ => LinearLayout::OutIn,
+        };
+        let opened = load_opened(path, config, device, dtype, layout, &weights, &source);
+        let loaded = opened.map(|mut ckpt| {
             let r = then(&mut ckpt);
             (ckpt, r)
         });
@@ -173,6 +190,7 @@ fn load_opened(
     config: Option<&Path>,
     device: &Device,
     dtype: DType,
+    layout: LinearLayout,
     weights: &Path,
     source: &Source,
 ) -> Result<LoadedCheckpoint, CheckpointError> {
@@ -191,10 +209,15 @@ fn load_opened(
     // tensors are read (copied out of the mapped file, converted) in parallel
     let tensors = expected
         .par_iter()
-        .map(|(name, _)| {
+        .map(|(name, shape)| {
             let entry = &canonical[name];
-            source
-                .load(entry, device)
+            let transposed = layout == LinearLayout::InOut && is_linear_weight(name, shape);
+            let loaded = if transposed {
+                source.load_transposed(entry, shape, device)
+            } else {
+                source.load(entry, device)
+            };
+            loaded
                 .and_then(|t| {
                     if !entry.is_float {
                         return Err(format!("stored as {}, not floating point", entry.dtype));
@@ -229,6 +252,7 @@ fn load_opened(
         stored_dtype,
         dtype,
         device: device.clone(),
+        linear_layout: layout,
     })
 }
 
@@ -412,6 +436,52 @@ impl Source {
         }
     }
 
+    /// A 2-D `[rows, cols]` float tensor as f32 `[cols, rows]` on the CPU: transposed straight
+    /// out of the mapped file when it stores aligned little-endian f32, else loaded, converted
+    /// and then transposed.
+    fn load_transposed(
+        &self,
+        e: &Entry,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, String> {
+        let (rows, cols) = (shape[0], shape[1]);
+        let data = match (self, &e.handle) {
+            (Source::Safetensors(st), Handle::Safetensors(name)) => {
+                let view = st.get(name).map_err(|e| e.to_string())?;
+                let bytes = view.data();
+                let aligned = bytes.as_ptr() as usize % std::mem::align_of::<f32>() == 0;
+                if view.dtype() == safetensors::Dtype::F32
+                    && aligned
+                    && cfg!(target_endian = "little")
+                    && bytes.len() == rows * cols * 4
+                {
+                    populate_mapped(bytes);
+                    Some(transpose(bytemuck::cast_slice(bytes), rows, cols))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let data = match data {
+            Some(d) => d,
+            None => {
+                let t = self.load(e, device)?;
+                if !e.is_float {
+                    return Err(format!("stored as {}, not floating point", e.dtype));
+                }
+                let v = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| e.to_string())?;
+                transpose(&v, rows, cols)
+            }
+        };
+        Tensor::from_vec(data, (cols, rows), device).map_err(|e| e.to_string())
+    }
+
     fn load(&self, e: &Entry, device: &Device) -> Result<Tensor, String> {
         match (self, &e.handle) {
             (Source::Safetensors(st), Handle::Safetensors(name)) => {
@@ -421,6 +491,32 @@ impl Source {
             _ => Err("internal: tensor handle from another file".into()),
         }
     }
+}
+
+/// Maps a mapped file's pages for `bytes` in one call (`MADV_POPULATE_READ`, Linux 5.14+)
+/// before a transpose reads them out of order: one fault per page, taken column by column,
+/// cost more than the transpose itself. Best effort: older kernels refuse it, harmlessly.
+fn populate_mapped(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const MADV_POPULATE_READ: libc::c_int = 22;
+        let page = 4096usize;
+        let start = bytes.as_ptr() as usize & !(page - 1);
+        let end = bytes.as_ptr() as usize + bytes.len();
+        // SAFETY: the range covers pages of a live read-only mapping (the bytes' own pages);
+        // MADV_POPULATE_READ only faults them in, it never changes their contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_READ);
+        }
+    }
+}
+
+/// The canonical names of the `nn.Linear` weights (`[out, in]` in every checkpoint format).
+fn is_linear_weight(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && (name.ends_with("_proj.weight")
+            || name.ends_with("_dense.weight")
+            || name == "feature_projection.projection.weight")
 }
 
 fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

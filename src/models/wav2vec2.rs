@@ -38,6 +38,7 @@ mod ops;
 
 pub use cpu::CpuEncoder;
 
+use crate::models::checkpoint::LoadedCheckpoint;
 use crate::models::config::{Activation, Wav2Vec2Config};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -113,27 +114,50 @@ impl LayerNorm {
     }
 }
 
+/// How a checkpoint's `nn.Linear` weights are laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearLayout {
+    /// As stored, `[out, in]`: matmuls read them transposed (no copy).
+    #[default]
+    OutIn,
+    /// Transposed once at load, `[in, out]`: what the CPU engine's gemm reads fastest.
+    InOut,
+}
+
 /// nn.Linear on `[B, T, in]`, as one `[B·T, in] × [in, out]` matmul.
 struct Linear {
-    /// The checkpoint's `[out, in]`; matmuls read it transposed (no copy).
+    /// `[out, in]` or `[in, out]`, as `layout` says.
     weight: Tensor,
     bias: Tensor,
+    layout: LinearLayout,
 }
 
 impl Linear {
-    fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, d_in: usize, d_out: usize, layout: LinearLayout) -> Result<Self> {
+        let shape = match layout {
+            LinearLayout::OutIn => (d_out, d_in),
+            LinearLayout::InOut => (d_in, d_out),
+        };
         Ok(Self {
-            weight: vb.get((d_out, d_in), "weight")?,
+            weight: vb.get(shape, "weight")?,
             bias: vb.get(d_out, "bias")?,
+            layout,
         })
+    }
+
+    /// The weight as `[in, out]` (a transposed view of an `[out, in]` one).
+    fn in_out(&self) -> Result<Tensor> {
+        match self.layout {
+            LinearLayout::OutIn => self.weight.t(),
+            LinearLayout::InOut => Ok(self.weight.clone()),
+        }
     }
 
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let out = self.weight.dim(0)?;
-        x.reshape((b * t, d))?
-            .matmul(&self.weight.t()?)?
-            .reshape((b, t, out))
+        let w = self.in_out()?;
+        let out = w.dim(1)?;
+        x.reshape((b * t, d))?.matmul(&w)?.reshape((b, t, out))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -267,7 +291,7 @@ struct FeatureProjection {
 }
 
 impl FeatureProjection {
-    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
         let c = cfg.conv_dim[cfg.conv_dim.len() - 1];
         let layer_norm = if cfg.has_feat_proj_layer_norm() {
             Some(LayerNorm::load(vb.pp("layer_norm"), c, cfg.layer_norm_eps)?)
@@ -276,7 +300,7 @@ impl FeatureProjection {
         };
         Ok(Self {
             layer_norm,
-            projection: Linear::load(vb.pp("projection"), c, cfg.hidden_size)?,
+            projection: Linear::load(vb.pp("projection"), c, cfg.hidden_size, layout)?,
         })
     }
 
@@ -361,7 +385,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
         let h = cfg.hidden_size;
         let heads = cfg.num_attention_heads;
         // transformers scales the projected queries by head_dim^-0.5; fold it into q_proj.
@@ -369,7 +393,7 @@ impl Attention {
         let (mut weights, mut biases) = (Vec::with_capacity(3), Vec::with_capacity(3));
         for name in ["q_proj", "k_proj", "v_proj"] {
             let (w, b) = (
-                vb.get((h, h), &format!("{name}.weight"))?,
+                vb.get((h, h), &format!("{name}.weight"))?, // square: either layout
                 vb.get(h, &format!("{name}.bias"))?,
             );
             let (w, b) = if name == "q_proj" {
@@ -380,13 +404,19 @@ impl Attention {
             weights.push(w);
             biases.push(b);
         }
+        // stacked along `out`: rows of `[out, in]`, columns of `[in, out]`
+        let out_dim = match layout {
+            LinearLayout::OutIn => 0,
+            LinearLayout::InOut => 1,
+        };
         let qkv_proj = Linear {
-            weight: Tensor::cat(&weights, 0)?,
+            weight: Tensor::cat(&weights, out_dim)?,
             bias: Tensor::cat(&biases, 0)?,
+            layout,
         };
         Ok(Self {
             qkv_proj,
-            out_proj: Linear::load(vb.pp("out_proj"), h, h)?,
+            out_proj: Linear::load(vb.pp("out_proj"), h, h, layout)?,
             heads,
         })
     }
@@ -430,11 +460,11 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            intermediate_dense: Linear::load(vb.pp("intermediate_dense"), h, f)?,
-            output_dense: Linear::load(vb.pp("output_dense"), f, h)?,
+            intermediate_dense: Linear::load(vb.pp("intermediate_dense"), h, f, layout)?,
+            output_dense: Linear::load(vb.pp("output_dense"), f, h, layout)?,
             act: activation(&cfg.hidden_act)?,
         })
     }
@@ -456,12 +486,12 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         Ok(Self {
-            attention: Attention::load(vb.pp("attention"), cfg)?,
+            attention: Attention::load(vb.pp("attention"), cfg, layout)?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), h, eps)?,
-            feed_forward: FeedForward::load(vb.pp("feed_forward"), cfg)?,
+            feed_forward: FeedForward::load(vb.pp("feed_forward"), cfg, layout)?,
             final_layer_norm: LayerNorm::load(vb.pp("final_layer_norm"), h, eps)?,
             pre_ln: cfg.do_stable_layer_norm,
         })
@@ -494,13 +524,13 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
         // Layers are built in parallel (their weight re-layouts are single-threaded copies).
         let (layers, pos_conv_embed) = rayon::join(
             || {
                 (0..cfg.num_hidden_layers)
                     .into_par_iter()
-                    .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg))
+                    .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg, layout))
                     .collect::<Result<Vec<_>>>()
             },
             || PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg),
@@ -587,6 +617,20 @@ impl Wav2Vec2Model {
     /// (state-dict keys without the `wav2vec2.`/`hubert.` prefix); the model computes in
     /// `vb.dtype()` on `vb.device()`.
     pub fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
+        Self::load_with_layout(vb, cfg, LinearLayout::OutIn)
+    }
+
+    /// The model of a loaded checkpoint, in the linear-weight layout it was loaded with.
+    pub fn from_checkpoint(ckpt: &LoadedCheckpoint) -> Result<Self> {
+        Self::load_with_layout(ckpt.var_builder(), &ckpt.config, ckpt.linear_layout)
+    }
+
+    /// As [`Wav2Vec2Model::load`], with the `nn.Linear` weights under `vb` in `layout`.
+    pub fn load_with_layout(
+        vb: VarBuilder,
+        cfg: &Wav2Vec2Config,
+        layout: LinearLayout,
+    ) -> Result<Self> {
         cfg.validate()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let fe = vb.pp("feature_extractor").pp("conv_layers");
@@ -598,8 +642,8 @@ impl Wav2Vec2Model {
             cfg: cfg.clone(),
             cpu: std::sync::OnceLock::new(),
             conv_layers,
-            feature_projection: FeatureProjection::load(vb.pp("feature_projection"), cfg)?,
-            encoder: Encoder::load(vb.pp("encoder"), cfg)?,
+            feature_projection: FeatureProjection::load(vb.pp("feature_projection"), cfg, layout)?,
+            encoder: Encoder::load(vb.pp("encoder"), cfg, layout)?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
@@ -685,8 +729,13 @@ impl Wav2Vec2Model {
     /// environment sets `SPEECHCACHE_ENGINE=candle` (the tensor-op path CUDA and f16/bf16 use)
     /// or the CPU kernels are off (`SPEECHCACHE_CPU_KERNELS=off`, `device::force_tensor_ops`).
     pub fn uses_cpu_engine(&self) -> bool {
-        crate::device::cpu_kernels(&self.device)
-            && self.dtype == DType::F32
+        Self::cpu_engine_applies(&self.device, self.dtype)
+    }
+
+    /// Whether a model on `device` computing in `dtype` runs on the CPU engine.
+    pub fn cpu_engine_applies(device: &Device, dtype: DType) -> bool {
+        crate::device::cpu_kernels(device)
+            && dtype == DType::F32
             && std::env::var("SPEECHCACHE_ENGINE").as_deref() != Ok("candle")
     }
 

@@ -10,9 +10,11 @@
 //! (`parallel = true`). Numerics are those of the candle model (`Wav2Vec2Model`): statistics in
 //! f64, the same fused kernels for GELU and softmax, the same weight layouts.
 use super::ops;
-use super::{conv_out_len, ConvNorm, EncoderLayer, Wav2Vec2Model, CONV_NORM_EPS};
+use super::{
+    conv_out_len, ConvNorm, EncoderLayer, Linear, LinearLayout, Wav2Vec2Model, CONV_NORM_EPS,
+};
 use crate::models::config::Activation;
-use crate::ops::kernels::{matmul_serial, Mat};
+use crate::ops::kernels::{matmul_serial, transpose, Mat};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -130,39 +132,15 @@ impl Weights {
         let src = Self::of(t)?;
         Ok(Self::Owned(transpose(&src, n, k)))
     }
-}
 
-/// `src` `[rows, cols]` → `[cols, rows]`: 16×16 tiles through a local buffer (whole-row reads
-/// and writes), output rows spread over the pool.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const T: usize = 16;
-    let mut dst = vec![0f32; rows * cols];
-    if rows * cols == 0 {
-        return dst;
+    /// A linear layer's weight as `[in, out]`: shared when the checkpoint was loaded in that
+    /// layout (`LinearLayout::InOut`, what extract does), else a transposed copy.
+    fn linear(l: &Linear) -> Result<Self> {
+        match l.layout {
+            LinearLayout::InOut => Self::of(&l.weight),
+            LinearLayout::OutIn => Self::transposed(&l.weight),
+        }
     }
-    dst.par_chunks_mut(T * rows)
-        .enumerate()
-        .for_each(|(bi, out)| {
-            let c0 = bi * T;
-            let tc = out.len() / rows;
-            let mut tile = [[0f32; T]; T];
-            for r0 in (0..rows).step_by(T) {
-                let tr = T.min(rows - r0);
-                for (i, line) in tile.iter_mut().enumerate().take(tr) {
-                    let at = (r0 + i) * cols + c0;
-                    line[..tc].copy_from_slice(&src[at..at + tc]);
-                }
-                for j in 0..tc {
-                    for (i, o) in out[j * rows + r0..j * rows + r0 + tr]
-                        .iter_mut()
-                        .enumerate()
-                    {
-                        *o = tile[i][j];
-                    }
-                }
-            }
-        });
-    dst
 }
 
 impl std::ops::Deref for Weights {
@@ -179,14 +157,14 @@ impl std::ops::Deref for Weights {
 impl Layer {
     fn of(l: &EncoderLayer) -> Result<Self> {
         Ok(Self {
-            qkv_w: Weights::transposed(&l.attention.qkv_proj.weight)?,
+            qkv_w: Weights::linear(&l.attention.qkv_proj)?,
             qkv_b: to_vec(&l.attention.qkv_proj.bias)?,
-            out_w: Weights::transposed(&l.attention.out_proj.weight)?,
+            out_w: Weights::linear(&l.attention.out_proj)?,
             out_b: to_vec(&l.attention.out_proj.bias)?,
             ln1: Norm::from(&l.layer_norm.weight, &l.layer_norm.bias, l.layer_norm.eps)?,
-            ff1_w: Weights::transposed(&l.feed_forward.intermediate_dense.weight)?,
+            ff1_w: Weights::linear(&l.feed_forward.intermediate_dense)?,
             ff1_b: to_vec(&l.feed_forward.intermediate_dense.bias)?,
-            ff2_w: Weights::transposed(&l.feed_forward.output_dense.weight)?,
+            ff2_w: Weights::linear(&l.feed_forward.output_dense)?,
             ff2_b: to_vec(&l.feed_forward.output_dense.bias)?,
             ln2: Norm::from(
                 &l.final_layer_norm.weight,
@@ -698,7 +676,7 @@ impl CpuEncoder {
                 .as_ref()
                 .map(|ln| Norm::from(&ln.weight, &ln.bias, ln.eps))
                 .transpose()?,
-            proj_w: Weights::transposed(&fp.projection.weight)?,
+            proj_w: Weights::linear(&fp.projection)?,
             proj_b: to_vec(&fp.projection.bias)?,
             pos_w: Weights::of(&pos.weight)?,
             pos_b: to_vec(&pos.bias)?,
@@ -1072,7 +1050,7 @@ impl CpuEncoder {
 
 #[cfg(test)]
 mod tests {
-    use super::{transpose, Activation, Conv, Post, Weights};
+    use super::{Activation, Conv, Post, Weights};
 
     /// A 3-tap stride-2 conv with deterministic pseudo-random weights.
     fn conv(c_in: usize, c_out: usize, winograd: bool) -> Conv {
@@ -1118,31 +1096,6 @@ mod tests {
                 got,
                 "pool and one thread give the same bits"
             );
-        }
-    }
-
-    #[test]
-    fn transpose_moves_every_value_on_ragged_shapes() {
-        for (rows, cols) in [
-            (1, 1),
-            (1, 5),
-            (5, 1),
-            (16, 16),
-            (37, 21),
-            (100, 33),
-            (33, 100),
-        ] {
-            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let dst = transpose(&src, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(
-                        dst[c * rows + r],
-                        src[r * cols + c],
-                        "{rows}x{cols} at {r},{c}"
-                    );
-                }
-            }
         }
     }
 }

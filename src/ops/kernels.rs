@@ -568,6 +568,39 @@ pub fn reserve_freed_memory() {
     }
 }
 
+/// `src` `[rows, cols]` → `[cols, rows]`: 16×16 tiles through a local buffer (whole-row reads
+/// and writes), output rows spread over the pool.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 16;
+    let mut dst = vec![0f32; rows * cols];
+    if rows * cols == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(bi, out)| {
+            let c0 = bi * T;
+            let tc = out.len() / rows;
+            let mut tile = [[0f32; T]; T];
+            for r0 in (0..rows).step_by(T) {
+                let tr = T.min(rows - r0);
+                for (i, line) in tile.iter_mut().enumerate().take(tr) {
+                    let at = (r0 + i) * cols + c0;
+                    line[..tc].copy_from_slice(&src[at..at + tc]);
+                }
+                for j in 0..tc {
+                    for (i, o) in out[j * rows + r0..j * rows + r0 + tr]
+                        .iter_mut()
+                        .enumerate()
+                    {
+                        *o = tile[i][j];
+                    }
+                }
+            }
+        });
+    dst
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,6 +631,31 @@ mod tests {
             matmul(m, n, k, &mut got, n, at, Mat::rows(&b, n), true);
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(*g, 2.0 * w);
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_value_on_ragged_shapes() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 5),
+            (5, 1),
+            (16, 16),
+            (37, 21),
+            (100, 33),
+            (33, 100),
+        ] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let dst = transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
             }
         }
     }

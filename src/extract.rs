@@ -208,7 +208,7 @@ enum Extractor {
         device: Device,
         dtype: DType,
     },
-    /// The CPU f32 engine: one utterance per thread, streamed to the writer.
+    /// The CPU f32 engine: one utterance per thread, written in store order as they finish.
     Engine {
         engine: Box<CpuEncoder>,
         checkpoint: Box<LoadedCheckpoint>,
@@ -247,7 +247,8 @@ pub struct ExtractSummary {
     /// CPU time of the process over the run (user + system).
     pub cpu_seconds: f64,
     pub threads: usize,
-    /// Whether utterances streamed to a writer running beside the model (CPU engine).
+    /// Whether utterances were written in store order by the compute threads, as they finished
+    /// (CPU engine): writing time is then part of the model time.
     pub streamed: bool,
     pub already_complete: bool,
 }
@@ -280,13 +281,14 @@ pub fn run(args: &ExtractArgs) -> anyhow::Result<()> {
         s.wall_seconds - s.load_seconds - s.model_seconds - written_apart - s.finish_seconds;
     println!(
         "  {:.2} s wall = {:.2} s loading (store, checkpoint read + hash, model) + {:.2} s model \
-         + {:.2} s writing{} + {:.2} s sealing + {:.2} s other; CPU {:.0}% of {}00%",
+         {} {:.2} s writing{} + {:.2} s sealing + {:.2} s other; CPU {:.0}% of {}00%",
         s.wall_seconds,
         s.load_seconds,
         s.model_seconds,
+        if s.streamed { "(of it" } else { "+" },
         s.io_seconds,
         if s.streamed {
-            " (overlapped with the model)"
+            ", in store order on the compute threads)"
         } else {
             ""
         },
@@ -543,81 +545,110 @@ impl EngineJob<'_> {
                 None => runnable.push(i),
             }
         }
+        // No writer thread: the compute thread that finishes the next utterance in store
+        // order appends it (and any finished ones after it) under a lock, so writing never
+        // falls behind the model on a saturated machine and the run ends with its last
+        // utterance, not with a writer's backlog.
         let encoder = writer.feature_encoder();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, InputResult)>(2 * threads);
-        let t = Instant::now();
-        let write_result = std::thread::scope(|scope| {
-            let compute = scope.spawn(|| {
-                let tx = tx;
-                self.engine.run_each(
-                    runnable.len(),
-                    self.layers,
-                    |j| {
-                        let mut wave = audio.samples(runnable[j]).to_vec();
-                        if self.normalize {
-                            normalize_waveform(&mut wave);
-                        }
-                        wave
-                    },
-                    |j, result| {
-                        let i = runnable[j];
-                        let row = &audio.rows()[i];
-                        // Encoded here, in parallel, so the writer only appends bytes.
-                        let result = match result {
-                            Ok((states, t)) => {
-                                let layers: Vec<&[f32]> =
-                                    states.iter().map(|s| s.as_slice()).collect();
-                                match encoder.encode(&layers, t) {
-                                    Ok(item) => item_result(row, item),
-                                    Err(e) => error_result(row, format!("model output: {e}")),
-                                }
-                            }
-                            Err(e) => error_result(row, format!("model failed: {e}")),
-                        };
-                        tx.send((i, result)).is_ok()
-                    },
-                );
-                t.elapsed().as_secs_f64()
-            });
-            // Write in store order as results arrive; a failed write stops the model (the
-            // receiver is dropped, so the next send fails).
-            let mut next = self.rows.start;
-            let write = || -> anyhow::Result<()> {
-                let mut flush = |ready: &mut std::collections::BTreeMap<usize, InputResult>,
-                                 next: &mut usize|
-                 -> anyhow::Result<()> {
-                    while let Some(result) = ready.remove(next) {
-                        let w = Instant::now();
-                        let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
-                        writer.push_input(*next - self.base, result)?;
-                        progress.advance(1, secs);
-                        summary.io_seconds += w.elapsed().as_secs_f64();
-                        *next += 1;
-                    }
-                    Ok(())
-                };
-                flush(&mut ready, &mut next)?;
-                for (i, result) in rx {
-                    ready.insert(i, result);
-                    flush(&mut ready, &mut next)?;
-                }
-                if next != self.rows.end {
-                    bail!(
-                        "the model stopped after utterance {next} of {}",
-                        self.rows.end
-                    );
-                }
-                Ok(())
-            };
-            let written = write();
-            let model_seconds = compute
-                .join()
-                .map_err(|_| anyhow::anyhow!("an extract thread panicked"))?;
-            summary.model_seconds = model_seconds;
-            written
+        let sink = std::sync::Mutex::new(InOrder {
+            writer,
+            progress,
+            ready,
+            next: self.rows.start,
+            base: self.base,
+            io_seconds: 0.0,
+            failed: None,
         });
+        let flushed = sink
+            .lock()
+            .map_err(|_| anyhow::anyhow!("an extract thread panicked"))?
+            .flush();
+        flushed?;
+        let t = Instant::now();
+        self.engine.run_each(
+            runnable.len(),
+            self.layers,
+            |j| {
+                let mut wave = audio.samples(runnable[j]).to_vec();
+                if self.normalize {
+                    normalize_waveform(&mut wave);
+                }
+                wave
+            },
+            |j, result| {
+                let i = runnable[j];
+                let row = &audio.rows()[i];
+                // Encoded here, in parallel; the lock is held only to append bytes.
+                let result = match result {
+                    Ok((states, t)) => {
+                        let layers: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
+                        match encoder.encode(&layers, t) {
+                            Ok(item) => item_result(row, item),
+                            Err(e) => error_result(row, format!("model output: {e}")),
+                        }
+                    }
+                    Err(e) => error_result(row, format!("model failed: {e}")),
+                };
+                let Ok(mut sink) = sink.lock() else {
+                    return false;
+                };
+                if sink.failed.is_some() {
+                    return false;
+                }
+                sink.ready.insert(i, result);
+                match sink.flush() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        sink.failed = Some(e);
+                        false
+                    }
+                }
+            },
+        );
+        summary.model_seconds = t.elapsed().as_secs_f64();
+        let sink = sink
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("an extract thread panicked"))?;
+        summary.io_seconds = sink.io_seconds;
+        if let Some(e) = sink.failed {
+            return Err(e);
+        }
+        if sink.next != self.rows.end {
+            bail!(
+                "the model stopped after utterance {} of {}",
+                sink.next,
+                self.rows.end
+            );
+        }
         summary.streamed = true;
-        write_result
+        Ok(())
+    }
+}
+
+/// Finished utterances waiting for their turn, and the writer they go to in store order.
+struct InOrder<'a> {
+    writer: &'a mut StoreWriter,
+    progress: &'a mut Progress,
+    ready: std::collections::BTreeMap<usize, InputResult>,
+    /// The next row to write (numbered in the whole audio store).
+    next: usize,
+    /// The first row of this run's part (the writer counts inputs from it).
+    base: usize,
+    io_seconds: f64,
+    failed: Option<anyhow::Error>,
+}
+
+impl InOrder<'_> {
+    fn flush(&mut self) -> anyhow::Result<()> {
+        while let Some(result) = self.ready.remove(&self.next) {
+            let w = Instant::now();
+            let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
+            self.writer.push_input(self.next - self.base, result)?;
+            self.progress.advance(1, secs);
+            self.io_seconds += w.elapsed().as_secs_f64();
+            self.next += 1;
+        }
+        Ok(())
     }
 }
 

@@ -761,8 +761,8 @@ fn build_extractor(
             // The model holds its own (re-laid-out) weights; keep only the description.
             ckpt.tensors.clear();
             if model.uses_cpu_engine() {
-                // The engine takes the model's weights over (re-laid out for its gemms).
-                let engine = CpuEncoder::from_model(model)
+                // The engine shares the model's weights (linears loaded as `[in, out]`).
+                let engine = CpuEncoder::new(&model)
                     .with_context(|| format!("cannot build the model from {}", args.model))?;
                 Ok(Built::Engine(Box::new(engine)))
             } else {

@@ -1,7 +1,10 @@
 //! Checkpoint loading: every format gives the same canonical tensors as torch computed them
 //! (tests/fixtures/gen_checkpoints.py), configs from fairseq checkpoints equal the transformers
 //! config.json, and broken checkpoints fail naming what is wrong.
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use sha2::{Digest, Sha256};
 use speechcache::models::checkpoint::{
     load_checkpoint, load_checkpoint_then, load_checkpoint_with_config, CheckpointError,
@@ -219,19 +222,7 @@ fn fairseq_and_safetensors_give_the_same_hidden_states() {
         let b = run(fixtures().join(family).join("fairseq.pt"));
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            let d = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert_eq!(
-                d.to_scalar::<f32>().unwrap(),
-                0.0,
-                "{family} hidden state {i}"
-            );
+            assert_eq!(max_abs_diff(x, y), 0.0, "{family} hidden state {i}");
             let norm = x.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             assert!(norm.to_scalar::<f32>().unwrap() > 0.0);
         }
@@ -293,15 +284,7 @@ fn linears_loaded_in_out_are_the_transposed_weights_and_give_the_same_model() {
         };
         let (a, b) = (run(&plain), run(&in_out));
         for (x, y) in a.iter().zip(&b) {
-            let d = (x - y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{file}");
+            assert!(max_abs_diff(x, y) < 1e-5, "{file}");
         }
     }
 }

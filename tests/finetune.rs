@@ -1,6 +1,9 @@
 //! Finetune/decode end to end on small synthetic feature stores: the loss falls and decode
 //! scores; a run stopped and resumed equals an uninterrupted one; averaging; bad input.
+mod common;
+
 use candle_core::Device;
+use common::max_abs_diff;
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -260,15 +263,7 @@ fn trains_resumes_exactly_averages_and_decodes() {
     assert_eq!(avg.len(), a.len());
     for (k, v) in &avg {
         let want = ((&a[k] + &b[k]).unwrap() / 2.0).unwrap();
-        let diff = (v - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{k}");
+        assert!(max_abs_diff(v, &want) < 1e-6, "{k}");
     }
 
     // decode: greedy and beam, files and scores

@@ -1,6 +1,9 @@
 //! wav2vec 2.0 / HuBERT encoder against transformers 4.46.3 (fixtures: tests/fixtures/gen_models.py).
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use common::max_abs_diff;
 use speechcache::models::config::{expected_tensors, Wav2Vec2Config};
 use speechcache::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
 use std::collections::HashMap;
@@ -46,20 +49,6 @@ fn refs(variant: &str) -> HashMap<String, Tensor> {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn max_abs(a: &Tensor) -> f32 {

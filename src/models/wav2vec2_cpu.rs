@@ -420,11 +420,23 @@ impl Conv {
                     None,
                     1,
                 );
-                let y = y.as_mut_ptr();
-                ops::frames_gemm_add(np, co, ci, before.as_ptr(), ci, w.as_ptr(), y, 2 * co);
-                let w2 = w[2 * ci * co..].as_ptr();
-                ops::frames_gemm_add(np, co, ci, after.as_ptr(), ci, w2, y.add(co), 2 * co);
             }
+            // even rows += (e[2p] − e[2p+1])·W0, odd rows += (e[2p+2] − e[2p+1])·W2
+            let (w0, w2) = (
+                Mat::rows(&w[..ci * co], co),
+                Mat::rows(&w[2 * ci * co..], co),
+            );
+            matmul_serial(np, co, ci, y, 2 * co, Mat::rows(&before, ci), w0, true);
+            matmul_serial(
+                np,
+                co,
+                ci,
+                &mut y[co..],
+                2 * co,
+                Mat::rows(&after, ci),
+                w2,
+                true,
+            );
             for (pair, s) in y.chunks_exact_mut(2 * co).zip(shared.chunks_exact(co)) {
                 for half in pair.chunks_exact_mut(co) {
                     for (v, &a) in half.iter_mut().zip(s) {
@@ -610,20 +622,6 @@ impl CpuEncoder {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    /// The engine of `model`, consuming it: each layer's checkpoint-layout weights are freed
-    /// as soon as its transposed copies exist, so the next layer's copies reuse that memory
-    /// instead of faulting in fresh pages (a third of the build time otherwise).
-    pub fn from_model(mut model: Wav2Vec2Model) -> Result<Self> {
-        let layers = std::mem::take(&mut model.encoder.layers);
-        let mut engine = Self::new(&model)?;
-        drop(model);
-        engine.layers = layers
-            .into_iter()
-            .map(|l| Layer::of(&l))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(engine)
     }
 
     /// The engine of `model`: f32 CPU weights are shared, any others copied as f32.

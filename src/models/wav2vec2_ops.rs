@@ -436,45 +436,6 @@ pub(super) unsafe fn frames_gemm(
     );
 }
 
-/// `dst[m, n] += Σ_k lhs[m·lhs_rs + k] · rhs[k·n + j]` (row-major `[k, n]` rhs) on one
-/// thread; `dst` rows have stride `dst_rs` (≥ n: interleaved rows may be updated in place).
-///
-/// # Safety
-/// As [`frames_gemm`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn frames_gemm_add(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    rhs: *const f32,
-    dst: *mut f32,
-    dst_rs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        true,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        1,
-        n as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
 /// Output rows `t0..` of a one-input-channel conv: `out[t] = bias + Σ_j x[t·s + j] · w[j]`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn direct_conv_rows(

@@ -473,50 +473,41 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// `y = silu(h) * mask` (mask: dropout scales, or none).
 pub fn silu_forward(h: &[f32], mask: Option<&[f32]>, y: &mut [f32]) {
-    let per = row_block(h.len() / 64 + 1) * 64;
-    y.par_chunks_mut(per)
-        .zip(h.par_chunks(per))
-        .enumerate()
-        .for_each(|(blk, (yb, hb))| {
-            let off = blk * per;
-            simd(|| match mask {
-                Some(m) => {
-                    let m = &m[off..off + yb.len()];
-                    for ((o, &v), &k) in yb.iter_mut().zip(hb).zip(m) {
-                        *o = v * sigmoid(v) * k;
-                    }
-                }
-                None => {
-                    for (o, &v) in yb.iter_mut().zip(hb) {
-                        *o = v * sigmoid(v);
-                    }
-                }
-            })
-        });
+    masked_elementwise(y, h, mask, |o, v, k| *o = v * sigmoid(v) * k);
 }
 
 /// `dh = dy * mask * silu'(h)` in place of `dy`.
 pub fn silu_backward(h: &[f32], mask: Option<&[f32]>, dy: &mut [f32]) {
+    masked_elementwise(dy, h, mask, |g, v, k| {
+        let s = sigmoid(v);
+        *g *= s * (1.0 + v * (1.0 - s)) * k;
+    });
+}
+
+/// `f(dst[i], h[i], mask[i])` over the pool, vectorised where the CPU allows; without a mask
+/// the scale is 1 (an exact product, so the same bits as leaving it out).
+fn masked_elementwise(
+    dst: &mut [f32],
+    h: &[f32],
+    mask: Option<&[f32]>,
+    f: impl Fn(&mut f32, f32, f32) + Sync,
+) {
     let per = row_block(h.len() / 64 + 1) * 64;
-    dy.par_chunks_mut(per)
+    dst.par_chunks_mut(per)
         .zip(h.par_chunks(per))
         .enumerate()
-        .for_each(|(blk, (gb, hb))| {
+        .for_each(|(blk, (db, hb))| {
             let off = blk * per;
-            let d = |v: f32| {
-                let s = sigmoid(v);
-                s * (1.0 + v * (1.0 - s))
-            };
             simd(|| match mask {
                 Some(m) => {
-                    let m = &m[off..off + gb.len()];
-                    for ((g, &v), &k) in gb.iter_mut().zip(hb).zip(m) {
-                        *g *= d(v) * k;
+                    let m = &m[off..off + db.len()];
+                    for ((o, &v), &k) in db.iter_mut().zip(hb).zip(m) {
+                        f(o, v, k);
                     }
                 }
                 None => {
-                    for (g, &v) in gb.iter_mut().zip(hb) {
-                        *g *= d(v);
+                    for (o, &v) in db.iter_mut().zip(hb) {
+                        f(o, v, 1.0);
                     }
                 }
             })

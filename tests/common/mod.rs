@@ -79,3 +79,91 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The limits every hostile input must be handled within (issue 18): 3 GB of address space
+/// (`ulimit -v 3000000`) and 20 s of wall time.
+pub const HOSTILE_ADDRESS_SPACE: u64 = 3_000_000 * 1024;
+pub const HOSTILE_WALL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// What a command run under the hostile-input limits did.
+pub struct Limited {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub text: String,
+}
+
+impl Limited {
+    /// Exited by itself (no signal, no panic) with `code`; returns the output.
+    pub fn exited(&self, code: i32) -> &str {
+        assert_eq!(
+            self.signal, None,
+            "killed by signal {:?}: {}",
+            self.signal, self.text
+        );
+        assert!(
+            !self.text.contains("panicked at"),
+            "panicked: {}",
+            self.text
+        );
+        assert_eq!(self.code, Some(code), "unexpected exit: {}", self.text);
+        &self.text
+    }
+}
+
+/// Runs `cmd` with a 3 GB address-space limit; kills it after 20 s and fails the test (a hang).
+pub fn run_limited(mut cmd: Command) -> Limited {
+    use std::io::Read;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::process::Stdio;
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: HOSTILE_ADDRESS_SPACE,
+                rlim_max: HOSTILE_ADDRESS_SPACE,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > HOSTILE_WALL {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {HOSTILE_WALL:?}: a hang");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out_t.join().unwrap()),
+        String::from_utf8_lossy(&err_t.join().unwrap())
+    );
+    Limited {
+        code: status.code(),
+        signal: status.signal(),
+        text,
+    }
+}

@@ -8,7 +8,7 @@ use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
 use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, LinearLayout, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
-use crate::store::partition::{split_balanced, PartSpec};
+use crate::store::partition::PartSpec;
 use crate::store::{
     AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, PartSlice,
     StoreKind, StoreWriter, WriterSpec,
@@ -316,6 +316,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     let cpu_start = process_cpu_seconds();
     // Utterances allocate and free the same large buffers over and over: keep them mapped.
     crate::ops::kernels::reserve_freed_memory();
+    crate::store::refuse_overlapping_out(&args.out, &[&args.data])?;
     let audio = AudioStore::open(&args.data)
         .with_context(|| format!("cannot open the audio store {}", args.data.display()))?;
     if args.batch_seconds <= 0.0 {
@@ -459,7 +460,7 @@ fn part_rows(
         .iter()
         .map(|u| audio.rows()[u.clone()].iter().map(seconds).sum())
         .collect();
-    let cut = split_balanced(&weights, part.n)[part.k - 1].clone();
+    let cut = part.range_of(&weights);
     let row_at = |unit: usize| units.get(unit).map_or(audio.len(), |u| u.start);
     row_at(cut.start)..row_at(cut.end)
 }
@@ -513,13 +514,16 @@ impl EngineJob<'_> {
         let budget = available_memory().map(|m| m / threads.max(1) as u64);
         let mut ready: std::collections::BTreeMap<usize, InputResult> = Default::default();
         let mut runnable = Vec::new();
+        let damaged = damaged_rows(audio, self.rows.clone());
         for i in self.rows.clone() {
             let row = &audio.rows()[i];
             let seconds = row.length as f64 / rate;
             let need = self
                 .engine
                 .peak_bytes(row.length as usize, self.layers.len());
-            let reason = if seconds > self.args.max_seconds_per_utterance {
+            let reason = if let Some(damage) = &damaged[i - self.rows.start] {
+                Some(damage.clone())
+            } else if seconds > self.args.max_seconds_per_utterance {
                 Some(format!(
                     "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
                     self.args.max_seconds_per_utterance
@@ -679,6 +683,14 @@ fn tensor_path_bytes(
     (elem * (conv_peak.max(layer) + states * t * h)) as u64
 }
 
+/// Each row of `rows` checked against its checksum, in parallel: the reason it cannot be used
+/// (an error row naming the shard and line), or None.
+fn damaged_rows(audio: &AudioStore, rows: Range<usize>) -> Vec<Option<String>> {
+    rows.into_par_iter()
+        .map(|i| audio.check_row(i).err().map(|e| e.to_string()))
+        .collect()
+}
+
 fn error_result(row: &IndexRow, reason: String) -> InputResult {
     InputResult {
         items: vec![],
@@ -695,7 +707,7 @@ fn build_extractor(
     audio: &AudioStore,
 ) -> anyhow::Result<(Extractor, WriterSpec)> {
     let audio_identity = serde_json::json!({
-        "store": args.data,
+        "store": crate::store::resolved(&args.data),
         "fingerprint": audio.meta().fingerprint,
         "items": audio.len(),
     });
@@ -890,10 +902,13 @@ fn extract_window(
     let rate = audio.sample_rate() as f64;
     let mut results: Vec<Option<InputResult>> = (0..range.len()).map(|_| None).collect();
     let mut runnable: Vec<usize> = Vec::new();
+    let damaged = damaged_rows(audio, range.clone());
     for i in range.clone() {
         let row = &audio.rows()[i];
         let seconds = row.length as f64 / rate;
-        let reason = if seconds > args.max_seconds_per_utterance {
+        let reason = if let Some(damage) = &damaged[i - range.start] {
+            Some(damage.clone())
+        } else if seconds > args.max_seconds_per_utterance {
             Some(format!(
                 "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
                 args.max_seconds_per_utterance

@@ -14,4 +14,5 @@ pub mod models;
 pub mod ops;
 pub mod prepare;
 pub mod progress;
+pub mod regular_file;
 pub mod store;

@@ -3,7 +3,7 @@
 use crate::audio::{self, AudioInput, DecodeOptions, DecodedAudio};
 use crate::manifest::{self, AudioRef, Columns, CorpusItem, InputFormat, Origin, Utterance};
 use crate::progress::{human_bytes, parse_size, Progress};
-use crate::store::partition::{split_balanced, PartSpec};
+use crate::store::partition::PartSpec;
 use crate::store::{
     json_sha256, Dtype, ErrorRow, IndexRow, InputResult, ItemData, PartSlice, StoreKind,
     StoreWriter, WriterSpec,
@@ -140,9 +140,13 @@ pub fn prepare_timed(args: &PrepareArgs) -> anyhow::Result<(PrepareSummary, Stag
         text: args.text_column.clone(),
         id: args.id_column.clone(),
     };
-    let items = manifest::load_corpus(&args.inputs, args.format, &columns)?;
+    // Canonical paths: the fingerprint (and each row's source) is the same whatever directory
+    // the run, or its resume on another node, starts from.
+    let inputs = canonical_inputs(&args.inputs)?;
+    let items = manifest::load_corpus(&inputs, args.format, &columns)?;
+    check_speed_ids(&items, &speed_copies(&args.speed))?;
     let all_jobs = group_jobs(items);
-    let spec = writer_spec(args, &all_jobs);
+    let spec = writer_spec(args, &inputs, &all_jobs);
     let opened = match args.part {
         Some(part) => {
             let owned = part_range(&all_jobs, part);
@@ -259,7 +263,7 @@ fn part_range(jobs: &[Job], part: PartSpec) -> std::ops::Range<usize> {
             false => j.utterances.len() as f64,
         })
         .collect();
-    split_balanced(&weights, part.n)[part.k - 1].clone()
+    part.range_of(&weights)
 }
 
 fn default_jobs() -> usize {
@@ -287,8 +291,85 @@ fn validate(args: &PrepareArgs) -> anyhow::Result<()> {
         if !input.exists() {
             anyhow::bail!("{}: no such file or directory", input.display());
         }
+        if !input.is_dir() && !crate::regular_file::is_regular(input) {
+            anyhow::bail!(
+                "{}: is not a regular file or directory (a FIFO, socket or device is never read)",
+                input.display()
+            );
+        }
     }
     Ok(())
+}
+
+fn canonical_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    inputs
+        .iter()
+        .map(|p| {
+            p.canonicalize()
+                .with_context(|| format!("{}: cannot resolve the path", p.display()))
+        })
+        .collect()
+}
+
+/// Refuses a run whose speed copies (`sp0.9-ID`) would take the id of another utterance (a
+/// file `sp0.9-a.wav` beside `a.wav`): two rows with one id break every later stage.
+fn check_speed_ids(items: &[CorpusItem], speeds: &[f64]) -> anyhow::Result<()> {
+    if speeds.is_empty() {
+        return Ok(());
+    }
+    let by_id: std::collections::HashMap<&str, &Utterance> =
+        items.iter().map(|i| (i.utt.id.as_str(), &i.utt)).collect();
+    let mut clashes = Vec::new();
+    for item in items {
+        for &factor in speeds {
+            let copy = speed_id(&item.utt.id, factor);
+            if let Some(other) = by_id.get(copy.as_str()) {
+                clashes.push(format!(
+                    "the {factor} speed copy of {} ({}) would have the id {copy} of {}",
+                    item.utt.id,
+                    item.utt.source.display(),
+                    other.source.display()
+                ));
+            }
+        }
+    }
+    if let Some(first) = clashes.first() {
+        anyhow::bail!(
+            "utterance ids would not be unique: {first}{}; rename those inputs, or drop --speed",
+            match clashes.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The id of a speed-perturbed copy.
+fn speed_id(id: &str, factor: f64) -> String {
+    format!("sp{factor}-{id}")
+}
+
+/// Identity of the input files' contents as the file system states it (path, size, mtime) —
+/// the manifest files given as --input and every audio source — so a file replaced since the
+/// last run changes the fingerprint.
+fn inputs_stat_sha256(inputs: &[PathBuf], jobs: &[Job]) -> String {
+    use rayon::prelude::*;
+    use std::os::unix::fs::MetadataExt;
+    let mut paths: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    paths.extend(jobs.iter().map(|j| j.source.as_path()));
+    paths.dedup();
+    let stats: Vec<serde_json::Value> = paths
+        .par_iter()
+        .map(|p| match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => {
+                serde_json::json!([p, m.len(), m.mtime(), m.mtime_nsec()])
+            }
+            Ok(_) => serde_json::json!([p]),
+            Err(_) => serde_json::json!([p, null]),
+        })
+        .collect();
+    json_sha256(&serde_json::Value::Array(stats))
 }
 
 /// Consecutive utterances of one source file become one job, so a recording is decoded once
@@ -338,7 +419,7 @@ fn speed_copies(speeds: &[f64]) -> Vec<f64> {
     out
 }
 
-fn writer_spec(args: &PrepareArgs, jobs: &[Job]) -> WriterSpec {
+fn writer_spec(args: &PrepareArgs, inputs: &[PathBuf], jobs: &[Job]) -> WriterSpec {
     let items: Vec<CorpusItem> = jobs
         .iter()
         .flat_map(|j| {
@@ -368,10 +449,11 @@ fn writer_spec(args: &PrepareArgs, jobs: &[Job]) -> WriterSpec {
             "resampler": "rubato-fft",
         }),
         source: serde_json::json!({
-            "inputs": args.inputs,
+            "inputs": inputs,
             "format": args.format,
             "utterances": utterances.len(),
             "manifest_sha256": manifest_hash,
+            "files_sha256": inputs_stat_sha256(inputs, jobs),
         }),
         extra: serde_json::Value::Null,
         shard_bytes: args.shard_size,
@@ -653,7 +735,7 @@ fn row_for(
 ) -> IndexRow {
     let prefix = speed.map(|f| format!("sp{f}-")).unwrap_or_default();
     IndexRow {
-        id: format!("{prefix}{}", utt.id),
+        id: speed.map_or_else(|| utt.id.clone(), |f| speed_id(&utt.id, f)),
         text: utt.text.clone(),
         speaker: utt.speaker.as_ref().map(|s| format!("{prefix}{s}")),
         source: source.to_string(),

@@ -2,7 +2,6 @@
 //!
 //! symphonia 0.6 picks the container by content (its probe scans for format markers and does
 //! not consult the hint), so the extension never decides the codec.
-use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -145,7 +144,8 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 fn open_format(input: AudioInput<'_>) -> Result<Box<dyn FormatReader + '_>, String> {
     let source: Box<dyn symphonia::core::io::MediaSource + '_> = match input {
         AudioInput::File(path) => {
-            let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+            let file =
+                crate::regular_file::open_regular(path).map_err(|e| format!("cannot open: {e}"))?;
             let len = file
                 .metadata()
                 .map_err(|e| format!("cannot stat: {e}"))?
@@ -199,7 +199,10 @@ fn sniff_container(input: AudioInput<'_>) -> Option<&'static str> {
     let mut buf = [0u8; 12];
     let head = match input {
         AudioInput::File(path) => {
-            let n = File::open(path).ok()?.read(&mut buf).ok()?;
+            let n = crate::regular_file::open_regular(path)
+                .ok()?
+                .read(&mut buf)
+                .ok()?;
             &buf[..n]
         }
         AudioInput::Bytes { bytes, .. } => &bytes[..bytes.len().min(12)],
@@ -280,6 +283,7 @@ fn decode_packets(
     let sample_rate = params
         .sample_rate
         .ok_or_else(|| "the stream does not state its sample rate".to_string())?;
+    super::check_source_rate(sample_rate)?;
     let max_packet_frames = params.max_frames_per_packet.unwrap_or(0);
     let declared = track.num_frames;
     let mut samples: Vec<f32> = Vec::with_capacity(reserve_frames(declared, max_packet_frames));

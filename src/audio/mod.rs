@@ -53,6 +53,23 @@ pub enum AudioError {
     Resample(String),
 }
 
+/// Source sample rates outside this range come from damaged or hostile headers, not from
+/// recordings (telephony is 8 kHz, studio masters 384 kHz; 768 kHz DACs exist); resampling a
+/// 1 Hz "recording" to 16 kHz would multiply its length 16,000 times.
+pub const MIN_SOURCE_RATE: u32 = 1000;
+pub const MAX_SOURCE_RATE: u32 = 768_000;
+
+/// Refuses a declared sample rate no recording has (see `MIN_SOURCE_RATE`).
+pub fn check_source_rate(rate: u32) -> Result<(), String> {
+    if (MIN_SOURCE_RATE..=MAX_SOURCE_RATE).contains(&rate) {
+        return Ok(());
+    }
+    Err(format!(
+        "the header declares a sample rate of {rate} Hz, outside the {MIN_SOURCE_RATE}–{MAX_SOURCE_RATE} Hz \
+         of any recording (a damaged or hostile header)"
+    ))
+}
+
 /// Decoding policy.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DecodeOptions {

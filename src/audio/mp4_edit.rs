@@ -39,7 +39,7 @@ impl AudioEdit {
 const MAX_MOOV_BYTES: u64 = 256 << 20;
 
 pub(super) fn read_audio_edit(path: &Path, sample_rate: u32) -> Option<AudioEdit> {
-    let mut file = File::open(path).ok()?;
+    let mut file = crate::regular_file::open_regular(path).ok()?;
     let moov = read_top_level_box(&mut file, b"moov")?;
     let movie_timescale = timescale(child(&moov, b"mvhd")?)?;
     let trak = boxes(&moov)

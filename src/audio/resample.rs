@@ -12,6 +12,9 @@ use rubato::{Async, Fft, FixedAsync, FixedSync, Resampler, SincInterpolationPara
 
 use super::AudioError;
 
+/// Largest up- or down-sampling ratio resampled (8 kHz → 384 kHz is 48x; 1 kHz → 768 kHz 768x).
+const MAX_RATIO: f64 = 768.0;
+
 /// FFT resampler input chunk (frames).
 const FFT_CHUNK: usize = 1024;
 /// Largest reduced ratio term (rate / gcd) for the FFT resampler; beyond it FFT sizes blow up.
@@ -34,6 +37,15 @@ pub fn resample_to(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>
     }
     if from_hz == to_hz {
         return Ok(samples.to_vec());
+    }
+    // The output length follows from the input's and the ratio; a ratio no real pair of rates
+    // has (a 1 Hz header) would turn a small file into gigabytes.
+    let ratio = f64::from(to_hz) / f64::from(from_hz);
+    if !(1.0 / MAX_RATIO..=MAX_RATIO).contains(&ratio) {
+        return Err(AudioError::Resample(format!(
+            "{from_hz} Hz to {to_hz} Hz is a ratio of {ratio:.3e}, beyond the {MAX_RATIO}x any \
+             real pair of sample rates needs"
+        )));
     }
     if samples.is_empty() {
         return Ok(Vec::new());

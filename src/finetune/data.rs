@@ -58,6 +58,8 @@ pub trait FeatureSource: Send + Sync {
 pub struct StoreSource {
     store: FeatureStore,
     path: PathBuf,
+    /// Rows whose checksum has been verified (each is checked the first time it is read).
+    checked: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl StoreSource {
@@ -66,14 +68,41 @@ impl StoreSource {
             path: path.to_path_buf(),
             reason: format!("cannot open feature store: {e}"),
         })?;
+        let checked = (0..store.len())
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect();
         Ok(Self {
             store,
             path: path.to_path_buf(),
+            checked,
         })
     }
 
     pub fn store(&self) -> &FeatureStore {
         &self.store
+    }
+
+    /// Verifies the checksum of every item of `items` not read before (in parallel): a damaged
+    /// store stops training with the shard and row named, instead of training on garbage.
+    fn check_first_reads(&self, items: &[usize]) -> Result<(), DataError> {
+        use rayon::prelude::*;
+        use std::sync::atomic::Ordering;
+        let fresh: Vec<usize> = items
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.checked
+                    .get(i)
+                    .is_some_and(|c| !c.load(Ordering::Relaxed))
+            })
+            .collect();
+        fresh.par_iter().try_for_each(|&i| {
+            self.store
+                .check_row(i)
+                .map_err(|e| self.err(format!("cannot train on a damaged row: {e}")))?;
+            self.checked[i].store(true, Ordering::Relaxed);
+            Ok(())
+        })
     }
 
     fn err(&self, reason: String) -> DataError {
@@ -112,6 +141,7 @@ impl FeatureSource for StoreSource {
         layers: &[usize],
         device: &Device,
     ) -> Result<(Tensor, Vec<usize>), DataError> {
+        self.check_first_reads(items)?;
         self.store
             .batch(items, layers, device)
             .map_err(|e| self.err(format!("cannot read a batch: {e}")))

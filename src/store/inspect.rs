@@ -1,6 +1,6 @@
 //! `speechcache info` and `speechcache verify`.
 use super::reader::check_sealed_shard;
-use super::{read_jsonl, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta};
+use super::{read_index, read_jsonl, ErrorRow, IndexRow, StoreError, StoreKind, StoreMeta};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ pub fn verify_store(dir: &Path) -> Result<VerifyReport, StoreError> {
         rows: rows.len(),
         ..Default::default()
     };
+    if !dir.join("index.jsonl").is_file() {
+        report.problems.push("index.jsonl is missing".into());
+    }
     let mut by_shard: BTreeMap<u32, Vec<IndexRow>> = BTreeMap::new();
     for row in &rows {
         by_shard.entry(row.shard).or_default().push(row.clone());
@@ -115,7 +118,7 @@ pub fn run_verify(args: &VerifyArgs) -> anyhow::Result<()> {
 pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
     let dir = &args.store;
     let meta = StoreMeta::load(dir)?;
-    let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
+    let rows: Vec<IndexRow> = read_index(dir, &meta)?;
     let errors: Vec<ErrorRow> = read_jsonl(&dir.join("errors.jsonl"))?;
     let durations: Vec<f64> = rows.iter().map(|r| r.duration).collect();
     let hours = meta.totals.seconds / 3600.0;

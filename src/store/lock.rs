@@ -4,7 +4,7 @@
 use super::StoreError;
 use fs4::fs_std::FileExt;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -48,13 +48,9 @@ impl StoreLock {
         let path = dir.join(LOCK_FILE);
         // A holder that was finishing may unlink the file we opened: retry on the new one.
         for _ in 0..100 {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| StoreError::io(&path, e))?;
+            // never through a planted symlink: the holder line would overwrite its target
+            let file =
+                crate::regular_file::open_owned(&path).map_err(|e| StoreError::io(&path, e))?;
             let locked =
                 FileExt::try_lock_exclusive(&file).map_err(|e| StoreError::io(&path, e))?;
             if !locked {
@@ -121,6 +117,61 @@ pub fn refuse_if_being_written(dir: &Path) -> Result<(), StoreError> {
             Holder::describe(&text)
         ),
     ))
+}
+
+/// A reader's shared lock on a complete store (on its `meta.json`), held while the store is
+/// open: a writer that would destroy the store (`--overwrite`, `prune`) takes the same lock
+/// exclusively first and refuses while any reader holds it, instead of truncating files mapped
+/// by a running extract or finetune.
+#[derive(Debug)]
+pub struct ReadLock {
+    _file: File,
+}
+
+impl ReadLock {
+    /// Takes the shared lock, refusing if a destroying writer holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("meta.json");
+        let file =
+            crate::regular_file::open_regular(&path).map_err(|e| StoreError::io(&path, e))?;
+        let free = FileExt::try_lock_shared(&file).map_err(|e| StoreError::io(&path, e))?;
+        if !free {
+            return Err(StoreError::refused(
+                dir,
+                "is being replaced or pruned by another speechcache process; read it when that has finished",
+            ));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// The exclusive side of `ReadLock`: held by a writer while it removes or rewrites a complete
+/// store's files. None when the store has no `meta.json` (nothing complete to protect).
+#[derive(Debug)]
+pub struct DestroyLock {
+    _file: Option<File>,
+}
+
+impl DestroyLock {
+    pub fn acquire(dir: &Path, what: &str) -> Result<Self, StoreError> {
+        let path = dir.join("meta.json");
+        let file = match crate::regular_file::open_regular(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self { _file: None }),
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        let free = FileExt::try_lock_exclusive(&file).map_err(|e| StoreError::io(&path, e))?;
+        if !free {
+            return Err(StoreError::refused(
+                dir,
+                format!(
+                    "is being read by another process (a running extract, finetune or decode \
+                     has it mapped); {what} would pull its files from under it: wait for it to finish"
+                ),
+            ));
+        }
+        Ok(Self { _file: Some(file) })
+    }
 }
 
 /// Whether the open `file` is still the one at `path` (not unlinked or replaced).

@@ -7,10 +7,11 @@
 //! fingerprint is the whole run's, so it resumes, refuses and feeds `extract` like one.
 use super::lock::{StoreLock, LOCK_FILE};
 use super::npy::MappedNpy;
+use super::reader::check_sealed_shard;
 use super::writer::{remove_if_exists, remove_path, sync_dir, write_stats_files, IN_PROGRESS};
 use super::{
-    read_jsonl, shard_name, sums_file, to_jsonl, write_atomic, ErrorRow, IndexRow, StoreError,
-    StoreKind, StoreMeta, Totals,
+    read_index, read_jsonl, shard_name, sums_file, to_jsonl, write_atomic, ErrorRow, IndexRow,
+    StoreError, StoreKind, StoreMeta, Totals,
 };
 use crate::progress::human_bytes;
 use clap::Args;
@@ -80,18 +81,25 @@ pub fn merge_parts(parts: &[PathBuf], out: &Path, copy: bool) -> Result<MergeRep
             "holds another store; choose a new or empty --out directory",
         ));
     }
+    // every part's rows are read and checked (index against meta.json, every checksum)
+    // before anything is written: a damaged part must not become a complete-looking store
+    let mut part_rows: Vec<Vec<IndexRow>> = Vec::with_capacity(ordered.len());
+    for (dir, meta) in &ordered {
+        let rows = read_index(dir, meta)?;
+        check_part_rows(dir, meta, &rows)?;
+        part_rows.push(rows);
+    }
     claim_output(out, &whole, &first.options)?;
     let mut rows: Vec<IndexRow> = Vec::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
     let mut totals = Totals::default();
-    for (dir, meta) in &ordered {
+    for ((dir, meta), part_rows) in ordered.iter().zip(part_rows) {
         for shard in 0..meta.totals.shards {
             let number = totals.shards + shard;
             let from = dir.join(shard_name(meta.kind, shard));
             let to = out.join(shard_name(meta.kind, number));
             place_shard(&from, &to, copy)?;
         }
-        let part_rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
         rows.extend(part_rows.into_iter().map(|mut r| {
             r.shard += totals.shards;
             r
@@ -124,6 +132,34 @@ pub fn merge_parts(parts: &[PathBuf], out: &Path, copy: bool) -> Result<MergeRep
     })
 }
 
+/// Every shard of a part against its rows: sizes, contiguity and each row's checksum.
+fn check_part_rows(dir: &Path, meta: &StoreMeta, rows: &[IndexRow]) -> Result<(), StoreError> {
+    let mut by_shard: Vec<Vec<IndexRow>> = vec![Vec::new(); meta.totals.shards as usize];
+    for row in rows {
+        by_shard[row.shard as usize].push(row.clone());
+    }
+    for (shard, shard_rows) in by_shard.iter().enumerate() {
+        let length = shard_rows.iter().map(|r| r.length).sum();
+        check_sealed_shard(
+            dir,
+            meta.kind,
+            meta.dtype,
+            &meta.layers,
+            meta.dim,
+            shard as u32,
+            length,
+            shard_rows,
+        )
+        .map_err(|e| {
+            StoreError::refused(
+                dir,
+                format!("part is damaged ({e}); nothing was merged: redo this part"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn first_part(meta: &StoreMeta) -> &super::PartInfo {
     // check_part_set only returns part stores
     meta.part.as_ref().unwrap_or_else(|| unreachable!())
@@ -133,10 +169,9 @@ fn first_part(meta: &StoreMeta) -> &super::PartInfo {
 /// part order. Writes nothing.
 fn check_part_set(parts: &[PathBuf], out: &Path) -> Result<Vec<(PathBuf, StoreMeta)>, StoreError> {
     let mut metas: Vec<(PathBuf, StoreMeta)> = Vec::new();
+    let inputs: Vec<&Path> = parts.iter().map(PathBuf::as_path).collect();
+    super::refuse_overlapping_out(out, &inputs)?;
     for dir in parts {
-        if dir == out {
-            return Err(StoreError::refused(dir, "is both a part and --out"));
-        }
         let meta = StoreMeta::load(dir).map_err(|e| match e {
             StoreError::Refused { path, reason } => StoreError::Refused {
                 path,

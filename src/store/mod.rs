@@ -21,10 +21,11 @@ pub mod npy;
 pub mod partition;
 mod prune;
 mod reader;
+pub mod sigbus;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
-pub use lock::{host_name, refuse_if_being_written, StoreLock, LOCK_FILE};
+pub use lock::{host_name, refuse_if_being_written, DestroyLock, ReadLock, StoreLock, LOCK_FILE};
 pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView};
@@ -281,6 +282,51 @@ impl StoreMeta {
     }
 }
 
+/// Refuses an output directory that is, lies inside, or contains one of the input stores:
+/// `--overwrite` (or a resume's cleanup) there would delete the input being read.
+pub fn refuse_overlapping_out(out: &Path, inputs: &[&Path]) -> Result<(), StoreError> {
+    let out_real = resolved(out);
+    for input in inputs {
+        let input_real = resolved(input);
+        let why = if out_real == input_real {
+            "is also an input store"
+        } else if out_real.starts_with(&input_real) {
+            "lies inside the input store"
+        } else if input_real.starts_with(&out_real) {
+            "contains the input store"
+        } else {
+            continue;
+        };
+        return Err(StoreError::refused(
+            out,
+            format!(
+                "{why} {} (writing there could delete what is being read); choose another --out",
+                input.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` made absolute with symlinks resolved as far as it exists (the rest appended).
+pub fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest: Vec<&std::ffi::OsStr> = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
 /// Reads a JSON-lines file into records, naming the file and line on error.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
     let text = match std::fs::read_to_string(path) {
@@ -298,6 +344,66 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>,
         .collect()
 }
 
+/// Reads a complete store's `index.jsonl`: it must exist and hold exactly the rows `meta.json`
+/// counts (a lost or cut index would otherwise read as a smaller store), each inside a shard
+/// the store has.
+pub fn read_index(dir: &Path, meta: &StoreMeta) -> Result<Vec<IndexRow>, StoreError> {
+    let path = dir.join("index.jsonl");
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(StoreError::corrupt(&path, "is not a regular file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::corrupt(
+                &path,
+                format!(
+                    "is missing, but meta.json counts {} utterances: the store is damaged \
+                     (`speechcache verify` says more; rerun the stage with --overwrite)",
+                    meta.totals.items
+                ),
+            ))
+        }
+        Err(e) => return Err(StoreError::io(&path, e)),
+    }
+    if u64::from(meta.totals.shards) > meta.totals.items {
+        // every sealed shard holds at least one row
+        return Err(StoreError::corrupt(
+            &dir.join("meta.json"),
+            format!(
+                "counts {} shards for {} utterances: the store is damaged",
+                meta.totals.shards, meta.totals.items
+            ),
+        ));
+    }
+    let rows: Vec<IndexRow> = read_jsonl(&path)?;
+    if rows.len() as u64 != meta.totals.items {
+        return Err(StoreError::corrupt(
+            &path,
+            format!(
+                "holds {} rows, but meta.json counts {} utterances: the store is damaged",
+                rows.len(),
+                meta.totals.items
+            ),
+        ));
+    }
+    if let Some((n, row)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.shard >= meta.totals.shards)
+    {
+        return Err(StoreError::corrupt(
+            &path,
+            format!(
+                "line {}: {} is in shard {}, but the store has {} shards",
+                n + 1,
+                row.id,
+                row.shard,
+                meta.totals.shards
+            ),
+        ));
+    }
+    Ok(rows)
+}
+
 /// Serialises records as JSON lines.
 pub fn to_jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(rows.len() * 160);
@@ -313,7 +419,8 @@ pub fn to_jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, StoreError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
     let tmp = tmp_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+    let mut file =
+        crate::regular_file::create_exclusive(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
     file.write_all(bytes).map_err(|e| StoreError::io(&tmp, e))?;
     file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
     drop(file);

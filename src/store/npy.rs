@@ -3,7 +3,6 @@
 use super::StoreError;
 use memmap2::Mmap;
 use npyz::WriterBuilder;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Every header the store writes is exactly this long: data starts 64-byte aligned at 128.
@@ -32,6 +31,8 @@ pub fn header_bytes(descr: &str, shape: &[u64]) -> Result<Vec<u8>, StoreError> {
 
 /// A memory-mapped `.npy` file whose header has been checked.
 pub struct MappedNpy {
+    /// Names this file if it shrinks while mapped (SIGBUS); dropped before the map.
+    _sigbus: super::sigbus::Registration,
     pub path: PathBuf,
     map: Mmap,
     data_offset: usize,
@@ -42,7 +43,7 @@ pub struct MappedNpy {
 impl MappedNpy {
     /// Maps `path`, checks that it holds a C-order array of `descr`, and its byte size.
     pub fn open(path: &Path, descr: &str) -> Result<Self, StoreError> {
-        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        let file = crate::regular_file::open_regular(path).map_err(|e| StoreError::io(path, e))?;
         // SAFETY: shards are sealed (renamed into place after fsync) and never modified again.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| StoreError::io(path, e))?;
         let mut rest: &[u8] = &map[..];
@@ -62,8 +63,13 @@ impl MappedNpy {
         }
         let shape = header.shape().to_vec();
         let item = item_size(descr);
-        let expected = shape.iter().product::<u64>() as usize * item;
-        if rest.len() != expected {
+        let expected = shape
+            .iter()
+            .try_fold(item as u64, |n, &d| n.checked_mul(d))
+            .and_then(|n| usize::try_from(n).ok());
+        if expected != Some(rest.len()) {
+            let expected =
+                expected.map_or("more than memory can address".into(), |n| n.to_string());
             return Err(StoreError::corrupt(
                 path,
                 format!(
@@ -78,8 +84,10 @@ impl MappedNpy {
                 format!("data offset {data_offset} is not aligned"),
             ));
         }
+        let _sigbus = super::sigbus::register(map.as_ptr(), map.len(), path);
         Ok(Self {
             path: path.to_path_buf(),
+            _sigbus,
             map,
             data_offset,
             shape,

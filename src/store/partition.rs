@@ -7,6 +7,10 @@
 use std::ops::Range;
 use std::str::FromStr;
 
+/// The largest N accepted: Slurm's own MaxArraySize tops out at 4,000,001, and a part per
+/// utterance of a 10,000-hour corpus is already ~10^7; past this a typo costs memory, not work.
+pub const MAX_PARTS: usize = 1_000_000;
+
 /// Part K of N, 1-based.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartSpec {
@@ -39,6 +43,11 @@ impl FromStr for PartSpec {
         if k > n {
             return Err(format!("--part {text}: K is larger than N; {usage}"));
         }
+        if n > MAX_PARTS {
+            return Err(format!(
+                "--part {text}: N is larger than {MAX_PARTS} (no cluster runs more array tasks); {usage}"
+            ));
+        }
         Ok(PartSpec { k, n })
     }
 }
@@ -46,6 +55,15 @@ impl FromStr for PartSpec {
 impl std::fmt::Display for PartSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.k, self.n)
+    }
+}
+
+impl PartSpec {
+    /// This part's units of `weights` (see `split_balanced`), without building every part's range.
+    pub fn range_of(&self, weights: &[f64]) -> Range<usize> {
+        balanced_ranges(weights, self.n)
+            .nth(self.k - 1)
+            .unwrap_or(weights.len()..weights.len())
     }
 }
 
@@ -58,24 +76,27 @@ pub fn parse_part(text: &str) -> Result<PartSpec, String> {
 /// unit belongs to the first part whose share its midpoint falls in. All-zero weights count
 /// units instead.
 pub fn split_balanced(weights: &[f64], n: usize) -> Vec<Range<usize>> {
+    balanced_ranges(weights, n).collect()
+}
+
+/// The ranges of `split_balanced`, one at a time (no allocation in N).
+fn balanced_ranges(weights: &[f64], n: usize) -> impl Iterator<Item = Range<usize>> + '_ {
     let n = n.max(1);
     let total: f64 = weights.iter().sum();
     let uniform = !total.is_finite() || total <= 0.0;
-    let weight = |w: f64| if uniform { 1.0 } else { w.max(0.0) };
+    let weight = move |w: f64| if uniform { 1.0 } else { w.max(0.0) };
     let total = if uniform { weights.len() as f64 } else { total };
-    let mut ranges = Vec::with_capacity(n);
-    let (mut start, mut before) = (0usize, 0.0f64);
-    let mut unit = 0usize;
-    for k in 1..=n {
+    let (mut start, mut before, mut unit) = (0usize, 0.0f64, 0usize);
+    (1..=n).map(move |k| {
         let share_end = total * k as f64 / n as f64;
         while unit < weights.len() && (k == n || before + weight(weights[unit]) / 2.0 < share_end) {
             before += weight(weights[unit]);
             unit += 1;
         }
-        ranges.push(start..unit);
+        let range = start..unit;
         start = unit;
-    }
-    ranges
+        range
+    })
 }
 
 #[cfg(test)]
@@ -90,12 +111,25 @@ mod tests {
         assert_eq!(split_balanced(&[0.0; 5], 2), vec![0..2, 2..5]);
         assert_eq!(split_balanced(&[1.0; 2], 4), vec![0..0, 0..1, 1..1, 1..2]);
         assert_eq!(split_balanced(&[], 2), vec![0..0, 0..0]);
+        for k in 1..=3 {
+            assert_eq!(PartSpec { k, n: 3 }.range_of(&w), r[k - 1]);
+        }
     }
 
     #[test]
     fn part_specs_are_one_based() {
         assert_eq!("2/3".parse::<PartSpec>(), Ok(PartSpec { k: 2, n: 3 }));
-        for bad in ["0/0", "4/3", "0/3", "x", "1/x", "1/0"] {
+        for bad in [
+            "0/0",
+            "4/3",
+            "0/3",
+            "x",
+            "1/x",
+            "1/0",
+            "1/18446744073709551615",
+            "1/100000000000",
+            "1/1000001",
+        ] {
             assert!(bad.parse::<PartSpec>().is_err(), "{bad}");
         }
     }

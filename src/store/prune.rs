@@ -3,7 +3,7 @@ use super::npy::MappedNpy;
 use super::reader::row_checksum;
 use super::writer::{fingerprint_of, remove_if_exists};
 use super::{
-    layer_file, read_jsonl, scale_file, shard_name, sums_file, to_jsonl, write_atomic, Dtype,
+    layer_file, read_index, scale_file, shard_name, sums_file, to_jsonl, write_atomic, Dtype,
     IndexRow, StoreError, StoreKind, StoreLock, StoreMeta, WriterSpec,
 };
 use std::path::Path;
@@ -20,6 +20,7 @@ pub struct PruneReport {
 pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreError> {
     StoreMeta::load(dir)?;
     let _lock = StoreLock::acquire(dir, "prune")?;
+    let _readers_out = super::DestroyLock::acquire(dir, "prune")?;
     let mut meta = StoreMeta::read(dir)?;
     if let Some(part) = &meta.part {
         return Err(StoreError::refused(
@@ -66,12 +67,12 @@ pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreErro
     if removed.is_empty() {
         return Ok(PruneReport::default());
     }
-    let mut rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
+    let mut rows: Vec<IndexRow> = read_index(dir, &meta)?;
     let dim = meta.dim.unwrap_or(0);
     for shard in 0..meta.totals.shards {
         let base = dir.join(shard_name(StoreKind::Features, shard));
         let mut files = Vec::new();
-        for &layer in &kept {
+        for &layer in &meta.layers {
             let values = MappedNpy::open(&base.join(layer_file(layer)), meta.dtype.npy_descr())?;
             let scales = if meta.dtype == Dtype::Int8 {
                 Some(MappedNpy::open(&base.join(scale_file(layer)), "<f4")?)
@@ -80,10 +81,35 @@ pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreErro
             };
             files.push((values, scales));
         }
-        let pairs: Vec<(&MappedNpy, Option<&MappedNpy>)> =
+        let all: Vec<(&MappedNpy, Option<&MappedNpy>)> =
             files.iter().map(|(v, s)| (v, s.as_ref())).collect();
-        for row in rows.iter_mut().filter(|r| r.shard == shard) {
-            row.checksum = row_checksum(StoreKind::Features, meta.dtype, dim, &pairs, row)?;
+        let kept_files: Vec<(&MappedNpy, Option<&MappedNpy>)> = meta
+            .layers
+            .iter()
+            .zip(&all)
+            .filter(|(l, _)| kept.contains(l))
+            .map(|(_, f)| *f)
+            .collect();
+        for (line, row) in rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.shard == shard)
+        {
+            // a damaged row must not be re-checksummed into one that passes `verify`
+            let stored = row_checksum(StoreKind::Features, meta.dtype, dim, &all, row)?;
+            if stored != row.checksum {
+                return Err(StoreError::corrupt(
+                    &base,
+                    format!(
+                        "index line {}: {} fails its checksum (stored {}, found {stored}); \
+                         prune changed nothing: re-extract the store",
+                        line + 1,
+                        row.id,
+                        row.checksum
+                    ),
+                ));
+            }
+            row.checksum = row_checksum(StoreKind::Features, meta.dtype, dim, &kept_files, row)?;
         }
     }
     let per_layer = meta.totals.bytes / meta.layers.len().max(1) as u64;

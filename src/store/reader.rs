@@ -1,7 +1,8 @@
 //! Reading stores: memory-mapped shards, zero-copy utterances.
+use super::lock::ReadLock;
 use super::npy::MappedNpy;
 use super::{
-    layer_file, read_jsonl, scale_file, shard_name, Dtype, IndexRow, StoreError, StoreKind,
+    layer_file, read_index, scale_file, shard_name, Dtype, IndexRow, StoreError, StoreKind,
     StoreMeta,
 };
 use candle_core::{Device, Tensor};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// An audio store opened for reading: `samples(i)` is a slice of a memory-mapped shard.
 pub struct AudioStore {
+    _read_lock: ReadLock,
     dir: PathBuf,
     meta: StoreMeta,
     rows: Vec<IndexRow>,
@@ -20,6 +22,9 @@ pub struct AudioStore {
 
 impl AudioStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        StoreMeta::load(dir)?;
+        // locked, then read again: the meta read is the one the lock protects
+        let _read_lock = ReadLock::acquire(dir)?;
         let meta = StoreMeta::load(dir)?;
         if meta.kind != StoreKind::Audio {
             return Err(StoreError::refused(
@@ -27,7 +32,7 @@ impl AudioStore {
                 "is a feature store, not an audio store",
             ));
         }
-        let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
+        let rows = read_index(dir, &meta)?;
         let shards = (0..meta.totals.shards)
             .map(|n| MappedNpy::open(&dir.join(shard_name(StoreKind::Audio, n)), "<f4"))
             .collect::<Result<Vec<_>, _>>()?;
@@ -36,6 +41,7 @@ impl AudioStore {
         }
         check_row_ranges(dir, &rows, |s| shards.get(s as usize).map(|m| m.shape[0]))?;
         Ok(Self {
+            _read_lock,
             dir: dir.to_path_buf(),
             meta,
             rows,
@@ -67,6 +73,27 @@ impl AudioStore {
         let row = &self.rows[i];
         let data: &[f32] = bytemuck::cast_slice(self.shards[row.shard as usize].bytes());
         &data[row.offset as usize..(row.offset + row.length) as usize]
+    }
+
+    /// Checks utterance `i`'s samples against its row's checksum (a damaged shard is an error
+    /// naming the shard, the index line and the id).
+    pub fn check_row(&self, i: usize) -> Result<(), StoreError> {
+        let row = &self.rows[i];
+        let found = super::crc32_hex(bytemuck::cast_slice(self.samples(i)));
+        if found == row.checksum {
+            return Ok(());
+        }
+        Err(StoreError::corrupt(
+            &self.shards[row.shard as usize].path,
+            format!(
+                "index line {}: {} fails its checksum (stored {}, found {found}): the audio store \
+                 is damaged; `speechcache verify {}` lists every damaged row",
+                i + 1,
+                row.id,
+                row.checksum,
+                self.dir.display()
+            ),
+        ))
     }
 
     /// Every utterance in store order.
@@ -143,6 +170,7 @@ struct FeatureShard {
 
 /// A feature store opened for reading.
 pub struct FeatureStore {
+    _read_lock: ReadLock,
     dir: PathBuf,
     meta: StoreMeta,
     rows: Vec<IndexRow>,
@@ -152,6 +180,9 @@ pub struct FeatureStore {
 
 impl FeatureStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        StoreMeta::load(dir)?;
+        // locked, then read again: the meta read is the one the lock protects
+        let _read_lock = ReadLock::acquire(dir)?;
         let meta = StoreMeta::load(dir)?;
         if meta.kind != StoreKind::Features {
             return Err(StoreError::refused(
@@ -162,7 +193,7 @@ impl FeatureStore {
         let dim = meta.dim.ok_or_else(|| {
             StoreError::corrupt(&dir.join("meta.json"), "feature store without dim")
         })?;
-        let rows: Vec<IndexRow> = read_jsonl(&dir.join("index.jsonl"))?;
+        let rows = read_index(dir, &meta)?;
         let mut shards = Vec::new();
         for n in 0..meta.totals.shards {
             shards.push(open_feature_shard(dir, &meta, n)?);
@@ -174,6 +205,7 @@ impl FeatureStore {
                 .map(|m| m.shape[0])
         })?;
         Ok(Self {
+            _read_lock,
             dir: dir.to_path_buf(),
             meta,
             rows,
@@ -261,6 +293,36 @@ impl FeatureStore {
                 }
             }
         })
+    }
+
+    /// Checks utterance `i`'s stored bytes (every layer, in checksum order) against its row's
+    /// checksum.
+    pub fn check_row(&self, i: usize) -> Result<(), StoreError> {
+        let row = self
+            .rows
+            .get(i)
+            .ok_or_else(|| StoreError::Format(format!("utterance {i} out of range")))?;
+        let shard = &self.shards[row.shard as usize];
+        let files: Vec<(&MappedNpy, Option<&MappedNpy>)> = shard
+            .layers
+            .iter()
+            .zip(shard.scales.iter().map(Option::as_ref))
+            .collect();
+        let found = row_checksum(StoreKind::Features, self.meta.dtype, self.dim, &files, row)?;
+        if found == row.checksum {
+            return Ok(());
+        }
+        Err(StoreError::corrupt(
+            &self.dir.join(shard_name(StoreKind::Features, row.shard)),
+            format!(
+                "index line {}: {} fails its checksum (stored {}, found {found}): the feature \
+                 store is damaged; `speechcache verify {}` lists every damaged row",
+                i + 1,
+                row.id,
+                row.checksum,
+                self.dir.display()
+            ),
+        ))
     }
 
     /// Utterance `i`, hidden state `layer`, as an owned f32 `[frames, dim]` array.
@@ -365,7 +427,11 @@ fn check_row_ranges(
                 format!("line {}: shard {} does not exist", n + 1, row.shard),
             )
         })?;
-        if row.offset + row.length > len {
+        if row
+            .offset
+            .checked_add(row.length)
+            .is_none_or(|end| end > len)
+        {
             return Err(StoreError::corrupt(
                 &index,
                 format!(

@@ -150,7 +150,8 @@ impl StreamedNpy {
         descr: &'static str,
         row_len: Option<usize>,
     ) -> Result<Self, StoreError> {
-        let file = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
+        let file =
+            crate::regular_file::create_exclusive(&path).map_err(|e| StoreError::io(&path, e))?;
         let mut file = BufWriter::with_capacity(4 << 20, file);
         file.write_all(&[b' '; HEADER_LEN])
             .map_err(|e| StoreError::io(&path, e))?;
@@ -413,8 +414,13 @@ impl StoreWriter {
         if dir.exists() && !dir.is_dir() {
             return Err(StoreError::refused(&dir, "exists and is not a directory"));
         }
-        if dir.join("meta.json").exists() {
-            let meta = StoreMeta::read(&dir)?;
+        let has_store = dir.join("meta.json").exists() || dir.join(IN_PROGRESS).exists();
+        if self.spec.overwrite && has_store {
+            // --overwrite always redoes the work: a store "complete" with the same options may
+            // hold audio of files replaced since, and a damaged meta.json must not block it.
+            clear_store_dir(&dir)?;
+        } else if dir.join("meta.json").exists() {
+            let meta = StoreMeta::read(&dir).map_err(with_overwrite_hint)?;
             if meta.fingerprint == self.fingerprint {
                 self.complete = Some(meta);
                 return Ok(());
@@ -424,7 +430,7 @@ impl StoreWriter {
             let path = dir.join(IN_PROGRESS);
             let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
             let progress: InProgress = serde_json::from_str(&text)
-                .map_err(|e| StoreError::corrupt(&path, e.to_string()))?;
+                .map_err(|e| with_overwrite_hint(StoreError::corrupt(&path, e.to_string())))?;
             if progress.fingerprint != self.fingerprint {
                 self.refuse_or_clear(&progress.options)?;
             }
@@ -464,16 +470,23 @@ impl StoreWriter {
         clear_store_dir(&self.dir)
     }
 
-    /// Finds the contiguous run of sealed shards, verifies them, and removes anything unsealed.
+    /// Finds the contiguous run of sealed shards, verifies them, and removes what is unsealed
+    /// or proven damaged (a checksum or size mismatch, a missing file) — never what merely
+    /// could not be read this time: that error ends the run with the store untouched.
     fn load_sealed(&mut self) -> Result<(), StoreError> {
         let shards_dir = self.dir.join("shards");
+        refuse_unless_real_dir(&shards_dir)?;
         let mut number = 0u32;
         loop {
             let seal_path = self.seal_path(number);
             if !seal_path.exists() {
                 break;
             }
-            let mut records: Vec<SealRecord> = read_jsonl(&seal_path)?;
+            let mut records: Vec<SealRecord> = match read_jsonl(&seal_path) {
+                Ok(records) => records,
+                Err(StoreError::Corrupt { .. }) => break,
+                Err(e) => return Err(e),
+            };
             let Some(seal) = records.pop() else { break };
             let verified = check_sealed_shard(
                 &self.dir,
@@ -485,9 +498,19 @@ impl StoreWriter {
                 seal.length,
                 &seal.rows,
             );
-            if verified.is_err() {
+            match verified {
+                Ok(()) => {}
                 // A damaged sealed shard and everything after it is redone.
-                break;
+                Err(e) if proves_damage(&e) => break,
+                Err(e) => {
+                    return Err(StoreError::refused(
+                        &self.dir,
+                        format!(
+                            "cannot check sealed shard {number} ({e}); nothing was deleted: \
+                             rerun when the file system reads again"
+                        ),
+                    ))
+                }
             }
             self.next_input = seal.next_input;
             self.sealed.push(seal);
@@ -504,7 +527,7 @@ impl StoreWriter {
         for entry in entries {
             let entry = entry.map_err(|e| StoreError::io(&shards_dir, e))?;
             let name = entry.file_name().to_string_lossy().to_string();
-            if !keep.contains(&name) {
+            if !keep.contains(&name) && is_shard_name(&name) {
                 let path = entry.path();
                 remove_path(&path)?;
             }
@@ -783,9 +806,10 @@ pub(crate) fn write_stats_files(
     write_atomic(&stats_dir.join(sums_file(layer)), &bytes)
 }
 
-/// Removes a file or a whole directory.
+/// Removes a file or a whole directory; a symlink is removed itself, never its target.
 pub(super) fn remove_path(path: &Path) -> Result<(), StoreError> {
-    let removed = if path.is_dir() {
+    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir());
+    let removed = if is_dir {
         std::fs::remove_dir_all(path)
     } else {
         std::fs::remove_file(path)
@@ -830,18 +854,82 @@ fn with_part(options: &serde_json::Value, part: Option<&PartInfo>) -> serde_json
     options
 }
 
-/// Empties a store directory for `--overwrite`, keeping the lock file this writer holds.
+/// Names a store writes at its top level (and their `.tmp` forms); `--overwrite` removes
+/// these and nothing else, so files a user keeps beside a store survive it.
+const STORE_ENTRIES: [&str; 6] = [
+    "meta.json",
+    "index.jsonl",
+    "errors.jsonl",
+    IN_PROGRESS,
+    "shards",
+    "stats",
+];
+
+/// Empties a store directory for `--overwrite`, keeping the lock file this writer holds and
+/// anything the store did not write; refused while a reader has the store open.
 fn clear_store_dir(dir: &Path) -> Result<(), StoreError> {
+    let _readers_out = super::DestroyLock::acquire(dir, "--overwrite")?;
     let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        if entry.file_name() == LOCK_FILE {
-            continue;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let base = name.strip_suffix(".tmp").unwrap_or(&name);
+        if name != LOCK_FILE && STORE_ENTRIES.contains(&base) {
+            remove_path(&entry.path())?;
         }
-        let path = entry.path();
-        remove_path(&path)?;
     }
     Ok(())
+}
+
+/// A shard, its seal or a temporary of either (`NNNNN.npy`, `NNNNN`, `NNNNN.npy.seal.json`,
+/// `NNNNN.tmp`, ...): what a resume may remove from `shards/`.
+fn is_shard_name(name: &str) -> bool {
+    let digits = name.bytes().take_while(u8::is_ascii_digit).count();
+    digits == 5
+        && matches!(
+            &name[digits..],
+            "" | ".npy"
+                | ".tmp"
+                | ".npy.tmp"
+                | ".seal.json"
+                | ".npy.seal.json"
+                | ".seal.json.tmp"
+                | ".npy.seal.json.tmp"
+        )
+}
+
+/// Refuses a `shards/` that is a symlink or not a directory: a resume removes unsealed files
+/// inside it, which must never be files elsewhere.
+fn refuse_unless_real_dir(path: &Path) -> Result<(), StoreError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| StoreError::io(path, e))?;
+    if !meta.file_type().is_dir() {
+        return Err(StoreError::refused(
+            path,
+            "is a symbolic link or not a directory (refused: a resume removes unsealed files \
+             inside shards/); move it aside or use a new --out",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a check of a sealed shard proved it damaged (rather than failing to read it).
+fn proves_damage(e: &StoreError) -> bool {
+    match e {
+        StoreError::Corrupt { .. } => true,
+        StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// Adds how to get past a damaged `meta.json`/`in_progress.json`.
+fn with_overwrite_hint(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Corrupt { path, reason } => StoreError::Corrupt {
+            path,
+            reason: format!("{reason}; --overwrite replaces the store"),
+        },
+        other => other,
+    }
 }
 
 pub(crate) fn fingerprint_of(spec: &WriterSpec) -> String {

@@ -554,6 +554,7 @@ impl EngineJob<'_> {
         // falls behind the model on a saturated machine and the run ends with its last
         // utterance, not with a writer's backlog.
         let encoder = writer.feature_encoder();
+        let flushed_cv = std::sync::Condvar::new();
         let sink = std::sync::Mutex::new(InOrder {
             writer,
             progress,
@@ -562,6 +563,7 @@ impl EngineJob<'_> {
             base: self.base,
             io_seconds: 0.0,
             failed: None,
+            ready_bytes: 0,
         });
         let flushed = sink
             .lock()
@@ -593,14 +595,32 @@ impl EngineJob<'_> {
                     }
                     Err(e) => error_result(row, format!("model failed: {e}")),
                 };
+                let bytes: u64 = result.items.iter().map(|(_, d)| d.memory_bytes()).sum();
                 let Ok(mut sink) = sink.lock() else {
                     return false;
                 };
+                // Bounded reordering: while one slow utterance holds up the store order, the
+                // threads that finish later ones wait here (holding one result each) once the
+                // waiting results fill the budget. The thread with the next row never waits,
+                // so the run always moves on.
+                while i != sink.next
+                    && sink.ready_bytes > 0
+                    && sink.ready_bytes + bytes > REORDER_BUDGET
+                    && sink.failed.is_none()
+                {
+                    sink = match flushed_cv.wait(sink) {
+                        Ok(s) => s,
+                        Err(_) => return false,
+                    };
+                }
                 if sink.failed.is_some() {
                     return false;
                 }
+                sink.ready_bytes += bytes;
                 sink.ready.insert(i, result);
-                match sink.flush() {
+                let flushed = sink.flush();
+                flushed_cv.notify_all();
+                match flushed {
                     Ok(()) => true,
                     Err(e) => {
                         sink.failed = Some(e);
@@ -640,11 +660,18 @@ struct InOrder<'a> {
     base: usize,
     io_seconds: f64,
     failed: Option<anyhow::Error>,
+    /// Bytes of the results in `ready`.
+    ready_bytes: u64,
 }
+
+/// Most bytes of finished utterances that may wait for an earlier, slower one.
+const REORDER_BUDGET: u64 = 1 << 30;
 
 impl InOrder<'_> {
     fn flush(&mut self) -> anyhow::Result<()> {
         while let Some(result) = self.ready.remove(&self.next) {
+            let bytes: u64 = result.items.iter().map(|(_, d)| d.memory_bytes()).sum();
+            self.ready_bytes = self.ready_bytes.saturating_sub(bytes);
             let w = Instant::now();
             let secs: f64 = result.items.iter().map(|(r, _)| r.duration).sum();
             self.writer.push_input(self.next - self.base, result)?;

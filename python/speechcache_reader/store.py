@@ -13,6 +13,7 @@ Shards are memory-mapped once; an utterance is a slice of them (no copy) where t
 dtype is the one returned. The checksum of a row is the zlib CRC-32 of its stored bytes
 (features: for each layer in order, its values then, for int8, its scales).
 """
+import fcntl
 import json
 import os
 import zlib
@@ -41,10 +42,47 @@ def open_store(path, verify=False):
     return store
 
 
+def _refuse_if_being_written(path):
+    """Refuses a store whose writer lock (`writer.lock`, flock) a live process holds."""
+    lock_path = os.path.join(path, "writer.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"{lock_path}: cannot check the writer lock ({e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(
+            f"{path}: is being written by a running speechcache process; read it when that run "
+            "has finished"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def _take_read_lock(path):
+    """A shared flock on meta.json, held while the store is open, as the Rust reader takes:
+    `--overwrite` and `prune` refuse to pull the files of a store a reader has open."""
+    meta_path = os.path.join(path, "meta.json")
+    fd = os.open(meta_path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"{path}: is being replaced or pruned by a speechcache process; read it when that "
+            "has finished"
+        ) from None
+    return fd
+
+
 def _load_meta(path):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise StoreError(f"{path}: no such store directory")
+    _refuse_if_being_written(path)
     if os.path.exists(os.path.join(path, "in_progress.json")):
         raise StoreError(
             f"{path}: the run that writes this store has not finished (in_progress.json is "
@@ -75,9 +113,14 @@ def _load_meta(path):
     return meta
 
 
-def _read_index(path):
+def _read_index(path, meta):
     rows = []
     index = os.path.join(path, "index.jsonl")
+    if not os.path.isfile(index):
+        raise StoreError(
+            f"{index}: is missing, but meta.json counts {meta['totals']['items']} utterances: "
+            "the store is damaged"
+        )
     with open(index, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
@@ -85,6 +128,15 @@ def _read_index(path):
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise StoreError(f"{index}:{n}: invalid JSON ({e})") from None
+    totals = meta.get("totals", {})
+    if len(rows) != totals.get("items"):
+        raise StoreError(
+            f"{index}: holds {len(rows)} rows, but meta.json counts {totals.get('items')} "
+            "utterances: the store is damaged"
+        )
+    for n, row in enumerate(rows, 1):
+        if not 0 <= int(row["shard"]) < int(totals.get("shards", 0)):
+            raise StoreError(f"{index}:{n}: shard {row['shard']} does not exist")
     return rows
 
 
@@ -92,13 +144,32 @@ class _Store:
     def __init__(self, path, meta):
         self.path = os.fspath(path)
         self.meta = meta
-        self.rows = _read_index(self.path)
+        self._read_lock = _take_read_lock(self.path)
+        self.rows = _read_index(self.path, meta)
         self.ids = [r["id"] for r in self.rows]
         self._by_id = {id_: i for i, id_ in enumerate(self.ids)}
         self._shards = {}
 
     def __len__(self):
         return len(self.rows)
+
+    def close(self):
+        """Releases the shared read lock and the mapped shards."""
+        self._shards.clear()
+        if self._read_lock is not None:
+            os.close(self._read_lock)
+            self._read_lock = None
+
+    def __del__(self):
+        if getattr(self, "_read_lock", None) is not None:
+            os.close(self._read_lock)
+            self._read_lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def kind(self):

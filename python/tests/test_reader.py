@@ -190,3 +190,28 @@ def test_the_readme_linear_probe_runs():
 
     with torch.no_grad():
         assert loss_of(probe) < loss_of(untrained) - 0.05
+
+
+def test_a_lost_or_cut_index_and_a_locked_store_are_refused(tmp_path):
+    import fcntl
+
+    lost = tmp_path / "lost"
+    shutil.copytree(STORES / "audio", lost)
+    (lost / "index.jsonl").unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        open_store(lost)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(STORES / "audio", cut)
+    lines = (cut / "index.jsonl").read_text().splitlines(keepends=True)
+    (cut / "index.jsonl").write_text("".join(lines[:-1]))
+    with pytest.raises(StoreError, match="meta.json counts"):
+        open_store(cut)
+
+    locked = tmp_path / "locked"
+    shutil.copytree(STORES / "audio", locked)
+    with open(locked / "writer.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(StoreError, match="being written"):
+            open_store(locked)
+    assert len(open_store(locked)) == len(lines)

@@ -67,6 +67,7 @@ impl StoreLock {
             if !same_file(&file, &path) {
                 continue;
             }
+            warn_if_lock_may_be_node_local(dir);
             let mut lock = StoreLock { file, path };
             lock.write_holder(command)?;
             return Ok(lock);
@@ -171,6 +172,36 @@ impl DestroyLock {
             ));
         }
         Ok(Self { _file: Some(file) })
+    }
+}
+
+/// File systems whose `flock` may hold on this node only: NFS mounted `nolock` (or `local_lock=flock`)
+/// and Lustre mounted `localflock`. A second writer on another node would not be refused there.
+fn lock_may_be_node_local(dir: &Path) -> Option<&'static str> {
+    const NFS_SUPER_MAGIC: i64 = 0x6969;
+    const LUSTRE_SUPER_MAGIC: i64 = 0x0BD0_0BD0;
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs fills the zeroed struct for a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    match st.f_type as i64 {
+        NFS_SUPER_MAGIC => Some("NFS"),
+        LUSTRE_SUPER_MAGIC => Some("Lustre"),
+        _ => None,
+    }
+}
+
+fn warn_if_lock_may_be_node_local(dir: &Path) {
+    if let Some(fs) = lock_may_be_node_local(dir) {
+        eprintln!(
+            "note: {} is on {fs}, where the writer lock may hold on this node only (NFS mounted \
+             nolock, Lustre mounted localflock): never run two writers of one store on two nodes; \
+             give each array task its own --out",
+            dir.display()
+        );
     }
 }
 

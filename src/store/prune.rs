@@ -19,8 +19,9 @@ pub struct PruneReport {
 /// over the kept layers, rewrites index and meta atomically, then deletes the dropped files.
 pub fn prune_layers(dir: &Path, keep: &[usize]) -> Result<PruneReport, StoreError> {
     StoreMeta::load(dir)?;
+    // No reader lock needed: prune only unlinks the dropped layers' files (a reader's
+    // mappings stay valid) and replaces index.jsonl and meta.json by rename.
     let _lock = StoreLock::acquire(dir, "prune")?;
-    let _readers_out = super::DestroyLock::acquire(dir, "prune")?;
     let mut meta = StoreMeta::read(dir)?;
     if let Some(part) = &meta.part {
         return Err(StoreError::refused(

@@ -44,6 +44,17 @@ pub enum ItemData {
     Encoded(EncodedFeatures),
 }
 
+impl ItemData {
+    /// Bytes the item holds in memory (for bounding what waits to be written).
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            ItemData::Audio(s) => (s.len() * 4) as u64,
+            ItemData::Features(layers) => layers.iter().map(|l| (l.len() * 4) as u64).sum(),
+            ItemData::Encoded(e) => e.files.iter().map(|f| f.len() as u64).sum(),
+        }
+    }
+}
+
 /// Encodes an item's layers as a feature store stores them (dtype, int8 scales, checksum,
 /// per-dim sums), on any thread: extract's compute threads do this work in parallel, so the
 /// writer thread only appends bytes and the run does not end waiting for it.

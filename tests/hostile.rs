@@ -541,3 +541,56 @@ fn a_full_disk_stops_the_run_and_the_same_command_resumes() {
         strip(common::tree_bytes(&reference))
     );
 }
+
+/// Case 11 for training: finetune checks each feature row the first time it reads it, and a
+/// damaged one stops the run naming the shard and row instead of training on garbage.
+#[test]
+fn finetune_refuses_a_damaged_feature_row() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = corpus(t.path(), 6);
+    let manifest = t.path().join("list.jsonl");
+    let lines: String = (0..6)
+        .map(|i| {
+            let path = dir.join(format!("u{i}.wav"));
+            format!(
+                "{{\"id\": \"u{i}\", \"path\": \"{}\", \"text\": \"a b\"}}\n",
+                s(&path)
+            )
+        })
+        .collect();
+    std::fs::write(&manifest, lines).unwrap();
+    let store = t.path().join("audio");
+    prepare(&manifest, &store, &[]).exited(0);
+    let feats = t.path().join("feats");
+    extract_fbank(&store, &feats, &["--dtype", "f32"]).exited(0);
+    let layer = feats.join("shards/00000/layer_00.npy");
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let at = 128 + 4 * 80 * 3;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&layer, bytes).unwrap();
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/conf/demo_fbank.toml");
+    let text = std::fs::read_to_string(conf)
+        .unwrap()
+        .replace("max_epochs = 30", "max_epochs = 1");
+    std::fs::write(t.path().join("conf.toml"), text).unwrap();
+    let exp = t.path().join("exp");
+    let mut c = cmd(&[
+        "finetune",
+        "--quiet",
+        "--train",
+        s(&feats),
+        "--valid",
+        s(&feats),
+        "--config",
+        s(&t.path().join("conf.toml")),
+        "--out",
+        s(&exp),
+    ]);
+    c.env("RAYON_NUM_THREADS", "2");
+    let run = run_limited(c);
+    let out = run.exited(2);
+    assert!(
+        out.contains("checksum") && out.contains("line 1") && out.contains("00000"),
+        "{out}"
+    );
+}

@@ -54,7 +54,7 @@ impl StoreLock {
             let locked =
                 FileExt::try_lock_exclusive(&file).map_err(|e| StoreError::io(&path, e))?;
             if !locked {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let text = crate::regular_file::read_regular_to_string(&path).unwrap_or_default();
                 return Err(StoreError::refused(
                     dir,
                     format!(
@@ -100,7 +100,7 @@ impl Drop for StoreLock {
 /// Refuses a store whose writer lock is held by a live process (readers call this).
 pub fn refuse_if_being_written(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join(LOCK_FILE);
-    let file = match File::open(&path) {
+    let file = match crate::regular_file::open_regular(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(StoreError::io(&path, e)),
@@ -110,7 +110,7 @@ pub fn refuse_if_being_written(dir: &Path) -> Result<(), StoreError> {
         let _ = FileExt::unlock(&file);
         return Ok(());
     }
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let text = crate::regular_file::read_regular_to_string(&path).unwrap_or_default();
     Err(StoreError::refused(
         dir,
         format!(

@@ -8,7 +8,9 @@
 use super::lock::{StoreLock, LOCK_FILE};
 use super::npy::MappedNpy;
 use super::reader::check_sealed_shard;
-use super::writer::{remove_if_exists, remove_path, sync_dir, write_stats_files, IN_PROGRESS};
+use super::writer::{
+    is_store_entry, remove_if_exists, remove_path, sync_dir, write_stats_files, IN_PROGRESS,
+};
 use super::{
     read_index, read_jsonl, shard_name, sums_file, to_jsonl, write_atomic, ErrorRow, IndexRow,
     StoreError, StoreKind, StoreMeta, Totals,
@@ -302,7 +304,7 @@ fn claim_output(out: &Path, whole: &str, options: &serde_json::Value) -> Result<
         .filter(|e| e.file_name() != LOCK_FILE)
         .collect();
     if !entries.is_empty() {
-        let ours = std::fs::read_to_string(&marker)
+        let ours = crate::regular_file::read_regular_to_string(&marker)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .is_some_and(|v| v["fingerprint"] == whole);
@@ -312,9 +314,11 @@ fn claim_output(out: &Path, whole: &str, options: &serde_json::Value) -> Result<
                 "exists, is not empty and is not an unfinished merge of these parts; choose a new or empty directory",
             ));
         }
+        // only what a merge writes: anything else in the directory is the user's
         for entry in entries {
-            let path = entry.path();
-            remove_path(&path)?;
+            if is_store_entry(&entry.file_name().to_string_lossy()) {
+                remove_path(&entry.path())?;
+            }
         }
     }
     let shards = out.join("shards");

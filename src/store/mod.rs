@@ -251,7 +251,8 @@ impl StoreMeta {
             };
             return Err(StoreError::refused(dir, hint));
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+        let text = crate::regular_file::read_regular_to_string(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
         let meta: StoreMeta = serde_json::from_str(&text)
             .map_err(|e| StoreError::corrupt(&path, format!("invalid meta.json: {e}")))?;
         if meta.format_version != FORMAT_VERSION {
@@ -329,7 +330,7 @@ pub fn resolved(path: &Path) -> PathBuf {
 
 /// Reads a JSON-lines file into records, naming the file and line on error.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StoreError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::regular_file::read_regular_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(StoreError::io(path, e)),

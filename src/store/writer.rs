@@ -439,7 +439,8 @@ impl StoreWriter {
             self.refuse_or_clear(&with_part(&meta.options, meta.part.as_ref()))?;
         } else if dir.join(IN_PROGRESS).exists() {
             let path = dir.join(IN_PROGRESS);
-            let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, e))?;
+            let text = crate::regular_file::read_regular_to_string(&path)
+                .map_err(|e| StoreError::io(&path, e))?;
             let progress: InProgress = serde_json::from_str(&text)
                 .map_err(|e| with_overwrite_hint(StoreError::corrupt(&path, e.to_string())))?;
             if progress.fingerprint != self.fingerprint {
@@ -883,13 +884,17 @@ fn clear_store_dir(dir: &Path) -> Result<(), StoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let base = name.strip_suffix(".tmp").unwrap_or(&name);
-        if name != LOCK_FILE && STORE_ENTRIES.contains(&base) {
+        if is_store_entry(&entry.file_name().to_string_lossy()) {
             remove_path(&entry.path())?;
         }
     }
     Ok(())
+}
+
+/// A name a store writes at its top level (or its `.tmp`), other than the lock file.
+pub(super) fn is_store_entry(name: &str) -> bool {
+    let base = name.strip_suffix(".tmp").unwrap_or(name);
+    name != LOCK_FILE && STORE_ENTRIES.contains(&base)
 }
 
 /// A shard, its seal or a temporary of either (`NNNNN.npy`, `NNNNN`, `NNNNN.npy.seal.json`,

@@ -3,9 +3,13 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// The speechcache binary under test.
+/// The speechcache binary under test (`SPEECHCACHE_TEST_BIN` runs the CLI tests against
+/// another build, e.g. an older release, to show which of them it fails).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_speechcache"))
+    match std::env::var_os("SPEECHCACHE_TEST_BIN") {
+        Some(other) => Command::new(other),
+        None => Command::new(env!("CARGO_BIN_EXE_speechcache")),
+    }
 }
 
 /// Asserts the command succeeded; returns stdout + stderr.

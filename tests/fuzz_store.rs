@@ -228,7 +228,7 @@ proptest! {
 
 #[test]
 fn the_fuzz_regression_corpus_still_parses() {
-    replay("audio", |name, bytes| decode_bytes(name, bytes));
+    replay("audio", decode_bytes);
     replay("npy", |_, bytes| {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.npy");

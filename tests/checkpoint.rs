@@ -628,3 +628,427 @@ fn weight_hashes_are_remembered_only_while_the_files_are_unchanged() {
         hex::encode(Sha256::digest(b"other weights"))
     );
 }
+
+// ---- Hostile checkpoints (issue 18, cases 2-4): each is built byte by byte in a temp dir,
+// run through the release binary under 3 GB of address space and 20 s, and must end with one
+// clear error naming the file and the reason (or load, when the hostile part is unused).
+
+#[path = "fixtures/checkpoints/hostile.rs"]
+mod hostile;
+
+use hostile::{torch_zip, zeros_bomb, Pickler, ZipData};
+use speechcache::models::checkpoint::parsers::{unpickle, PickleError, TorchFile, Value};
+
+/// A model directory: the w2v_group config beside `pytorch_model.bin` holding `bytes`.
+fn model_dir_with(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("w2v_group/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let weights = dir.path().join("pytorch_model.bin");
+    std::fs::write(&weights, bytes).unwrap();
+    (dir, weights)
+}
+
+/// Peak resident memory of the largest child this test process has waited for, in MB.
+fn children_peak_rss_mb() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    u.ru_maxrss as f64 / 1024.0
+}
+
+/// `speechcache model-info DIR` under the hostile-input limits; returns (exit code, output).
+fn model_info_limited(dir: &Path, what: &str) -> common::Limited {
+    let mut cmd = common::bin();
+    cmd.args(["model-info", common::s(dir)])
+        .env("SPEECHCACHE_CACHE_DIR", "off");
+    let start = std::time::Instant::now();
+    let r = common::run_limited(cmd);
+    eprintln!(
+        "{what}: exit {:?} in {:.2} s, children's peak RSS so far {:.0} MB",
+        r.code,
+        start.elapsed().as_secs_f64(),
+        children_peak_rss_mb()
+    );
+    r
+}
+
+/// The zip entries of a fixture `torch.save` file, stored uncompressed, in order.
+fn fixture_zip_entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    (0..z.len())
+        .map(|i| {
+            let mut e = z.by_index(i).unwrap();
+            let mut b = Vec::new();
+            e.read_to_end(&mut b).unwrap();
+            (e.name().unwrap().to_string(), b)
+        })
+        .collect()
+}
+
+/// An object whose BUILD state is itself: `obj = Thing(); obj.__setstate__(obj)`.
+fn self_build_pickle() -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.global("__main__", "Thing").op(b')').op(0x81); // NEWOBJ
+    p.op(b'2').op(b'b'); // DUP, BUILD
+    p.stop()
+}
+
+/// `{"w": P}` where `P = _rebuild_parameter(L)` and `L = [P]`: a parameter wrapping itself.
+fn self_parameter_pickle() -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.op(b'}').str("encoder.layer_norm.weight");
+    p.global("torch._utils", "_rebuild_parameter");
+    p.op(b']').put(0).op(b'R').put(1).op(b's'); // root["w"] = P = call(L)
+    p.get(0).get(1).op(b'a').op(b'0'); // L.append(P)
+    p.stop()
+}
+
+/// One `len`-byte BINBYTES then `dups` DUPs (and as many memo GETs): a few MB of pickle that
+/// a copying VM turns into gigabytes.
+fn dup_bomb_pickle(len: usize, dups: usize) -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.op(b'(').bytes(&vec![7u8; len]).put(0);
+    for _ in 0..dups {
+        p.op(b'2');
+    }
+    for _ in 0..dups {
+        p.get(0);
+    }
+    p.op(b'l'); // all of them in one list
+    p.stop()
+}
+
+#[test]
+fn a_pickle_object_built_into_itself_is_a_clear_error() {
+    // unit: the VM names the object and the cycle instead of recursing forever
+    let e = unpickle(&self_build_pickle()).unwrap_err();
+    assert!(matches!(e, PickleError::Graph { .. }), "{e}");
+    assert!(e.to_string().contains("refers back to itself"), "{e}");
+    // a longer cycle: A's state is B, B's state is A
+    let mut p = Pickler::new();
+    p.global("__main__", "A").op(b')').op(0x81).put(0);
+    p.global("__main__", "B").op(b')').op(0x81).put(1);
+    p.op(b'0').op(b'0'); // pop both
+    p.get(0).get(1).op(b'b').op(b'0'); // A.state = B
+    p.get(1).get(0).op(b'b'); // B.state = A; B is the root
+    let e = unpickle(&p.stop()).unwrap_err();
+    assert!(e.to_string().contains("refers back to itself"), "{e}");
+    // a chain of object states deeper than any config: an error, not a deep recursion.
+    // The objects are made first and chained afterwards (object i's state is object i+1).
+    let mut p = Pickler::new();
+    let n = 5000u32;
+    for i in 0..n {
+        p.global("__main__", "T").op(b')').op(0x81).op(b'r');
+        p.0.extend_from_slice(&i.to_le_bytes()); // LONG_BINPUT i
+        p.op(b'0');
+    }
+    let get = |p: &mut Pickler, i: u32| {
+        p.op(b'j');
+        p.0.extend_from_slice(&i.to_le_bytes()); // LONG_BINGET i
+    };
+    for i in 0..n - 1 {
+        get(&mut p, i);
+        get(&mut p, i + 1);
+        p.op(b'b').op(b'0'); // BUILD, POP
+    }
+    get(&mut p, 0);
+    let e = unpickle(&p.stop()).unwrap_err();
+    assert!(e.to_string().contains("nest more than"), "{e}");
+
+    // CLI: a pytorch_model.bin whose pickle does this (stack overflow before the fix)
+    let bytes = torch_zip(self_build_pickle(), vec![]);
+    let (dir, weights) = model_dir_with(&bytes);
+    let r = model_info_limited(dir.path(), "self-BUILD pickle");
+    let text = r.exited(2);
+    assert!(text.contains(common::s(&weights)), "{text}");
+    assert!(text.contains("data.pkl"), "{text}");
+    assert!(text.contains("refers back to itself"), "{text}");
+}
+
+#[test]
+fn a_parameter_that_wraps_itself_is_a_clear_error() {
+    // unit: tensor_ref stops unwrapping instead of spinning
+    let bytes = torch_zip(self_parameter_pickle(), vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.bin");
+    std::fs::write(&p, &bytes).unwrap();
+    let tf = TorchFile::open(&p).unwrap();
+    let e = tf.tensor_entries(&tf.root).unwrap_err();
+    assert!(e.contains("encoder.layer_norm.weight"), "{e}");
+    assert!(e.contains("nest more than"), "{e}");
+
+    // CLI (100% CPU forever before the fix)
+    let (dir, weights) = model_dir_with(&bytes);
+    let r = model_info_limited(dir.path(), "self-wrapping _rebuild_parameter");
+    let text = r.exited(2);
+    assert!(text.contains(common::s(&weights)), "{text}");
+    assert!(
+        text.contains("_rebuild_parameter calls nest more than"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dup_and_memo_get_share_bytes_instead_of_copying_them() {
+    // unit: 20,000 DUPs and 20,000 GETs of 1 MiB are 40,001 pointers to one buffer
+    let pkl = dup_bomb_pickle(1 << 20, 20_000);
+    let start = std::time::Instant::now();
+    let (p, used) = unpickle(&pkl).unwrap();
+    assert_eq!(used, pkl.len());
+    let items = p.seq(p.root.as_ref().unwrap()).unwrap();
+    assert_eq!(items.len(), 40_001);
+    let Value::Bytes(first) = &items[0] else {
+        panic!("not bytes")
+    };
+    for v in items {
+        assert!(matches!(v, Value::Bytes(b) if std::sync::Arc::ptr_eq(b, first)));
+    }
+    eprintln!(
+        "DUP/GET bomb ({} bytes) unpickled in {:.3} s",
+        pkl.len(),
+        start.elapsed().as_secs_f64()
+    );
+
+    // unit: STACK_GLOBAL of DUPed strings shares them too (2 MiB copied per 4 bytes before)
+    let mut p = Pickler::new();
+    p.op(b'X').0.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    p.0.resize(p.0.len() + (1 << 20), b'm');
+    for _ in 0..20_000 {
+        p.op(b'2').op(b'2').op(0x93).op(b'0'); // DUP, DUP, STACK_GLOBAL, POP
+    }
+    let start = std::time::Instant::now();
+    unpickle(&p.stop()).unwrap();
+    assert!(start.elapsed().as_secs_f64() < 2.0);
+    // a 1 MiB tensor name referenced 20,000 times is refused, not copied 20,000 times
+    let mut p = Pickler::new();
+    p.op(b'}').op(b'(').op(b'X');
+    p.0.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    p.0.resize(p.0.len() + (1 << 20), b'n');
+    p.put(0).tensor("0", 4, 0, &[4], &[1]).put(1);
+    for _ in 0..20_000 {
+        p.get(0).get(1);
+    }
+    p.op(b'u');
+    let bytes = torch_zip(p.stop(), vec![("0".into(), ZipData::Stored(vec![0u8; 16]))]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("names.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    let tf = TorchFile::open(&path).unwrap();
+    let e = tf.tensor_entries(&tf.root).unwrap_err();
+    assert!(e.contains("a tensor name of 1048576 bytes"), "{e}");
+
+    // unit: the VM's totals are capped, whatever the program
+    let mut many = Pickler::new();
+    many.op(b'(');
+    many.0.resize(many.0.len() + (1 << 23) + 10, b'N');
+    let e = unpickle(&many.stop()).unwrap_err();
+    assert!(matches!(e, PickleError::TooLarge { .. }), "{e}");
+    let mut lists = Pickler::new();
+    lists.0.resize(lists.0.len() + (1 << 21) + 10, b']');
+    let e = unpickle(&lists.stop()).unwrap_err();
+    assert!(e.to_string().contains("containers"), "{e}");
+
+    // CLI: the file of issue 18 (gigabytes and an abort before the fix)
+    let bytes = torch_zip(dup_bomb_pickle(1 << 20, 20_000), vec![]);
+    let (dir, weights) = model_dir_with(&bytes);
+    let r = model_info_limited(dir.path(), "DUP/GET bomb");
+    let text = r.exited(2);
+    assert!(text.contains(common::s(&weights)), "{text}");
+    assert!(
+        text.contains("no wav2vec2/HuBERT encoder tensors"),
+        "{text}"
+    );
+}
+
+/// The w2v_group `pytorch_model.bin` rebuilt with `extra` entries, or with entry `replace`'s
+/// bytes replaced by a deflate bomb.
+fn fixture_zip_with(extra: Vec<(String, ZipData)>, replace: Option<&str>) -> Vec<u8> {
+    let mut entries: Vec<(String, ZipData)> = Vec::new();
+    let fixture = fixture_zip_entries(&fixtures().join("w2v_group/pytorch_model.bin"));
+    if let Some(r) = replace {
+        assert!(
+            fixture.iter().any(|(n, _)| n == r),
+            "{r} is not in the fixture"
+        );
+    }
+    for (name, bytes) in fixture {
+        if Some(name.as_str()) == replace {
+            let (stream, crc) = zeros_bomb(64);
+            entries.push((
+                name,
+                ZipData::Deflated {
+                    stream,
+                    crc,
+                    size: bytes.len() as u32,
+                },
+            ));
+        } else {
+            entries.push((name, ZipData::Stored(bytes)));
+        }
+    }
+    entries.extend(extra);
+    hostile::zip_archive(&entries)
+}
+
+#[test]
+fn a_deflate_bomb_in_an_unused_entry_is_never_inflated() {
+    // 4095 MiB of zeros in ~4 MB, declared as 4095 MiB with its true CRC, beside a good model
+    let (stream, crc) = zeros_bomb(4095);
+    eprintln!("bomb: {} bytes inflating to 4095 MiB", stream.len());
+    let bomb = ZipData::Deflated {
+        stream,
+        crc,
+        size: 4095 << 20,
+    };
+    let bytes = fixture_zip_with(vec![("pytorch_model/data/bomb".into(), bomb)], None);
+    let (dir, weights) = model_dir_with(&bytes);
+    // unit: opening lists the entry and never inflates it
+    let start = std::time::Instant::now();
+    let tf = TorchFile::open(&weights).unwrap();
+    assert!(!tf.tensor_entries(&tf.root).unwrap().is_empty());
+    assert!(start.elapsed().as_secs_f64() < 2.0);
+    // CLI: the model loads as if the entry were absent (4 GB inflated up front before the fix)
+    let r = model_info_limited(dir.path(), "deflate bomb in an unused entry");
+    let text = r.exited(0);
+    assert!(text.contains("wav2vec 2.0"), "{text}");
+}
+
+#[test]
+fn a_deflate_bomb_posing_as_a_storage_is_a_clear_error() {
+    // the storage of a tensor the model needs, replaced by 64 MiB of zeros in ~64 KB
+    let tf = TorchFile::open(&fixtures().join("w2v_group/pytorch_model.bin")).unwrap();
+    let refs = tf.tensor_entries(&tf.root).unwrap();
+    let (_, t) = refs
+        .iter()
+        .find(|(n, _)| n.ends_with("feature_extractor.conv_layers.0.conv.weight"))
+        .unwrap();
+    let entry = format!("pytorch_model/data/{}", t.storage);
+    let bytes = fixture_zip_with(vec![], Some(&entry));
+    let (dir, weights) = model_dir_with(&bytes);
+    let r = model_info_limited(dir.path(), "deflate bomb as a used storage");
+    let text = r.exited(2);
+    assert!(text.contains(common::s(&weights)), "{text}");
+    assert!(text.contains(&entry), "{text}");
+    assert!(text.contains("decompression bomb"), "{text}");
+    // a compressed data.pkl that inflates past any real pickle
+    let (stream, crc) = zeros_bomb(300);
+    let bytes = hostile::zip_archive(&[(
+        "archive/data.pkl".into(),
+        ZipData::Deflated {
+            stream,
+            crc,
+            size: 300 << 20,
+        },
+    )]);
+    let (dir, _) = model_dir_with(&bytes);
+    let r = model_info_limited(dir.path(), "deflate bomb as data.pkl");
+    let text = r.exited(2);
+    assert!(text.contains("data.pkl is larger than 256 MiB"), "{text}");
+}
+
+#[test]
+fn hostile_sizes_offsets_and_strides_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_err = |name: &str, bytes: &[u8]| -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        match TorchFile::open(&p) {
+            Err(e) => e,
+            Ok(tf) => match tf.tensor_entries(&tf.root) {
+                Err(e) => e,
+                Ok(refs) => refs
+                    .iter()
+                    .find_map(|(_, t)| tf.materialize(t, &Device::Cpu).err())
+                    .unwrap_or_else(|| panic!("{name} loaded")),
+            },
+        }
+    };
+    let storage = || vec![("0".to_string(), ZipData::Stored(vec![0u8; 16]))];
+    let one = |numel: i64, offset: i64, shape: &[i64], stride: &[i64]| {
+        let mut p = Pickler::new();
+        p.op(b'}')
+            .str("w")
+            .tensor("0", numel, offset, shape, stride)
+            .op(b's');
+        torch_zip(p.stop(), storage())
+    };
+    // a broadcast view of 2^40 elements over 4 bytes: no 4 TB allocation, an error
+    let e = open_err("broadcast.bin", &one(4, 0, &[1 << 40], &[0]));
+    assert!(e.contains("repeats storage elements"), "{e}");
+    // sizes whose product overflows
+    let e = open_err(
+        "overflow.bin",
+        &one(4, 0, &[1 << 40, 1 << 40], &[1 << 40, 1]),
+    );
+    assert!(e.contains("overflowing"), "{e}");
+    // an offset past the storage
+    let e = open_err("offset.bin", &one(4, 1 << 50, &[2], &[1]));
+    assert!(e.contains("storage"), "{e}");
+    let e = open_err("short.bin", &one(4, 2, &[4], &[1]));
+    assert!(e.contains("holds only 16"), "{e}");
+    // negative offset
+    let e = open_err("negative.bin", &one(4, -1, &[2], &[1]));
+    assert!(e.contains("negative"), "{e}");
+
+    // legacy: a storage declaring 2^61 elements
+    let mut legacy = hostile::tiny_legacy();
+    let n = legacy.len();
+    let at = n - 24 - 8; // the last storage: 6 floats after an 8-byte count
+    legacy[at..at + 8].copy_from_slice(&(1u64 << 61).to_le_bytes());
+    let e = open_err("legacy.bin", &legacy);
+    assert!(e.contains("declares more bytes"), "{e}");
+
+    // safetensors: a header length near 2^64, and offsets past the data
+    let cfg = fixtures().join("w2v_group/config.json");
+    for (name, bytes) in [
+        ("huge_header.safetensors", {
+            let mut b = hostile::tiny_safetensors();
+            b[..8].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+            b
+        }),
+        ("past_data.safetensors", {
+            let mut h =
+                br#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,99999999999]}}"#.to_vec();
+            h.resize(h.len().div_ceil(8) * 8, b' ');
+            let mut b = (h.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(&h);
+            b.extend_from_slice(&[0u8; 16]);
+            b
+        }),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::copy(&cfg, d.path().join("config.json")).unwrap();
+        let p = d.path().join("model.safetensors");
+        std::fs::write(&p, &bytes).unwrap();
+        let r = model_info_limited(d.path(), name);
+        let text = r.exited(2);
+        assert!(text.contains(common::s(&p)), "{name}: {text}");
+        assert!(text.contains("invalid safetensors"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn a_fifo_or_a_shard_outside_the_model_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pytorch_model.bin");
+    let c = std::ffi::CString::new(common::s(&fifo)).unwrap();
+    // SAFETY: mkfifo only reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let r = model_info_limited(&fifo, "FIFO as weights");
+    let text = r.exited(2);
+    assert!(text.contains("not a regular file"), "{text}");
+
+    let index = dir.path().join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"encoder.layer_norm.weight": "../elsewhere.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = load_err(&index);
+    assert!(e.to_string().contains("not a file name"), "{e}");
+}

@@ -25,6 +25,19 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// The parsers behind [`load_checkpoint`], public so that they can be fuzzed and inspected on
+/// their own: the non-executing unpickler, the `torch.save` reader and the fairseq config reader.
+pub mod parsers {
+    pub use super::super::checkpoint_fairseq::{config_from_fairseq, StoredConfigError};
+    pub use super::super::checkpoint_torch::{StorageDtype, TensorRef, TorchFile};
+    pub use super::super::pickle_vm::{
+        unpickle, Node, Pickle, PickleError, Value, MAX_NESTING, MAX_NODES, MAX_VALUES,
+    };
+}
+
+/// Largest `config.json` read: real ones are a few KB.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot read {path}: {source}")]
@@ -199,6 +212,18 @@ fn load_opened(
     let (cfg, pre, config_source) = resolve_config(&weights, config, source, is_fairseq)?;
 
     let canonical = canonicalize(&weights, entries)?;
+    // Every layer has tensors of its own: a config claiming more layers than the file holds
+    // tensors is wrong, and listing its tensors first could take unbounded time and memory.
+    if cfg.num_hidden_layers > canonical.len() {
+        return Err(CheckpointError::Config {
+            path: weights.clone(),
+            reason: format!(
+                "the config's {} hidden layers cannot fit in the {} encoder tensors of the weights",
+                cfg.num_hidden_layers,
+                canonical.len()
+            ),
+        });
+    }
     let expected = expected_tensors(&cfg);
     validate(&weights, &canonical, &expected)?;
 
@@ -263,6 +288,13 @@ fn find_weights(path: &Path) -> Result<PathBuf, CheckpointError> {
         source,
     })?;
     if !meta.is_dir() {
+        // Opening a FIFO or device would block or read forever: only regular files are weights.
+        if !meta.is_file() {
+            return Err(CheckpointError::Unreadable {
+                path: path.to_path_buf(),
+                reason: "not a regular file (weights must be a file or a model directory)".into(),
+            });
+        }
         return Ok(path.to_path_buf());
     }
     for name in [
@@ -454,7 +486,10 @@ impl Source {
                 if view.dtype() == safetensors::Dtype::F32
                     && aligned
                     && cfg!(target_endian = "little")
-                    && bytes.len() == rows * cols * 4
+                    && rows
+                        .checked_mul(cols)
+                        .and_then(|n| n.checked_mul(4))
+                        .is_some_and(|n| n == bytes.len())
                 {
                     populate_mapped(bytes);
                     Some(transpose(bytemuck::cast_slice(bytes), rows, cols))
@@ -640,10 +675,25 @@ fn resolve_config(
 }
 
 fn read_config_json(path: &Path) -> Result<Wav2Vec2Config, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+    let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() || meta.len() > MAX_CONFIG_BYTES {
+        return Err(CheckpointError::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "not a config.json: {}",
+                if meta.is_file() {
+                    format!("{} bytes, more than any config", meta.len())
+                } else {
+                    "not a regular file".into()
+                }
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
     let cfg: Wav2Vec2Config = serde_json::from_str(&text).map_err(|e| CheckpointError::Config {
         path: path.to_path_buf(),
         reason: format!("invalid config.json: {e}"),
@@ -917,7 +967,21 @@ fn safetensors_shards(index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
         let file = file
             .as_str()
             .ok_or_else(|| unreadable("weight_map values must be file names".into()))?;
+        // Shards sit beside their index: a path elsewhere (absolute, `..`) is refused.
+        let plain = Path::new(file).file_name().and_then(|n| n.to_str()) == Some(file);
+        if !plain || file == ".." {
+            return Err(unreadable(format!(
+                "weight_map names {file:?}, which is not a file name in {}",
+                dir.display()
+            )));
+        }
         let p = dir.join(file);
+        if !p.is_file() {
+            return Err(unreadable(format!(
+                "shard {} is missing or not a regular file",
+                p.display()
+            )));
+        }
         if !files.contains(&p) {
             files.push(p);
         }

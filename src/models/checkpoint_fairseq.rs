@@ -145,7 +145,7 @@ fn family(name: &str) -> Result<String, StoredConfigError> {
 
 fn str_of(p: &Pickle, v: &Value, key: &str) -> Option<String> {
     match p.get(v, key)? {
-        Value::Str(s) => Some(s.clone()),
+        Value::Str(s) => Some(s.to_string()),
         _ => None,
     }
 }
@@ -161,8 +161,9 @@ impl ModelSettings<'_> {
         match self.raw(key) {
             Some(Value::Int(i)) if *i > 0 => Ok(*i as usize),
             Some(other) => Err(format!(
-                "{}.{key} is not a positive integer: {other:?}",
-                self.origin
+                "{}.{key} is not a positive integer: {}",
+                self.origin,
+                other.brief()
             )),
             None => Err(format!(
                 "{}.{key} is missing from the checkpoint",
@@ -184,15 +185,23 @@ impl ModelSettings<'_> {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
             Some(Value::Int(i)) => Ok(*i != 0),
-            Some(other) => Err(format!("{}.{key} is not a boolean: {other:?}", self.origin)),
+            Some(other) => Err(format!(
+                "{}.{key} is not a boolean: {}",
+                self.origin,
+                other.brief()
+            )),
         }
     }
 
     fn str_or(&self, key: &str, default: &str) -> Result<String, String> {
         match self.raw(key) {
             None => Ok(default.to_string()),
-            Some(Value::Str(s)) => Ok(s.clone()),
-            Some(other) => Err(format!("{}.{key} is not a string: {other:?}", self.origin)),
+            Some(Value::Str(s)) => Ok(s.to_string()),
+            Some(other) => Err(format!(
+                "{}.{key} is not a string: {}",
+                self.origin,
+                other.brief()
+            )),
         }
     }
 }
@@ -218,8 +227,10 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
         other => return Err(format!("{o}.extractor_mode \"{other}\" is unknown")),
     };
     let conv_spec = s.str_or("conv_feature_layers", DEFAULT_CONV_LAYERS)?;
-    let conv = parse_conv_feature_layers(&conv_spec)
-        .map_err(|e| format!("{o}.conv_feature_layers \"{conv_spec}\": {e}"))?;
+    let conv = parse_conv_feature_layers(&conv_spec).map_err(|e| {
+        let shown = Value::Str(conv_spec.as_str().into()).brief();
+        format!("{o}.conv_feature_layers {shown}: {e}")
+    })?;
     let activation = s.str_or("activation_fn", "gelu")?;
     let cfg = json!({
         "model_type": s.family,

@@ -1,12 +1,28 @@
 //! `torch.save` files read without executing them: the zip format (torch ≥ 1.6, any pickle
 //! protocol) and the legacy stream format (magic number, protocol and sys_info pickles, the
 //! object pickle, the storage key list, then the raw storages back to back).
+//!
+//! Every size, offset, shape and stride in a file is untrusted: each is checked (with checked
+//! arithmetic) against the bytes that hold it before anything is sliced or allocated, and a
+//! compressed zip entry is inflated only when a tensor needs it, and only as far as it needs.
 use super::pickle_vm::{unpickle, Node, Pickle, Value};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
+
+/// Largest `data.pkl` read; real ones are kilobytes to a few MB (tensors live in separate
+/// entries), so more is a decompression bomb or a hostile file, not a checkpoint.
+const MAX_PICKLE: usize = 256 << 20;
+
+/// How many `_rebuild_parameter` wrappers may enclose a tensor (torch writes one).
+const MAX_REBUILD_NESTING: usize = 8;
+
+/// Longest tensor name or storage key taken from a pickle (real ones are under 200 bytes).
+/// Names are copied out of the pickle, and one shared string may be referenced any number of
+/// times, so an unbounded length would let a small file ask for unbounded copies.
+const MAX_NAME_BYTES: usize = 4096;
 
 /// `0x1950a86a20f9469cfc6c`, the first pickle of a legacy file, as LONG1 little-endian bytes.
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
@@ -64,14 +80,26 @@ impl StorageDtype {
 pub struct TensorRef {
     pub storage: String,
     pub dtype: StorageDtype,
+    /// The storage's element count as its persistent id declares it (untrusted; `None` when
+    /// the id does not say).
+    pub storage_numel: Option<usize>,
     pub offset: usize,
     pub shape: Vec<usize>,
     pub stride: Vec<usize>,
 }
 
+/// Where a storage's bytes are in the mapped file.
 enum StorageBytes {
+    /// Stored as is (an uncompressed zip entry, or a legacy file's storage).
     Mapped { start: usize, len: usize },
-    Owned(Vec<u8>),
+    /// A deflated zip entry: `compressed_len` bytes from `start`, inflated on demand.
+    Deflated {
+        name: String,
+        start: usize,
+        compressed_len: usize,
+    },
+    /// A zip entry compressed in a way this reader cannot inflate; an error only if used.
+    Unsupported { name: String, method: String },
 }
 
 /// An opened `torch.save` file: its object pickle and where each storage's bytes are.
@@ -109,10 +137,12 @@ impl TorchFile {
         }
     }
 
+    /// Lists the archive and runs `data.pkl`; storages are only located here (never inflated),
+    /// so an entry no tensor uses costs nothing, whatever it claims or holds.
     fn open_zip(mmap: Mmap) -> Result<TorchFile, String> {
         let mut storages = HashMap::new();
-        let mut pkl: Option<Vec<u8>> = None;
-        let mut big_endian = false;
+        let mut pkl: Option<StorageBytes> = None;
+        let mut byteorder: Option<StorageBytes> = None;
         {
             let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&mmap[..]))
                 .map_err(|e| format!("invalid zip archive: {e}"))?;
@@ -128,46 +158,42 @@ impl TorchFile {
                 .ok_or("zip archive has no data.pkl (not a torch.save file)")?
                 .clone();
             let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+            let data_dir = format!("{prefix}data/");
+            let byteorder_name = format!("{prefix}byteorder");
             for (i, name) in names.iter().enumerate() {
                 let is_pkl = *name == pkl_name;
-                let key = name.strip_prefix(&format!("{prefix}data/"));
-                let is_byteorder = *name == format!("{prefix}byteorder");
+                let key = name.strip_prefix(&data_dir);
+                let is_byteorder = *name == byteorder_name;
                 if !is_pkl && key.is_none() && !is_byteorder {
                     continue;
                 }
-                let mut entry = archive
-                    .by_index(i)
+                // Raw: only the local header is read, to find where the entry's bytes start.
+                let entry = archive
+                    .by_index_raw(i)
                     .map_err(|e| format!("zip entry {name}: {e}"))?;
-                let stored = entry.compression() == zip::CompressionMethod::Stored;
-                let bytes = match (stored, entry.data_start()) {
-                    (true, Some(start)) => StorageBytes::Mapped {
-                        start: start as usize,
-                        len: entry.size() as usize,
-                    },
-                    _ => {
-                        // The header's size is untrusted: let the buffer grow as data arrives.
-                        let mut buf = Vec::with_capacity((entry.size() as usize).min(1 << 26));
-                        entry
-                            .read_to_end(&mut buf)
-                            .map_err(|e| format!("zip entry {name}: {e}"))?;
-                        StorageBytes::Owned(buf)
-                    }
-                };
-                let data =
-                    slice_of(&mmap, &bytes).ok_or(format!("zip entry {name} out of file"))?;
+                let bytes = locate_entry(name, &entry, mmap.len())?;
                 if is_pkl {
-                    pkl = Some(data.to_vec());
+                    pkl = Some(bytes);
                 } else if is_byteorder {
-                    big_endian = data.starts_with(b"big");
+                    byteorder = Some(bytes);
                 } else if let Some(key) = key {
                     storages.insert(key.to_string(), bytes);
                 }
             }
         }
-        if big_endian {
-            return Err("big-endian torch file is not supported".into());
+        if let Some(b) = &byteorder {
+            if read_entry(&mmap, b, 16)?.starts_with(b"big") {
+                return Err("big-endian torch file is not supported".into());
+            }
         }
         let pkl = pkl.ok_or("zip archive has no data.pkl")?;
+        let pkl = read_entry(&mmap, &pkl, MAX_PICKLE)?;
+        if pkl.len() > MAX_PICKLE {
+            return Err(format!(
+                "data.pkl is larger than {} MiB (a decompression bomb?)",
+                MAX_PICKLE >> 20
+            ));
+        }
         let (pickle, _) = unpickle(&pkl).map_err(|e| format!("data.pkl: {e}"))?;
         let root = pickle.root.clone().ok_or("empty pickle")?;
         Ok(TorchFile {
@@ -186,14 +212,14 @@ impl TorchFile {
             Ok(p)
         };
         let magic = next("magic number")?;
-        if magic.root != Some(Value::BigInt(LEGACY_MAGIC.to_vec())) {
+        if magic.root != Some(Value::BigInt(LEGACY_MAGIC[..].into())) {
             return Err("not a PyTorch legacy file (wrong magic number)".into());
         }
         let protocol = next("protocol version")?;
         if protocol.root != Some(Value::Int(1001)) {
             return Err(format!(
-                "unsupported legacy protocol version {:?}",
-                protocol.root
+                "unsupported legacy protocol version {}",
+                protocol.root.as_ref().map_or("(none)".into(), Value::brief)
             ));
         }
         let sys_info = next("sys_info")?;
@@ -213,7 +239,7 @@ impl TorchFile {
         let dtypes = storage_dtypes(&pickle);
         let mut storages = HashMap::new();
         for key in key_list {
-            let key = key_string(key).ok_or("storage key is not a string")?;
+            let key = key_string(key).ok_or("storage key is not a string of at most 4096 bytes")?;
             let dtype = dtypes
                 .get(&key)
                 .ok_or(format!("storage {key} is listed but never referenced"))?;
@@ -221,16 +247,20 @@ impl TorchFile {
                 .size()
                 .ok_or(format!("storage {key} has unsupported type {dtype:?}"))?;
             // Each storage: its element count as little-endian i64, then the raw elements.
-            let head = mmap
-                .get(pos..pos + 8)
+            let head = pos
+                .checked_add(8)
+                .and_then(|end| mmap.get(pos..end))
                 .ok_or(format!("file ends before storage {key}"))?;
             let mut n = [0u8; 8];
             n.copy_from_slice(head);
-            let numel = u64::from_le_bytes(n) as usize;
-            let len = numel
-                .checked_mul(size)
-                .filter(|&l| l <= mmap.len() - (pos + 8))
-                .ok_or(format!("file ends inside storage {key}"))?;
+            let left = mmap.len() - (pos + 8);
+            let len = usize::try_from(u64::from_le_bytes(n))
+                .ok()
+                .and_then(|numel| numel.checked_mul(size))
+                .filter(|&l| l <= left)
+                .ok_or(format!(
+                    "storage {key} declares more bytes than the {left} left in the file"
+                ))?;
             storages.insert(
                 key,
                 StorageBytes::Mapped {
@@ -254,7 +284,13 @@ impl TorchFile {
         for (k, v) in self.pickle.entries(dict).unwrap_or(&[]) {
             let Value::Str(name) = k else { continue };
             match self.tensor_ref(v) {
-                Some(Ok(t)) => out.push((name.clone(), t)),
+                Some(Ok(_)) if name.len() > MAX_NAME_BYTES => {
+                    return Err(format!(
+                        "a tensor name of {} bytes (names are at most {MAX_NAME_BYTES})",
+                        name.len()
+                    ))
+                }
+                Some(Ok(t)) => out.push((name.to_string(), t)),
                 Some(Err(e)) => return Err(format!("tensor {name}: {e}")),
                 None => {}
             }
@@ -264,6 +300,12 @@ impl TorchFile {
 
     /// `Some` when `v` is a tensor rebuild call (plain, Parameter, or subclass wrapper).
     pub fn tensor_ref(&self, v: &Value) -> Option<Result<TensorRef, String>> {
+        self.tensor_ref_within(v, MAX_REBUILD_NESTING)
+    }
+
+    /// [`TensorRef`] of `v`, unwrapping at most `wrappers` Parameter rebuilds: a Parameter whose
+    /// arguments hold itself would otherwise unwrap forever.
+    fn tensor_ref_within(&self, v: &Value, wrappers: usize) -> Option<Result<TensorRef, String>> {
         let Node::Object { callable, args, .. } = self.pickle.node(v)? else {
             return None;
         };
@@ -271,9 +313,13 @@ impl TorchFile {
         let args = self.pickle.seq(args)?;
         match name {
             "_rebuild_tensor_v2" | "_rebuild_tensor" => Some(self.rebuild_tensor(args)),
-            "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
-                self.tensor_ref(args.first()?)
-            }
+            "_rebuild_parameter" | "_rebuild_parameter_with_state" => match wrappers {
+                0 => Some(Err(format!(
+                    "{name} calls nest more than {MAX_REBUILD_NESTING} deep \
+                     (its arguments contain itself?)"
+                ))),
+                _ => self.tensor_ref_within(args.first()?, wrappers - 1),
+            },
             "_rebuild_from_type_v2" => {
                 // (func, new_type, args, state): the tensor is func(*args).
                 let inner = self.pickle.seq(args.get(2)?)?;
@@ -295,7 +341,8 @@ impl TorchFile {
         let Some(Node::PersistentId(pid)) = self.pickle.node(storage) else {
             return Err("tensor storage is not a persistent id".into());
         };
-        let (key, dtype) = storage_id(&self.pickle, pid).ok_or("unreadable storage id")?;
+        let (key, dtype, storage_numel) =
+            storage_id(&self.pickle, pid).ok_or("unreadable storage id")?;
         let ints = |v: &Value| -> Option<Vec<usize>> {
             self.pickle
                 .seq(v)?
@@ -317,6 +364,7 @@ impl TorchFile {
         Ok(TensorRef {
             storage: key,
             dtype,
+            storage_numel,
             offset: usize::try_from(*offset).map_err(|_| "negative storage offset")?,
             shape,
             stride,
@@ -324,30 +372,46 @@ impl TorchFile {
     }
 
     /// Copies a tensor's elements (any strides) into a tensor on `device`, in its stored dtype.
+    /// Reads (or inflates) only the bytes the view spans, after checking it fits its storage.
     pub fn materialize(&self, t: &TensorRef, device: &Device) -> Result<Tensor, String> {
-        let bytes = self
+        let storage = self
             .storages
             .get(&t.storage)
-            .and_then(|b| slice_of(&self.mmap, b))
             .ok_or(format!("storage {} is missing from the file", t.storage))?;
         let es = t
             .dtype
             .size()
             .ok_or(format!("unsupported storage type {:?}", t.dtype))?;
-        let past = "tensor extends past its storage";
-        let numel = checked_numel(&t.shape).ok_or(past)?;
+        let (numel, end) = view_extent(t, es)?;
+        let bytes = read_entry(&self.mmap, storage, end)?;
+        if bytes.len() < end {
+            return Err(format!(
+                "tensor needs {end} bytes of storage {}, which holds only {}",
+                t.storage,
+                bytes.len()
+            ));
+        }
+        // A compressed storage that inflates past the size its id declares is a bomb posing as
+        // a storage (checked when this view spans it all, the usual case).
+        let declared = t.storage_numel.and_then(|n| n.checked_mul(es));
+        if let StorageBytes::Deflated { name, .. } = storage {
+            if declared == Some(end) && bytes.len() > end {
+                return Err(format!(
+                    "zip entry {name} inflates past the {end} bytes its storage declares \
+                     (a decompression bomb?)"
+                ));
+            }
+        }
         let gathered;
         let raw: &[u8] = if numel == 0 {
             &[]
         } else if is_row_major(&t.shape, &t.stride) {
-            let start = t.offset.checked_mul(es).ok_or(past)?;
-            let end = numel
-                .checked_mul(es)
-                .and_then(|n| n.checked_add(start))
-                .ok_or(past)?;
-            bytes.get(start..end).ok_or(past)?
+            let start = t.offset * es; // ≤ end, which view_extent computed without overflow
+            bytes
+                .get(start..end)
+                .ok_or("tensor extends past its storage")?
         } else {
-            gathered = gather(bytes, es, t)?;
+            gathered = gather(&bytes, es, t)?;
             &gathered
         };
         let (dtype, converted);
@@ -399,36 +463,142 @@ impl TorchFile {
     }
 }
 
-fn slice_of<'m>(mmap: &'m Mmap, b: &'m StorageBytes) -> Option<&'m [u8]> {
-    match b {
-        StorageBytes::Mapped { start, len } => mmap.get(*start..start.checked_add(*len)?),
-        StorageBytes::Owned(v) => Some(v),
+/// Where a zip entry's bytes are, from its (untrusted) headers checked against the file size.
+fn locate_entry<R: Read>(
+    name: &str,
+    entry: &zip::read::ZipFile<'_, R>,
+    file_len: usize,
+) -> Result<StorageBytes, String> {
+    if entry.encrypted() {
+        return Err(format!("zip entry {name} is encrypted"));
     }
+    let start = entry
+        .data_start()
+        .and_then(|s| usize::try_from(s).ok())
+        .ok_or(format!("zip entry {name}: no data offset"))?;
+    let len = usize::try_from(entry.compressed_size())
+        .ok()
+        .filter(|&l| start.checked_add(l).is_some_and(|end| end <= file_len))
+        .ok_or(format!("zip entry {name} extends past the end of the file"))?;
+    Ok(match entry.compression() {
+        zip::CompressionMethod::Stored => StorageBytes::Mapped { start, len },
+        zip::CompressionMethod::Deflated => StorageBytes::Deflated {
+            name: name.to_string(),
+            start,
+            compressed_len: len,
+        },
+        other => StorageBytes::Unsupported {
+            name: name.to_string(),
+            method: format!("{other:?}"),
+        },
+    })
+}
+
+/// The first `limit + 1` bytes of an entry, or all of it if shorter: one byte past the limit
+/// tells a caller "exactly `limit`" from "more". An entry's headers' sizes are untrusted, so a
+/// deflated entry is inflated only that far, whatever it claims or would inflate to.
+fn read_entry<'m>(
+    mmap: &'m Mmap,
+    b: &StorageBytes,
+    limit: usize,
+) -> Result<std::borrow::Cow<'m, [u8]>, String> {
+    use std::borrow::Cow;
+    let want = limit.saturating_add(1);
+    match b {
+        StorageBytes::Mapped { start, len } => {
+            let all = start
+                .checked_add(*len)
+                .and_then(|end| mmap.get(*start..end))
+                .ok_or("storage extends past the end of the file")?;
+            Ok(Cow::Borrowed(&all[..want.min(all.len())]))
+        }
+        StorageBytes::Deflated {
+            name,
+            start,
+            compressed_len,
+        } => {
+            let compressed = start
+                .checked_add(*compressed_len)
+                .and_then(|end| mmap.get(*start..end))
+                .ok_or(format!("zip entry {name} extends past the end of the file"))?;
+            // Deflate inflates at most ~1032:1: reserve no more than the input can justify.
+            let mut out = Vec::with_capacity(want.min(compressed.len().saturating_mul(1032)));
+            flate2::read::DeflateDecoder::new(compressed)
+                .take(want as u64)
+                .read_to_end(&mut out)
+                .map_err(|e| format!("zip entry {name}: cannot inflate: {e}"))?;
+            Ok(Cow::Owned(out))
+        }
+        StorageBytes::Unsupported { name, method } => Err(format!(
+            "zip entry {name} uses compression method {method}, which this reader cannot inflate"
+        )),
+    }
+}
+
+/// Elements in a view and the byte just past the furthest element it touches, checked against
+/// overflow; a view with more elements than the span it covers repeats elements (stride 0 or
+/// overlapping strides), which no saved checkpoint needs and which could otherwise ask for an
+/// allocation far larger than the file.
+fn view_extent(t: &TensorRef, es: usize) -> Result<(usize, usize), String> {
+    let past = "tensor view extends past any possible storage (overflowing size or stride)";
+    if t.shape.len() != t.stride.len() {
+        return Err("size and stride differ in length".into());
+    }
+    let numel = checked_numel(&t.shape).ok_or(past)?;
+    if numel == 0 {
+        return Ok((0, 0));
+    }
+    let mut last = t.offset;
+    for (&d, &s) in t.shape.iter().zip(&t.stride) {
+        let span = (d - 1).checked_mul(s).ok_or(past)?;
+        last = last.checked_add(span).ok_or(past)?;
+    }
+    let end = last
+        .checked_add(1)
+        .and_then(|n| n.checked_mul(es))
+        .ok_or(past)?;
+    let span = end - t.offset.checked_mul(es).ok_or(past)?;
+    if numel.checked_mul(es).is_none_or(|bytes| bytes > span) {
+        return Err(format!(
+            "tensor view of shape {:?} with strides {:?} repeats storage elements \
+             (overlapping strides are not supported)",
+            t.shape, t.stride
+        ));
+    }
+    Ok((numel, end))
 }
 
 fn key_string(v: &Value) -> Option<String> {
     match v {
-        Value::Str(s) => Some(s.clone()),
+        Value::Str(s) if s.len() <= MAX_NAME_BYTES => Some(s.to_string()),
         Value::Int(i) => Some(i.to_string()),
         _ => None,
     }
 }
 
-/// `('storage', torch.XStorage, key, location, numel[, view_metadata])` → key and dtype.
-fn storage_id(p: &Pickle, pid: &Value) -> Option<(String, StorageDtype)> {
+/// `('storage', torch.XStorage, key, location, numel[, view_metadata])` → key, dtype, numel.
+fn storage_id(p: &Pickle, pid: &Value) -> Option<(String, StorageDtype, Option<usize>)> {
     let items = p.seq(pid)?;
-    if items.first() != Some(&Value::Str("storage".into())) {
+    if !matches!(items.first(), Some(Value::Str(s)) if &**s == "storage") {
         return None;
     }
     let (_, class) = p.global_name(items.get(1)?)?;
-    Some((key_string(items.get(2)?)?, StorageDtype::from_class(class)))
+    let numel = match items.get(4) {
+        Some(Value::Int(n)) => usize::try_from(*n).ok(),
+        _ => None,
+    };
+    Some((
+        key_string(items.get(2)?)?,
+        StorageDtype::from_class(class),
+        numel,
+    ))
 }
 
 fn storage_dtypes(p: &Pickle) -> HashMap<String, StorageDtype> {
-    p.nodes
+    p.nodes()
         .iter()
         .filter_map(|n| match n {
-            Node::PersistentId(pid) => storage_id(p, pid),
+            Node::PersistentId(pid) => storage_id(p, pid).map(|(k, d, _)| (k, d)),
             _ => None,
         })
         .collect()
@@ -439,12 +609,15 @@ fn checked_numel(shape: &[usize]) -> Option<usize> {
 }
 
 fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
-    let mut expected = 1;
+    let mut expected = 1usize;
     for (&d, &s) in shape.iter().zip(stride).rev() {
         if d != 1 && s != expected {
             return false;
         }
-        expected *= d;
+        let Some(next) = expected.checked_mul(d) else {
+            return false;
+        };
+        expected = next;
     }
     true
 }
@@ -463,7 +636,7 @@ fn gather(bytes: &[u8], es: usize, t: &TensorRef) -> Result<Vec<u8>, String> {
         return Err(past.into());
     }
     let numel = checked_numel(&t.shape).ok_or(past)?;
-    let mut out = Vec::with_capacity(numel * es);
+    let mut out = Vec::with_capacity(numel.checked_mul(es).ok_or(past)?);
     let mut index = vec![0usize; t.shape.len()];
     for _ in 0..numel {
         let at = t.offset
@@ -502,6 +675,7 @@ mod tests {
         let t = TensorRef {
             storage: "0".into(),
             dtype: StorageDtype::U8,
+            storage_numel: Some(6),
             offset: 0,
             shape: vec![3, 2],
             stride: vec![1, 3],

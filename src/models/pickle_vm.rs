@@ -4,7 +4,22 @@
 //! the checkpoint reader interprets (tensor rebuild calls, `OrderedDict`, omegaconf `DictConfig`,
 //! `argparse.Namespace`, enums). Containers live in an arena so that memoised references share the
 //! object, which pickle mutates after memoising it (`EMPTY_DICT; BINPUT; ...; SETITEMS`).
+//!
+//! The program is untrusted, so the VM's work is bounded: strings and bytes are shared, not
+//! copied, by `DUP` and memo `GET` (O(1) each); the values, arena nodes and nesting it builds are
+//! capped; and the object graph, which may legally contain cycles, is only walked through
+//! [`Pickle::entries`], whose answers are resolved once, with cycle detection, when the program
+//! ends.
 use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Values (stack pushes and memo entries) one program may create: far more than any checkpoint's
+/// pickle holds (a large model's has ~10^5), far less than would exhaust memory (~200 MB).
+pub const MAX_VALUES: usize = 1 << 23;
+/// Containers and objects one program may create (each ~100 bytes): ~200 MB at most.
+pub const MAX_NODES: usize = 1 << 21;
+/// How deep object states may nest (an omegaconf config nests a handful of levels).
+pub const MAX_NESTING: usize = 256;
 
 /// A pickle stack value: a primitive, or a reference to an arena node.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,11 +28,29 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     /// An integer that does not fit in i64: little-endian two's complement bytes.
-    BigInt(Vec<u8>),
+    BigInt(Arc<[u8]>),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
+    /// Shared so that `DUP` and memo `GET` copy a pointer, never the text.
+    Str(Arc<str>),
+    /// Shared so that `DUP` and memo `GET` copy a pointer, never the bytes.
+    Bytes(Arc<[u8]>),
     Ref(usize),
+}
+
+impl Value {
+    /// A short description for error messages: long strings and bytes are cut, not printed.
+    pub fn brief(&self) -> String {
+        const KEEP: usize = 40;
+        match self {
+            Value::Str(s) if s.chars().count() > KEEP => {
+                let head: String = s.chars().take(KEEP).collect();
+                format!("{head:?}... ({} bytes)", s.len())
+            }
+            Value::Bytes(b) => format!("<{} bytes>", b.len()),
+            Value::BigInt(b) => format!("<{}-byte integer>", b.len()),
+            other => format!("{other:?}"),
+        }
+    }
 }
 
 /// A container or object built by the pickle program.
@@ -27,9 +60,10 @@ pub enum Node {
     Tuple(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Set(Vec<Value>),
+    /// Names are shared, like `Value::Str`: STACK_GLOBAL of DUPed strings copies nothing.
     Global {
-        module: String,
-        name: String,
+        module: Arc<str>,
+        name: Arc<str>,
     },
     /// `callable(*args)` (REDUCE) or `cls.__new__(cls, *args)` (NEWOBJ), plus BUILD's state and
     /// any items the program added to it.
@@ -50,16 +84,28 @@ pub enum PickleError {
     UnsupportedOpcode { op: u8, pos: usize },
     #[error("malformed pickle at byte {pos}: {reason}")]
     Malformed { pos: usize, reason: String },
+    #[error("pickle exceeds a safety limit at byte {pos}: {what} (a corrupt or hostile file)")]
+    TooLarge { pos: usize, what: String },
+    #[error("pickle object #{node}: {reason} (a corrupt or hostile file)")]
+    Graph { node: usize, reason: String },
 }
 
 /// The result of one pickle program: its arena and the value it returned.
 #[derive(Debug, Default)]
 pub struct Pickle {
-    pub nodes: Vec<Node>,
+    nodes: Vec<Node>,
     pub root: Option<Value>,
+    /// For each node, the node whose pairs [`Pickle::entries`] returns, resolved once when the
+    /// program ends so that no query ever walks the (possibly cyclic) graph.
+    entries_of: Vec<Option<usize>>,
 }
 
 /// Runs one pickle program starting at `data[0]`; returns it and the bytes it used (up to STOP).
+///
+/// Never panics and never loops: every opcode consumes input and does bounded work, and the
+/// values, nodes and nesting it may build are capped ([`MAX_VALUES`], [`MAX_NODES`],
+/// [`MAX_NESTING`]); a program past a cap, or whose object states refer back to themselves,
+/// is an error.
 pub fn unpickle(data: &[u8]) -> Result<(Pickle, usize), PickleError> {
     let mut vm = Vm {
         data,
@@ -68,9 +114,12 @@ pub fn unpickle(data: &[u8]) -> Result<(Pickle, usize), PickleError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         out: Pickle::default(),
+        created: 0,
     };
     vm.run()?;
-    Ok((vm.out, vm.pos))
+    let mut out = vm.out;
+    out.entries_of = resolve_entries(&out.nodes)?;
+    Ok((out, vm.pos))
 }
 
 struct Vm<'a> {
@@ -80,6 +129,8 @@ struct Vm<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
     out: Pickle,
+    /// Values pushed or memoised so far, against [`MAX_VALUES`].
+    created: usize,
 }
 
 impl<'a> Vm<'a> {
@@ -127,6 +178,24 @@ impl<'a> Vm<'a> {
         }
     }
 
+    /// Every value the program creates passes through here or `memo_put`: the one place to cap.
+    fn push(&mut self, v: Value) -> Result<(), PickleError> {
+        self.count_value()?;
+        self.stack.push(v);
+        Ok(())
+    }
+
+    fn count_value(&mut self) -> Result<(), PickleError> {
+        self.created += 1;
+        if self.created > MAX_VALUES {
+            return Err(PickleError::TooLarge {
+                pos: self.pos,
+                what: format!("more than {MAX_VALUES} values"),
+            });
+        }
+        Ok(())
+    }
+
     fn pop(&mut self) -> Result<Value, PickleError> {
         self.stack.pop().ok_or_else(|| self.bad("stack underflow"))
     }
@@ -147,9 +216,15 @@ impl<'a> Vm<'a> {
         Ok(self.stack.split_off(m))
     }
 
-    fn alloc(&mut self, node: Node) -> Value {
+    fn alloc(&mut self, node: Node) -> Result<Value, PickleError> {
+        if self.out.nodes.len() >= MAX_NODES {
+            return Err(PickleError::TooLarge {
+                pos: self.pos,
+                what: format!("more than {MAX_NODES} containers and objects"),
+            });
+        }
         self.out.nodes.push(node);
-        Value::Ref(self.out.nodes.len() - 1)
+        Ok(Value::Ref(self.out.nodes.len() - 1))
     }
 
     fn node_mut(&mut self, v: &Value) -> Result<&mut Node, PickleError> {
@@ -160,6 +235,7 @@ impl<'a> Vm<'a> {
     }
 
     fn memo_put(&mut self, key: u64) -> Result<(), PickleError> {
+        self.count_value()?;
         let v = self.top()?.clone();
         self.memo.insert(key, v);
         Ok(())
@@ -171,13 +247,13 @@ impl<'a> Vm<'a> {
             .get(&key)
             .cloned()
             .ok_or_else(|| self.bad(&format!("memo key {key} missing")))?;
-        self.stack.push(v);
+        self.push(v)?;
         Ok(())
     }
 
-    fn push_tuple(&mut self, items: Vec<Value>) {
-        let v = self.alloc(Node::Tuple(items));
-        self.stack.push(v);
+    fn push_tuple(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+        let v = self.alloc(Node::Tuple(items))?;
+        self.push(v)
     }
 
     fn add_items(&mut self, target: &Value, pairs: Vec<(Value, Value)>) -> Result<(), PickleError> {
@@ -202,7 +278,7 @@ impl<'a> Vm<'a> {
         if let Value::Ref(i) = v {
             if let Some(Node::Global { module, name }) = self.out.nodes.get(*i) {
                 return matches!(
-                    (module.as_str(), name.as_str()),
+                    (&**module, &**name),
                     ("collections", "OrderedDict")
                         | ("collections", "defaultdict")
                         | ("builtins", "dict")
@@ -213,7 +289,7 @@ impl<'a> Vm<'a> {
         false
     }
 
-    fn reduce(&mut self, callable: Value, args: Value) {
+    fn reduce(&mut self, callable: Value, args: Value) -> Result<(), PickleError> {
         // Dict-like classes become real dicts so that SETITEMS and lookups treat them as dicts.
         let node = if self.is_dict_class(&callable) {
             Node::Dict(Vec::new())
@@ -225,8 +301,8 @@ impl<'a> Vm<'a> {
                 items: Vec::new(),
             }
         };
-        let v = self.alloc(node);
-        self.stack.push(v);
+        let v = self.alloc(node)?;
+        self.push(v)
     }
 
     fn run(&mut self) -> Result<(), PickleError> {
@@ -244,7 +320,10 @@ impl<'a> Vm<'a> {
                     self.out.root = Some(self.pop()?);
                     return Ok(());
                 }
-                b'(' => self.marks.push(self.stack.len()),
+                b'(' => {
+                    self.count_value()?;
+                    self.marks.push(self.stack.len());
+                }
                 b'0' => {
                     self.pop()?;
                 }
@@ -253,26 +332,26 @@ impl<'a> Vm<'a> {
                 }
                 b'2' => {
                     let v = self.top()?.clone();
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.push(Value::None)?,
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
                 b'J' => {
                     let v = self.le_uint(4)? as u32 as i32;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'M' => {
                     let v = self.le_uint(2)?;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 0x8a | 0x8b => {
                     let bytes = self.len_prefixed(if op == 0x8a { 1 } else { 4 })?;
-                    self.stack.push(long_value(bytes));
+                    self.push(long_value(bytes))?;
                 }
                 b'I' => {
                     let v = match self.line()? {
@@ -280,18 +359,18 @@ impl<'a> Vm<'a> {
                         "01" => Value::Bool(true),
                         s => Value::Int(s.trim().parse().map_err(|_| self.bad("bad INT"))?),
                     };
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'L' => {
                     let s = self.line()?.trim_end_matches('L');
                     let v = s.parse().map_err(|_| self.bad("LONG out of range"))?;
-                    self.stack.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'G' => {
                     let b = self.take(8)?;
                     let mut a = [0u8; 8];
                     a.copy_from_slice(b);
-                    self.stack.push(Value::Float(f64::from_be_bytes(a)));
+                    self.push(Value::Float(f64::from_be_bytes(a)))?;
                 }
                 b'F' => {
                     let v = self
@@ -299,7 +378,7 @@ impl<'a> Vm<'a> {
                         .trim()
                         .parse()
                         .map_err(|_| self.bad("bad FLOAT"))?;
-                    self.stack.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 b'X' | 0x8c | 0x8d => {
                     let n = match op {
@@ -309,22 +388,22 @@ impl<'a> Vm<'a> {
                     };
                     let b = self.len_prefixed(n)?;
                     let s = std::str::from_utf8(b).map_err(|_| self.bad("invalid UTF-8"))?;
-                    self.stack.push(Value::Str(s.to_string()));
+                    self.push(Value::Str(s.into()))?;
                 }
                 b'T' | b'U' => {
                     // Python 2 str: bytes, read as Latin-1 text.
                     let b = self.len_prefixed(if op == b'U' { 1 } else { 4 })?;
-                    self.stack
-                        .push(Value::Str(b.iter().map(|&c| c as char).collect()));
+                    let s: String = b.iter().map(|&c| c as char).collect();
+                    self.push(Value::Str(s.into()))?;
                 }
                 b'V' => {
-                    let s = self.line()?.to_string();
-                    self.stack.push(Value::Str(s));
+                    let s = self.line()?;
+                    self.push(Value::Str(s.into()))?;
                 }
                 b'S' => {
                     let s = self.line()?.trim();
-                    let s = s.trim_matches(|c| c == '\'' || c == '"').to_string();
-                    self.stack.push(Value::Str(s));
+                    let s = s.trim_matches(|c| c == '\'' || c == '"');
+                    self.push(Value::Str(s.into()))?;
                 }
                 b'B' | b'C' | 0x8e | 0x96 => {
                     let n = match op {
@@ -332,13 +411,13 @@ impl<'a> Vm<'a> {
                         b'B' => 4,
                         _ => 8,
                     };
-                    let b = self.len_prefixed(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.len_prefixed(n)?;
+                    self.push(Value::Bytes(b.into()))?;
                 }
-                b')' => self.push_tuple(Vec::new()),
+                b')' => self.push_tuple(Vec::new())?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push_tuple(items);
+                    self.push_tuple(items)?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -346,16 +425,16 @@ impl<'a> Vm<'a> {
                         return Err(self.bad("stack underflow"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.push_tuple(items);
+                    self.push_tuple(items)?;
                 }
                 b']' => {
-                    let v = self.alloc(Node::List(Vec::new()));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::List(Vec::new()))?;
+                    self.push(v)?;
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    let v = self.alloc(Node::List(items));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::List(items))?;
+                    self.push(v)?;
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -368,14 +447,14 @@ impl<'a> Vm<'a> {
                     self.append_items(&target, vals)?;
                 }
                 b'}' => {
-                    let v = self.alloc(Node::Dict(Vec::new()));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::Dict(Vec::new()))?;
+                    self.push(v)?;
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = pairs(items).ok_or_else(|| self.bad("odd DICT items"))?;
-                    let v = self.alloc(Node::Dict(pairs));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::Dict(pairs))?;
+                    self.push(v)?;
                 }
                 b's' => {
                     let val = self.pop()?;
@@ -390,8 +469,8 @@ impl<'a> Vm<'a> {
                     self.add_items(&target, pairs)?;
                 }
                 0x8f => {
-                    let v = self.alloc(Node::Set(Vec::new()));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::Set(Vec::new()))?;
+                    self.push(v)?;
                 }
                 0x90 => {
                     let vals = self.pop_mark()?;
@@ -400,14 +479,14 @@ impl<'a> Vm<'a> {
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    let v = self.alloc(Node::Set(items));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::Set(items))?;
+                    self.push(v)?;
                 }
                 b'c' => {
-                    let module = self.line()?.to_string();
-                    let name = self.line()?.to_string();
-                    let v = self.alloc(Node::Global { module, name });
-                    self.stack.push(v);
+                    let module = self.line()?.into();
+                    let name = self.line()?.into();
+                    let v = self.alloc(Node::Global { module, name })?;
+                    self.push(v)?;
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -415,19 +494,19 @@ impl<'a> Vm<'a> {
                     let (Value::Str(module), Value::Str(name)) = (module, name) else {
                         return Err(self.bad("STACK_GLOBAL needs two strings"));
                     };
-                    let v = self.alloc(Node::Global { module, name });
-                    self.stack.push(v);
+                    let v = self.alloc(Node::Global { module, name })?;
+                    self.push(v)?;
                 }
                 b'R' | 0x81 => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.reduce(callable, args);
+                    self.reduce(callable, args)?;
                 }
                 0x92 => {
                     let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.reduce(callable, args);
+                    self.reduce(callable, args)?;
                 }
                 b'b' => {
                     let state = self.pop()?;
@@ -477,13 +556,13 @@ impl<'a> Vm<'a> {
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    let v = self.alloc(Node::PersistentId(pid));
-                    self.stack.push(v);
+                    let v = self.alloc(Node::PersistentId(pid))?;
+                    self.push(v)?;
                 }
                 b'P' => {
-                    let pid = Value::Str(self.line()?.to_string());
-                    let v = self.alloc(Node::PersistentId(pid));
-                    self.stack.push(v);
+                    let pid = Value::Str(self.line()?.into());
+                    let v = self.alloc(Node::PersistentId(pid))?;
+                    self.push(v)?;
                 }
                 _ => return Err(PickleError::UnsupportedOpcode { op, pos: at }),
             }
@@ -509,7 +588,7 @@ fn long_value(bytes: &[u8]) -> Value {
         return Value::Int(0);
     }
     if bytes.len() > 8 {
-        return Value::BigInt(bytes.to_vec());
+        return Value::BigInt(bytes.into());
     }
     let negative = bytes[bytes.len() - 1] & 0x80 != 0;
     let mut buf = if negative { [0xffu8; 8] } else { [0u8; 8] };
@@ -518,6 +597,11 @@ fn long_value(bytes: &[u8]) -> Value {
 }
 
 impl Pickle {
+    /// The arena: every container and object the program built.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
     pub fn node(&self, v: &Value) -> Option<&Node> {
         match v {
             Value::Ref(i) => self.nodes.get(*i),
@@ -528,7 +612,7 @@ impl Pickle {
     /// `module.name` of a GLOBAL.
     pub fn global_name(&self, v: &Value) -> Option<(&str, &str)> {
         match self.node(v)? {
-            Node::Global { module, name } => Some((module, name)),
+            Node::Global { module, name } => Some((&**module, &**name)),
             _ => None,
         }
     }
@@ -542,30 +626,15 @@ impl Pickle {
     }
 
     /// Key/value pairs of a dict-like value: a dict, an omegaconf `DictConfig` (its `_content`),
-    /// or an object whose state is a dict (`argparse.Namespace`, dataclasses).
+    /// or an object whose state is a dict (`argparse.Namespace`, dataclasses). Resolved when the
+    /// program ended ([`resolve_entries`]), so this is O(1) and never walks a cycle.
     pub fn entries(&self, v: &Value) -> Option<&[(Value, Value)]> {
-        match self.node(v)? {
+        let Value::Ref(i) = v else { return None };
+        let at = (*self.entries_of.get(*i)?)?;
+        match self.nodes.get(at)? {
             Node::Dict(d) => Some(d),
-            Node::Object {
-                state: Some(state), ..
-            } => {
-                let inner = self.entries(state)?;
-                match lookup(inner, "_content") {
-                    Some(content) if self.is_dictconfig(v) => self.entries(content),
-                    _ => Some(inner),
-                }
-            }
-            Node::Object { items, .. } if !items.is_empty() => Some(items),
+            Node::Object { items, .. } => Some(items),
             _ => None,
-        }
-    }
-
-    fn is_dictconfig(&self, v: &Value) -> bool {
-        match self.node(v) {
-            Some(Node::Object { callable, .. }) => {
-                matches!(self.global_name(callable), Some((_, "DictConfig")))
-            }
-            _ => false,
         }
     }
 
@@ -612,11 +681,107 @@ impl Pickle {
     }
 }
 
+/// For each node, the node whose pairs `Pickle::entries` returns, following object states
+/// (and a `DictConfig`'s `_content`) the way `torch.load` would rebuild them:
+/// a dict is itself; an object with a state is its state's (a `DictConfig`: its `_content`'s);
+/// an object without one is itself when SETITEMS gave it items. Each node is resolved once
+/// (memoised), so the pass is linear; a state that leads back to its own object, or nests
+/// deeper than [`MAX_NESTING`], is an error rather than endless recursion.
+fn resolve_entries(nodes: &[Node]) -> Result<Vec<Option<usize>>, PickleError> {
+    let mut r = Resolver {
+        nodes,
+        done: vec![None; nodes.len()],
+        busy: vec![false; nodes.len()],
+        content: HashMap::new(),
+    };
+    for i in 0..nodes.len() {
+        r.resolve(i, 0)?;
+    }
+    Ok(r.done.into_iter().map(|d| d.flatten()).collect())
+}
+
+struct Resolver<'n> {
+    nodes: &'n [Node],
+    /// `Some(answer)` once node i is resolved.
+    done: Vec<Option<Option<usize>>>,
+    /// Node i is being resolved (further up this chain): meeting it again is a cycle.
+    busy: Vec<bool>,
+    /// `_content` of a resolved dict, looked up once per dict however many configs share it.
+    content: HashMap<usize, Option<Value>>,
+}
+
+impl Resolver<'_> {
+    fn resolve(&mut self, i: usize, depth: usize) -> Result<Option<usize>, PickleError> {
+        if let Some(Some(done)) = self.done.get(i) {
+            return Ok(*done);
+        }
+        let graph = |reason: String| PickleError::Graph { node: i, reason };
+        if depth > MAX_NESTING {
+            return Err(graph(format!(
+                "object states nest more than {MAX_NESTING} levels deep"
+            )));
+        }
+        if self.busy[i] {
+            return Err(graph("its state refers back to itself (a cycle)".into()));
+        }
+        self.busy[i] = true;
+        let answer = match &self.nodes[i] {
+            Node::Dict(_) => Some(i),
+            Node::Object {
+                state: Some(state),
+                callable,
+                ..
+            } => match state {
+                Value::Ref(s) if *s < self.nodes.len() => match self.resolve(*s, depth + 1)? {
+                    Some(inner) if self.is_dictconfig(callable) => match self.content_of(inner) {
+                        Some(Value::Ref(c)) if c < self.nodes.len() => {
+                            self.resolve(c, depth + 1)?
+                        }
+                        Some(_) => None,
+                        None => Some(inner),
+                    },
+                    other => other,
+                },
+                _ => None,
+            },
+            Node::Object { items, .. } if !items.is_empty() => Some(i),
+            _ => None,
+        };
+        self.busy[i] = false;
+        self.done[i] = Some(answer);
+        Ok(answer)
+    }
+
+    fn is_dictconfig(&self, callable: &Value) -> bool {
+        match callable {
+            Value::Ref(g) => matches!(
+                self.nodes.get(*g),
+                Some(Node::Global { name, .. }) if &**name == "DictConfig"
+            ),
+            _ => false,
+        }
+    }
+
+    fn content_of(&mut self, at: usize) -> Option<Value> {
+        if let Some(c) = self.content.get(&at) {
+            return c.clone();
+        }
+        let pairs: &[(Value, Value)] = match &self.nodes[at] {
+            Node::Dict(d) => d,
+            Node::Object { items, .. } => items,
+            _ => &[],
+        };
+        let c = lookup(pairs, "_content").cloned();
+        self.content.insert(at, c.clone());
+        c
+    }
+}
+
 /// The value stored under a string key.
 pub fn lookup<'v>(entries: &'v [(Value, Value)], key: &str) -> Option<&'v Value> {
     entries
         .iter()
-        .find(|(k, _)| matches!(k, Value::Str(s) if s == key))
+        .find(|(k, _)| matches!(k, Value::Str(s) if &**s == key))
         .map(|(_, v)| v)
 }
 

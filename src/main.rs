@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     restore_sigpipe();
+    speechcache::store::sigbus::install();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,

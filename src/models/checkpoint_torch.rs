@@ -114,9 +114,10 @@ pub struct TorchFile {
 pub fn conversion_hint(path: &Path) -> String {
     format!(
         "convert it once with: python -c \"import torch; from safetensors.torch import save_file; \
-         sd = torch.load('{}', map_location='cpu'); sd = sd.get('model', sd); \
+         sd = torch.load('{}', map_location='cpu', weights_only=True); sd = sd.get('model', sd); \
          save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, 'model.safetensors')\" \
-         and pass the directory holding model.safetensors and config.json",
+         and pass the directory holding model.safetensors and config.json (weights_only=True refuses \
+         to run code a hostile file carries; never load a file you do not trust without it)",
         path.display()
     )
 }

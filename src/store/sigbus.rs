@@ -4,7 +4,8 @@
 //!
 //! Every mapping a reader makes is registered here (a fixed table of atomics, readable from a
 //! signal handler); the handler names the file that faulted, says what happened and exits with
-//! `EXIT_CODE`. A SIGBUS outside any registered mapping falls back to the default action.
+//! `EXIT_CODE`. A SIGBUS outside any registered mapping (model weights are mapped too) gets the
+//! same message without a file name.
 use std::path::Path;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Once;
@@ -24,6 +25,12 @@ static INSTALL: Once = Once::new();
 /// A registered mapping; unregistered on drop.
 #[derive(Debug)]
 pub struct Registration(Option<usize>);
+
+/// Installs the handler (once; `register` does too). The binary calls it first thing, so a
+/// mapped model file that shrinks is reported as well.
+pub fn install() {
+    INSTALL.call_once(install_handler);
+}
 
 /// Registers `len` bytes at `start`, mapped from `path`, and installs the handler once.
 pub fn register(start: *const u8, len: usize, path: &Path) -> Registration {
@@ -105,7 +112,14 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             unsafe { libc::_exit(EXIT_CODE) };
         }
     }
-    // Not ours: the default action (core dump) on return, when the access faults again.
-    // SAFETY: resetting a signal disposition is async-signal-safe.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    // Not a registered store file: on x86-64/aarch64 Linux a SIGBUS still almost always means
+    // a mapped file shrank (model weights are mapped too).
+    const GENERIC: &[u8] = b"speechcache: a memory-mapped file (model weights or a store file) \
+shrank while it was being read (truncated or replaced by another process, or its storage \
+failed); the run stopped here. A stage rerun with the same command resumes.\n";
+    // SAFETY: writing a static buffer to stderr, then _exit; both async-signal-safe.
+    unsafe {
+        libc::write(2, GENERIC.as_ptr().cast(), GENERIC.len());
+        libc::_exit(EXIT_CODE);
+    }
 }

@@ -928,6 +928,17 @@ fn cli_planted_symlinks_in_an_experiment_are_not_followed() {
     trained.exited(0);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     assert!(last_path(&exp).is_file());
+
+    // decode only looks at the lock to name a holder: a planted link does not stop it
+    std::os::unix::fs::symlink(&victim, exp.join(train::LOCK_FILE)).unwrap();
+    let mut decode = common::bin();
+    decode
+        .args(["decode", "--quiet", "--exp"])
+        .arg(&exp)
+        .arg("--data")
+        .arg(root.join("valid"));
+    common::run_limited(decode).exited(0);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
 }
 
 /// The read-only finding of issue 18: `last.safetensors` was renamed before `last.json`, so a

@@ -123,7 +123,7 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     exp.check_source(data)?;
     // Decoding beside a training run is allowed: every checkpoint is replaced by one atomic
     // rename with its description inside, so the file read is a whole one, old or new.
-    if let Some(holder) = ExperimentLock::holder(&exp.dir)? {
+    if let Some(holder) = ExperimentLock::holder(&exp.dir) {
         if opts.verbose {
             eprintln!(
                 "decode: {} is being trained by {holder}; decoding its checkpoint as saved now",

@@ -313,3 +313,137 @@ fn plain_lhotse_json_lines_are_detected_like_gzipped_ones() {
     ok(&prepare(&b, &["--input", s(&plain)]));
     assert_eq!(contents(&a), contents(&b));
 }
+
+/// `prepare` under the hostile-input limits (3 GB address space, 20 s), from the repository
+/// root so that the fixtures' relative paths resolve.
+fn prepare_limited(out: &Path, args: &[&str]) -> common::Limited {
+    let mut cmd = bin();
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["prepare", "--quiet", "--out", s(out)])
+        .args(args);
+    common::run_limited(cmd)
+}
+
+/// Byte positions of the length fields of the buffers of the first record batch in an Arrow
+/// IPC stream, with each buffer's length.
+fn record_batch_buffer_lengths(stream: &[u8]) -> Vec<(usize, i64)> {
+    let mut pos = 0usize;
+    loop {
+        if stream[pos..pos + 4] == [0xff; 4] {
+            pos += 4;
+        }
+        let len = i32::from_le_bytes(stream[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 4;
+        assert!(len > 0, "no record batch in the stream");
+        let meta = &stream[pos..pos + len];
+        let message = arrow_ipc::root_as_message(meta).unwrap();
+        if let Some(batch) = message.header_as_record_batch() {
+            let buffers = batch.buffers().unwrap();
+            let base = pos + (buffers.bytes().as_ptr() as usize - meta.as_ptr() as usize);
+            return buffers
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (base + 16 * i + 8, b.length()))
+                .collect();
+        }
+        pos += len + message.bodyLength() as usize;
+    }
+}
+
+/// Issue 18 case 6: one bit flipped in a `save_to_disk` `.arrow` file (here in the length of
+/// the audio column's data buffer) made arrow-ipc panic (exit 101). Now the damaged file is an
+/// error row naming it and the row where reading stopped, the other input is prepared, and
+/// the run exits 0.
+#[test]
+fn cli_bit_flipped_arrow_file_is_an_error_row_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for name in [
+        "state.json",
+        "dataset_info.json",
+        "data-00000-of-00001.arrow",
+    ] {
+        std::fs::copy(fixture("hf/librispeech_saved").join(name), saved.join(name)).unwrap();
+    }
+    let arrow = saved.join("data-00000-of-00001.arrow");
+    let mut bytes = std::fs::read(&arrow).unwrap();
+    let buffers = record_batch_buffer_lengths(&bytes);
+    let (at, _) = *buffers.iter().max_by_key(|(_, len)| *len).unwrap();
+    bytes[at + 5] ^= 0x40; // the length grows by 2^46
+    std::fs::write(&arrow, &bytes).unwrap();
+
+    let out = tmp.path().join("out");
+    let cv = fixture("hf/commonvoice.parquet");
+    let run = prepare_limited(&out, &["--input", s(&saved), "--input", s(&cv)]);
+    let text = run.exited(0);
+    assert!(
+        text.contains("data-00000-of-00001.arrow:1") && text.contains("damaged"),
+        "{text}"
+    );
+    let errs = errors(&out);
+    let row = errs
+        .iter()
+        .find(|e| {
+            e["path"]
+                .as_str()
+                .unwrap()
+                .contains("data-00000-of-00001.arrow")
+        })
+        .unwrap_or_else(|| panic!("no error row for the arrow file: {errs:?}"));
+    assert!(row["reason"].as_str().unwrap().contains("buffer"), "{row}");
+    // the rest of the run went on: the Common Voice rows that decode are in the store
+    let ids: Vec<String> = contents(&out).into_iter().map(|r| r.0).collect();
+    assert_eq!(ids, ["common_voice_en_1", "common_voice_en_2"]);
+}
+
+/// Gzip members of `block` repeated `copies` times after `head`: a cheap way to write a file
+/// that inflates to gigabytes (a gzip stream may hold many members).
+fn gzip_bomb(path: &Path, head: &[u8], block: &[u8], copies: usize) {
+    use std::io::Write;
+    let member = |data: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    file.write_all(&member(head)).unwrap();
+    let block = member(block);
+    for _ in 0..copies {
+        file.write_all(&block).unwrap();
+    }
+    file.flush().unwrap();
+}
+
+/// The read-only finding of issue 18: a gzipped Lhotse manifest had no bound on line length,
+/// so a gzip bomb of one endless line (3 MB inflating to 3 GiB) exhausted memory. Now: one
+/// clear error naming the file and line, at once. A bomb of many short junk lines stops at the
+/// bound on unusable rows (or the inflation ratio) the same way.
+#[test]
+fn cli_gzip_bomb_lhotse_manifest_is_refused_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let endless = tmp.path().join("bomb_cuts.jsonl.gz");
+    gzip_bomb(&endless, br#"{"id": ""#, &vec![b'a'; 1 << 20], 3072);
+    let run = prepare_limited(&tmp.path().join("out1"), &["--input", s(&endless)]);
+    let text = run.exited(2);
+    assert!(
+        text.contains("bomb_cuts.jsonl.gz:1") && text.contains("line longer than 64 MiB"),
+        "{text}"
+    );
+
+    let junk = tmp.path().join("junk_cuts.jsonl.gz");
+    let line = b"{\"recording\": 1}\n";
+    let block: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take(line.len() << 16)
+        .collect();
+    gzip_bomb(&junk, b"", &block, 3072);
+    let run = prepare_limited(&tmp.path().join("out2"), &["--input", s(&junk)]);
+    let text = run.exited(2);
+    assert!(
+        text.contains("junk_cuts.jsonl.gz:") && text.contains("unusable rows"),
+        "{text}"
+    );
+}

@@ -8,6 +8,10 @@
 //!   epoch is among the `keep_nbest` best by validation loss.
 //!
 //! `EXP/avg.safetensors` (+ `avg.json`) is the mean of the kept epochs' weights.
+//!
+//! Each `.json` is a copy of the description held in its tensor file's header, which is the
+//! one read back: one rename replaces both, so a `kill -9` while saving leaves either the old
+//! or the new checkpoint, never new tensors described by an old sidecar.
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
@@ -200,8 +204,17 @@ pub fn sidecar(path: &Path) -> PathBuf {
     path.with_extension("json")
 }
 
-/// Write tensors and an optional JSON sidecar atomically (temporary name, fsync, rename);
-/// the sidecar is renamed last, so a sidecar always describes a complete tensor file.
+/// Key of the checkpoint's own description in the safetensors header's `__metadata__`.
+pub const META_KEY: &str = "speechcache.meta";
+
+/// Largest safetensors header read for its metadata (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Write tensors and an optional description atomically (temporary name, fsync, rename).
+///
+/// The description is stored inside the tensor file's header (`__metadata__`), so tensors and
+/// description change together in one rename and a kill at any point leaves a matching pair;
+/// the `.json` sidecar written after it is a readable copy, which `load_meta` never prefers.
 pub fn save<T: Serialize>(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -210,25 +223,58 @@ pub fn save<T: Serialize>(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     }
+    let side = sidecar(path);
+    let text = meta
+        .map(serde_json::to_string_pretty)
+        .transpose()
+        .map_err(|e| file_err(&side, e))?;
+    let header = text
+        .as_ref()
+        .map(|t| HashMap::from([(META_KEY.to_string(), t.clone())]));
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    let bytes = safetensors::serialize(map.iter().map(|(k, v)| (k.as_str(), v)), None)
+    let bytes = safetensors::serialize(map.iter().map(|(k, v)| (k.as_str(), v)), header)
         .map_err(|e| file_err(path, e))?;
     write_atomic(path, &bytes)?;
-    if let Some(meta) = meta {
-        let side = sidecar(path);
-        let text = serde_json::to_string_pretty(meta).map_err(|e| file_err(&side, e))?;
+    if let Some(text) = text {
         write_atomic(&side, text.as_bytes())?;
     }
     Ok(())
 }
 
+/// Replace `path` atomically: write `NAME.tmp` beside it (created anew, never through a
+/// symlink someone planted there), fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::result::Result<(), CheckpointError> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| file_err(path, "is not a file path"))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    // a leftover from a killed run (or a planted link): unlinking removes the name, not a target
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(file_err(&tmp, e)),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
     f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
     f.sync_all().map_err(|e| file_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))?;
+    // the rename itself survives a power cut only once the directory is synced (best effort:
+    // some file systems refuse fsync on a directory, and the data is already safe there)
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 /// Read every tensor of a safetensors file onto `device`.
@@ -242,12 +288,54 @@ pub fn load_tensors(
     candle_core::safetensors::load(path, device).map_err(|e| file_err(path, e))
 }
 
+/// The description stored in a safetensors file's header by `save` (None for files written
+/// before descriptions were embedded, or without one).
+pub fn embedded_meta(path: &Path) -> std::result::Result<Option<String>, CheckpointError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+    let size = f.metadata().map_err(|e| file_err(path, e))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| file_err(path, format!("not a safetensors file ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES || len > size.saturating_sub(8) {
+        return Err(file_err(
+            path,
+            format!("not a safetensors file: header of {len} bytes in a file of {size}"),
+        ));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| file_err(path, e))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| file_err(path, format!("safetensors header is not JSON ({e})")))?;
+    Ok(header["__metadata__"][META_KEY].as_str().map(String::from))
+}
+
+/// The description of a checkpoint: the one inside the tensor file, else (older files) the
+/// sidecar.
 pub fn load_meta<T: for<'de> Deserialize<'de>>(
     path: &Path,
 ) -> std::result::Result<T, CheckpointError> {
+    if let Some(text) = embedded_meta(path)? {
+        return serde_json::from_str(&text)
+            .map_err(|e| file_err(path, format!("checkpoint description: {e}")));
+    }
     let side = sidecar(path);
     let text = std::fs::read_to_string(&side).map_err(|e| file_err(&side, e))?;
     serde_json::from_str(&text).map_err(|e| file_err(&side, e))
+}
+
+/// Rewrite the sidecar of `path` from the description inside it when the two differ (a run
+/// killed between writing the tensor file and its sidecar). True when it was rewritten.
+pub fn repair_sidecar(path: &Path) -> std::result::Result<bool, CheckpointError> {
+    let Some(text) = embedded_meta(path)? else {
+        return Ok(false);
+    };
+    let side = sidecar(path);
+    match std::fs::read_to_string(&side) {
+        Ok(current) if current == text => Ok(false),
+        _ => write_atomic(&side, text.as_bytes()).map(|()| true),
+    }
 }
 
 /// The model tensors to save, by parameter name.

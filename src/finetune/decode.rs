@@ -9,7 +9,7 @@ use crate::finetune::data::{encode_text, make_batches, FeatureSource};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::search;
 use crate::finetune::tokenizer::Tokenizer;
-use crate::finetune::train::{log_prob_rows, Experiment, TrainError};
+use crate::finetune::train::{log_prob_rows, Experiment, ExperimentLock, TrainError};
 use candle_core::{DType, Device, D};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -121,6 +121,16 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     let started = std::time::Instant::now();
     let exp = Experiment::load(&opts.exp)?;
     exp.check_source(data)?;
+    // Decoding beside a training run is allowed: every checkpoint is replaced by one atomic
+    // rename with its description inside, so the file read is a whole one, old or new.
+    if let Some(holder) = ExperimentLock::holder(&exp.dir) {
+        if opts.verbose {
+            eprintln!(
+                "decode: {} is being trained by {holder}; decoding its checkpoint as saved now",
+                exp.dir.display()
+            );
+        }
+    }
     if data.is_empty() {
         return Err(TrainError::Experiment {
             path: data.path().to_path_buf(),

@@ -29,7 +29,11 @@ pub mod train;
 EXP receives: config.toml (resolved), experiment.json, tokens.txt, global_stats.json (global\n\
 normalisation), checkpoints/{last,epoch_NNNN}.safetensors (+ .json), avg.safetensors,\n\
 train_log.jsonl (one line per step), epoch_log.jsonl (valid loss/CER per epoch),\n\
-plots/loss.png and plots/layer_weights.png."
+plots/loss.png and plots/layer_weights.png.\n\n\
+One run per EXP: a run holds EXP/train.lock (an flock) until it ends, and a second finetune on\n\
+the same EXP is refused at once, naming the holder. decode may read EXP meanwhile: every\n\
+checkpoint is replaced by one atomic rename. (flock is node-local on NFS mounted nolock and\n\
+on Lustre localflock: run each EXP from one node there.)"
 )]
 pub struct FinetuneArgs {
     /// Training feature store (from `speechcache extract`); its transcripts define the tokens.

@@ -188,6 +188,139 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The lock file of an experiment directory; present only while a run holds it.
+pub const LOCK_FILE: &str = "train.lock";
+
+/// Who holds an experiment (the lock file's content), as the store writer lock records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LockHolder {
+    pid: u32,
+    host: String,
+    command: String,
+}
+
+/// One training run per experiment: an exclusive `flock` on `EXP/train.lock`, held for the
+/// whole `finetune` run (the approach of `store::lock`). The kernel drops it when the process
+/// dies, so a `kill -9` never leaves a stale lock; the file names the holder for the refusal.
+#[derive(Debug)]
+pub struct ExperimentLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl ExperimentLock {
+    /// Creates `dir` if needed and takes its lock, or refuses at once naming the holder.
+    pub fn acquire(dir: &Path) -> Result<Self, TrainError> {
+        use fs4::fs_std::FileExt;
+        if dir.exists() && !dir.is_dir() {
+            return Err(exp_err(dir, "exists and is not a directory"));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        // a holder that was finishing may unlink the file we opened: retry on the new one
+        for _ in 0..100 {
+            let file = open_lock_file(&path, true)?;
+            let locked = FileExt::try_lock_exclusive(&file).map_err(|e| exp_err(&path, e))?;
+            if !locked {
+                return Err(exp_err(
+                    dir,
+                    format!(
+                        "is being trained by {}; one run per experiment: wait for it to \
+                         finish (or stop it), then --resume",
+                        describe_holder(&file)
+                    ),
+                ));
+            }
+            if !same_file(&file, &path) {
+                continue;
+            }
+            let mut lock = ExperimentLock { file, path };
+            lock.write_holder()?;
+            return Ok(lock);
+        }
+        Err(exp_err(dir, "cannot take the experiment lock"))
+    }
+
+    /// Who is training in `dir` now, if anyone (`decode` notes it). A lock file that cannot
+    /// be opened (a planted symlink, no permission) holds no run that `decode` must know of.
+    pub fn holder(dir: &Path) -> Option<String> {
+        use fs4::fs_std::FileExt;
+        let file = open_lock_file(&dir.join(LOCK_FILE), false).ok()?;
+        if FileExt::try_lock_shared(&file).unwrap_or(true) {
+            let _ = FileExt::unlock(&file);
+            return None;
+        }
+        Some(describe_holder(&file))
+    }
+
+    fn write_holder(&mut self) -> Result<(), TrainError> {
+        let holder = LockHolder {
+            pid: std::process::id(),
+            host: crate::store::host_name(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        };
+        let text = serde_json::to_string(&holder).map_err(|e| exp_err(&self.path, e))?;
+        let io = |e| exp_err(&self.path, e);
+        self.file.set_len(0).map_err(io)?;
+        self.file.write_all(text.as_bytes()).map_err(io)?;
+        self.file.flush().map_err(io)
+    }
+}
+
+impl Drop for ExperimentLock {
+    fn drop(&mut self) {
+        use fs4::fs_std::FileExt;
+        // unlinked while still held, so a waiting opener sees a changed inode and retries
+        let _ = std::fs::remove_file(&self.path);
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+/// Opens the lock file without following a symlink planted at its name (ELOOP instead).
+fn open_lock_file(path: &Path, create: bool) -> Result<std::fs::File, TrainError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                exp_err(
+                    path,
+                    "is a symbolic link; the experiment lock is never followed through a link \
+                     (remove it if nothing is training here)",
+                )
+            } else {
+                exp_err(path, e)
+            }
+        })
+}
+
+/// The holder line of an open lock file, read through its handle (not its name).
+fn describe_holder(mut file: &std::fs::File) -> String {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    let _ = file
+        .rewind()
+        .and_then(|()| file.take(64 * 1024).read_to_string(&mut text));
+    match serde_json::from_str::<LockHolder>(&text) {
+        Ok(h) => format!("`{}` (pid {} on host {})", h.command.trim(), h.pid, h.host),
+        Err(_) => "another speechcache process".into(),
+    }
+}
+
+/// Whether the open `file` is still the one at `path` (not unlinked or replaced).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev() && a.nlink() > 0,
+        _ => false,
+    }
+}
+
 /// Everything `finetune` needs besides the data sources.
 pub struct TrainOptions {
     pub config: PathBuf,
@@ -262,7 +395,7 @@ pub struct StepLog {
 fn prepare_experiment(
     opts: &TrainOptions,
     train: &dyn FeatureSource,
-) -> Result<(Experiment, Option<CheckpointMeta>), TrainError> {
+) -> Result<(Experiment, Option<CheckpointMeta>, ExperimentLock), TrainError> {
     let mut config = FinetuneConfig::load(&opts.config)?;
     if let Some(seed) = opts.seed {
         config.train.seed = seed;
@@ -281,6 +414,8 @@ fn prepare_experiment(
     check_layers(train, &layers)?;
     config.data.layers = Some(layers.clone());
     let dir = &opts.out;
+    // taken before the experiment is read, and held until the run ends
+    let lock = ExperimentLock::acquire(dir)?;
     let last = last_path(dir);
     if dir.join(META_FILE).is_file() {
         if !opts.resume {
@@ -312,11 +447,19 @@ fn prepare_experiment(
         }
         exp.check_source(train)?;
         let ckpt = if last.is_file() {
+            if checkpoint::repair_sidecar(&last)? && opts.verbose {
+                eprintln!(
+                    "finetune: {} did not describe {} (a run killed while saving); \
+                     rewritten from the checkpoint",
+                    checkpoint::sidecar(&last).display(),
+                    last.display()
+                );
+            }
             Some(checkpoint::load_meta::<CheckpointMeta>(&last)?)
         } else {
             None
         };
-        return Ok((exp, ckpt));
+        return Ok((exp, ckpt, lock));
     }
     if opts.resume && opts.verbose {
         eprintln!(
@@ -324,7 +467,6 @@ fn prepare_experiment(
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
     let texts = (0..train.len()).filter_map(|i| train.text(i));
     let tokenizer = Tokenizer::build(texts);
     let normalize = config.model.featurizer.normalize;
@@ -361,6 +503,7 @@ fn prepare_experiment(
             stats,
         },
         None,
+        lock,
     ))
 }
 
@@ -391,7 +534,7 @@ fn train_on_pool(
     started: Instant,
 ) -> Result<TrainSummary, TrainError> {
     check_inputs(train, valid)?;
-    let (exp, resume_from) = prepare_experiment(opts, train)?;
+    let (exp, resume_from, _lock) = prepare_experiment(opts, train)?;
     exp.check_source(valid)?;
     let cfg = &exp.config;
     let dev = &opts.device;
@@ -448,6 +591,10 @@ fn train_on_pool(
         };
         truncate_log(&exp.dir.join(TRAIN_LOG), |l: &StepLog| l.step <= meta.step)?;
         write_epoch_log(&exp.dir, &history)?;
+        if meta.epoch_complete && !average_is_current(&exp, &history) {
+            say("finishing the last epoch's n-best pruning and average (a run stopped before it was done)".into());
+            keep_nbest_and_average(&exp, &history, dev)?;
+        }
         say(format!(
             "resuming at epoch {epoch}, batch {skip}, step {}",
             meta.step
@@ -979,6 +1126,19 @@ fn end_of_epoch(
         history.last(),
     )?;
     save_last(dir, vars, opt, &meta)?;
+    keep_nbest_and_average(exp, history, dev)?;
+    write_plots(exp, history, model, epoch)
+}
+
+/// Deletes the epoch checkpoints outside the n best and writes their average. Run after
+/// `last` is saved, and again on resume when a kill came before it finished (`avg` then does
+/// not describe the n best of the checkpointed history).
+fn keep_nbest_and_average(
+    exp: &Experiment,
+    history: &[EpochResult],
+    dev: &Device,
+) -> Result<(), TrainError> {
+    let dir = &exp.dir;
     let keep = checkpoint::nbest(history, exp.config.train.keep_nbest);
     for r in history {
         if !keep.contains(&r.epoch) {
@@ -1007,7 +1167,17 @@ fn end_of_epoch(
             }),
         )?;
     }
-    write_plots(exp, history, model, epoch)
+    Ok(())
+}
+
+/// Whether `avg.safetensors` is the average `keep_nbest_and_average` would write now.
+fn average_is_current(exp: &Experiment, history: &[EpochResult]) -> bool {
+    let keep = checkpoint::nbest(history, exp.config.train.keep_nbest);
+    let stale_epoch = history
+        .iter()
+        .any(|r| !keep.contains(&r.epoch) && epoch_path(&exp.dir, r.epoch).is_file());
+    let avg = checkpoint::load_meta::<AverageMeta>(&avg_path(&exp.dir));
+    !stale_epoch && (keep.is_empty() || avg.is_ok_and(|m| m.epochs == keep))
 }
 
 fn write_plots(

@@ -16,18 +16,27 @@
 //! whole, one batch at a time); `read_audio_bytes` reads the `bytes` of a few rows of one row
 //! group (record batch, for Arrow) when `prepare` decodes them. An Arrow stream has no index,
 //! so reading batch `k` reads the batches before it.
+//!
+//! Damaged files: an Arrow stream's message headers are checked against the file before
+//! arrow-ipc decodes them (it panics on some damage), and arrow/parquet decoding runs under
+//! `catch_unwind` as a last resort. Rows read before the damage are kept; the rest of that
+//! file becomes one error row naming the file, the row and the reason, and the run goes on.
 use super::dir::clean_id;
 use super::{is_audio_path, AudioRef, Columns, CorpusItem, ManifestError, Origin, Utterance};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
 use arrow_ipc::reader::StreamReader;
+use arrow_ipc::MessageHeader;
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use parquet::arrow::ProjectionMask;
 use parquet::schema::types::SchemaDescriptor;
+use std::cell::Cell;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 const TEXT_COLUMNS: &[&str] = &["text", "sentence", "transcription", "normalized_text"];
 const ID_COLUMNS: &[&str] = &["id", "segment_id", "path"];
@@ -110,50 +119,81 @@ pub(super) fn load(input: &Path, columns: &Columns) -> Result<Vec<CorpusItem>, M
     Ok(items)
 }
 
+/// Opens an Arrow stream reading only the columns `projection` (all when None); a damaged
+/// stream is an `Err` with the reason.
 fn open_arrow(
     path: &Path,
-    columns: impl FnOnce(&Schema) -> Result<Vec<usize>, ManifestError>,
-) -> Result<StreamReader<BufReader<File>>, ManifestError> {
-    let open = |projection| {
-        let file = File::open(path).map_err(|e| ManifestError::io(path, e))?;
-        StreamReader::try_new_buffered(file, projection).map_err(|e| {
-            ManifestError::invalid(path, format!("not an Arrow stream (datasets' .arrow): {e}"))
-        })
-    };
-    let schema = open(None)?.schema();
-    open(Some(columns(&schema)?))
+    projection: Option<Vec<usize>>,
+) -> Result<StreamReader<BufReader<File>>, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    guarded(|| {
+        StreamReader::try_new_buffered(file, projection)
+            .map_err(|e| format!("not an Arrow stream (datasets' .arrow): {e}"))
+    })
 }
 
-/// An Arrow stream file, as `save_to_disk` writes it: every batch is read once.
+/// The indices of the chosen columns in an Arrow schema, ascending.
+fn arrow_projection(schema: &Schema, c: &Chosen) -> Vec<usize> {
+    let names = [
+        Some(&c.audio),
+        c.text.as_ref(),
+        c.id.as_ref(),
+        c.speaker.as_ref(),
+    ];
+    let mut indices: Vec<usize> = names
+        .into_iter()
+        .flatten()
+        .filter_map(|n| schema.index_of(n).ok())
+        .collect();
+    indices.sort_unstable();
+    indices.dedup();
+    indices
+}
+
+/// An Arrow stream file, as `save_to_disk` writes it: every batch is read once. Where the file
+/// turns out damaged, the rows read so far are kept and the rest is one error row.
 fn load_arrow_file(
     path: &Path,
     columns: &Columns,
     items: &mut Vec<CorpusItem>,
 ) -> Result<(), ManifestError> {
-    let mut chosen = None;
-    let reader = open_arrow(path, |schema| {
-        let c = choose_columns(path, schema, columns)?;
-        let names = [
-            Some(&c.audio),
-            c.text.as_ref(),
-            c.id.as_ref(),
-            c.speaker.as_ref(),
-        ];
-        let mut indices: Vec<usize> = names
-            .into_iter()
-            .flatten()
-            .filter_map(|n| schema.index_of(n).ok())
-            .collect();
-        indices.sort_unstable();
-        indices.dedup();
-        chosen = Some(c);
-        Ok(indices)
-    })?;
-    let chosen = chosen.ok_or_else(|| ManifestError::invalid(path, "no schema"))?;
+    // arrow-ipc panics on some damage its validation does not see: look at the headers first
+    let (good_batches, damage) = match check_arrow_stream(path, usize::MAX) {
+        Ok(()) => (usize::MAX, None),
+        Err(d) => (d.good_batches, Some(d.reason)),
+    };
+    let schema = match open_arrow(path, None) {
+        Ok(reader) => reader.schema(),
+        Err(reason) => {
+            items.push(unreadable_rest(path, 0, damage.unwrap_or(reason)));
+            return Ok(());
+        }
+    };
+    let chosen = choose_columns(path, &schema, columns)?;
+    let mut reader = match open_arrow(path, Some(arrow_projection(&schema, &chosen))) {
+        Ok(reader) => reader,
+        Err(reason) => {
+            items.push(unreadable_rest(path, 0, damage.unwrap_or(reason)));
+            return Ok(());
+        }
+    };
     let mut row = 0usize;
-    for (group, batch) in reader.enumerate() {
-        let batch =
-            batch.map_err(|e| ManifestError::invalid(path, format!("cannot read rows: {e}")))?;
+    for group in 0.. {
+        if group == good_batches {
+            if let Some(reason) = damage {
+                items.push(unreadable_rest(path, row, reason));
+            }
+            break;
+        }
+        let batch = match guarded(|| reader.next().transpose().map_err(|e| e.to_string())) {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(reason) => {
+                let reason = format!("record batch {group}: {reason}");
+                items.push(unreadable_rest(path, row, reason));
+                break;
+            }
+        };
         let table =
             Table::new(&batch, &chosen).map_err(|e| ManifestError::line(path, row + 1, e))?;
         for i in 0..batch.num_rows() {
@@ -162,6 +202,195 @@ fn load_arrow_file(
         }
     }
     Ok(())
+}
+
+/// The error row standing for the rows of a damaged data file from `row` (0-based) on.
+fn unreadable_rest(path: &Path, row: usize, reason: String) -> CorpusItem {
+    let stem = clean_id(&stem(&path.to_string_lossy()));
+    CorpusItem {
+        utt: Utterance {
+            id: format!("{stem}-unreadable-{row}"),
+            source: path.to_path_buf(),
+            start: 0.0,
+            duration: None,
+            text: None,
+            speaker: None,
+        },
+        audio: AudioRef::Invalid(format!(
+            "the file is damaged from row {} on, which cannot be read: {reason}",
+            row + 1
+        )),
+        origin: Origin::at_line(path, row + 1),
+    }
+}
+
+/// Where an Arrow stream turned out damaged: after how many good record batches, and why.
+#[derive(Debug)]
+struct ArrowDamage {
+    good_batches: usize,
+    reason: String,
+}
+
+/// Checks the framing of an Arrow IPC stream and the buffers of its first `max_batches` record
+/// batches against their message bodies, reading message headers only (bodies are skipped).
+/// arrow-ipc slices buffers with assertions, so a flipped bit in an offset or a length would
+/// panic inside it; here it is an error naming the batch.
+fn check_arrow_stream(path: &Path, max_batches: usize) -> Result<(), ArrowDamage> {
+    let mut good = 0usize;
+    let damaged = |good: usize, reason: String| ArrowDamage {
+        good_batches: good,
+        reason,
+    };
+    let file = File::open(path).map_err(|e| damaged(0, format!("cannot open: {e}")))?;
+    let size = file
+        .metadata()
+        .map_err(|e| damaged(0, format!("cannot stat: {e}")))?
+        .len();
+    let mut reader = BufReader::new(file);
+    let mut pos = 0u64;
+    let mut meta = Vec::new();
+    while good < max_batches {
+        let (at, done) = (pos, good);
+        let fail = |reason: String| damaged(done, format!("message at byte {at}: {reason}"));
+        let mut word = [0u8; 4];
+        match read_word(&mut reader, &mut word).map_err(|e| fail(e.to_string()))? {
+            false => return Ok(()),
+            true => pos += 4,
+        }
+        let mut len = i32::from_le_bytes(word);
+        if len == -1 {
+            // the continuation marker of the current format; the length follows
+            if !read_word(&mut reader, &mut word).map_err(|e| fail(e.to_string()))? {
+                return Err(fail("the stream ends inside a message header".into()));
+            }
+            pos += 4;
+            len = i32::from_le_bytes(word);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let len = u64::try_from(len).map_err(|_| fail(format!("negative length {len}")))?;
+        if len > size - pos {
+            return Err(fail(format!(
+                "a header of {len} bytes runs past the end of the file ({size} bytes)"
+            )));
+        }
+        meta.resize(len as usize, 0);
+        reader
+            .read_exact(&mut meta)
+            .map_err(|e| fail(e.to_string()))?;
+        pos += len;
+        let message = arrow_ipc::root_as_message(&meta)
+            .map_err(|e| fail(format!("damaged message header ({e})")))?;
+        let body = u64::try_from(message.bodyLength())
+            .ok()
+            .filter(|&b| b <= size - pos)
+            .ok_or_else(|| {
+                fail(format!(
+                    "a body of {} bytes runs past the end of the file ({size} bytes)",
+                    message.bodyLength()
+                ))
+            })?;
+        let batch = match message.header_type() {
+            MessageHeader::RecordBatch => message.header_as_record_batch(),
+            MessageHeader::DictionaryBatch => {
+                message.header_as_dictionary_batch().and_then(|d| d.data())
+            }
+            _ => None,
+        };
+        if let Some(batch) = batch {
+            check_batch_buffers(&batch, body).map_err(fail)?;
+        }
+        if message.header_type() == MessageHeader::RecordBatch {
+            good += 1;
+        }
+        reader
+            .seek_relative(body as i64)
+            .map_err(|e| fail(e.to_string()))?;
+        pos += body;
+    }
+    Ok(())
+}
+
+/// Every buffer and node of a record batch header lies within a body of `body` bytes.
+fn check_batch_buffers(batch: &arrow_ipc::RecordBatch<'_>, body: u64) -> Result<(), String> {
+    if batch.length() < 0 {
+        return Err(format!("negative row count {}", batch.length()));
+    }
+    for (i, b) in batch.buffers().iter().flatten().enumerate() {
+        let end = u64::try_from(b.offset())
+            .ok()
+            .zip(u64::try_from(b.length()).ok())
+            .and_then(|(o, l)| o.checked_add(l));
+        if end.is_none_or(|end| end > body) {
+            return Err(format!(
+                "buffer {i} (offset {}, {} bytes) lies outside the message body of {body} bytes",
+                b.offset(),
+                b.length()
+            ));
+        }
+    }
+    for (i, n) in batch.nodes().iter().flatten().enumerate() {
+        if n.length() < 0 || n.null_count() < 0 || n.null_count() > n.length() {
+            return Err(format!(
+                "column node {i} has {} rows and {} nulls",
+                n.length(),
+                n.null_count()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Fills `word`; false at a clean end of file before its first byte.
+fn read_word(reader: &mut impl Read, word: &mut [u8; 4]) -> std::io::Result<bool> {
+    let mut filled = 0;
+    while filled < word.len() {
+        match reader.read(&mut word[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the stream ends inside a message header",
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+thread_local! {
+    /// Set while `guarded` runs on this thread: its panics are reported as errors instead.
+    static QUIET_PANICS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs arrow/parquet decoding, turning a panic inside those crates (their last resort on
+/// damage they do not check) into an error. The panic hook is wrapped once so that such a
+/// panic prints nothing; panics elsewhere, and on other threads, print as before.
+fn guarded<T>(work: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET_PANICS.with(|q| q.replace(true));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
+    QUIET_PANICS.with(|q| q.set(was));
+    outcome.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(format!("the decoder crashed on damaged data ({what})"))
+    })
 }
 
 /// The columns one file is read through, chosen from its schema.
@@ -237,15 +466,26 @@ fn leaves(schema: &SchemaDescriptor, wanted: &[Vec<&str>]) -> ProjectionMask {
 
 fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| format!("not a parquet file: {e}"))
+    guarded(|| {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| format!("not a parquet file: {e}"))
+    })
 }
 
+/// A parquet file, small columns only. Where the file turns out damaged, the rows read so far
+/// are kept and the rest is one error row.
 fn load_file(
     path: &Path,
     columns: &Columns,
     items: &mut Vec<CorpusItem>,
 ) -> Result<(), ManifestError> {
-    let builder = open_parquet(path).map_err(|e| ManifestError::invalid(path, e))?;
+    let builder = match open_parquet(path) {
+        Ok(b) => b,
+        Err(reason) => {
+            items.push(unreadable_rest(path, 0, reason));
+            return Ok(());
+        }
+    };
     let chosen = choose_columns(path, builder.schema(), columns)?;
     let mut wanted: Vec<Vec<&str>> = vec![vec![chosen.audio.as_str(), "path"]];
     for name in [&chosen.text, &chosen.id, &chosen.speaker]
@@ -261,15 +501,30 @@ fn load_file(
         .iter()
         .map(|g| g.num_rows().max(0) as usize)
         .collect();
-    let reader = builder
-        .with_projection(mask)
-        .build()
-        .map_err(|e| ManifestError::invalid(path, format!("cannot read: {e}")))?;
+    let built = guarded(|| {
+        builder
+            .with_projection(mask)
+            .build()
+            .map_err(|e| format!("cannot read: {e}"))
+    });
+    let mut reader = match built {
+        Ok(r) => r,
+        Err(reason) => {
+            items.push(unreadable_rest(path, 0, reason));
+            return Ok(());
+        }
+    };
     let mut row = 0usize;
     let mut locate = RowLocator::new(group_rows);
-    for batch in reader {
-        let batch =
-            batch.map_err(|e| ManifestError::invalid(path, format!("cannot read rows: {e}")))?;
+    loop {
+        let batch = match guarded(|| reader.next().transpose().map_err(|e| e.to_string())) {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(reason) => {
+                items.push(unreadable_rest(path, row, reason));
+                break;
+            }
+        };
         let table =
             Table::new(&batch, &chosen).map_err(|e| ManifestError::line(path, row + 1, e))?;
         for i in 0..batch.num_rows() {
@@ -413,23 +668,29 @@ pub fn read_audio_bytes(
     }
     let builder = open_parquet(path)?;
     let audio = audio_column(builder.schema()).ok_or("no audio column")?;
+    if group >= builder.metadata().num_row_groups() {
+        return Err(format!("row group {group} is missing"));
+    }
     let mask = leaves(builder.parquet_schema(), &[vec![audio.as_str(), "bytes"]]);
     let span = last + 1 - first;
-    let reader = builder
-        .with_projection(mask)
-        .with_row_groups(vec![group])
-        .with_row_selection(RowSelection::from(vec![
-            RowSelector::skip(first),
-            RowSelector::select(span),
-        ]))
-        .with_batch_size(span)
-        .build()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let mut bytes: Vec<Option<Vec<u8>>> = Vec::with_capacity(span);
-    for batch in reader {
-        let batch = batch.map_err(|e| format!("cannot read the audio bytes: {e}"))?;
-        append_bytes(&batch, &audio, 0..batch.num_rows(), &mut bytes)?;
-    }
+    let bytes = guarded(|| {
+        let reader = builder
+            .with_projection(mask)
+            .with_row_groups(vec![group])
+            .with_row_selection(RowSelection::from(vec![
+                RowSelector::skip(first),
+                RowSelector::select(span),
+            ]))
+            .with_batch_size(span)
+            .build()
+            .map_err(|e| format!("cannot read: {e}"))?;
+        let mut bytes: Vec<Option<Vec<u8>>> = Vec::with_capacity(span);
+        for batch in reader {
+            let batch = batch.map_err(|e| format!("cannot read the audio bytes: {e}"))?;
+            append_bytes(&batch, &audio, 0..batch.num_rows(), &mut bytes)?;
+        }
+        Ok(bytes)
+    })?;
     rows.iter()
         .map(|&r| {
             bytes
@@ -470,22 +731,22 @@ fn read_arrow_audio_bytes(
     batch: usize,
     rows: &[usize],
 ) -> Result<Vec<Option<Vec<u8>>>, String> {
-    let mut audio = None;
-    let mut reader = open_arrow(path, |schema| {
-        let name =
-            audio_column(schema).ok_or_else(|| ManifestError::invalid(path, "no audio column"))?;
-        let index = schema
-            .index_of(&name)
-            .map_err(|e| ManifestError::invalid(path, e.to_string()))?;
-        audio = Some(name);
-        Ok(vec![index])
-    })
-    .map_err(|e| e.to_string())?;
-    let audio = audio.ok_or("no audio column")?;
-    let wanted = reader
-        .nth(batch)
-        .ok_or_else(|| format!("record batch {batch} is missing"))?
-        .map_err(|e| format!("cannot read the audio bytes: {e}"))?;
+    check_arrow_stream(path, batch.saturating_add(1)).map_err(|d| {
+        format!(
+            "damaged after record batch {}: {}",
+            d.good_batches, d.reason
+        )
+    })?;
+    let schema = open_arrow(path, None)?.schema();
+    let audio = audio_column(&schema).ok_or("no audio column")?;
+    let index = schema.index_of(&audio).map_err(|e| e.to_string())?;
+    let mut reader = open_arrow(path, Some(vec![index]))?;
+    let wanted = guarded(|| {
+        reader
+            .nth(batch)
+            .ok_or_else(|| format!("record batch {batch} is missing"))?
+            .map_err(|e| format!("cannot read the audio bytes: {e}"))
+    })?;
     let mut bytes = Vec::with_capacity(rows.len());
     for &row in rows {
         append_bytes(&wanted, &audio, row..row + 1, &mut bytes)?;

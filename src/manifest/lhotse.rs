@@ -13,6 +13,11 @@
 //! all channels, averaged. Rows that cannot be used (a URL or command source, a channel the
 //! recording does not have, a mixed cut, invalid JSON) become error rows of the run, naming
 //! the manifest file and line, and the rest of the manifest is read.
+//!
+//! Reading is bounded, so that a damaged or hostile file (a gzip bomb) fails with its file and
+//! line instead of exhausting memory: lines up to `MAX_LINE_BYTES`, a gzipped file inflating to
+//! at most `MAX_GZIP_RATIO` times its size (`MIN_GZIP_LIMIT` at least), and at most
+//! `MAX_UNUSABLE_ROWS` error rows per file.
 use super::{AudioRef, CorpusItem, ManifestError, Origin, Utterance};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -25,6 +30,8 @@ pub(super) enum Kind {
     Recordings,
     Supervisions,
     Cuts,
+    /// The first line is past a read bound (see `Lines`).
+    Unreadable,
 }
 
 /// The files one input stands for: recordings (+ supervisions), or cuts.
@@ -37,44 +44,156 @@ pub(super) enum ManifestSet {
     Cuts(PathBuf),
 }
 
-/// Opens a file as text, gunzipping it when it starts with the gzip magic bytes.
-fn open_text(path: &Path) -> Result<Box<dyn BufRead>, ManifestError> {
-    let mut file = std::fs::File::open(path).map_err(|e| ManifestError::io(path, e))?;
-    let mut magic = [0u8; 2];
-    let n = file
-        .read(&mut magic)
-        .map_err(|e| ManifestError::io(path, e))?;
-    let head = std::io::Cursor::new(magic[..n].to_vec());
-    let whole = head.chain(file);
-    Ok(if magic[..n] == [0x1f, 0x8b] {
-        Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(whole)))
-    } else {
-        Box::new(BufReader::new(whole))
-    })
+/// Longest manifest line read (a cut with many supervisions is a few kB; a longer "line" is
+/// a damaged or hostile file, and reading it whole would exhaust memory).
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// A gzipped manifest may inflate to at most this many times its compressed size (JSON lines
+/// compress 5-15x; a deflate bomb, about 1000x) ...
+pub const MAX_GZIP_RATIO: u64 = 100;
+/// ... or to this many bytes, whichever is more.
+pub const MIN_GZIP_LIMIT: u64 = 64 << 20;
+
+/// Why a manifest file could not be read as lines.
+#[derive(Debug)]
+enum ReadError {
+    /// Past a bound: not a manifest to guess the format of.
+    Bound(String),
+    Io(std::io::Error),
 }
 
-/// Calls `each` with every non-blank line and its 1-based number.
-fn for_each_line(path: &Path, mut each: impl FnMut(usize, &str)) -> Result<(), ManifestError> {
-    for (index, line) in open_text(path)?.lines().enumerate() {
-        let line = line.map_err(|e| ManifestError::line(path, index + 1, e.to_string()))?;
-        if !line.trim().is_empty() {
-            each(index + 1, &line);
+/// A manifest file's lines, gunzipped when it starts with the gzip magic bytes, each line and
+/// the whole inflated text bounded.
+struct Lines {
+    reader: Box<dyn BufRead>,
+    /// Inflated bytes still allowed (u64::MAX for a plain file, whose size is its bound).
+    budget: u64,
+    gzip_limit: Option<u64>,
+    number: usize,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn open(path: &Path) -> Result<Self, ManifestError> {
+        let mut file = std::fs::File::open(path).map_err(|e| ManifestError::io(path, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| ManifestError::io(path, e))?
+            .len();
+        let mut magic = [0u8; 2];
+        let n = file
+            .read(&mut magic)
+            .map_err(|e| ManifestError::io(path, e))?;
+        let head = std::io::Cursor::new(magic[..n].to_vec());
+        let whole = head.chain(file);
+        let (reader, gzip_limit): (Box<dyn BufRead>, _) = if magic[..n] == [0x1f, 0x8b] {
+            let limit = size.saturating_mul(MAX_GZIP_RATIO).max(MIN_GZIP_LIMIT);
+            let inflate = flate2::read::MultiGzDecoder::new(whole);
+            (Box::new(BufReader::new(inflate)), Some(limit))
+        } else {
+            (Box::new(BufReader::new(whole)), None)
+        };
+        Ok(Lines {
+            reader,
+            budget: gzip_limit.unwrap_or(u64::MAX),
+            gzip_limit,
+            number: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next line (without its `\n` / `\r\n`) and its 1-based number; None at the end.
+    fn next_line(&mut self) -> Result<Option<(usize, &str)>, ReadError> {
+        self.buf.clear();
+        self.number += 1;
+        let cap = (MAX_LINE_BYTES as u64 + 1).min(self.budget.saturating_add(1));
+        let n = (&mut self.reader)
+            .take(cap)
+            .read_until(b'\n', &mut self.buf)
+            .map_err(ReadError::Io)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n as u64 > self.budget {
+            let limit = self.gzip_limit.unwrap_or(u64::MAX);
+            return Err(ReadError::Bound(format!(
+                "inflates to more than {limit} bytes ({MAX_GZIP_RATIO}x its compressed size; \
+                 a gzip bomb?); if the manifest is genuine, gunzip it and pass the plain .jsonl"
+            )));
+        }
+        self.budget -= n as u64;
+        if n > MAX_LINE_BYTES && self.buf.last() != Some(&b'\n') {
+            return Err(ReadError::Bound(format!(
+                "line longer than {} MiB (a damaged file, or not JSON lines)",
+                MAX_LINE_BYTES >> 20
+            )));
+        }
+        let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line).map_err(|e| {
+            ReadError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not valid UTF-8 ({e})"),
+            ))
+        })?;
+        Ok(Some((self.number, line)))
+    }
+}
+
+/// Most unusable rows one manifest may give: each becomes an error row in memory, so a
+/// file of millions of tiny junk lines (or a gzip bomb of them) would otherwise exhaust it.
+pub const MAX_UNUSABLE_ROWS: usize = 100_000;
+
+/// Calls `each` with every non-blank line and its 1-based number; `each` says whether the row
+/// was usable.
+fn for_each_line(
+    path: &Path,
+    mut each: impl FnMut(usize, &str) -> bool,
+) -> Result<(), ManifestError> {
+    let mut lines = Lines::open(path)?;
+    let mut unusable = 0usize;
+    loop {
+        match lines.next_line() {
+            Ok(Some((number, line))) => {
+                if !line.trim().is_empty() && !each(number, line) {
+                    unusable += 1;
+                    if unusable > MAX_UNUSABLE_ROWS {
+                        return Err(ManifestError::line(
+                            path,
+                            number,
+                            format!(
+                                "more than {MAX_UNUSABLE_ROWS} unusable rows; stopped reading \
+                                 (is this a Lhotse manifest?)"
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(ReadError::Bound(reason)) => {
+                return Err(ManifestError::line(path, lines.number, reason))
+            }
+            Err(ReadError::Io(e)) => {
+                return Err(ManifestError::line(path, lines.number, e.to_string()))
+            }
         }
     }
-    Ok(())
 }
 
 /// The kind of Lhotse manifest `path` is, from its first record; None if it is not one.
+/// A file whose first line is past a read bound counts as `Unreadable`, so that the Lhotse
+/// reader reports the bound (file and line) instead of the format going unrecognised.
 pub(super) fn sniff(path: &Path) -> Option<Kind> {
-    let mut first = None;
-    let mut lines = open_text(path).ok()?.lines();
-    while let Some(Ok(line)) = lines.next() {
-        if !line.trim().is_empty() {
-            first = Some(line);
-            break;
+    let mut lines = Lines::open(path).ok()?;
+    let first = loop {
+        match lines.next_line() {
+            Ok(Some((_, line))) if line.trim().is_empty() => continue,
+            Ok(Some((_, line))) => break line,
+            Ok(None) | Err(ReadError::Io(_)) => return None,
+            Err(ReadError::Bound(_)) => return Some(Kind::Unreadable),
         }
-    }
-    let Value::Object(obj) = serde_json::from_str(&first?).ok()? else {
+    };
+    let Value::Object(obj) = serde_json::from_str(first).ok()? else {
         return None;
     };
     if obj.contains_key("recording_id") {
@@ -103,6 +222,12 @@ pub(super) fn manifest_set(input: &Path) -> Result<ManifestSet, ManifestError> {
             .then(|| input.with_file_name(name.replacen(from, to, 1)))
     };
     match kind {
+        Kind::Unreadable => for_each_line(input, |_, _| true).and_then(|()| {
+            Err(ManifestError::invalid(
+                input,
+                "cannot read the first record",
+            ))
+        }),
         Kind::Cuts => Ok(ManifestSet::Cuts(input.to_path_buf())),
         Kind::Recordings => Ok(ManifestSet::Recordings {
             recordings: input.to_path_buf(),
@@ -213,10 +338,12 @@ fn load_recordings(path: &Path) -> Result<Recordings, ManifestError> {
         };
         if let Some(&first) = recs.by_id.get(&rec.id) {
             duplicate.get_or_insert((line, rec.id.clone(), recs.order[first].1));
-            return;
+            return true;
         }
+        let usable = rec.sources.is_ok();
         recs.by_id.insert(rec.id.clone(), recs.order.len());
         recs.order.push((rec, line));
+        usable
     })?;
     if let Some((line, id, first)) = duplicate {
         return Err(ManifestError::line(
@@ -434,7 +561,7 @@ fn load_supervisions(path: &Path, recs: &Recordings) -> Result<Vec<CorpusItem>, 
             Ok(obj) => obj,
             Err(reason) => {
                 items.push(invalid(format!("{}:{line}", file_stem(path)), here, reason));
-                return;
+                return false;
             }
         };
         let id = id_or_line(&obj, path, line);
@@ -442,6 +569,9 @@ fn load_supervisions(path: &Path, recs: &Recordings) -> Result<Vec<CorpusItem>, 
             Ok((utt, rec, channel)) => items.push(with_audio(utt, rec, channel.as_deref(), here)),
             Err(reason) => items.push(invalid(id, here, reason)),
         }
+        items
+            .last()
+            .is_some_and(|item| !matches!(item.audio, AudioRef::Invalid(_)))
     })?;
     Ok(items)
 }
@@ -506,7 +636,7 @@ fn load_cuts(path: &Path) -> Result<Vec<CorpusItem>, ManifestError> {
             Ok(obj) => obj,
             Err(reason) => {
                 items.push(invalid(format!("{}:{line}", file_stem(path)), here, reason));
-                return;
+                return false;
             }
         };
         let id = id_or_line(&obj, path, line);
@@ -514,6 +644,9 @@ fn load_cuts(path: &Path) -> Result<Vec<CorpusItem>, ManifestError> {
             Ok((utt, rec, channel)) => items.push(with_audio(utt, &rec, channel.as_deref(), here)),
             Err(reason) => items.push(invalid(id, here, reason)),
         }
+        items
+            .last()
+            .is_some_and(|item| !matches!(item.audio, AudioRef::Invalid(_)))
     })?;
     Ok(items)
 }

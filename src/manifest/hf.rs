@@ -74,7 +74,8 @@ pub(super) fn data_files(input: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 
 /// `_data_files` of a `save_to_disk` directory's `state.json`, in order.
 fn saved_arrow_files(dir: &Path, state: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let text = std::fs::read_to_string(state).map_err(|e| ManifestError::io(state, e))?;
+    let text = crate::regular_file::read_regular_to_string(state)
+        .map_err(|e| ManifestError::io(state, e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ManifestError::invalid(state, format!("not valid JSON ({e})")))?;
     let files: Option<Vec<PathBuf>> = value["_data_files"].as_array().map(|list| {
@@ -125,7 +126,7 @@ fn open_arrow(
     path: &Path,
     projection: Option<Vec<usize>>,
 ) -> Result<StreamReader<BufReader<File>>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let file = crate::regular_file::open_regular(path).map_err(|e| format!("cannot open: {e}"))?;
     guarded(|| {
         StreamReader::try_new_buffered(file, projection)
             .map_err(|e| format!("not an Arrow stream (datasets' .arrow): {e}"))
@@ -241,7 +242,8 @@ fn check_arrow_stream(path: &Path, max_batches: usize) -> Result<(), ArrowDamage
         good_batches: good,
         reason,
     };
-    let file = File::open(path).map_err(|e| damaged(0, format!("cannot open: {e}")))?;
+    let file = crate::regular_file::open_regular(path)
+        .map_err(|e| damaged(0, format!("cannot open: {e}")))?;
     let size = file
         .metadata()
         .map_err(|e| damaged(0, format!("cannot stat: {e}")))?
@@ -465,7 +467,7 @@ fn leaves(schema: &SchemaDescriptor, wanted: &[Vec<&str>]) -> ProjectionMask {
 }
 
 fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let file = crate::regular_file::open_regular(path).map_err(|e| format!("cannot open: {e}"))?;
     guarded(|| {
         ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| format!("not a parquet file: {e}"))

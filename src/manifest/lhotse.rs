@@ -75,7 +75,8 @@ struct Lines {
 
 impl Lines {
     fn open(path: &Path) -> Result<Self, ManifestError> {
-        let mut file = std::fs::File::open(path).map_err(|e| ManifestError::io(path, e))?;
+        let mut file =
+            crate::regular_file::open_regular(path).map_err(|e| ManifestError::io(path, e))?;
         let size = file
             .metadata()
             .map_err(|e| ManifestError::io(path, e))?

@@ -15,7 +15,7 @@ pub(crate) fn read_lines(
     path: &Path,
     keep_blank: bool,
 ) -> Result<Vec<NumberedLine>, ManifestError> {
-    let bytes = std::fs::read(path).map_err(|e| ManifestError::io(path, e))?;
+    let bytes = crate::regular_file::read_regular(path).map_err(|e| ManifestError::io(path, e))?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut lines = Vec::new();
     let mut pieces: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();

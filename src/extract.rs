@@ -65,7 +65,8 @@ pub struct ExtractArgs {
     /// Go on even when the estimated store size exceeds the free disk space.
     #[arg(long)]
     pub force: bool,
-    /// Replace a store at --out that was made with different options or another model.
+    /// Redo the store at --out from scratch (its own files only), whatever it holds: other
+    /// options or model, a damaged meta.json, or a complete store.
     #[arg(long)]
     pub overwrite: bool,
     /// A config.json for a fairseq checkpoint whose stored config cannot be read.

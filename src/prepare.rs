@@ -59,7 +59,8 @@ pub struct PrepareArgs {
     /// Exit non-zero when any file failed.
     #[arg(long)]
     pub strict: bool,
-    /// Replace a store at --out that was made with different options.
+    /// Redo the store at --out from scratch (its own files only), whatever it holds: other
+    /// options, replaced inputs, a damaged meta.json, or a complete store.
     #[arg(long)]
     pub overwrite: bool,
     /// Prepare only part K of N (1-based: 1/4 .. 4/4) into --out, an ordinary store of one

@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use speechcache::audio::{decode_input, AudioInput, DecodeOptions};
 use speechcache::store::{
-    verify_store, AudioStore, Dtype, ErrorRow, IndexRow, InputResult, ItemData, StoreKind,
-    StoreWriter, WriterSpec,
+    verify_store, AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData,
+    StoreKind, StoreWriter, WriterSpec,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -262,6 +262,11 @@ fn read_everything(store: &Path) {
                     .map(|x| x.to_bits() as u64)
                     .sum::<u64>();
             }
+        }
+    }
+    if let Ok(features) = FeatureStore::open(store) {
+        for i in 0..features.len() {
+            let _ = features.check_row(i);
         }
     }
     let _ = verify_store(store);

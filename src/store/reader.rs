@@ -459,21 +459,22 @@ pub(crate) fn row_checksum(
     for (values, scales) in files {
         let item = match kind {
             StoreKind::Audio => 4,
-            StoreKind::Features => dtype.bytes_per_value() * dim,
+            StoreKind::Features => dtype.bytes_per_value().saturating_mul(dim),
         };
-        let bytes = values.bytes();
-        let range = start * item..(start + len) * item;
-        let slice = bytes.get(range).ok_or_else(|| {
-            StoreError::corrupt(&values.path, format!("{} is out of range", row.id))
-        })?;
+        let out_of_range =
+            |path: &Path| StoreError::corrupt(path, format!("{} is out of range", row.id));
+        // checked: offsets and dims come from files another process may have damaged
+        let span = |item: usize| -> Option<std::ops::Range<usize>> {
+            Some(start.checked_mul(item)?..start.checked_add(len)?.checked_mul(item)?)
+        };
+        let slice = span(item)
+            .and_then(|r| values.bytes().get(r))
+            .ok_or_else(|| out_of_range(&values.path))?;
         crc.update(slice);
         if let Some(scales) = scales {
-            let s = scales
-                .bytes()
-                .get(start * 4..(start + len) * 4)
-                .ok_or_else(|| {
-                    StoreError::corrupt(&scales.path, format!("{} is out of range", row.id))
-                })?;
+            let s = span(4)
+                .and_then(|r| scales.bytes().get(r))
+                .ok_or_else(|| out_of_range(&scales.path))?;
             crc.update(s);
         }
     }

@@ -64,38 +64,26 @@ pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
 /// Opens (creating if needed) a file the caller owns by name, read-write, refusing a symlink
 /// or anything but a regular file at that name.
 pub fn open_owned(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::new(
-                ErrorKind::InvalidInput,
-                "is a symbolic link (refused: a link here would redirect our writes)",
-            ),
-            _ => e,
-        })?;
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, not_regular(kind)));
-    }
-    clear_nonblocking(&file)?;
-    Ok(file)
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    open_no_follow(options, path)
 }
 
 /// Opens an existing file the caller owns by name for reading, refusing a symlink.
 pub fn open_owned_readonly(path: &Path) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
+    let mut options = OpenOptions::new();
+    options.read(true);
+    open_no_follow(options, path)
+}
+
+fn open_no_follow(mut options: OpenOptions, path: &Path) -> std::io::Result<File> {
+    let file = options
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => Error::new(
                 ErrorKind::InvalidInput,
-                "is a symbolic link (refused inside a store)",
+                "is a symbolic link (refused: a link at a name we own would redirect our writes)",
             ),
             _ => e,
         })?;

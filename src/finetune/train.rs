@@ -24,6 +24,7 @@ use crate::finetune::search;
 use crate::finetune::specaug;
 use crate::finetune::tokenizer::Tokenizer;
 use crate::ops::RUNNING_STAT_NAMES;
+use crate::store::{Holder, HolderLock, LockRefusal};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;
@@ -191,133 +192,54 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
 /// The lock file of an experiment directory; present only while a run holds it.
 pub const LOCK_FILE: &str = "train.lock";
 
-/// Who holds an experiment (the lock file's content), as the store writer lock records it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LockHolder {
-    pid: u32,
-    host: String,
-    command: String,
-}
-
 /// One training run per experiment: an exclusive `flock` on `EXP/train.lock`, held for the
-/// whole `finetune` run (the approach of `store::lock`). The kernel drops it when the process
-/// dies, so a `kill -9` never leaves a stale lock; the file names the holder for the refusal.
+/// whole `finetune` run (`store::HolderLock`, as the store writer lock). The kernel drops it
+/// when the process dies, so a `kill -9` never leaves a stale lock; the file names the holder.
 #[derive(Debug)]
 pub struct ExperimentLock {
-    file: std::fs::File,
-    path: PathBuf,
+    _lock: HolderLock,
 }
 
 impl ExperimentLock {
     /// Creates `dir` if needed and takes its lock, or refuses at once naming the holder.
     pub fn acquire(dir: &Path) -> Result<Self, TrainError> {
-        use fs4::fs_std::FileExt;
         if dir.exists() && !dir.is_dir() {
             return Err(exp_err(dir, "exists and is not a directory"));
         }
         std::fs::create_dir_all(dir).map_err(|e| exp_err(dir, e))?;
         let path = dir.join(LOCK_FILE);
-        // a holder that was finishing may unlink the file we opened: retry on the new one
-        for _ in 0..100 {
-            let file = open_lock_file(&path, true)?;
-            let locked = FileExt::try_lock_exclusive(&file).map_err(|e| exp_err(&path, e))?;
-            if !locked {
-                return Err(exp_err(
-                    dir,
-                    format!(
-                        "is being trained by {}; one run per experiment: wait for it to \
-                         finish (or stop it), then --resume",
-                        describe_holder(&file)
-                    ),
-                ));
-            }
-            if !same_file(&file, &path) {
-                continue;
-            }
-            let mut lock = ExperimentLock { file, path };
-            lock.write_holder()?;
-            return Ok(lock);
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        match HolderLock::try_acquire(&path, &command) {
+            Ok(lock) => Ok(ExperimentLock { _lock: lock }),
+            Err(LockRefusal::Held(holder)) => Err(exp_err(
+                dir,
+                format!(
+                    "is being trained by {}; one run per experiment: wait for it to \
+                     finish (or stop it), then --resume",
+                    describe_holder(holder.as_ref())
+                ),
+            )),
+            Err(LockRefusal::Io(e)) if e.kind() == std::io::ErrorKind::InvalidInput => Err(exp_err(
+                &path,
+                "is a symbolic link or not a regular file; the experiment lock is never followed \
+                 through a link (remove it if nothing is training here)",
+            )),
+            Err(LockRefusal::Io(e)) => Err(exp_err(&path, e)),
         }
-        Err(exp_err(dir, "cannot take the experiment lock"))
     }
 
     /// Who is training in `dir` now, if anyone (`decode` notes it). A lock file that cannot
     /// be opened (a planted symlink, no permission) holds no run that `decode` must know of.
     pub fn holder(dir: &Path) -> Option<String> {
-        use fs4::fs_std::FileExt;
-        let file = open_lock_file(&dir.join(LOCK_FILE), false).ok()?;
-        if FileExt::try_lock_shared(&file).unwrap_or(true) {
-            let _ = FileExt::unlock(&file);
-            return None;
-        }
-        Some(describe_holder(&file))
-    }
-
-    fn write_holder(&mut self) -> Result<(), TrainError> {
-        let holder = LockHolder {
-            pid: std::process::id(),
-            host: crate::store::host_name(),
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-        };
-        let text = serde_json::to_string(&holder).map_err(|e| exp_err(&self.path, e))?;
-        let io = |e| exp_err(&self.path, e);
-        self.file.set_len(0).map_err(io)?;
-        self.file.write_all(text.as_bytes()).map_err(io)?;
-        self.file.flush().map_err(io)
+        HolderLock::holder(&dir.join(LOCK_FILE)).map(|h| describe_holder(h.as_ref()))
     }
 }
 
-impl Drop for ExperimentLock {
-    fn drop(&mut self) {
-        use fs4::fs_std::FileExt;
-        // unlinked while still held, so a waiting opener sees a changed inode and retries
-        let _ = std::fs::remove_file(&self.path);
-        let _ = FileExt::unlock(&self.file);
-    }
-}
-
-/// Opens the lock file without following a symlink planted at its name (ELOOP instead).
-fn open_lock_file(path: &Path, create: bool) -> Result<std::fs::File, TrainError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(create)
-        .create(create)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                exp_err(
-                    path,
-                    "is a symbolic link; the experiment lock is never followed through a link \
-                     (remove it if nothing is training here)",
-                )
-            } else {
-                exp_err(path, e)
-            }
-        })
-}
-
-/// The holder line of an open lock file, read through its handle (not its name).
-fn describe_holder(mut file: &std::fs::File) -> String {
-    use std::io::{Read, Seek};
-    let mut text = String::new();
-    let _ = file
-        .rewind()
-        .and_then(|()| file.take(64 * 1024).read_to_string(&mut text));
-    match serde_json::from_str::<LockHolder>(&text) {
-        Ok(h) => format!("`{}` (pid {} on host {})", h.command.trim(), h.pid, h.host),
-        Err(_) => "another speechcache process".into(),
-    }
-}
-
-/// Whether the open `file` is still the one at `path` (not unlinked or replaced).
-fn same_file(file: &std::fs::File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev() && a.nlink() > 0,
-        _ => false,
+/// `` `COMMAND` (pid N on host H) `` for the refusal and decode's note.
+fn describe_holder(holder: Option<&Holder>) -> String {
+    match holder {
+        Some(h) => format!("`{}` (pid {} on host {})", h.command.trim(), h.pid, h.host),
+        None => Holder::describe(None),
     }
 }
 

@@ -1,6 +1,7 @@
-//! One writer per store: an exclusive OS file lock (`flock`) on `STORE/writer.lock`, held for
-//! the whole run. The kernel drops it when the process dies, so a `kill -9` never leaves a
-//! stale lock; the file names the holder (pid, host, command) for the refusal message.
+//! Locks: one writer per store (an exclusive `flock` on `STORE/writer.lock`, held for the whole
+//! run; `HolderLock`, which the experiment lock shares), and readers' shared locks on
+//! `meta.json`. The kernel drops a lock when the process dies, so a `kill -9` never leaves a
+//! stale one; a lock file names its holder (pid, host, command) for the refusal message.
 use super::StoreError;
 use fs4::fs_std::FileExt;
 use serde::{Deserialize, Serialize};
@@ -11,31 +12,111 @@ use std::path::{Path, PathBuf};
 /// The lock file inside a store; present only while a writer holds it.
 pub const LOCK_FILE: &str = "writer.lock";
 
-/// Who holds a store (the lock file's content).
+/// Who holds a lock (the lock file's content).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Holder {
-    pid: u32,
-    host: String,
-    command: String,
+pub struct Holder {
+    pub pid: u32,
+    pub host: String,
+    pub command: String,
 }
 
 impl Holder {
-    fn describe(text: &str) -> String {
-        match serde_json::from_str::<Holder>(text) {
-            Ok(h) => format!(
-                "speechcache {} (pid {} on host {})",
-                h.command, h.pid, h.host
-            ),
-            Err(_) => "another speechcache process".into(),
+    /// `COMMAND (pid N on host H)`, or a neutral phrase when the file says nothing readable.
+    pub fn describe(holder: Option<&Holder>) -> String {
+        match holder {
+            Some(h) => format!("{} (pid {} on host {})", h.command.trim(), h.pid, h.host),
+            None => "another speechcache process".into(),
         }
     }
 }
 
-/// An exclusive lock on a store directory; released (and the lock file removed) on drop.
+/// An exclusive `flock` on a lock file that names its holder: the store writer lock and the
+/// experiment lock. The kernel drops it when the process dies, so a `kill -9` never leaves a
+/// stale lock. Released, and the file removed, on drop.
 #[derive(Debug)]
-pub struct StoreLock {
+pub struct HolderLock {
     file: File,
     path: PathBuf,
+}
+
+/// Why a `HolderLock` was not taken.
+#[derive(Debug)]
+pub enum LockRefusal {
+    /// A live process holds it (None: its holder line is unreadable).
+    Held(Option<Holder>),
+    Io(std::io::Error),
+}
+
+impl HolderLock {
+    /// Takes the lock at `path` (created; never through a symlink planted there, which the
+    /// holder line would overwrite), recording `command` as the holder.
+    pub fn try_acquire(path: &Path, command: &str) -> Result<Self, LockRefusal> {
+        // A holder that was finishing may unlink the file we opened: retry on the new one.
+        for _ in 0..100 {
+            let file = crate::regular_file::open_owned(path).map_err(LockRefusal::Io)?;
+            if !FileExt::try_lock_exclusive(&file).map_err(LockRefusal::Io)? {
+                return Err(LockRefusal::Held(read_holder(&file)));
+            }
+            if !same_file(&file, path) {
+                continue;
+            }
+            let mut lock = HolderLock {
+                file,
+                path: path.to_path_buf(),
+            };
+            lock.write_holder(command).map_err(LockRefusal::Io)?;
+            return Ok(lock);
+        }
+        Err(LockRefusal::Io(std::io::Error::other(
+            "the lock file kept being replaced",
+        )))
+    }
+
+    /// Who holds the lock at `path` now, if anyone; read without taking it. A file that cannot
+    /// be opened (none, a planted symlink, a FIFO) holds nobody.
+    pub fn holder(path: &Path) -> Option<Option<Holder>> {
+        let file = crate::regular_file::open_owned_readonly(path).ok()?;
+        if FileExt::try_lock_shared(&file).unwrap_or(true) {
+            let _ = FileExt::unlock(&file);
+            return None;
+        }
+        Some(read_holder(&file))
+    }
+
+    fn write_holder(&mut self, command: &str) -> std::io::Result<()> {
+        let holder = Holder {
+            pid: std::process::id(),
+            host: host_name(),
+            command: command.to_string(),
+        };
+        let text = serde_json::to_string(&holder).map_err(std::io::Error::other)?;
+        self.file.set_len(0)?;
+        self.file.write_all(text.as_bytes())?;
+        self.file.flush()
+    }
+}
+
+impl Drop for HolderLock {
+    fn drop(&mut self) {
+        // Unlinked while still held, so a waiting opener sees a changed inode and retries.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = FileExt::unlock(&self.file);
+    }
+}
+
+/// The holder line of an open lock file, read through its handle (not its name).
+fn read_holder(mut file: &File) -> Option<Holder> {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.take(64 * 1024).read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// An exclusive lock on a store directory (`STORE/writer.lock`).
+#[derive(Debug)]
+pub struct StoreLock {
+    _lock: HolderLock,
 }
 
 impl StoreLock {
@@ -46,78 +127,36 @@ impl StoreLock {
         }
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let path = dir.join(LOCK_FILE);
-        // A holder that was finishing may unlink the file we opened: retry on the new one.
-        for _ in 0..100 {
-            // never through a planted symlink: the holder line would overwrite its target
-            let file =
-                crate::regular_file::open_owned(&path).map_err(|e| StoreError::io(&path, e))?;
-            let locked =
-                FileExt::try_lock_exclusive(&file).map_err(|e| StoreError::io(&path, e))?;
-            if !locked {
-                let text = crate::regular_file::read_regular_to_string(&path).unwrap_or_default();
-                return Err(StoreError::refused(
-                    dir,
-                    format!(
-                        "is being written by {}; one writer per store: wait for it, or give \
-                         each run (each array task) its own --out",
-                        Holder::describe(&text)
-                    ),
-                ));
+        match HolderLock::try_acquire(&path, &format!("speechcache {command}")) {
+            Ok(lock) => {
+                warn_if_lock_may_be_node_local(dir);
+                Ok(StoreLock { _lock: lock })
             }
-            if !same_file(&file, &path) {
-                continue;
-            }
-            warn_if_lock_may_be_node_local(dir);
-            let mut lock = StoreLock { file, path };
-            lock.write_holder(command)?;
-            return Ok(lock);
+            Err(LockRefusal::Held(holder)) => Err(StoreError::refused(
+                dir,
+                format!(
+                    "is being written by {}; one writer per store: wait for it, or give \
+                     each run (each array task) its own --out",
+                    Holder::describe(holder.as_ref())
+                ),
+            )),
+            Err(LockRefusal::Io(e)) => Err(StoreError::io(&path, e)),
         }
-        Err(StoreError::refused(dir, "cannot take the writer lock"))
-    }
-
-    fn write_holder(&mut self, command: &str) -> Result<(), StoreError> {
-        let holder = Holder {
-            pid: std::process::id(),
-            host: host_name(),
-            command: command.to_string(),
-        };
-        let text = serde_json::to_string(&holder).map_err(|e| StoreError::Format(e.to_string()))?;
-        let io = |e| StoreError::io(&self.path, e);
-        self.file.set_len(0).map_err(io)?;
-        self.file.write_all(text.as_bytes()).map_err(io)?;
-        self.file.flush().map_err(io)
-    }
-}
-
-impl Drop for StoreLock {
-    fn drop(&mut self) {
-        // Unlinked while still held, so a waiting opener sees a changed inode and retries.
-        let _ = std::fs::remove_file(&self.path);
-        let _ = FileExt::unlock(&self.file);
     }
 }
 
 /// Refuses a store whose writer lock is held by a live process (readers call this).
 pub fn refuse_if_being_written(dir: &Path) -> Result<(), StoreError> {
-    let path = dir.join(LOCK_FILE);
-    let file = match crate::regular_file::open_regular(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StoreError::io(&path, e)),
-    };
-    let free = FileExt::try_lock_shared(&file).map_err(|e| StoreError::io(&path, e))?;
-    if free {
-        let _ = FileExt::unlock(&file);
-        return Ok(());
+    match HolderLock::holder(&dir.join(LOCK_FILE)) {
+        None => Ok(()),
+        Some(holder) => Err(StoreError::refused(
+            dir,
+            format!(
+                "is being written by {}; read it when that run has finished",
+                Holder::describe(holder.as_ref())
+            ),
+        )),
     }
-    let text = crate::regular_file::read_regular_to_string(&path).unwrap_or_default();
-    Err(StoreError::refused(
-        dir,
-        format!(
-            "is being written by {}; read it when that run has finished",
-            Holder::describe(&text)
-        ),
-    ))
 }
 
 /// A reader's shared lock on a complete store (on its `meta.json`), held while the store is
@@ -208,7 +247,7 @@ fn warn_if_lock_may_be_node_local(dir: &Path) {
 /// Whether the open `file` is still the one at `path` (not unlinked or replaced).
 fn same_file(file: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::metadata(path)) {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
         (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev() && a.nlink() > 0,
         _ => false,
     }

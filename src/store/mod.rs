@@ -25,7 +25,10 @@ pub mod sigbus;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
-pub use lock::{host_name, refuse_if_being_written, DestroyLock, ReadLock, StoreLock, LOCK_FILE};
+pub use lock::{
+    host_name, refuse_if_being_written, DestroyLock, Holder, HolderLock, LockRefusal, ReadLock,
+    StoreLock, LOCK_FILE,
+};
 pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView};

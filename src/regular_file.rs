@@ -61,6 +61,28 @@ pub fn create_exclusive(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Writes `path` atomically: `NAME.tmp` created afresh (see `create_exclusive`), written,
+/// fsynced and renamed into place, then the directory fsynced (best effort) so the rename
+/// survives a power cut. The error names the file it concerns.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), (std::path::PathBuf, Error)> {
+    use std::io::Write;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let at_tmp = |e| (tmp.clone(), e);
+    let mut file = create_exclusive(&tmp).map_err(at_tmp)?;
+    file.write_all(bytes).map_err(at_tmp)?;
+    file.sync_all().map_err(at_tmp)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| (path.to_path_buf(), e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 /// Opens (creating if needed) a file the caller owns by name, read-write, refusing a symlink
 /// or anything but a regular file at that name.
 pub fn open_owned(path: &Path) -> std::io::Result<File> {

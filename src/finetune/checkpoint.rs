@@ -244,37 +244,7 @@ pub fn save<T: Serialize>(
 /// Replace `path` atomically: write `NAME.tmp` beside it (created anew, never through a
 /// symlink someone planted there), fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::result::Result<(), CheckpointError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path
-        .file_name()
-        .ok_or_else(|| file_err(path, "is not a file path"))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    // a leftover from a killed run (or a planted link): unlinking removes the name, not a target
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(file_err(&tmp, e)),
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| file_err(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
-    f.sync_all().map_err(|e| file_err(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))?;
-    // the rename itself survives a power cut only once the directory is synced (best effort:
-    // some file systems refuse fsync on a directory, and the data is already safe there)
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::regular_file::write_atomic(path, bytes).map_err(|(at, e)| file_err(&at, e))
 }
 
 /// Read every tensor of a safetensors file onto `device`.

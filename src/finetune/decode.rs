@@ -354,20 +354,18 @@ fn write_outputs(out: &Path, r: &DecodeResult) -> Result<(), TrainError> {
         if name.starts_with("ref") && r.scored_utterances == 0 {
             continue;
         }
-        let p = out.join(name);
-        std::fs::write(&p, text).map_err(|e| io(&p, e))?;
+        // never through a link planted at one of these names
+        crate::regular_file::write_atomic(&out.join(name), text.as_bytes())
+            .map_err(|(p, e)| io(&p, e))?;
     }
-    let p = out.join("result.txt");
-    std::fs::write(
-        &p,
-        format!("{}\nper utterance:\n\n{detail}", summary_text(r)),
-    )
-    .map_err(|e| io(&p, e))?;
+    let text = format!("{}\nper utterance:\n\n{detail}", summary_text(r));
+    crate::regular_file::write_atomic(&out.join("result.txt"), text.as_bytes())
+        .map_err(|(p, e)| io(&p, e))?;
     let p = out.join("result.json");
     let json = serde_json::to_string_pretty(r).map_err(|e| TrainError::Experiment {
         path: p.clone(),
         reason: e.to_string(),
     })?;
-    std::fs::write(&p, json).map_err(|e| io(&p, e))?;
+    crate::regular_file::write_atomic(&p, json.as_bytes()).map_err(|(p, e)| io(&p, e))?;
     Ok(())
 }

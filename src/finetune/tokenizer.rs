@@ -131,10 +131,8 @@ impl Tokenizer {
             // Writing to a String cannot fail.
             let _ = writeln!(text, "{token}");
         }
-        std::fs::write(path, text).map_err(|source| TokenizerError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::regular_file::write_atomic(path, text.as_bytes())
+            .map_err(|(path, source)| TokenizerError::Write { path, source })
     }
 
     /// Reads a `tokens.txt` written by [`Tokenizer::save`] (or an ESPnet char token list).

@@ -421,15 +421,7 @@ pub fn to_jsonl<T: Serialize>(rows: &[T]) -> Result<Vec<u8>, StoreError> {
 
 /// Writes a file under a temporary name, fsyncs it and renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    use std::io::Write;
-    let tmp = tmp_path(path);
-    let mut file =
-        crate::regular_file::create_exclusive(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| StoreError::io(&tmp, e))?;
-    file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))?;
-    Ok(())
+    crate::regular_file::write_atomic(path, bytes).map_err(|(at, e)| StoreError::io(&at, e))
 }
 
 /// `name.tmp` beside `path`.

@@ -385,6 +385,21 @@ fn finetune_off_cpu_path_equals_the_cpu_engine() {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+            if norm == CnnModuleNorm::BatchNorm && n.ends_with("depthwise_conv.bias") {
+                // A bias followed by batch norm has a zero gradient (the norm subtracts the
+                // batch mean); both sides hold rounding noise there, which differs from run to
+                // run with the summation order, so check it is noise, not that noises agree.
+                let largest = flat(g)
+                    .iter()
+                    .chain(&cpu_grads[n.as_str()])
+                    .fold(0f32, |m, x| m.max(x.abs()));
+                assert!(
+                    largest < floor,
+                    "{name}: gradient of {n} should vanish under batch norm (largest {largest:e}, \
+                     1e-3 of the largest gradient is {floor:e})"
+                );
+                continue;
+            }
             let e = rel_err(&flat(g), &cpu_grads[n.as_str()], floor);
             assert!(e < 2e-3, "{name}: gradient of {n} differs (rel {e:e})");
             worst_grad = worst_grad.max(e);

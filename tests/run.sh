@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
-cargo test --release
+# the fuzz targets (tests/fuzz_*.rs) run PROPTEST_CASES cases each: about 2 minutes in all
+PROPTEST_CASES=${PROPTEST_CASES:-20000} cargo test --release
 bash tests/python.sh
 bash tests/slurm.sh        # a real single-node Slurm: the pipeline in 3 parts vs one process (~70 s)
 bash tests/cuda_build.sh   # the CUDA build (no GPU needed): compiled and tested against a driver stub

@@ -470,19 +470,7 @@ fn onthefly_features_train() {
     use speechcache::finetune::onthefly::OnTheFlySource;
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let spec = WriterSpec {
-        kind: StoreKind::Audio,
-        dtype: Dtype::F32,
-        sample_rate: Some(16000),
-        frame_rate: None,
-        dim: None,
-        layers: vec![],
-        options: serde_json::json!({}),
-        source: serde_json::json!({}),
-        extra: serde_json::Value::Null,
-        shard_bytes: 1 << 20,
-        overwrite: false,
-    };
+    let spec = common::audio_writer_spec(1 << 20, serde_json::json!({}));
     let mut w = StoreWriter::create_or_resume(&root.join("audio"), spec).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for i in 0..8 {

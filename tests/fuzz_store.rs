@@ -6,12 +6,12 @@
 //!
 //! Budget: `PROPTEST_CASES` cases per target (default 1000, about 20 s on 2 cores). Inputs
 //! that once broke a parser are kept under tests/fixtures/fuzz/ and replayed every run.
+mod common;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 use speechcache::audio::{decode_input, AudioInput, DecodeOptions};
 use speechcache::store::{
-    verify_store, AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData,
-    StoreKind, StoreWriter, WriterSpec,
+    verify_store, AudioStore, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, StoreWriter,
 };
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -283,19 +283,7 @@ fn seed_store() -> &'static Path {
     STORE
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
-            let spec = WriterSpec {
-                kind: StoreKind::Audio,
-                dtype: Dtype::F32,
-                sample_rate: Some(16000),
-                frame_rate: None,
-                dim: None,
-                layers: vec![],
-                options: serde_json::json!({"fuzz": 1}),
-                source: serde_json::json!({"fuzz": true}),
-                extra: serde_json::Value::Null,
-                shard_bytes: 6000,
-                overwrite: false,
-            };
+            let spec = common::audio_writer_spec(6000, serde_json::json!({"fuzz": 1}));
             let mut w = StoreWriter::create_or_resume(dir.path(), spec).unwrap();
             for i in 0..5 {
                 let result = if i == 2 {

@@ -57,22 +57,6 @@ fn parse_npy(bytes: &[u8]) -> (String, Vec<u64>, usize) {
     (descr, shape, 10 + len)
 }
 
-fn audio_spec(shard_bytes: u64, options: serde_json::Value) -> WriterSpec {
-    WriterSpec {
-        kind: StoreKind::Audio,
-        dtype: Dtype::F32,
-        sample_rate: Some(16000),
-        frame_rate: None,
-        dim: None,
-        layers: vec![],
-        options,
-        source: serde_json::json!({"test": true}),
-        extra: serde_json::Value::Null,
-        shard_bytes,
-        overwrite: false,
-    }
-}
-
 fn tone(n: usize, seed: f32) -> Vec<f32> {
     (0..n)
         .map(|i| ((i as f32) * 0.01 * seed).sin() * 0.5)
@@ -105,8 +89,11 @@ fn audio_input(i: usize) -> InputResult {
 }
 
 fn write_audio(dir: &Path, n: usize, stop_after: Option<usize>) -> bool {
-    let mut w =
-        StoreWriter::create_or_resume(dir, audio_spec(8000, serde_json::json!({"a": 1}))).unwrap();
+    let mut w = StoreWriter::create_or_resume(
+        dir,
+        common::audio_writer_spec(8000, serde_json::json!({"a": 1})),
+    )
+    .unwrap();
     for i in w.next_input()..n {
         if Some(i) == stop_after {
             return false; // "killed": dropped without finish
@@ -229,9 +216,12 @@ fn a_run_killed_while_claiming_its_directory_resumes() {
     let dir = tmp.path().join("foreign_shards");
     std::fs::create_dir_all(dir.join("shards")).unwrap();
     std::fs::write(dir.join("shards/00000.npy"), b"x").unwrap();
-    let err = StoreWriter::create_or_resume(&dir, audio_spec(8000, serde_json::json!({"a": 1})))
-        .err()
-        .expect("refused");
+    let err = StoreWriter::create_or_resume(
+        &dir,
+        common::audio_writer_spec(8000, serde_json::json!({"a": 1})),
+    )
+    .err()
+    .expect("refused");
     assert!(
         err.to_string().contains("is not a speechcache store"),
         "{err}"
@@ -243,18 +233,24 @@ fn finished_store_is_not_redone_and_other_options_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
     write_audio(&dir, 6, None);
-    let w =
-        StoreWriter::create_or_resume(&dir, audio_spec(8000, serde_json::json!({"a": 1}))).unwrap();
+    let w = StoreWriter::create_or_resume(
+        &dir,
+        common::audio_writer_spec(8000, serde_json::json!({"a": 1})),
+    )
+    .unwrap();
     assert!(w.is_complete());
-    let err = StoreWriter::create_or_resume(&dir, audio_spec(8000, serde_json::json!({"a": 2})))
-        .err()
-        .expect("refused");
+    let err = StoreWriter::create_or_resume(
+        &dir,
+        common::audio_writer_spec(8000, serde_json::json!({"a": 2})),
+    )
+    .err()
+    .expect("refused");
     let msg = err.to_string();
     assert!(
         msg.contains("different options") && msg.contains("a: 1 in the store, 2 now"),
         "{msg}"
     );
-    let mut spec = audio_spec(8000, serde_json::json!({"a": 2}));
+    let mut spec = common::audio_writer_spec(8000, serde_json::json!({"a": 2}));
     spec.overwrite = true;
     let w = StoreWriter::create_or_resume(&dir, spec).unwrap();
     assert!(!w.is_complete());
@@ -262,7 +258,7 @@ fn finished_store_is_not_redone_and_other_options_are_refused() {
     let foreign = tmp.path().join("home");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("thesis.tex"), b"x").unwrap();
-    let mut spec = audio_spec(8000, serde_json::json!({}));
+    let mut spec = common::audio_writer_spec(8000, serde_json::json!({}));
     spec.overwrite = true;
     assert!(StoreWriter::create_or_resume(&foreign, spec).is_err());
     assert!(foreign.join("thesis.tex").exists());

@@ -3,6 +3,26 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The spec of a 16 kHz float32 audio store written straight through `StoreWriter`.
+pub fn audio_writer_spec(
+    shard_bytes: u64,
+    options: serde_json::Value,
+) -> speechcache::store::WriterSpec {
+    speechcache::store::WriterSpec {
+        kind: speechcache::store::StoreKind::Audio,
+        dtype: speechcache::store::Dtype::F32,
+        sample_rate: Some(16000),
+        frame_rate: None,
+        dim: None,
+        layers: vec![],
+        options,
+        source: serde_json::json!({"test": true}),
+        extra: serde_json::Value::Null,
+        shard_bytes,
+        overwrite: false,
+    }
+}
+
 /// The speechcache binary under test (`SPEECHCACHE_TEST_BIN` runs the CLI tests against
 /// another build, e.g. an older release, to show which of them it fails).
 pub fn bin() -> Command {

@@ -6,7 +6,7 @@
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::models::wav2vec2::{normalize_waveform, CpuEncoder, LinearLayout, Wav2Vec2Model};
+use crate::models::ssl::{normalize_waveform, CpuEncoder, LinearLayout, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::PartSpec;
 use crate::store::{
@@ -221,7 +221,7 @@ impl Extractor {
         match self {
             Extractor::Fbank(f) => f.frames_for_samples(n),
             Extractor::Model { checkpoint, .. } | Extractor::Engine { checkpoint, .. } => {
-                crate::models::wav2vec2::frames_for_samples(&checkpoint.config, n)
+                crate::models::ssl::frames_for_samples(&checkpoint.config, n)
             }
         }
     }
@@ -688,7 +688,7 @@ impl InOrder<'_> {
 /// path: the widest pair of consecutive conv outputs, the kept hidden states and a layer's
 /// activations (attention scores are computed in blocks of bounded size).
 fn tensor_path_bytes(
-    cfg: &crate::models::config::Wav2Vec2Config,
+    cfg: &crate::models::ssl::config::Wav2Vec2Config,
     samples: usize,
     states: usize,
     elem: usize,

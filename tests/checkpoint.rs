@@ -10,7 +10,7 @@ use speechcache::models::checkpoint::{
     load_checkpoint, load_checkpoint_then, load_checkpoint_with_config, CheckpointError,
     LoadedCheckpoint,
 };
-use speechcache::models::wav2vec2::{LinearLayout, Wav2Vec2Model};
+use speechcache::models::ssl::{LinearLayout, Wav2Vec2Model};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -532,7 +532,7 @@ fn loads_the_encoder_fixtures_of_every_variant() {
         assert_eq!(ck.format, "safetensors");
         assert_eq!(
             ck.parameter_count(),
-            speechcache::models::config::parameter_count(&ck.config)
+            speechcache::models::ssl::config::parameter_count(&ck.config)
         );
         seen += 1;
     }

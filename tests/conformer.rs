@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use speechcache::finetune::model::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
-use speechcache::models::conformer::{
+use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
+use speechcache::models::asr::conformer::{
     rel_positional_encoding, rel_shift, CnnModuleNorm, ConformerConfig, ConformerEncoder,
     ConformerError, InputLayer,
 };

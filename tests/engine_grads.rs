@@ -24,8 +24,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use speechcache::finetune::ctc::ctc_loss;
-use speechcache::finetune::model::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
+use speechcache::ops::ctc::ctc_loss;
+use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::finetune::tokenizer::Tokenizer;
 
 /// What a training step returns: the loss and each trainable variable's gradient by name.
@@ -74,7 +74,7 @@ const ENGINES: &[(&str, Engine, Tolerance)] = &[
     ("cpu engine (f32)", cpu_engine, F32_TOL),
 ];
 
-/// The trainer's CPU path (`finetune::engine::CpuEngine::train_step`): hand-written forward
+/// The trainer's CPU path (`models::asr::cpu::CpuEngine::train_step`): hand-written forward
 /// and backward in f32.
 fn cpu_engine(
     model: &AsrModel,
@@ -92,7 +92,7 @@ fn cpu_engine(
         .collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     let trainable = trainable_vars(varmap);
-    let engine = speechcache::finetune::engine::CpuEngine::new(model, &all, &trainable).unwrap();
+    let engine = speechcache::models::asr::cpu::CpuEngine::new(model, &all, &trainable).unwrap();
     let n = targets.len() as f64;
     let out = engine.train_step(feats, lengths, targets, 1.0 / n).unwrap();
     let loss = out.losses.iter().sum::<f64>() / n;

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_same_tree, bin, ok, s};
 use speechcache::models::checkpoint::load_checkpoint;
 use speechcache::models::fbank::{Fbank, FbankOptions};
-use speechcache::models::wav2vec2::{normalize_waveform, Wav2Vec2Model};
+use speechcache::models::ssl::{normalize_waveform, Wav2Vec2Model};
 use speechcache::store::{AudioStore, FeatureStore};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -417,7 +417,7 @@ fn noise_wav(path: &Path, seconds: f64, seed: u32) {
 
 /// The hubert_base fixture's shapes with a 20x conv stack (800 frames/s) and random weights.
 fn fast_frame_model(dir: &Path) -> PathBuf {
-    use speechcache::models::config::{expected_tensors, Wav2Vec2Config};
+    use speechcache::models::ssl::config::{expected_tensors, Wav2Vec2Config};
     let model = dir.join("model-800fps");
     std::fs::create_dir_all(&model).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(

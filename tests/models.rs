@@ -4,8 +4,8 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use common::max_abs_diff;
-use speechcache::models::config::{expected_tensors, Wav2Vec2Config};
-use speechcache::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use speechcache::models::ssl::config::{expected_tensors, Wav2Vec2Config};
+use speechcache::models::ssl::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -205,7 +205,7 @@ fn normalize_waveform_matches_feature_extractor() {
             .fold(0f32, f32::max);
         assert!(worst < 1e-5, "utterance {i}: {worst}");
     }
-    let cfg = speechcache::models::config::PreprocessorConfig::from_file(
+    let cfg = speechcache::models::ssl::config::PreprocessorConfig::from_file(
         &fixtures().join("w2v_base/preprocessor_config.json"),
     )
     .unwrap();
@@ -342,7 +342,7 @@ fn blocked_attention_matches_whole_attention() {
         let (cfg, model) = load(variant, DType::F32);
         let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
         let wave = inputs["norm_1"].to_vec1::<f32>().unwrap();
-        let mut engine = speechcache::models::wav2vec2::CpuEncoder::new(&model).unwrap();
+        let mut engine = speechcache::models::ssl::CpuEncoder::new(&model).unwrap();
         let (whole, t) = engine.forward(&wave, &keep, false).unwrap();
         assert!(t > 3, "{variant}: {t} frames is too short to split");
         engine.set_attention_block(3 * t); // 3 query rows per block, the last one shorter

@@ -146,7 +146,7 @@ fn print_profile(summary: &TrainSummary) {
     );
     println!("    {:<14} {:>9} {:>9}", "op", "forward", "backward");
     let (f, b) = (p.forward.values(), p.backward.values());
-    for (i, kind) in crate::finetune::engine::OpTimes::KINDS.iter().enumerate() {
+    for (i, kind) in crate::models::asr::cpu::OpTimes::KINDS.iter().enumerate() {
         println!("    {kind:<14} {:>9.1} {:>9.1}", per(f[i]), per(b[i]));
     }
     println!("    {:<14} {:>9.1}", "data", per(p.data));

@@ -3,7 +3,7 @@
 //! Every table refuses unknown keys (`deny_unknown_fields`), so a typo is an error that names
 //! the key and the file instead of a silently ignored setting. Defaults follow ESPnet's
 //! Conformer-CTC recipes where one exists (noted per field).
-use crate::finetune::model::AsrModelConfig;
+use crate::models::asr::AsrModelConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -9,12 +9,9 @@ use std::time::Instant;
 
 pub mod checkpoint;
 pub mod config;
-pub mod ctc;
 pub mod data;
 pub mod decode;
-pub mod engine;
 pub mod metrics;
-pub mod model;
 pub mod onthefly;
 pub mod optim;
 pub mod plots;

@@ -3,7 +3,7 @@
 //! the feature cache saves (`speechcache bench finetune --ssl-model --train-audio`).
 use crate::finetune::data::{DataError, FeatureSource};
 use crate::models::checkpoint::load_checkpoint;
-use crate::models::wav2vec2::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use crate::models::ssl::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
 use crate::store::{AudioStore, IndexRow};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};

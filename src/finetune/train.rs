@@ -11,13 +11,13 @@ use crate::finetune::checkpoint::{
     EpochResult, SeededVars, RNG_SCHEME,
 };
 use crate::finetune::config::{warmup_lr, ConfigError, FinetuneConfig};
-use crate::finetune::ctc::ctc_loss;
+use crate::ops::ctc::ctc_loss;
 use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
-use crate::finetune::engine::{unsupported_reason, CpuEngine, StepProfile};
+use crate::models::asr::cpu::{unsupported_reason, CpuEngine, StepProfile};
 use crate::finetune::metrics::{self, ErrorCounts};
-use crate::finetune::model::{AsrModel, FeatureNormalize};
+use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
@@ -49,7 +49,7 @@ pub enum TrainError {
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),
     #[error("model: {0}")]
-    Conformer(#[from] crate::models::conformer::ConformerError),
+    Conformer(#[from] crate::models::asr::conformer::ConformerError),
     #[error(transparent)]
     Tokenizer(#[from] crate::finetune::tokenizer::TokenizerError),
 }
@@ -868,7 +868,7 @@ fn sum_forward(p: &StepProfile) -> f64 {
 /// Zero frames appended past every utterance (T ≡ D mod 4 for conv2d, mod 2 for conv2d2) make
 /// the two agree; they lie beyond all lengths, so the model masks them and results do not change.
 fn pad_time_for_conv2d_backward(exp: &Experiment, feats: &Tensor) -> Result<Tensor, TrainError> {
-    use crate::models::conformer::InputLayer;
+    use crate::models::asr::conformer::InputLayer;
     let modulus: usize = match exp.config.model.encoder.input_layer {
         InputLayer::Conv2d => 4,
         InputLayer::Conv2d2 => 2,

@@ -3,14 +3,10 @@ use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
 
+pub mod asr;
 pub mod checkpoint;
-mod checkpoint_fairseq;
-mod checkpoint_torch;
-pub mod config;
-pub mod conformer;
 pub mod fbank;
-mod pickle_vm;
-pub mod wav2vec2;
+pub mod ssl;
 
 /// Print what a wav2vec 2.0 / HuBERT checkpoint is, after checking it is complete.
 #[derive(Args, Debug)]

@@ -13,6 +13,7 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+pub mod ctc;
 pub mod kernels;
 pub mod winograd;
 

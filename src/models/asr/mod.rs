@@ -1,11 +1,14 @@
 //! The ASR model finetuned on cached SSL features, mirroring ESPnet's SSL recipe
 //! (`frontend: s3prl` featurizer → `normalize` → `preencoder: linear` → Conformer → CTC):
 //! feats `[B, L, T, D]` (L cached layers) → logits `[B, T', vocab]`.
+pub mod conformer;
+pub mod cpu;
+
 use candle_core::{Tensor, Var, D};
 use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::models::conformer::{ConformerConfig, ConformerEncoder, ConformerError};
+use crate::models::asr::conformer::{ConformerConfig, ConformerEncoder, ConformerError};
 use crate::ops::{frame_mask, DropoutRng, RUNNING_STAT_NAMES};
 
 /// How features are normalised before the pre-encoder (ESPnet's `normalize`).

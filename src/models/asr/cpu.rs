@@ -17,10 +17,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::finetune::ctc::ctc_loss_from_logits;
-use crate::finetune::model::{AsrModel, FeatureNormalize};
+use crate::ops::ctc::ctc_loss_from_logits;
+use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::NamedVars;
-use crate::models::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
+use crate::models::asr::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
 use crate::ops::kernels::{
     add_col_sums, layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
     matmul_serial, residual_add, row_block, scale_mask, sigmoid, silu_backward, silu_forward,

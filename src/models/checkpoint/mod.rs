@@ -11,10 +11,14 @@
 //! `mask_emb`/`masked_spec_embed`) are dropped. Every tensor the config implies must be present
 //! with its shape, and no encoder tensor may be left over, so a config that disagrees with the
 //! weights is an error, never a silently wrong model.
-use super::checkpoint_fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
-use super::checkpoint_torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
-use super::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
-use super::wav2vec2::LinearLayout;
+pub(crate) mod fairseq;
+pub(crate) mod pickle;
+pub(crate) mod torch;
+
+use self::fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
+use self::torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
+use crate::models::ssl::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
+use crate::models::ssl::LinearLayout;
 use crate::ops::kernels::transpose;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -28,9 +32,9 @@ use std::path::{Path, PathBuf};
 /// The parsers behind [`load_checkpoint`], public so that they can be fuzzed and inspected on
 /// their own: the non-executing unpickler, the `torch.save` reader and the fairseq config reader.
 pub mod parsers {
-    pub use super::super::checkpoint_fairseq::{config_from_fairseq, StoredConfigError};
-    pub use super::super::checkpoint_torch::{StorageDtype, TensorRef, TorchFile};
-    pub use super::super::pickle_vm::{
+    pub use super::fairseq::{config_from_fairseq, StoredConfigError};
+    pub use super::torch::{StorageDtype, TensorRef, TorchFile};
+    pub use super::pickle::{
         unpickle, Node, Pickle, PickleError, Value, MAX_NESTING, MAX_NODES, MAX_VALUES,
     };
 }

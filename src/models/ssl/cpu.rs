@@ -9,11 +9,11 @@
 //! busy with no barrier per op; a lone utterance can instead spread every op over the pool
 //! (`parallel = true`). Numerics are those of the candle model (`Wav2Vec2Model`): statistics in
 //! f64, the same fused kernels for GELU and softmax, the same weight layouts.
-use super::ops;
+use super::tensor_ops as ops;
 use super::{
     conv_out_len, ConvNorm, EncoderLayer, Linear, LinearLayout, Wav2Vec2Model, CONV_NORM_EPS,
 };
-use crate::models::config::Activation;
+use crate::models::ssl::config::Activation;
 use crate::ops::kernels::{matmul_serial, transpose, Mat};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;

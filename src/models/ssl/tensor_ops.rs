@@ -4,7 +4,7 @@
 //! tensors on the CPU (candle's CPU unary ops run on one thread and its erf is scalar libm),
 //! and a plain tensor-op path for every other device and dtype (CUDA, f16, bf16).
 //! Statistics are always computed in f32 (f64 accumulators on the fast path), two-pass.
-use crate::models::config::Activation;
+use crate::models::ssl::config::Activation;
 use crate::ops::kernels::{fast_exp, softmax_in_place};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;

@@ -5,7 +5,7 @@
 //! Every size, offset, shape and stride in a file is untrusted: each is checked (with checked
 //! arithmetic) against the bytes that hold it before anything is sliced or allocated, and a
 //! compressed zip entry is inflated only when a tensor needs it, and only as far as it needs.
-use super::pickle_vm::{unpickle, Node, Pickle, Value};
+use super::pickle::{unpickle, Node, Pickle, Value};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use std::collections::HashMap;

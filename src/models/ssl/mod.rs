@@ -31,15 +31,14 @@
 //! - attention adds a large negative value to padded keys.
 //!
 //! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
-#[path = "wav2vec2_cpu.rs"]
+pub mod config;
 mod cpu;
-#[path = "wav2vec2_ops.rs"]
-mod ops;
+mod tensor_ops;
 
 pub use cpu::CpuEncoder;
 
 use crate::models::checkpoint::LoadedCheckpoint;
-use crate::models::config::{Activation, Wav2Vec2Config};
+use crate::models::ssl::config::{Activation, Wav2Vec2Config};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -110,7 +109,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm_act(x, &self.weight, &self.bias, self.eps, None)
+        tensor_ops::layer_norm_act(x, &self.weight, &self.bias, self.eps, None)
     }
 }
 
@@ -186,7 +185,7 @@ struct ConvLayer {
     stride: usize,
     act: Activation,
     /// The same layer fused for CPU f32 (first conv of "group" models only).
-    fused: Option<ops::FirstConvGroupNorm>,
+    fused: Option<tensor_ops::FirstConvGroupNorm>,
 }
 
 impl ConvLayer {
@@ -221,7 +220,7 @@ impl ConvLayer {
             ConvNorm::Group {
                 weight: nw,
                 bias: nb,
-            } if c_in == 1 && weight.device().is_cpu() => Some(ops::FirstConvGroupNorm::new(
+            } if c_in == 1 && weight.device().is_cpu() => Some(tensor_ops::FirstConvGroupNorm::new(
                 &weight,
                 bias.as_ref(),
                 nw,
@@ -251,12 +250,12 @@ impl ConvLayer {
             .map(|&n| conv_out_len(n, self.kernel, self.stride))
             .collect();
         if let Some(fused) = &self.fused {
-            if ops::FirstConvGroupNorm::applies_to(x) {
+            if tensor_ops::FirstConvGroupNorm::applies_to(x) {
                 return Ok((fused.forward(x, &valid_out)?, valid_out));
             }
         }
         let conv = |post| {
-            ops::strided_conv(
+            tensor_ops::strided_conv(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -267,8 +266,8 @@ impl ConvLayer {
             )
         };
         let y = match &self.norm {
-            ConvNorm::None => conv(ops::ConvPost::Act(self.act))?,
-            ConvNorm::Layer(ln) => conv(ops::ConvPost::LayerNormAct {
+            ConvNorm::None => conv(tensor_ops::ConvPost::Act(self.act))?,
+            ConvNorm::Layer(ln) => conv(tensor_ops::ConvPost::LayerNormAct {
                 weight: &ln.weight,
                 bias: &ln.bias,
                 eps: ln.eps,
@@ -276,8 +275,8 @@ impl ConvLayer {
             })?,
             ConvNorm::Group { weight, bias } => {
                 // Statistics need the whole output first: no fusion on this path.
-                let y = conv(ops::ConvPost::Identity)?;
-                ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
+                let y = conv(tensor_ops::ConvPost::Identity)?;
+                tensor_ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
             }
         };
         Ok((y, valid_out))
@@ -364,8 +363,8 @@ impl PositionalConv {
             .reshape((b, t + 2 * pad, g, cg))?
             .permute((2, 0, 1, 3))?
             .contiguous()?;
-        let y = ops::grouped_conv(&xg, &self.weight, &self.bias, k, t, CHUNK_ELEMS)?;
-        ops::bias_act(&y, None, self.act)
+        let y = tensor_ops::grouped_conv(&xg, &self.weight, &self.bias, k, t, CHUNK_ELEMS)?;
+        tensor_ops::bias_act(&y, None, self.act)
     }
 }
 
@@ -439,7 +438,7 @@ impl Attention {
         for q0 in (0..t).step_by(rows) {
             let qb = q.narrow(2, q0, rows.min(t - q0))?;
             let scores = qb.matmul(&k_t)?;
-            let probs = ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
+            let probs = tensor_ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
             blocks.push(probs.matmul(&v)?);
         }
         let ctx = if blocks.len() == 1 {
@@ -471,7 +470,7 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.intermediate_dense.matmul(x)?;
-        let y = ops::bias_act(&y, Some(&self.intermediate_dense.bias), self.act)?;
+        let y = tensor_ops::bias_act(&y, Some(&self.intermediate_dense.bias), self.act)?;
         self.output_dense.forward(&y)
     }
 }

@@ -1,14 +1,14 @@
 //! Choosing the compute device, and which code path runs on it.
 //!
 //! `--device cuda:N` either opens a usable GPU or fails with one line naming why not (a build
-//! without CUDA, a driver stub, no device, a missing ordinal). On the CPU, f32 work runs on the
-//! fused multi-threaded kernels; `SPEECHCACHE_CPU_KERNELS=off` (or [`force_tensor_ops`] in
-//! tests) sends it through the plain tensor-op paths that CUDA and f16/bf16 use instead, so
-//! those paths are tested on machines without a GPU.
-use std::cell::Cell;
+//! without CUDA, a driver stub, no device, a missing ordinal). [`Backend`] is the whole choice
+//! of device, compute dtype and executor, made once at the CLI: on the CPU, f32 work runs on
+//! the CPU engine; `SPEECHCACHE_ENGINE=candle` (or [`Backend::tensor_ops`] in tests) sends it
+//! through the candle tensor ops that CUDA and f16/bf16 use instead, so those paths are tested
+//! on machines without a GPU.
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`, opened; the error says why no GPU is usable.
 pub fn open(text: &str) -> anyhow::Result<Device> {
@@ -66,36 +66,124 @@ fn no_gpu_reason(err: &candle_core::Error, ordinal: usize) -> String {
     format!("{reason} ({name})")
 }
 
-thread_local! {
-    static FORCED_TENSOR_OPS: Cell<bool> = const { Cell::new(false) };
+/// Which code computes a model: the two executors every model has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Executor {
+    /// speechcache's own multi-threaded f32 kernels (`src/ops/`), CPU only: the SSL encoder's
+    /// `models::ssl::CpuEncoder` and the Conformer's `models::asr::cpu::CpuEngine` (training,
+    /// validation and decode alike).
+    CpuEngine,
+    /// candle tensor ops, on any device and dtype (CUDA, f16, bf16), with candle's autograd
+    /// for training.
+    TensorOps,
 }
 
-/// Whether work on `device` may take the fused CPU kernels: the CPU, unless they are turned off
-/// by `SPEECHCACHE_CPU_KERNELS=off` or, on this thread, by [`force_tensor_ops`].
-pub fn cpu_kernels(device: &Device) -> bool {
-    static DISABLED: OnceLock<bool> = OnceLock::new();
-    let disabled = *DISABLED.get_or_init(|| {
-        std::env::var("SPEECHCACHE_CPU_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
-    });
-    device.is_cpu() && !disabled && !FORCED_TENSOR_OPS.with(Cell::get)
-}
-
-/// Until the guard drops, code on this thread takes the tensor-op paths (as on CUDA) on the CPU.
-pub fn force_tensor_ops() -> TensorOpsGuard {
-    TensorOpsGuard {
-        previous: FORCED_TENSOR_OPS.with(|f| f.replace(true)),
+impl Executor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Executor::CpuEngine => "cpu-engine",
+            Executor::TensorOps => "candle",
+        }
     }
 }
 
-/// Restores the previous choice of [`force_tensor_ops`] when dropped.
-pub struct TensorOpsGuard {
-    previous: bool,
+/// Where and how a stage computes: the device, the compute dtype, and which executor runs.
+///
+/// Resolved once at the CLI ([`Backend::resolve`]) from `--device`, the stage's compute dtype
+/// and the environment, and passed down to extract, finetune, validation and decode. This is
+/// the only place that reads the environment variables that pick an executor:
+///
+/// | variable | effect |
+/// |---|---|
+/// | `SPEECHCACHE_ENGINE=candle` | candle tensor ops even for f32 on the CPU (the path CUDA and f16/bf16 take), for extract and finetune alike |
+/// | `SPEECHCACHE_CPU_KERNELS=off` | the same (older name) |
+#[derive(Debug, Clone)]
+pub struct Backend {
+    device: Device,
+    dtype: DType,
+    executor: Executor,
+    /// Tensor ops asked for (environment or [`Backend::tensor_ops`]), kept for `with_dtype`.
+    tensor_ops: bool,
 }
 
-impl Drop for TensorOpsGuard {
-    fn drop(&mut self) {
-        FORCED_TENSOR_OPS.with(|f| f.set(self.previous));
+impl Backend {
+    /// From the CLI: `--device` text (see [`open`]) and the compute dtype; the executor is the
+    /// CPU engine for f32 on the CPU unless the environment asks for candle tensor ops.
+    pub fn resolve(device: &str, dtype: DType) -> anyhow::Result<Self> {
+        let device = open(device)?;
+        Ok(Self::on(device, dtype, tensor_ops_requested()?))
     }
+
+    /// For an already opened device, with the environment's choice of executor.
+    pub fn new(device: Device, dtype: DType) -> anyhow::Result<Self> {
+        Ok(Self::on(device, dtype, tensor_ops_requested()?))
+    }
+
+    /// candle tensor ops on `device` whatever the environment says: the path CUDA and
+    /// f16/bf16 take, run on the CPU by tests and comparisons.
+    pub fn tensor_ops(device: Device, dtype: DType) -> Self {
+        Self::on(device, dtype, true)
+    }
+
+    fn on(device: Device, dtype: DType, tensor_ops: bool) -> Self {
+        let executor = if device.is_cpu() && dtype == DType::F32 && !tensor_ops {
+            Executor::CpuEngine
+        } else {
+            Executor::TensorOps
+        };
+        Self {
+            device,
+            dtype,
+            executor,
+            tensor_ops,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype models compute in (activations and weights).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn executor(&self) -> Executor {
+        self.executor
+    }
+
+    pub fn uses_cpu_engine(&self) -> bool {
+        self.executor == Executor::CpuEngine
+    }
+
+    /// The same device and executor choice for another dtype (f32 training beside an f16
+    /// extract, say).
+    pub fn with_dtype(&self, dtype: DType) -> Self {
+        Self::on(self.device.clone(), dtype, self.tensor_ops)
+    }
+}
+
+/// Whether the environment asks for candle tensor ops on the CPU; read once per process.
+fn tensor_ops_requested() -> anyhow::Result<bool> {
+    static CHOICE: OnceLock<Result<bool, String>> = OnceLock::new();
+    CHOICE
+        .get_or_init(|| {
+            let engine = std::env::var("SPEECHCACHE_ENGINE").ok();
+            let kernels = std::env::var("SPEECHCACHE_CPU_KERNELS").ok();
+            let by_engine = match engine.as_deref().map(str::trim) {
+                None | Some("") | Some("auto") | Some("cpu-engine") => false,
+                Some("candle") => true,
+                Some(other) => {
+                    return Err(format!(
+                        "SPEECHCACHE_ENGINE={other:?}: use auto, cpu-engine or candle"
+                    ))
+                }
+            };
+            let by_kernels = kernels.is_some_and(|v| v.trim().eq_ignore_ascii_case("off"));
+            Ok(by_engine || by_kernels)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 #[cfg(test)]
@@ -133,14 +221,19 @@ mod tests {
     }
 
     #[test]
-    fn force_tensor_ops_is_scoped_to_the_guard() {
-        assert!(cpu_kernels(&Device::Cpu) || std::env::var("SPEECHCACHE_CPU_KERNELS").is_ok());
-        let before = cpu_kernels(&Device::Cpu);
-        {
-            let _g = force_tensor_ops();
-            assert!(!cpu_kernels(&Device::Cpu));
-            let _inner = force_tensor_ops();
+    fn the_cpu_engine_runs_only_f32_on_the_cpu() {
+        let forced = Backend::tensor_ops(Device::Cpu, DType::F32);
+        assert_eq!(forced.executor(), Executor::TensorOps);
+        for dtype in [DType::F16, DType::BF16] {
+            assert_eq!(Backend::new(Device::Cpu, dtype).unwrap().executor(), Executor::TensorOps);
         }
-        assert_eq!(cpu_kernels(&Device::Cpu), before);
+        let default = Backend::new(Device::Cpu, DType::F32).unwrap();
+        if std::env::var_os("SPEECHCACHE_ENGINE").is_none()
+            && std::env::var_os("SPEECHCACHE_CPU_KERNELS").is_none()
+        {
+            assert_eq!(default.executor(), Executor::CpuEngine);
+        }
+        assert_eq!(default.with_dtype(DType::F16).executor(), Executor::TensorOps);
+        assert_eq!(forced.with_dtype(DType::F16).with_dtype(DType::F32).executor(), Executor::TensorOps);
     }
 }

@@ -316,7 +316,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     let started = Instant::now();
     let cpu_start = process_cpu_seconds();
     // Utterances allocate and free the same large buffers over and over: keep them mapped.
-    crate::ops::kernels::reserve_freed_memory();
+    crate::ops::gemm::reserve_freed_memory();
     crate::store::refuse_overlapping_out(&args.out, &[&args.data])?;
     let audio = AudioStore::open(&args.data)
         .with_context(|| format!("cannot open the audio store {}", args.data.display()))?;

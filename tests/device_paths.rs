@@ -15,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use common::{bin, ok, s};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use speechcache::device::force_tensor_ops;
+use speechcache::device::Executor;
 use speechcache::finetune::config::{OptimConfig, OptimizerKind};
 use speechcache::ops::ctc::ctc_loss;
 use speechcache::models::asr::cpu::CpuEngine;
@@ -132,10 +132,15 @@ fn encoder_states(
     waves: &[Vec<f32>],
     dev: &Device,
     dtype: DType,
+    tensor_ops: bool,
 ) -> (States, States) {
     let states = |batch: Tensor, lengths: &[usize]| -> States {
         let batch = batch.to_device(dev).unwrap().to_dtype(dtype).unwrap();
-        let (hidden, valid) = model.forward(&batch, lengths, layers).unwrap();
+        let (hidden, valid) = if tensor_ops {
+            model.forward_tensor_ops(&batch, lengths, layers).unwrap()
+        } else {
+            model.forward(&batch, lengths, layers).unwrap()
+        };
         (0..lengths.len())
             .map(|b| {
                 hidden
@@ -180,11 +185,10 @@ fn encoder_f32_tensor_ops_match_transformers_and_the_cpu_kernels() {
     for variant in VARIANTS {
         let (cfg, fused_model) = load_encoder(variant, DType::F32, &Device::Cpu);
         let layers = cfg.num_hidden_layers;
-        let (fused, _) = encoder_states(&fused_model, layers, &waves, &Device::Cpu, DType::F32);
+        let (fused, _) = encoder_states(&fused_model, layers, &waves, &Device::Cpu, DType::F32, false);
         let (alone, batched) = {
-            let _g = force_tensor_ops();
             let (_, model) = load_encoder(variant, DType::F32, &dev);
-            encoder_states(&model, layers, &waves, &dev, DType::F32)
+            encoder_states(&model, layers, &waves, &dev, DType::F32, true)
         };
         let refs = transformers_states(variant, layers);
         let vs_ref = worst(&alone, &refs, max_abs_diff);
@@ -212,10 +216,9 @@ fn encoder_half_precision_stays_within_stated_tolerances() {
     let mut failures = Vec::new();
     for (dtype, tol) in [(DType::F16, F16_TOL), (DType::BF16, BF16_TOL)] {
         for variant in VARIANTS {
-            let _g = force_tensor_ops();
             let (cfg, model) = load_encoder(variant, dtype, &dev);
             let layers = cfg.num_hidden_layers;
-            let (alone, batched) = encoder_states(&model, layers, &waves, &dev, dtype);
+            let (alone, batched) = encoder_states(&model, layers, &waves, &dev, dtype, true);
             let refs = transformers_states(variant, layers);
             let rel = |a: &[f32], b: &[f32]| rel_err(a, b, 1.0);
             let e_alone = worst(&alone, &refs, rel);
@@ -350,8 +353,7 @@ fn finetune_off_cpu_path_equals_the_cpu_engine() {
             .train_step(&feats, &lengths, &targets, scale)
             .unwrap();
 
-        // candle autograd on the device under test, tensor-op paths
-        let _g = force_tensor_ops();
+        // candle autograd on the device under test
         let feats_dev = feats.to_device(&dev).unwrap();
         let (want_eval, _) = model.forward(&feats_dev, &lengths, false).unwrap();
         let (logits, out_lens) = model.forward(&feats_dev, &lengths, true).unwrap();
@@ -440,15 +442,14 @@ fn adam_off_cpu_equals_the_fused_cpu_step() {
                 .collect()
         };
         let (cpu, off) = (params(&Device::Cpu), params(&dev));
-        let mut cpu_opt = Adam::new(cpu.clone(), &cfg).unwrap();
-        let mut off_opt = Adam::new(off.clone(), &cfg).unwrap();
+        let mut cpu_opt = Adam::new(cpu.clone(), &cfg, Executor::CpuEngine).unwrap();
+        let mut off_opt = Adam::new(off.clone(), &cfg, Executor::TensorOps).unwrap();
         for step in 0..4u64 {
             let grads: Vec<Tensor> = (0..3)
                 .map(|i| rand_tensor(&[5 + i, 7], 1000 * step + i as u64, 0.5))
                 .collect();
             cpu_opt.step(&grads, 1e-2).unwrap();
             let on_dev: Vec<Tensor> = grads.iter().map(|g| g.to_device(&dev).unwrap()).collect();
-            let _g = force_tensor_ops();
             off_opt.step(&on_dev, 1e-2).unwrap();
         }
         for ((n, a), (_, b)) in off.iter().zip(&cpu) {
@@ -463,7 +464,6 @@ fn adam_off_cpu_equals_the_fused_cpu_step() {
 #[test]
 fn dropout_off_cpu_drops_the_asked_fraction() {
     let dev = test_device();
-    let _g = force_tensor_ops();
     let p = 0.2;
     let x = Tensor::ones((400, 500), DType::F32, &dev).unwrap();
     let y = flat(

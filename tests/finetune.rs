@@ -151,7 +151,7 @@ impl Fixture {
             config: self.root.join("conf.toml"),
             out: self.root.join(out),
             resume,
-            device: Device::Cpu,
+            backend: cpu_backend(),
             seed: Some(7),
             max_steps,
             max_epochs: None,
@@ -276,7 +276,7 @@ fn trains_resumes_exactly_averages_and_decodes() {
                 checkpoint: ck,
                 beam,
                 out: Some(out.clone()),
-                device: Device::Cpu,
+                backend: cpu_backend(),
                 verbose: false,
             },
             &data,
@@ -332,7 +332,7 @@ fn bad_input_gives_clear_errors() {
         config: root.join("conf.toml"),
         out: root.join(out),
         resume: false,
-        device: Device::Cpu,
+        backend: cpu_backend(),
         seed: None,
         max_steps: None,
         max_epochs: None,
@@ -361,7 +361,7 @@ fn bad_input_gives_clear_errors() {
                 checkpoint: CheckpointChoice::Last,
                 beam: 1,
                 out: Some(root.join("d")),
-                device: Device::Cpu,
+                backend: cpu_backend(),
                 verbose: false,
             },
             &open(data),
@@ -444,7 +444,7 @@ fn launch_cost_on_ten_hours() {
             config: conf,
             out: root.join("exp"),
             resume: false,
-            device: Device::Cpu,
+            backend: cpu_backend(),
             seed: None,
             max_steps: Some(3),
             max_epochs: None,
@@ -531,7 +531,7 @@ fn onthefly_features_train() {
             config: conf,
             out: root.join("exp"),
             resume: false,
-            device: Device::Cpu,
+            backend: cpu_backend(),
             seed: None,
             max_steps: None,
             max_epochs: None,
@@ -585,7 +585,12 @@ fn optimizer_matches_torch() {
             Var::from_tensor(&Tensor::from_vec(vec(&case["p0"]), (3, 4), &dev).unwrap()).unwrap();
         let q = Var::from_tensor(&Tensor::from_vec(vec(&case["q0"]), 5, &dev).unwrap()).unwrap();
         let mut opt =
-            Adam::new(vec![("p".into(), p.clone()), ("q".into(), q.clone())], &cfg).unwrap();
+            Adam::new(
+                vec![("p".into(), p.clone()), ("q".into(), q.clone())],
+                &cfg,
+                speechcache::device::Executor::CpuEngine,
+            )
+            .unwrap();
         for (i, g) in case["grads"].as_array().unwrap().iter().enumerate() {
             let mut grads = vec![
                 Tensor::from_vec(vec(&g[0]), (3, 4), &dev).unwrap(),
@@ -994,4 +999,9 @@ fn resume_finishes_an_interrupted_average() {
         .to_string();
     assert!(text.contains("nothing to do"), "{text}");
     assert_eq!(bytes(&avg_path(&exp)), want);
+}
+
+/// f32 on the CPU: the CPU engine, unless the environment asks for candle tensor ops.
+fn cpu_backend() -> speechcache::device::Backend {
+    speechcache::device::Backend::new(Device::Cpu, candle_core::DType::F32).unwrap()
 }

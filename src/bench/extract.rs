@@ -134,7 +134,7 @@ fn bench_cpu_engine(
     chunks: usize,
     chunk_samples: usize,
 ) -> anyhow::Result<()> {
-    crate::ops::kernels::reserve_freed_memory();
+    crate::ops::gemm::reserve_freed_memory();
     let mut engine = CpuEncoder::new(model)?;
     let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
     let waves: Vec<Vec<f32>> = (0..chunks)

@@ -41,15 +41,15 @@ pub struct FinetuneBenchArgs {
 
 pub fn run(args: &FinetuneBenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let device = crate::finetune::parse_device(&args.device)?;
+    let backend = crate::finetune::parse_backend(&args.device)?;
     let train_src = StoreSource::open(&args.train)?;
     let valid_src = StoreSource::open(args.valid.as_ref().unwrap_or(&args.train))?;
-    let cached = time_training(args, &train_src, &valid_src, &device, started, "cached")?;
+    let cached = time_training(args, &train_src, &valid_src, &backend, started, "cached")?;
     report(args, "cached features", &train_src, &cached);
     if let (Some(model), Some(audio)) = (&args.ssl_model, &args.train_audio) {
         let started = Instant::now();
-        let otf = OnTheFlySource::open(audio, model, &device)?;
-        let summary = time_training(args, &otf, &valid_src, &device, started, "onthefly")?;
+        let otf = OnTheFlySource::open(audio, model, backend.device())?;
+        let summary = time_training(args, &otf, &valid_src, &backend, started, "onthefly")?;
         report(
             args,
             "on-the-fly features (frozen SSL model in every step)",
@@ -67,7 +67,7 @@ fn time_training(
     args: &FinetuneBenchArgs,
     train_src: &dyn FeatureSource,
     valid_src: &dyn FeatureSource,
-    device: &candle_core::Device,
+    backend: &crate::device::Backend,
     started: Instant,
     tag: &str,
 ) -> anyhow::Result<TrainSummary> {
@@ -83,7 +83,7 @@ fn time_training(
         config: args.config.clone(),
         out,
         resume: false,
-        device: device.clone(),
+        backend: backend.clone(),
         seed: None,
         max_steps: args.max_steps,
         max_epochs: Some(args.epochs),

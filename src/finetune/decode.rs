@@ -9,7 +9,10 @@ use crate::finetune::data::{encode_text, make_batches, FeatureSource};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::search;
 use crate::finetune::tokenizer::Tokenizer;
-use crate::finetune::train::{log_prob_rows, Experiment, ExperimentLock, TrainError};
+use crate::device::Backend;
+use crate::finetune::train::{
+    asr_engine, eval_logits, log_prob_rows, Experiment, ExperimentLock, TrainError,
+};
 use candle_core::{DType, Device, D};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -65,7 +68,8 @@ pub struct DecodeOptions {
     pub beam: usize,
     /// Output directory (default `EXP/decode_<store>_<checkpoint>_beam<N>`).
     pub out: Option<PathBuf>,
-    pub device: Device,
+    /// Device and executor, as for training: the CPU engine for f32 on the CPU.
+    pub backend: Backend,
     pub verbose: bool,
 }
 
@@ -137,7 +141,7 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
             reason: "the store has no utterances to decode".into(),
         });
     }
-    let dev = &opts.device;
+    let dev = opts.backend.device();
     let (model, vars) = exp.build_model(dev)?;
     let ckpt = opts.checkpoint.path(&exp.dir);
     if !ckpt.is_file() {
@@ -166,6 +170,13 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     let tensors = checkpoint::load_tensors(&ckpt, dev)?;
     checkpoint::assign(&vars, &tensors, &ckpt)?;
     drop(tensors);
+    let engine = asr_engine(&model, &opts.backend, &vars, &vars, |m| {
+        if opts.verbose {
+            eprintln!("decode: {m}")
+        }
+    })?;
+    let params = engine.as_ref().map(|e| e.params()).transpose()?;
+    let runner = engine.as_ref().zip(params.as_ref());
     let blank = Tokenizer::BLANK_ID;
 
     // utterances shorter than the subsampling's minimum get an empty hypothesis
@@ -177,7 +188,7 @@ pub fn decode(opts: &DecodeOptions, data: &dyn FeatureSource) -> Result<DecodeRe
     let mut hyps: Vec<String> = vec![String::new(); data.len()];
     for (bn, items) in batches.iter().enumerate() {
         let (feats, lens) = data.batch(items, &exp.meta.layers, dev)?;
-        let (logits, out_lens) = model.forward(&feats, &lens, false)?;
+        let (logits, out_lens) = eval_logits(&model, runner, &feats, &lens)?;
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?;

@@ -96,21 +96,22 @@ pub struct DecodeArgs {
     pub quiet: bool,
 }
 
-/// `cpu`, `cuda`, `cuda:N` → a candle device (see [`crate::device::open`]).
-pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    crate::device::open(s)
+/// `--device` (`cpu`, `cuda`, `cuda:N`) → the backend finetune and decode run on: f32, the CPU
+/// engine on the CPU (see [`crate::device::Backend`]).
+pub fn parse_backend(s: &str) -> anyhow::Result<crate::device::Backend> {
+    crate::device::Backend::resolve(s, candle_core::DType::F32)
 }
 
 pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let device = parse_device(&args.device)?;
+    let backend = parse_backend(&args.device)?;
     let train_src = data::StoreSource::open(&args.train)?;
     let valid_src = data::StoreSource::open(&args.valid)?;
     let opts = train::TrainOptions {
         config: args.config.clone(),
         out: args.out.clone(),
         resume: args.resume,
-        device,
+        backend,
         seed: args.seed,
         max_steps: args.max_steps,
         max_epochs: None,
@@ -139,14 +140,14 @@ pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_decode(args: &DecodeArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
+    let backend = parse_backend(&args.device)?;
     let data_src = data::StoreSource::open(&args.data)?;
     let opts = decode::DecodeOptions {
         exp: args.exp.clone(),
         checkpoint: args.checkpoint.clone(),
         beam: args.beam,
         out: args.out.clone(),
-        device,
+        backend,
         verbose: !args.quiet,
     };
     let result = decode::decode(&opts, &data_src)?;

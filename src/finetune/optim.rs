@@ -3,6 +3,7 @@
 //! candle_nn's AdamW keeps its moments private (no exact resume) and silently skips vars
 //! without a gradient; this optimiser owns its state (m, v, step) by parameter name so a
 //! checkpoint can hold it, and it refuses a step where a parameter has no gradient.
+use crate::device::Executor;
 use crate::finetune::config::{OptimConfig, OptimizerKind};
 use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -23,10 +24,14 @@ pub struct Adam {
     step: u64,
     /// Steps skipped for a non-finite gradient (the lr schedule counts these too).
     skipped: u64,
+    /// The fused f32 CPU update (the CPU engine's), else tensor ops.
+    fused: bool,
 }
 
 impl Adam {
-    pub fn new(params: NamedVars, cfg: &OptimConfig) -> Result<Self> {
+    /// The update runs on `executor`: the fused f32 kernel (CPU engine) or candle tensor ops
+    /// (any device; what `SPEECHCACHE_ENGINE=candle` and CUDA use).
+    pub fn new(params: NamedVars, cfg: &OptimConfig, executor: Executor) -> Result<Self> {
         let m = params
             .iter()
             .map(|(_, p)| p.as_tensor().zeros_like())
@@ -42,6 +47,7 @@ impl Adam {
             v,
             step: 0,
             skipped: 0,
+            fused: executor == Executor::CpuEngine,
         })
     }
 
@@ -78,7 +84,8 @@ impl Adam {
         let bc2_sqrt = bc2.sqrt();
         for (i, g) in grads.iter().enumerate() {
             let p = &self.params[i].1;
-            if crate::device::cpu_kernels(p.device())
+            if self.fused
+                && p.device().is_cpu()
                 && p.dtype() == DType::F32
                 && g.dtype() == DType::F32
             {
@@ -343,7 +350,7 @@ mod tests {
         for kind in [OptimizerKind::Adam, OptimizerKind::Adamw] {
             let dev = Device::Cpu;
             let p = Var::from_tensor(&Tensor::new(&[1.5f32], &dev).unwrap()).unwrap();
-            let mut opt = Adam::new(vec![("p".into(), p.clone())], &cfg(kind, 0.01)).unwrap();
+            let mut opt = Adam::new(vec![("p".into(), p.clone())], &cfg(kind, 0.01), Executor::CpuEngine).unwrap();
             for g in [0.3f32, -0.7] {
                 opt.step(&[Tensor::new(&[g], &dev).unwrap()], 0.1).unwrap();
             }

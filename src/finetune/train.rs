@@ -15,7 +15,8 @@ use crate::ops::ctc::ctc_loss;
 use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
-use crate::models::asr::cpu::{unsupported_reason, CpuEngine, StepProfile};
+use crate::device::{Backend, Executor};
+use crate::models::asr::cpu::{CpuEngine, Params, StepProfile};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
@@ -243,12 +244,50 @@ fn describe_holder(holder: Option<&Holder>) -> String {
     }
 }
 
+/// The CPU engine for `model` when the backend runs it (f32 on the CPU) and the model is one it
+/// runs; `None` means candle tensor ops (with autograd for training), and `say` is told why.
+/// Training, validation and decode all take their executor from here.
+pub(crate) fn asr_engine(
+    model: &AsrModel,
+    backend: &Backend,
+    all_vars: &NamedVars,
+    trainable: &NamedVars,
+    say: impl Fn(String),
+) -> Result<Option<CpuEngine>, TrainError> {
+    if !backend.uses_cpu_engine() {
+        return Ok(None);
+    }
+    match CpuEngine::unsupported_reason(model) {
+        None => Ok(Some(CpuEngine::new(model, all_vars, trainable)?)),
+        Some(reason) => {
+            say(format!("running on candle tensor ops: {reason}"));
+            Ok(None)
+        }
+    }
+}
+
+/// Eval-mode logits `[B, T', vocab]` and output lengths of one batch, on the CPU engine when
+/// there is one (with `params` read once per pass), else on the candle model: validation and
+/// decode run the same code.
+pub(crate) fn eval_logits(
+    model: &AsrModel,
+    engine: Option<(&CpuEngine, &Params)>,
+    feats: &candle_core::Tensor,
+    lengths: &[usize],
+) -> Result<(candle_core::Tensor, Vec<usize>), TrainError> {
+    Ok(match engine {
+        Some((engine, params)) => engine.forward_eval(params, feats, lengths)?,
+        None => model.forward(feats, lengths, false)?,
+    })
+}
+
 /// Everything `finetune` needs besides the data sources.
 pub struct TrainOptions {
     pub config: PathBuf,
     pub out: PathBuf,
     pub resume: bool,
-    pub device: Device,
+    /// Device and executor (the CPU engine or candle autograd), resolved at the CLI.
+    pub backend: Backend,
     /// Overrides `train.seed`.
     pub seed: Option<u64>,
     /// Stop (with a resumable checkpoint) once this many optimiser steps are done in total.
@@ -441,7 +480,7 @@ pub fn train(
     valid: &dyn FeatureSource,
     started: Instant,
 ) -> Result<TrainSummary, TrainError> {
-    crate::ops::kernels::reserve_freed_memory();
+    crate::ops::gemm::reserve_freed_memory();
     let pool = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("speechcache-train-{i}"))
         .build()
@@ -459,7 +498,7 @@ fn train_on_pool(
     let (exp, resume_from, _lock) = prepare_experiment(opts, train)?;
     exp.check_source(valid)?;
     let cfg = &exp.config;
-    let dev = &opts.device;
+    let dev = opts.backend.device();
     let say = |msg: String| {
         if opts.verbose {
             eprintln!("finetune: {msg}");
@@ -486,7 +525,16 @@ fn train_on_pool(
 
     let (model, all_vars) = exp.build_model(dev)?;
     let vars = trainable(&all_vars);
-    let mut opt = Adam::new(vars.clone(), &cfg.optim)?;
+    let engine = asr_engine(&model, &opts.backend, &all_vars, &vars, |m| say(m))?;
+    let mut opt = Adam::new(
+        vars.clone(),
+        &cfg.optim,
+        if engine.is_some() {
+            Executor::CpuEngine
+        } else {
+            Executor::TensorOps
+        },
+    )?;
     let n_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     say(format!(
         "model: {} parameters in {} tensors; vocabulary {}; layers {:?}",
@@ -533,16 +581,6 @@ fn train_on_pool(
     let seed = exp.meta.seed;
     let train_frames: Vec<usize> = (0..train.len()).map(|i| train.frames(i)).collect();
     let accum = cfg.optim.accum_grad;
-    let engine = match std::env::var("SPEECHCACHE_ENGINE").as_deref() {
-        Ok("candle") => None,
-        _ => match unsupported_reason(&model, dev, DType::F32) {
-            None => Some(CpuEngine::new(&model, &all_vars, &vars)?),
-            Some(reason) => {
-                say(format!("training with candle's autograd: {reason}"));
-                None
-            }
-        },
-    };
     summary.engine = if engine.is_some() {
         "cpu-engine"
     } else {
@@ -950,12 +988,10 @@ fn validate(
     let mut errors = ErrorCounts::default();
     // the engine reads the parameters once for the whole pass
     let params = engine.map(|e| e.params()).transpose()?;
+    let runner = engine.zip(params.as_ref());
     for items in &batches {
         let (feats, lens) = valid.batch(items, &exp.meta.layers, dev)?;
-        let (logits, out_lens) = match (engine, &params) {
-            (Some(engine), Some(params)) => engine.forward_eval(params, &feats, &lens)?,
-            _ => model.forward(&feats, &lens, false)?,
-        };
+        let (logits, out_lens) = eval_logits(model, runner, &feats, &lens)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tg: Vec<Vec<u32>> = items.iter().map(|&i| targets.tokens[i].clone()).collect();
         let (per_utt, _) = ctc_loss(&log_probs, &tg, &out_lens, Tokenizer::BLANK_ID, true)?;

@@ -14,7 +14,10 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 pub mod ctc;
-pub mod kernels;
+pub mod activation;
+pub mod gemm;
+pub mod norm;
+pub mod profile;
 pub mod winograd;
 
 /// Softmax over the last dimension built from differentiable primitives (never the fused
@@ -206,7 +209,7 @@ impl DropoutRng {
             .enumerate()
             .for_each(|(c, chunk)| {
                 let first = start + (c * CHUNK) as u64;
-                kernels::simd(|| {
+                activation::simd(|| {
                     for (i, o) in chunk.iter_mut().enumerate() {
                         let keep = (mix(key, first + i as u64) >> 40) >= threshold;
                         *o = if keep { scale } else { 0.0 };
@@ -236,7 +239,7 @@ impl Dropout {
         if !(0.0..1.0).contains(&self.p) {
             candle_core::bail!("dropout probability must be in [0, 1), got {}", self.p)
         }
-        if !crate::device::cpu_kernels(x.device()) {
+        if !x.device().is_cpu() {
             return candle_nn::ops::dropout(x, self.p as f32);
         }
         let mask = self.rng.keep_mask(x.elem_count(), self.p)?;
@@ -311,7 +314,7 @@ impl DepthwiseConv1d {
 /// launches; candle's grouped conv would run one conv per channel there).
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     check_depthwise_shapes(x, weight)?;
-    if !crate::device::cpu_kernels(x.device()) {
+    if !x.device().is_cpu() {
         return depthwise_conv1d_shift_add(x, weight);
     }
     let k = weight.dim(2)?;

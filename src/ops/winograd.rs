@@ -12,7 +12,7 @@
 //! Used for ESPnet's `Conv2dSubsampling2` second convolution (C → C, stride 1) by the CPU
 //! training engine; everything is single-threaded per image (callers split images over the
 //! pool), so results do not depend on the thread count.
-use crate::ops::kernels::{matmul_serial, Mat};
+use crate::ops::gemm::{matmul_serial, Mat};
 
 /// Transformed positions per tile (4 × 4).
 const K: usize = 16;

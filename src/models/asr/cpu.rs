@@ -21,12 +21,14 @@ use crate::ops::ctc::ctc_loss_from_logits;
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::NamedVars;
 use crate::models::asr::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
-use crate::ops::kernels::{
-    add_col_sums, layer_norm_backward, layer_norm_forward, linear_backward, linear_forward,
-    matmul_serial, residual_add, row_block, scale_mask, sigmoid, silu_backward, silu_forward,
-    LayerNormSaved, Mat,
+use crate::ops::activation::{
+    self, residual_add, scale_mask, sigmoid, silu_backward, silu_forward,
 };
-use crate::ops::{correlate_rows, kernel_major, kernels, weight_grad, winograd, DropoutRng};
+use crate::ops::gemm::{
+    self, add_col_sums, linear_backward, linear_forward, matmul_serial, row_block, Mat,
+};
+use crate::ops::norm::{layer_norm_backward, layer_norm_forward, LayerNormSaved};
+use crate::ops::{correlate_rows, kernel_major, weight_grad, winograd, DropoutRng};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -107,20 +109,6 @@ pub struct StepOutput {
     pub profile: StepProfile,
 }
 
-/// Why the engine cannot run a model (the trainer then uses the candle path).
-pub fn unsupported_reason(model: &AsrModel, device: &Device, dtype: DType) -> Option<String> {
-    if !device.is_cpu() {
-        return Some("the device is not the CPU".into());
-    }
-    if dtype != DType::F32 {
-        return Some(format!("the model dtype is {dtype:?}, not f32"));
-    }
-    let cfg = model.encoder().config();
-    if !cfg.normalize_before {
-        return Some("normalize_before = false".into());
-    }
-    None
-}
 
 /// The model's parameters copied out of its variables, as the engine reads them (taken once
 /// per training step, once per validation pass).
@@ -302,6 +290,16 @@ struct FrontSaved {
 }
 
 impl CpuEngine {
+    /// Why the engine cannot run `model` (the trainer then uses candle tensor ops); the device
+    /// and dtype are the [`crate::device::Backend`]'s to decide.
+    pub fn unsupported_reason(model: &AsrModel) -> Option<String> {
+        let cfg = model.encoder().config();
+        if !cfg.normalize_before {
+            return Some("normalize_before = false".into());
+        }
+        None
+    }
+
     /// `vars`: every variable of the model's VarMap; `trainable`: the optimiser's list.
     pub fn new(model: &AsrModel, vars: &NamedVars, trainable: &NamedVars) -> Result<Self> {
         let (normalize, stats) = model.normalization();
@@ -1632,7 +1630,7 @@ impl CpuEngine {
         // dW_pos += dpᵀ · pe
         let wpn = enc(i, "self_attn.linear_pos.weight");
         let mut dwp = grads.take(&wpn, d * d);
-        crate::ops::kernels::matmul(
+        gemm::matmul(
             d,
             d,
             pn,
@@ -2210,14 +2208,14 @@ fn attention_scores(
     let mut bd = vec![0f32; t * pn];
     matmul_serial(t, pn, dk, &mut bd, pn, Mat::rows(&qv, dk), ph.t(), false);
     let key_mask = &key_mask[..t];
-    kernels::simd(|| {
+    activation::simd(|| {
         for r in 0..t {
             let row = &mut out[r * t..][..t];
             let shifted = &bd[r * pn + (t - 1 - r)..][..t];
             for ((v, &s), &m) in row.iter_mut().zip(shifted).zip(key_mask) {
                 *v = (*v + s) * inv + (m - 1.0) * 1e9;
             }
-            kernels::softmax_in_place(row);
+            activation::softmax_in_place(row);
         }
     });
 }

@@ -19,7 +19,7 @@ use self::fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError
 use self::torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
 use crate::models::ssl::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
 use crate::models::ssl::LinearLayout;
-use crate::ops::kernels::transpose;
+use crate::ops::gemm::transpose;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

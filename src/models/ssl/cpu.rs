@@ -14,7 +14,7 @@ use super::{
     conv_out_len, ConvNorm, EncoderLayer, Linear, LinearLayout, Wav2Vec2Model, CONV_NORM_EPS,
 };
 use crate::models::ssl::config::Activation;
-use crate::ops::kernels::{matmul_serial, transpose, Mat};
+use crate::ops::gemm::{matmul_serial, transpose, Mat};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 

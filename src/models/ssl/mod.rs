@@ -733,9 +733,8 @@ impl Wav2Vec2Model {
 
     /// Whether a model on `device` computing in `dtype` runs on the CPU engine.
     pub fn cpu_engine_applies(device: &Device, dtype: DType) -> bool {
-        crate::device::cpu_kernels(device)
-            && dtype == DType::F32
-            && std::env::var("SPEECHCACHE_ENGINE").as_deref() != Ok("candle")
+        crate::device::Backend::new(device.clone(), dtype)
+            .is_ok_and(|b| b.uses_cpu_engine())
     }
 
     /// The CPU engine over this model's weights (built once, on first use).

@@ -273,7 +273,7 @@ fn trains_resumes_exactly_averages_and_decodes() {
         let r = decode::decode(
             &DecodeOptions {
                 exp: exp.clone(),
-                checkpoint: ck,
+                checkpoint: ck.clone(),
                 beam,
                 out: Some(out.clone()),
                 backend: cpu_backend(),
@@ -297,6 +297,31 @@ fn trains_resumes_exactly_averages_and_decodes() {
         }
         let ref_trn = std::fs::read_to_string(out.join("ref.trn")).unwrap();
         assert!(ref_trn.lines().next().unwrap().ends_with("(utt000)"));
+
+        // on the CPU decode runs the CPU engine, as validation does; candle tensor ops (what
+        // CUDA runs) give the same hypotheses
+        let candle_out = fx.root.join(format!("dec{beam}-candle"));
+        let candle = decode::decode(
+            &DecodeOptions {
+                exp: exp.clone(),
+                checkpoint: ck,
+                beam,
+                out: Some(candle_out.clone()),
+                backend: speechcache::device::Backend::tensor_ops(
+                    Device::Cpu,
+                    candle_core::DType::F32,
+                ),
+                verbose: false,
+            },
+            &data,
+        )
+        .unwrap();
+        assert_eq!(candle.cer.as_ref().unwrap().rate, cer.rate);
+        assert_eq!(
+            std::fs::read_to_string(candle_out.join("hyp.trn")).unwrap(),
+            std::fs::read_to_string(out.join("hyp.trn")).unwrap(),
+            "beam {beam}: engine and candle hypotheses differ"
+        );
     }
 }
 

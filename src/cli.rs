@@ -34,6 +34,8 @@ enum Command {
     Finetune(speechcache::finetune::FinetuneArgs),
     /// Decode a feature store with a trained experiment and score CER/WER.
     Decode(speechcache::finetune::DecodeArgs),
+    /// Rank the layers an experiment learned to weigh (--top K: a list for extract --layers).
+    Layers(speechcache::finetune::layers::LayersArgs),
     /// Measure throughput on your own data and machine.
     Bench(speechcache::bench::BenchArgs),
 }
@@ -49,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prune(args) => speechcache::extract::run_prune(&args)?,
         Command::Finetune(args) => speechcache::finetune::run_finetune(&args)?,
         Command::Decode(args) => speechcache::finetune::run_decode(&args)?,
+        Command::Layers(args) => speechcache::finetune::layers::run_layers(&args)?,
         Command::Bench(args) => speechcache::bench::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)

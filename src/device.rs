@@ -225,7 +225,10 @@ mod tests {
         let forced = Backend::tensor_ops(Device::Cpu, DType::F32);
         assert_eq!(forced.executor(), Executor::TensorOps);
         for dtype in [DType::F16, DType::BF16] {
-            assert_eq!(Backend::new(Device::Cpu, dtype).unwrap().executor(), Executor::TensorOps);
+            assert_eq!(
+                Backend::new(Device::Cpu, dtype).unwrap().executor(),
+                Executor::TensorOps
+            );
         }
         let default = Backend::new(Device::Cpu, DType::F32).unwrap();
         if std::env::var_os("SPEECHCACHE_ENGINE").is_none()
@@ -233,7 +236,16 @@ mod tests {
         {
             assert_eq!(default.executor(), Executor::CpuEngine);
         }
-        assert_eq!(default.with_dtype(DType::F16).executor(), Executor::TensorOps);
-        assert_eq!(forced.with_dtype(DType::F16).with_dtype(DType::F32).executor(), Executor::TensorOps);
+        assert_eq!(
+            default.with_dtype(DType::F16).executor(),
+            Executor::TensorOps
+        );
+        assert_eq!(
+            forced
+                .with_dtype(DType::F16)
+                .with_dtype(DType::F32)
+                .executor(),
+            Executor::TensorOps
+        );
     }
 }

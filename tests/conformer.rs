@@ -5,11 +5,11 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::models::asr::conformer::{
     rel_positional_encoding, rel_shift, CnnModuleNorm, ConformerConfig, ConformerEncoder,
     ConformerError, InputLayer,
 };
+use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::ops::{depthwise_conv1d, depthwise_conv1d_shift_add, layer_norm, DropoutRng};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f64> {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use ndarray::Array2;
-use speechcache::ops::ctc::{ctc_loss, ctc_loss_from_logits, reduce, CtcStats, Reduction};
 use speechcache::finetune::search::{greedy, prefix_beam_search};
+use speechcache::ops::ctc::{ctc_loss, ctc_loss_from_logits, reduce, CtcStats, Reduction};
 
 // ---------- independent references ----------
 

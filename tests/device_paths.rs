@@ -17,13 +17,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use speechcache::device::Executor;
 use speechcache::finetune::config::{OptimConfig, OptimizerKind};
-use speechcache::ops::ctc::ctc_loss;
+use speechcache::finetune::optim::{Adam, NamedVars};
+use speechcache::models::asr::conformer::{CnnModuleNorm, ConformerConfig, InputLayer};
 use speechcache::models::asr::cpu::CpuEngine;
 use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
-use speechcache::finetune::optim::{Adam, NamedVars};
 use speechcache::models::ssl::config::Wav2Vec2Config;
-use speechcache::models::asr::conformer::{CnnModuleNorm, ConformerConfig, InputLayer};
 use speechcache::models::ssl::Wav2Vec2Model;
+use speechcache::ops::ctc::ctc_loss;
 use speechcache::ops::{Dropout, DropoutRng};
 use speechcache::store::FeatureStore;
 
@@ -185,7 +185,14 @@ fn encoder_f32_tensor_ops_match_transformers_and_the_cpu_kernels() {
     for variant in VARIANTS {
         let (cfg, fused_model) = load_encoder(variant, DType::F32, &Device::Cpu);
         let layers = cfg.num_hidden_layers;
-        let (fused, _) = encoder_states(&fused_model, layers, &waves, &Device::Cpu, DType::F32, false);
+        let (fused, _) = encoder_states(
+            &fused_model,
+            layers,
+            &waves,
+            &Device::Cpu,
+            DType::F32,
+            false,
+        );
         let (alone, batched) = {
             let (_, model) = load_encoder(variant, DType::F32, &dev);
             encoder_states(&model, layers, &waves, &dev, DType::F32, true)

@@ -9,11 +9,11 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use speechcache::ops::ctc::ctc_loss;
-use speechcache::models::asr::cpu::CpuEngine;
-use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::finetune::optim::NamedVars;
 use speechcache::models::asr::conformer::{CnnModuleNorm, ConformerConfig, InputLayer};
+use speechcache::models::asr::cpu::CpuEngine;
+use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
+use speechcache::ops::ctc::ctc_loss;
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all()

@@ -24,9 +24,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use speechcache::ops::ctc::ctc_loss;
-use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::finetune::tokenizer::Tokenizer;
+use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
+use speechcache::ops::ctc::ctc_loss;
 
 /// What a training step returns: the loss and each trainable variable's gradient by name.
 type Step = (f64, HashMap<String, Tensor>);

@@ -203,6 +203,14 @@ fn trains_resumes_exactly_averages_and_decodes() {
     let part = fx.opts("exp_resumed", false, Some(steps_epoch1 - 1));
     let s1 = fx.train(&part).unwrap();
     assert!(s1.stopped_early);
+    // a run stopped by --max-steps (before any epoch closed) leaves its layer weights too
+    let lw =
+        speechcache::finetune::layers::LayerWeights::read(&fx.root.join("exp_resumed")).unwrap();
+    assert_eq!(lw.layers, vec![0, 1]);
+    assert!(
+        (lw.weights.iter().sum::<f32>() - 1.0).abs() < 1e-5,
+        "{lw:?}"
+    );
     // starting again without --resume is refused
     let err = fx.train(&fx.opts("exp_resumed", false, None)).unwrap_err();
     assert!(err.to_string().contains("--resume"), "{err}");
@@ -609,13 +617,12 @@ fn optimizer_matches_torch() {
         let p =
             Var::from_tensor(&Tensor::from_vec(vec(&case["p0"]), (3, 4), &dev).unwrap()).unwrap();
         let q = Var::from_tensor(&Tensor::from_vec(vec(&case["q0"]), 5, &dev).unwrap()).unwrap();
-        let mut opt =
-            Adam::new(
-                vec![("p".into(), p.clone()), ("q".into(), q.clone())],
-                &cfg,
-                speechcache::device::Executor::CpuEngine,
-            )
-            .unwrap();
+        let mut opt = Adam::new(
+            vec![("p".into(), p.clone()), ("q".into(), q.clone())],
+            &cfg,
+            speechcache::device::Executor::CpuEngine,
+        )
+        .unwrap();
         for (i, g) in case["grads"].as_array().unwrap().iter().enumerate() {
             let mut grads = vec![
                 Tensor::from_vec(vec(&g[0]), (3, 4), &dev).unwrap(),
@@ -685,6 +692,52 @@ fn cli_finetune_and_decode() {
     assert!(root
         .join("exp/decode_valid_avg_beam3/result.json")
         .is_file());
+
+    // layer_weights.json: the softmax of the featurizer weights in `last`, against the store's
+    // layer ids; `layers --top K` lists the heaviest
+    let lw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("exp/layer_weights.json")).unwrap(),
+    )
+    .unwrap();
+    let last =
+        candle_core::safetensors::load(root.join("exp/checkpoints/last.safetensors"), &Device::Cpu)
+            .unwrap();
+    let raw: Vec<f32> = last["frontend.featurizer.weights"].to_vec1().unwrap();
+    let z: f32 = raw.iter().map(|w| w.exp()).sum();
+    let want: Vec<f32> = raw.iter().map(|w| w.exp() / z).collect();
+    assert_eq!(lw["layers"], serde_json::json!([0, 1]));
+    let got: Vec<f32> = lw["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(got.len(), 2);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < 1e-6,
+            "layer weights {got:?} vs softmax {want:?}"
+        );
+    }
+    let heaviest = if want[1] > want[0] { "1" } else { "0" };
+    let top = |k: &str| {
+        Command::new(bin)
+            .args(["layers", "--top", k])
+            .arg(root.join("exp"))
+            .output()
+            .unwrap()
+    };
+    let out = top("1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), heaviest);
+    assert_eq!(String::from_utf8_lossy(&top("2").stdout).trim(), "0,1");
+    let out = top("3");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--top 3"));
 
     std::fs::write(root.join("bad.toml"), "[optim]\nlearning_rate = 1\n").unwrap();
     let out = Command::new(bin)

@@ -4,8 +4,8 @@
 //! the same shapes as ../shared/peers/peer_extract.py measures for transformers.
 use crate::extract::parse_device;
 use crate::models::checkpoint::load_checkpoint;
-use crate::models::ssl::config::{expected_tensors, Wav2Vec2Config};
 use crate::models::fbank::{Fbank, FbankOptions};
+use crate::models::ssl::config::{expected_tensors, Wav2Vec2Config};
 use crate::models::ssl::{CpuEncoder, Wav2Vec2Model};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

@@ -4,12 +4,12 @@
 //! Writes into the output directory: `hyp.trn` / `ref.trn` (sclite `trn`: `text (uttid)`),
 //! `hyp.txt` / `ref.txt` (`uttid text`), `result.txt` (totals with sub/del/ins, then one
 //! block per utterance) and `result.json` (the same numbers for scripts).
+use crate::device::Backend;
 use crate::finetune::checkpoint::{self, avg_path, epoch_path, last_path};
 use crate::finetune::data::{encode_text, make_batches, FeatureSource};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::search;
 use crate::finetune::tokenizer::Tokenizer;
-use crate::device::Backend;
 use crate::finetune::train::{
     asr_engine, eval_logits, log_prob_rows, Experiment, ExperimentLock, TrainError,
 };

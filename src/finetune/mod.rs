@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod decode;
+pub mod layers;
 pub mod metrics;
 pub mod onthefly;
 pub mod optim;

@@ -350,7 +350,12 @@ mod tests {
         for kind in [OptimizerKind::Adam, OptimizerKind::Adamw] {
             let dev = Device::Cpu;
             let p = Var::from_tensor(&Tensor::new(&[1.5f32], &dev).unwrap()).unwrap();
-            let mut opt = Adam::new(vec![("p".into(), p.clone())], &cfg(kind, 0.01), Executor::CpuEngine).unwrap();
+            let mut opt = Adam::new(
+                vec![("p".into(), p.clone())],
+                &cfg(kind, 0.01),
+                Executor::CpuEngine,
+            )
+            .unwrap();
             for g in [0.3f32, -0.7] {
                 opt.step(&[Tensor::new(&[g], &dev).unwrap()], 0.1).unwrap();
             }

@@ -6,24 +6,25 @@
 //! stopped anywhere and resumed from `checkpoints/last` writes the same checkpoints as an
 //! uninterrupted run. (Model dropout uses candle's unseedable RNG: set dropout to 0 where
 //! bit-exact reruns matter.)
+use crate::device::{Backend, Executor};
 use crate::finetune::checkpoint::{
     self, avg_path, epoch_path, last_path, AverageMeta, CheckpointError, CheckpointMeta,
     EpochResult, SeededVars, RNG_SCHEME,
 };
 use crate::finetune::config::{warmup_lr, ConfigError, FinetuneConfig};
-use crate::ops::ctc::ctc_loss;
 use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
-use crate::device::{Backend, Executor};
-use crate::models::asr::cpu::{CpuEngine, Params, StepProfile};
+use crate::finetune::layers::{LayerWeights, LAYER_WEIGHTS};
 use crate::finetune::metrics::{self, ErrorCounts};
-use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
 use crate::finetune::specaug;
 use crate::finetune::tokenizer::Tokenizer;
+use crate::models::asr::cpu::{CpuEngine, Params, StepProfile};
+use crate::models::asr::{AsrModel, FeatureNormalize};
+use crate::ops::ctc::ctc_loss;
 use crate::ops::RUNNING_STAT_NAMES;
 use crate::store::{Holder, HolderLock, LockRefusal};
 use candle_core::{DType, Device, Tensor, D};
@@ -691,6 +692,7 @@ fn train_on_pool(
                 epoch_utts: loss_utts,
             };
             save_last(&exp.dir, &all_vars, &step.opt, &meta)?;
+            write_layer_weights(&exp, &model)?;
             say(format!(
                 "stopped at step {} (--max-steps), epoch {epoch} batch {bi}/{}; continue with --resume",
                 step.opt.step_count(),
@@ -1085,7 +1087,21 @@ fn end_of_epoch(
     )?;
     save_last(dir, vars, opt, &meta)?;
     keep_nbest_and_average(exp, history, dev)?;
+    write_layer_weights(exp, model)?;
     write_plots(exp, history, model, epoch)
+}
+
+/// `EXP/layer_weights.json`: the featurizer's softmaxed weights against the store layer ids
+/// (after every epoch and when `--max-steps` stops a run; `--max-minutes` closes an epoch).
+fn write_layer_weights(exp: &Experiment, model: &AsrModel) -> Result<(), TrainError> {
+    let weights = model.layer_weights()?;
+    let lw = LayerWeights::new(exp.meta.layers.clone(), weights).map_err(|reason| {
+        TrainError::Experiment {
+            path: exp.dir.join(LAYER_WEIGHTS),
+            reason,
+        }
+    })?;
+    lw.write(&exp.dir).map_err(|(path, e)| exp_err(&path, e))
 }
 
 /// Deletes the epoch checkpoints outside the n best and writes their average. Run after

@@ -13,8 +13,8 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-pub mod ctc;
 pub mod activation;
+pub mod ctc;
 pub mod gemm;
 pub mod norm;
 pub mod profile;

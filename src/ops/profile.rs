@@ -173,7 +173,9 @@ mod tests {
         });
         assert_eq!(v, 7);
         prof.set_pass(Pass::Backward);
-        prof.time(Kind::Attention, || std::thread::sleep(std::time::Duration::from_millis(5)));
+        prof.time(Kind::Attention, || {
+            std::thread::sleep(std::time::Duration::from_millis(5))
+        });
         let p = prof.take();
         let i = Kind::Attention as usize;
         assert!(p.forward[i] >= 0.004 && p.backward[i] >= 0.004, "{p:?}");

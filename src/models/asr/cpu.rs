@@ -17,13 +17,15 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use crate::ops::ctc::ctc_loss_from_logits;
-use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::finetune::optim::NamedVars;
-use crate::models::asr::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
+use crate::models::asr::conformer::{
+    rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer,
+};
+use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::ops::activation::{
     self, residual_add, scale_mask, sigmoid, silu_backward, silu_forward,
 };
+use crate::ops::ctc::ctc_loss_from_logits;
 use crate::ops::gemm::{
     self, add_col_sums, linear_backward, linear_forward, matmul_serial, row_block, Mat,
 };
@@ -108,7 +110,6 @@ pub struct StepOutput {
     pub out_lengths: Vec<usize>,
     pub profile: StepProfile,
 }
-
 
 /// The model's parameters copied out of its variables, as the engine reads them (taken once
 /// per training step, once per validation pass).

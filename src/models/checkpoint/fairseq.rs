@@ -2,8 +2,8 @@
 //! omegaconf DictConfig or plain dict, or the legacy argparse `args`) mapped onto transformers'
 //! config fields, the way transformers' `convert_*_original_pytorch_checkpoint_to_pytorch.py`
 //! would build a `Wav2Vec2Config` / `HubertConfig` for it.
-use crate::models::ssl::config::{PreprocessorConfig, Wav2Vec2Config};
 use super::pickle::{Pickle, Value};
+use crate::models::ssl::config::{PreprocessorConfig, Wav2Vec2Config};
 use serde_json::json;
 
 /// Where a fairseq checkpoint keeps its model settings.

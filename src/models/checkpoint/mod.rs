@@ -33,10 +33,10 @@ use std::path::{Path, PathBuf};
 /// their own: the non-executing unpickler, the `torch.save` reader and the fairseq config reader.
 pub mod parsers {
     pub use super::fairseq::{config_from_fairseq, StoredConfigError};
-    pub use super::torch::{StorageDtype, TensorRef, TorchFile};
     pub use super::pickle::{
         unpickle, Node, Pickle, PickleError, Value, MAX_NESTING, MAX_NODES, MAX_VALUES,
     };
+    pub use super::torch::{StorageDtype, TensorRef, TorchFile};
 }
 
 /// Largest `config.json` read: real ones are a few KB.

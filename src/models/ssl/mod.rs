@@ -220,16 +220,18 @@ impl ConvLayer {
             ConvNorm::Group {
                 weight: nw,
                 bias: nb,
-            } if c_in == 1 && weight.device().is_cpu() => Some(tensor_ops::FirstConvGroupNorm::new(
-                &weight,
-                bias.as_ref(),
-                nw,
-                nb,
-                kernel,
-                stride,
-                CONV_NORM_EPS,
-                act,
-            )?),
+            } if c_in == 1 && weight.device().is_cpu() => {
+                Some(tensor_ops::FirstConvGroupNorm::new(
+                    &weight,
+                    bias.as_ref(),
+                    nw,
+                    nb,
+                    kernel,
+                    stride,
+                    CONV_NORM_EPS,
+                    act,
+                )?)
+            }
             _ => None,
         };
         Ok(Self {
@@ -733,8 +735,7 @@ impl Wav2Vec2Model {
 
     /// Whether a model on `device` computing in `dtype` runs on the CPU engine.
     pub fn cpu_engine_applies(device: &Device, dtype: DType) -> bool {
-        crate::device::Backend::new(device.clone(), dtype)
-            .is_ok_and(|b| b.uses_cpu_engine())
+        crate::device::Backend::new(device.clone(), dtype).is_ok_and(|b| b.uses_cpu_engine())
     }
 
     /// The CPU engine over this model's weights (built once, on first use).

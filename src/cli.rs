@@ -36,6 +36,8 @@ enum Command {
     Decode(speechcache::finetune::DecodeArgs),
     /// Rank the layers an experiment learned to weigh (--top K: a list for extract --layers).
     Layers(speechcache::finetune::layers::LayersArgs),
+    /// Fit k-means centroids to one layer of a feature store (for discrete units).
+    Kmeans(speechcache::units::KmeansArgs),
     /// Measure throughput on your own data and machine.
     Bench(speechcache::bench::BenchArgs),
 }
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Finetune(args) => speechcache::finetune::run_finetune(&args)?,
         Command::Decode(args) => speechcache::finetune::run_decode(&args)?,
         Command::Layers(args) => speechcache::finetune::layers::run_layers(&args)?,
+        Command::Kmeans(args) => speechcache::units::run_kmeans(&args)?,
         Command::Bench(args) => speechcache::bench::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)

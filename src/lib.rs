@@ -45,3 +45,4 @@ pub mod prepare;
 pub mod progress;
 pub mod regular_file;
 pub mod store;
+pub mod units;

@@ -41,6 +41,17 @@ pub struct MappedNpy {
 }
 
 impl MappedNpy {
+    /// Drops the pages of this mapping from the process (they stay in the page cache and are
+    /// read again when touched): streaming a store larger than memory keeps RSS bounded.
+    pub fn release_pages(&self) {
+        // SAFETY: a read-only shared file mapping; DONTNEED only makes the next access fault the
+        // page in again from the file, whose contents never change (sealed shards).
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// Maps `path`, checks that it holds a C-order array of `descr`, and its byte size.
     pub fn open(path: &Path, descr: &str) -> Result<Self, StoreError> {
         let file = crate::regular_file::open_regular(path).map_err(|e| StoreError::io(path, e))?;

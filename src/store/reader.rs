@@ -258,6 +258,15 @@ impl FeatureStore {
             })
     }
 
+    /// Drops the resident pages of every mapped shard (see [`MappedNpy::release_pages`]).
+    pub fn release_pages(&self) {
+        for shard in &self.shards {
+            for m in shard.layers.iter().chain(shard.scales.iter().flatten()) {
+                m.release_pages();
+            }
+        }
+    }
+
     /// Utterance `i`, hidden state `layer` (a number from `layers()`), zero-copy.
     pub fn view(&self, i: usize, layer: usize) -> Result<FeatureView<'_>, StoreError> {
         let pos = self.layer_position(layer)?;

@@ -1,0 +1,316 @@
+//! Discrete units from a feature store: `kmeans` fits centroids to one layer's frames,
+//! streamed from the store's memory maps (memory bounded by the batch, not the corpus).
+pub mod kmeans;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::store::{FeatureStore, FeatureView};
+use kmeans::{FrameSource, KmeansConfig};
+
+/// Fit k-means centroids to one layer of a feature store.
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Fit k-means centroids to the frames of one layer of a feature store: mini-batch \
+k-means with k-means++ initialisation (scikit-learn's MiniBatchKMeans, the model fairseq's \
+simple_kmeans trains for HuBERT units), streamed over the store's memory maps so memory is \
+bounded by the batch, not the corpus. Deterministic for a seed.\n\nKM_DIR receives \
+centroids.npy ([K, D] float32) and kmeans.json (layer, K, seed, frames used, inertia, the source \
+store's fingerprint)."
+)]
+pub struct KmeansArgs {
+    /// Feature store to read.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Hidden-state number to cluster (one of the store's layers).
+    #[arg(long)]
+    pub layer: usize,
+    /// Number of clusters K.
+    #[arg(long)]
+    pub clusters: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use at most this many frames: whole utterances in a seeded random order until the
+    /// budget is reached (fairseq's `percent`); default every frame.
+    #[arg(long, value_name = "N")]
+    pub max_frames: Option<u64>,
+    /// Frames per mini-batch.
+    #[arg(long, default_value_t = 10_000)]
+    pub batch_size: usize,
+    /// Passes over the frames at most.
+    #[arg(long, default_value_t = 100)]
+    pub max_iter: usize,
+    /// Stop when the smoothed batch inertia has not improved for this many steps (0: never).
+    #[arg(long, default_value_t = 100)]
+    pub max_no_improvement: usize,
+    /// k-means++ initialisations; the best on a held-out sample is kept.
+    #[arg(long, default_value_t = 3)]
+    pub n_init: usize,
+    /// Output directory (created; refused if it already holds a model).
+    #[arg(long, value_name = "KM_DIR")]
+    pub out: PathBuf,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The frames of one layer of a feature store, over a subset of its utterances.
+pub struct StoreFrames<'a> {
+    store: &'a FeatureStore,
+    layer: usize,
+    rows: Vec<usize>,
+    /// `starts[i]`: global number of row `rows[i]`'s first frame; one extra at the end.
+    starts: Vec<u64>,
+}
+
+impl<'a> StoreFrames<'a> {
+    /// Every frame of `layer`, or whole utterances in a seeded order up to `max_frames`
+    /// (then put back in store order, so reads stay sequential).
+    pub fn new(
+        store: &'a FeatureStore,
+        layer: usize,
+        max_frames: Option<u64>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        if !store.layers().contains(&layer) {
+            anyhow::bail!(
+                "{}: no layer {layer} (the store holds layers {:?})",
+                store.dir().display(),
+                store.layers()
+            );
+        }
+        let lengths: Vec<u64> = store.rows().iter().map(|r| r.length).collect();
+        let mut rows: Vec<usize> = (0..lengths.len()).filter(|&i| lengths[i] > 0).collect();
+        if let Some(budget) = max_frames {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x6b6d_6561_6e73);
+            rows.shuffle(&mut rng);
+            let mut total = 0u64;
+            let mut keep = Vec::new();
+            for r in rows {
+                if total >= budget {
+                    break;
+                }
+                total += lengths[r];
+                keep.push(r);
+            }
+            keep.sort_unstable();
+            rows = keep;
+        }
+        let mut starts = Vec::with_capacity(rows.len() + 1);
+        let mut at = 0u64;
+        for &r in &rows {
+            starts.push(at);
+            at += lengths[r];
+        }
+        starts.push(at);
+        Ok(Self {
+            store,
+            layer,
+            rows,
+            starts,
+        })
+    }
+
+    /// Row position and frame within it of global frame `f`.
+    fn locate(&self, f: u64) -> (usize, usize) {
+        let i = self.starts.partition_point(|&s| s <= f) - 1;
+        (i, (f - self.starts[i]) as usize)
+    }
+
+    fn view(&self, i: usize) -> anyhow::Result<FeatureView<'a>> {
+        Ok(self.store.view(self.rows[i], self.layer)?)
+    }
+
+    /// The store rows used, in order.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+}
+
+/// Copies frame `f` of `view` into `out` as f32.
+fn copy_frame(view: &FeatureView, f: usize, out: &mut [f32]) {
+    match view {
+        FeatureView::F32(v) => out.copy_from_slice(v.row(f).as_slice().unwrap_or(&[])),
+        FeatureView::F16(v) => out
+            .iter_mut()
+            .zip(v.row(f))
+            .for_each(|(o, x)| *o = f32::from(*x)),
+        FeatureView::Bf16(v) => out
+            .iter_mut()
+            .zip(v.row(f))
+            .for_each(|(o, x)| *o = f32::from(*x)),
+        FeatureView::Int8 { values, scale } => out
+            .iter_mut()
+            .zip(values.row(f))
+            .for_each(|(o, q)| *o = *q as f32 * scale[f]),
+    }
+}
+
+impl FrameSource for StoreFrames<'_> {
+    fn dim(&self) -> usize {
+        self.store.dim()
+    }
+
+    fn len(&self) -> u64 {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    fn gather(&self, ids: &[u64], out: &mut [f32]) -> anyhow::Result<()> {
+        use rayon::prelude::*;
+        let d = self.dim();
+        out.par_chunks_mut(d * 256)
+            .zip(ids.par_chunks(256))
+            .try_for_each(|(out, ids)| -> anyhow::Result<()> {
+                for (o, &f) in out.chunks_exact_mut(d).zip(ids) {
+                    let (i, t) = self.locate(f);
+                    copy_frame(&self.view(i)?, t, o);
+                }
+                Ok(())
+            })
+    }
+
+    fn range(&self, start: u64, out: &mut [f32]) -> anyhow::Result<()> {
+        let d = self.dim();
+        let (mut i, mut t) = self.locate(start);
+        let mut filled = 0;
+        while filled < out.len() {
+            let view = self.view(i)?;
+            let take = (view.frames() - t).min((out.len() - filled) / d);
+            if t == 0 && take == view.frames() {
+                view.write_f32(&mut out[filled..filled + take * d]);
+            } else {
+                for (j, o) in out[filled..filled + take * d]
+                    .chunks_exact_mut(d)
+                    .enumerate()
+                {
+                    copy_frame(&view, t + j, o);
+                }
+            }
+            filled += take * d;
+            i += 1;
+            t = 0;
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.store.release_pages();
+    }
+}
+
+/// What `kmeans.json` records.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KmeansMeta {
+    pub layer: usize,
+    pub clusters: usize,
+    pub dim: usize,
+    pub seed: u64,
+    pub frames: u64,
+    pub utterances: usize,
+    /// Σ of squared distances to the nearest centroid over the frames used.
+    pub inertia: f64,
+    pub inertia_per_frame: f64,
+    pub steps: usize,
+    pub converged_early: bool,
+    pub config: KmeansConfig,
+    pub max_frames: Option<u64>,
+    /// The source store: its directory and fingerprint.
+    pub source: serde_json::Value,
+    pub tool: String,
+    pub seconds: f64,
+}
+
+pub const CENTROIDS: &str = "centroids.npy";
+pub const KMEANS_JSON: &str = "kmeans.json";
+
+pub fn run_kmeans(args: &KmeansArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if args.out.join(KMEANS_JSON).exists() || args.out.join(CENTROIDS).exists() {
+        anyhow::bail!(
+            "{}: already holds a k-means model (choose another --out or remove it)",
+            args.out.display()
+        );
+    }
+    let store = FeatureStore::open(&args.data)
+        .with_context(|| format!("cannot open the feature store {}", args.data.display()))?;
+    if store.is_empty() {
+        anyhow::bail!("{}: the store holds no utterances", args.data.display());
+    }
+    let frames = StoreFrames::new(&store, args.layer, args.max_frames, args.seed)?;
+    let cfg = KmeansConfig {
+        clusters: args.clusters,
+        seed: args.seed,
+        batch_size: args.batch_size,
+        max_iter: args.max_iter,
+        max_no_improvement: args.max_no_improvement,
+        n_init: args.n_init,
+        init_size: None,
+    };
+    if !args.quiet {
+        eprintln!(
+            "kmeans: {} frames of layer {} ({} utterances, dim {}) into {} clusters",
+            frames.len(),
+            args.layer,
+            frames.rows().len(),
+            frames.dim(),
+            args.clusters
+        );
+    }
+    let fit = kmeans::fit(&frames, &cfg)
+        .with_context(|| format!("k-means on {} layer {}", args.data.display(), args.layer))?;
+    let meta = KmeansMeta {
+        layer: args.layer,
+        clusters: args.clusters,
+        dim: fit.dim,
+        seed: args.seed,
+        frames: fit.frames,
+        utterances: frames.rows().len(),
+        inertia: fit.inertia,
+        inertia_per_frame: fit.inertia / fit.frames.max(1) as f64,
+        steps: fit.steps,
+        converged_early: fit.converged_early,
+        config: cfg,
+        max_frames: args.max_frames,
+        source: serde_json::json!({
+            "store": std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone()),
+            "fingerprint": store.meta().fingerprint,
+        }),
+        tool: format!("speechcache {}", env!("CARGO_PKG_VERSION")),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    write_model(&args.out, &fit.centroids, &meta)?;
+    if !args.quiet {
+        eprintln!(
+            "kmeans: {} steps{}, inertia {:.4} per frame, {:.1} s; written to {}",
+            meta.steps,
+            if meta.converged_early {
+                " (no improvement: stopped early)"
+            } else {
+                ""
+            },
+            meta.inertia_per_frame,
+            meta.seconds,
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `KM_DIR/centroids.npy` and `KM_DIR/kmeans.json`, each written atomically.
+fn write_model(dir: &Path, centroids: &[f32], meta: &KmeansMeta) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut npy = crate::store::npy::header_bytes("<f4", &[meta.clusters as u64, meta.dim as u64])?;
+    npy.extend_from_slice(bytemuck::cast_slice(centroids));
+    let write = |name: &str, bytes: &[u8]| {
+        crate::regular_file::write_atomic(&dir.join(name), bytes)
+            .map_err(|(p, e)| anyhow::anyhow!("cannot write {}: {e}", p.display()))
+    };
+    write(CENTROIDS, &npy)?;
+    let mut json = serde_json::to_string_pretty(meta)?;
+    json.push('\n');
+    write(KMEANS_JSON, json.as_bytes())
+}

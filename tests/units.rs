@@ -1,0 +1,219 @@
+//! `speechcache kmeans` through the CLI, on feature stores written here: the centroids and
+//! kmeans.json it writes, its inertia recomputed independently, determinism, and bad input.
+mod common;
+
+use common::{bin, ok, s};
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use speechcache::store::{
+    Dtype, IndexRow, InputResult, ItemData, StoreKind, StoreWriter, WriterSpec,
+};
+use std::path::Path;
+
+const DIM: usize = 12;
+const BLOBS: usize = 6;
+
+/// A feature store of `n` utterances whose layer-3 frames come from `BLOBS` separated blobs
+/// (layer 5 is noise); returns the blob centres.
+fn write_store(dir: &Path, n: usize, dtype: Dtype) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let centres: Vec<f32> = (0..BLOBS * DIM)
+        .map(|_| rng.random_range(-8.0..8.0))
+        .collect();
+    let spec = WriterSpec {
+        kind: StoreKind::Features,
+        dtype,
+        sample_rate: None,
+        frame_rate: Some(50.0),
+        dim: Some(DIM),
+        layers: vec![3, 5],
+        options: serde_json::json!({"synthetic": "units"}),
+        source: serde_json::json!({}),
+        extra: serde_json::Value::Null,
+        shard_bytes: 64 << 10,
+        overwrite: false,
+    };
+    let mut w = StoreWriter::create_or_resume(dir, spec).unwrap();
+    for i in 0..n {
+        let t = rng.random_range(20..90);
+        let mut l3 = Array2::<f32>::zeros((t, DIM));
+        let mut l5 = Array2::<f32>::zeros((t, DIM));
+        for f in 0..t {
+            let c = rng.random_range(0..BLOBS);
+            for d in 0..DIM {
+                l3[[f, d]] = centres[c * DIM + d] + rng.random_range(-0.3..0.3);
+                l5[[f, d]] = rng.random_range(-1.0..1.0);
+            }
+        }
+        let row = IndexRow {
+            id: format!("u{i:03}"),
+            source: format!("u{i}.wav"),
+            duration: t as f64 / 50.0,
+            ..Default::default()
+        };
+        w.push_input(
+            i,
+            InputResult {
+                items: vec![(row, ItemData::Features(vec![l3, l5]))],
+                errors: vec![],
+            },
+        )
+        .unwrap();
+    }
+    w.finish().unwrap();
+    centres
+}
+
+/// Every frame of `layer`, as f32, through the public reader.
+fn frames(store: &Path, layer: usize) -> Vec<f32> {
+    let st = speechcache::store::FeatureStore::open(store).unwrap();
+    (0..st.len())
+        .flat_map(|i| {
+            st.to_array(i, layer)
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn read_centroids(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec::<f32>().unwrap())
+}
+
+fn kmeans(store: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["kmeans", "--quiet", "--data", s(store), "--out", s(out)])
+        .args(["--batch-size", "256", "--max-iter", "30"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_kmeans_finds_the_blobs_and_reports_its_inertia() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    let truth = write_store(&store, 40, Dtype::F16);
+    let km = tmp.path().join("km");
+    ok(&kmeans(
+        &store,
+        &km,
+        &["--layer", "3", "--clusters", "6", "--seed", "4"],
+    ));
+
+    let (shape, c) = read_centroids(&km.join("centroids.npy"));
+    assert_eq!(shape, vec![BLOBS as u64, DIM as u64]);
+    for t in truth.chunks(DIM) {
+        let nearest = c
+            .chunks(DIM)
+            .map(|f| f.iter().zip(t).map(|(a, b)| (a - b).powi(2)).sum::<f32>())
+            .fold(f32::INFINITY, f32::min);
+        assert!(
+            nearest < 0.05,
+            "a blob centre is {nearest} from every centroid"
+        );
+    }
+
+    // kmeans.json's inertia = Σ min_k ‖x − c_k‖², recomputed here in f64 over every frame
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(km.join("kmeans.json")).unwrap()).unwrap();
+    let x = frames(&store, 3);
+    let mut want = 0f64;
+    for f in x.chunks(DIM) {
+        want += c
+            .chunks(DIM)
+            .map(|ck| {
+                f.iter()
+                    .zip(ck)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+            })
+            .fold(f64::INFINITY, f64::min);
+    }
+    let got = meta["inertia"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-4 * want,
+        "inertia {got} vs recomputed {want}"
+    );
+    assert_eq!(meta["frames"].as_u64().unwrap() as usize, x.len() / DIM);
+    assert_eq!(meta["layer"], 3);
+    assert_eq!(meta["clusters"], 6);
+    assert_eq!(meta["seed"], 4);
+    let fp = speechcache::store::FeatureStore::open(&store)
+        .unwrap()
+        .meta()
+        .fingerprint
+        .clone();
+    assert_eq!(meta["source"]["fingerprint"], serde_json::json!(fp));
+
+    // the same seed gives the same bytes; an existing model is not overwritten
+    let again = tmp.path().join("km2");
+    ok(&kmeans(
+        &store,
+        &again,
+        &["--layer", "3", "--clusters", "6", "--seed", "4"],
+    ));
+    assert_eq!(
+        std::fs::read(km.join("centroids.npy")).unwrap(),
+        std::fs::read(again.join("centroids.npy")).unwrap()
+    );
+    let out = kmeans(&store, &km, &["--layer", "3", "--clusters", "6"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a k-means model"));
+
+    // --max-frames: whole utterances up to the budget
+    let part = tmp.path().join("km-part");
+    ok(&kmeans(
+        &store,
+        &part,
+        &["--layer", "3", "--clusters", "6", "--max-frames", "500"],
+    ));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(part.join("kmeans.json")).unwrap()).unwrap();
+    let used = meta["frames"].as_u64().unwrap();
+    assert!(
+        (500..500 + 90).contains(&used),
+        "{used} frames used for a budget of 500"
+    );
+}
+
+#[test]
+fn cli_kmeans_bad_input_is_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 3, Dtype::Int8);
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--layer", "7", "--clusters", "4"],
+            "no layer 7 (the store holds layers [3, 5])",
+        ),
+        (
+            &["--layer", "3", "--clusters", "100000"],
+            "fewer than the 100000 clusters",
+        ),
+        (
+            &["--layer", "3", "--clusters", "0"],
+            "--clusters must be at least 1",
+        ),
+    ];
+    for (i, (args, want)) in cases.iter().enumerate() {
+        let out = kmeans(&store, &tmp.path().join(format!("km{i}")), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let out = kmeans(
+        &tmp.path().join("nowhere"),
+        &tmp.path().join("kmx"),
+        &["--layer", "3", "--clusters", "2"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("nowhere"), "{err}");
+}

@@ -526,7 +526,7 @@ fn train_on_pool(
 
     let (model, all_vars) = exp.build_model(dev)?;
     let vars = trainable(&all_vars);
-    let engine = asr_engine(&model, &opts.backend, &all_vars, &vars, &say)?;
+    let engine = asr_engine(&model, &opts.backend, &all_vars, &vars, say)?;
     let mut opt = Adam::new(
         vars.clone(),
         &cfg.optim,

@@ -38,6 +38,8 @@ enum Command {
     Layers(speechcache::finetune::layers::LayersArgs),
     /// Fit k-means centroids to one layer of a feature store (for discrete units).
     Kmeans(speechcache::units::KmeansArgs),
+    /// Assign every frame of a feature store's layer to its nearest centroid (a units store).
+    Units(speechcache::units::UnitsArgs),
     /// Measure throughput on your own data and machine.
     Bench(speechcache::bench::BenchArgs),
 }
@@ -55,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Decode(args) => speechcache::finetune::run_decode(&args)?,
         Command::Layers(args) => speechcache::finetune::layers::run_layers(&args)?,
         Command::Kmeans(args) => speechcache::units::run_kmeans(&args)?,
+        Command::Units(args) => speechcache::units::run_units(&args)?,
         Command::Bench(args) => speechcache::bench::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -34,5 +34,8 @@ for dtype in f32 f16 bf16 int8; do
 done
 "$bin" extract --quiet --data "$stores/audio" --model tests/fixtures/models/w2v_base \
     --dtype f16 --out "$stores/w2v"
+"$bin" kmeans --quiet --data "$stores/fbank_f32" --layer 0 --clusters 8 --batch-size 64 \
+    --out "$stores/km"
+"$bin" units --quiet --data "$stores/fbank_f32" --kmeans "$stores/km" --out "$stores/units"
 
 SPEECHCACHE_TEST_STORES="$stores" "$venv/bin/python" -m pytest -q -rs python/tests

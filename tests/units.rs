@@ -217,3 +217,171 @@ fn cli_kmeans_bad_input_is_one_clear_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("nowhere"), "{err}");
 }
+
+/// `speechcache units` on a store: writes `units` and returns the run's output.
+fn units(store: &Path, km: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    bin()
+        .args([
+            "units",
+            "--quiet",
+            "--data",
+            s(store),
+            "--kmeans",
+            s(km),
+            "--out",
+            s(out),
+        ])
+        .args(["--shard-size", "2KiB"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_units_are_the_argmin_and_parts_merge_to_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 30, Dtype::F32);
+    let km = tmp.path().join("km");
+    ok(&kmeans(
+        &store,
+        &km,
+        &["--layer", "3", "--clusters", "6", "--seed", "2"],
+    ));
+    let (_, c) = read_centroids(&km.join("centroids.npy"));
+
+    let whole = tmp.path().join("units");
+    ok(&units(&store, &km, &whole, &[]));
+    let feats = speechcache::store::FeatureStore::open(&store).unwrap();
+    let u = speechcache::store::UnitsStore::open(&whole).unwrap();
+    assert_eq!(u.len(), feats.len());
+    let km_text = std::fs::read_to_string(whole.join("units.km")).unwrap();
+    assert_eq!(
+        km_text.lines().count(),
+        feats.len(),
+        "one .km line per utterance"
+    );
+    let mut frames = 0;
+    for (i, line) in km_text.lines().enumerate() {
+        let (row, ids) = (&u.rows()[i], u.values(i));
+        assert_eq!(row.id, feats.rows()[i].id);
+        assert_eq!(row.length, feats.rows()[i].length);
+        u.check_row(i).unwrap();
+        let x = feats.to_array(i, 3).unwrap();
+        for (f, &id) in x.rows().into_iter().zip(ids) {
+            let dist = |k: usize| -> f64 {
+                f.iter()
+                    .zip(&c[k * DIM..(k + 1) * DIM])
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum()
+            };
+            let best = (0..6).map(dist).fold(f64::INFINITY, f64::min);
+            assert!(
+                dist(id as usize) <= best * (1.0 + 1e-5) + 1e-6,
+                "{}: frame not at its argmin",
+                row.id
+            );
+        }
+        let line_ids: Vec<i16> = line.split(' ').map(|v| v.parse().unwrap()).collect();
+        assert_eq!(line_ids, ids);
+        frames += ids.len();
+    }
+    assert_eq!(frames as u64, u.meta().totals.length);
+
+    // --dedup: repeats collapsed in units.km, run lengths beside it, frame counts kept
+    let dd = tmp.path().join("units-dedup");
+    ok(&units(&store, &km, &dd, &["--dedup"]));
+    let kept = std::fs::read_to_string(dd.join("units.km")).unwrap();
+    let runs = std::fs::read_to_string(dd.join("units.lengths")).unwrap();
+    for (i, (k, r)) in kept.lines().zip(runs.lines()).enumerate() {
+        let k: Vec<i16> = k.split(' ').map(|v| v.parse().unwrap()).collect();
+        let r: Vec<usize> = r.split(' ').map(|v| v.parse().unwrap()).collect();
+        let expanded: Vec<i16> = k.iter().zip(&r).flat_map(|(&id, &n)| vec![id; n]).collect();
+        assert_eq!(expanded, u.values(i));
+        assert!(k.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    // parts 1/3..3/3 merged hold the rows, ids and units.km of the whole run (shards are cut
+    // at part boundaries too); a rerun of a complete store changes nothing
+    let parts: Vec<_> = (1..=3)
+        .map(|k| tmp.path().join(format!("part{k}")))
+        .collect();
+    for (k, p) in parts.iter().enumerate() {
+        ok(&units(&store, &km, p, &["--part", &format!("{}/3", k + 1)]));
+    }
+    let merged = tmp.path().join("merged");
+    ok(&bin()
+        .arg("merge")
+        .args(parts.iter().map(|p| s(p)))
+        .args(["--out", s(&merged)])
+        .output()
+        .unwrap());
+    let m = speechcache::store::UnitsStore::open(&merged).unwrap();
+    assert_eq!(m.len(), u.len());
+    for i in 0..u.len() {
+        let (a, b) = (&m.rows()[i], &u.rows()[i]);
+        assert_eq!(
+            (&a.id, &a.text, a.length, &a.checksum),
+            (&b.id, &b.text, b.length, &b.checksum)
+        );
+        assert_eq!(m.values(i), u.values(i));
+    }
+    assert_eq!(
+        std::fs::read_to_string(merged.join("units.km")).unwrap(),
+        km_text
+    );
+    drop((m, u));
+    let before = common::tree_bytes(&whole);
+    ok(&units(&store, &km, &whole, &[]));
+    assert!(
+        before == common::tree_bytes(&whole),
+        "a rerun changed a complete store"
+    );
+}
+
+#[test]
+fn cli_units_bad_input_is_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 4, Dtype::F16);
+    let km = tmp.path().join("km");
+    ok(&kmeans(&store, &km, &["--layer", "3", "--clusters", "3"]));
+    // a bare centroids file without --layer; of another dimension; a missing layer
+    let bare = km.join("centroids.npy");
+    let wrong_dim = tmp.path().join("wide.npy");
+    let mut npy = speechcache::store::npy::header_bytes("<f4", &[2, 5]).unwrap();
+    npy.extend_from_slice(&[0u8; 2 * 5 * 4]);
+    std::fs::write(&wrong_dim, npy).unwrap();
+    let cases: [(&Path, &[&str], &str); 4] = [
+        (&bare, &[], "does not say its layer: add --layer"),
+        (
+            &wrong_dim,
+            &["--layer", "3"],
+            "centroids are 5-dimensional but",
+        ),
+        (
+            &km,
+            &["--layer", "4"],
+            "no layer 4 (the store holds layers [3, 5])",
+        ),
+        (
+            &tmp.path().join("none"),
+            &["--layer", "3"],
+            "cannot read the centroids",
+        ),
+    ];
+    for (i, (model, args, want)) in cases.iter().enumerate() {
+        let out = units(&store, model, &tmp.path().join(format!("u{i}")), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
+        assert!(err.contains(want), "{want}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    // a bare centroids file with --layer works
+    ok(&units(
+        &store,
+        &bare,
+        &tmp.path().join("ok"),
+        &["--layer", "3"],
+    ));
+}

@@ -11,6 +11,7 @@ from .store import (
     AudioStore,
     FeatureStore,
     StoreError,
+    UnitsStore,
     bf16_to_float32,
     open_store,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "AudioStore",
     "FeatureStore",
     "StoreError",
+    "UnitsStore",
     "bf16_to_float32",
     "open_store",
     "StoreDataset",

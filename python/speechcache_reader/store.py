@@ -1,9 +1,11 @@
 """Reading a speechcache store: the format the Rust writer documents in `src/store/`.
 
-STORE/meta.json     kind (audio | features), format_version, dtype, sample_rate or
+STORE/meta.json     kind (audio | features | units), format_version, dtype, sample_rate or
                     frame_rate, layers, dim, totals
 STORE/index.jsonl   one row per utterance: id, shard, offset, length, checksum, text, ...
 STORE/shards/NNNNN.npy                 audio: 1-D <f4, utterances concatenated
+                                       units: 1-D <i2 unit ids, one per frame, concatenated
+STORE/units.km                         units: one line of space-separated ids per utterance
 STORE/shards/NNNNN/layer_LL.npy        features: [frames, dim] per layer; f32 <f4, f16 <f2,
                                        bf16 <u2 (the high 16 bits of a float32), int8 |i1
 STORE/shards/NNNNN/layer_LL.scale.npy  int8 only: <f4 [frames], value = q * scale
@@ -29,13 +31,13 @@ class StoreError(Exception):
 
 
 def open_store(path, verify=False):
-    """Opens an audio or feature store (by its `meta.json` kind).
+    """Opens an audio, feature or units store (by its `meta.json` kind).
 
     Refuses an unfinished store (`in_progress.json`: the run that writes it has not finished)
     and a store written in a newer format. `verify=True` checks every row's checksum.
     """
     meta = _load_meta(path)
-    cls = AudioStore if meta["kind"] == "audio" else FeatureStore
+    cls = {"audio": AudioStore, "features": FeatureStore, "units": UnitsStore}[meta["kind"]]
     store = cls(path, meta)
     if verify:
         store.verify()
@@ -108,7 +110,7 @@ def _load_meta(path):
             f"{path}: store format version {version} is older than this reader's "
             f"{FORMAT_VERSION}; rebuild the store with the current speechcache"
         )
-    if meta.get("kind") not in ("audio", "features"):
+    if meta.get("kind") not in ("audio", "features", "units"):
         raise StoreError(f"{meta_path}: unknown store kind {meta.get('kind')!r}")
     return meta
 
@@ -251,6 +253,37 @@ class AudioStore(_Store):
         return self._slice(self._shard(self.rows[i]), self.rows[i])
 
     __getitem__ = audio
+
+
+class UnitsStore(_Store):
+    """A units store (`speechcache units`): one int16 unit id per frame at `frame_rate`."""
+
+    @property
+    def frame_rate(self):
+        return float(self.meta["frame_rate"])
+
+    @property
+    def clusters(self):
+        return int(self.meta["options"]["clusters"])
+
+    @property
+    def layer(self):
+        return int(self.meta["layers"][0])
+
+    def _shard(self, row):
+        return f"shards/{int(row['shard']):05d}.npy"
+
+    def _stored_parts(self, row):
+        return [self._slice(self._shard(row), row)]
+
+    def units(self, key, verify=False):
+        """`[T]` int16 unit ids: a read-only view into the memory-mapped shard."""
+        i = self.index_of(key)
+        if verify:
+            self.verify([i])
+        return self._slice(self._shard(self.rows[i]), self.rows[i])
+
+    __getitem__ = units
 
 
 class FeatureStore(_Store):

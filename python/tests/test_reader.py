@@ -215,3 +215,23 @@ def test_a_lost_or_cut_index_and_a_locked_store_are_refused(tmp_path):
         with pytest.raises(StoreError, match="being written"):
             open_store(locked)
     assert len(open_store(locked)) == len(lines)
+
+
+def test_units_store_rows_are_int16_views_and_match_units_km():
+    store = open_store(STORES / "units")
+    feats = open_store(STORES / "fbank_f32")
+    assert store.kind == "units" and store.clusters == 8 and store.layer == 0
+    assert store.ids == feats.ids
+    lines = (STORES / "units" / "units.km").read_text().splitlines()
+    assert len(lines) == len(store)
+    centroids = np.load(STORES / "km" / "centroids.npy")
+    for i, row in enumerate(store.rows):
+        u = store.units(i)
+        assert u.dtype == np.int16 and u.shape == (row["length"],)
+        assert np.shares_memory(u, store._npy(f"shards/{row['shard']:05d}.npy"))
+        assert [int(v) for v in lines[i].split()] == u.tolist()
+        # each frame's unit is its nearest centroid (squared Euclidean, float64 here)
+        x = feats.layer(i, 0).astype(np.float64)
+        d = ((x[:, None, :] - centroids[None, :, :].astype(np.float64)) ** 2).sum(-1)
+        assert (d[np.arange(len(u)), u] <= d.min(1) * (1 + 1e-5) + 1e-6).all()
+    store.verify()

@@ -168,6 +168,10 @@ pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
             meta.dtype.name(),
             meta.frame_rate.unwrap_or(0.0)
         ),
+        StoreKind::Units => format!(
+            "units store, int16 unit ids at {} frames/s",
+            meta.frame_rate.unwrap_or(0.0)
+        ),
     };
     println!("{}: {kind} ({})", dir.display(), meta.tool);
     println!(

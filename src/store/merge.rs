@@ -124,6 +124,10 @@ pub fn merge_parts(parts: &[PathBuf], out: &Path, copy: bool) -> Result<MergeRep
     meta.fingerprint = whole;
     meta.part = None;
     meta.totals = totals.clone();
+    if meta.kind == StoreKind::Units {
+        // the merged store's export, as one run would have written it
+        super::units_export::write_km(out, &meta, &rows)?;
+    }
     meta.save(out)?;
     remove_if_exists(&out.join(IN_PROGRESS))?;
     sync_dir(out);

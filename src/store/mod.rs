@@ -22,6 +22,7 @@ pub mod partition;
 mod prune;
 mod reader;
 pub mod sigbus;
+pub mod units_export;
 mod writer;
 
 pub use inspect::{run_info, run_verify, verify_store, InfoArgs, VerifyArgs, VerifyReport};
@@ -31,7 +32,7 @@ pub use lock::{
 };
 pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
-pub use reader::{AudioStore, FeatureStore, FeatureView};
+pub use reader::{AudioStore, FeatureStore, FeatureView, FlatStore, FlatValue, UnitsStore};
 pub use writer::{
     EncodedFeatures, FeatureEncoder, InputResult, ItemData, PartSlice, StoreWriter, WriterSpec,
 };
@@ -83,6 +84,18 @@ impl StoreError {
 pub enum StoreKind {
     Audio,
     Features,
+    /// Discrete unit ids (int16), one per frame, made by `speechcache units`.
+    Units,
+}
+
+impl StoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Audio => "audio",
+            StoreKind::Features => "feature",
+            StoreKind::Units => "units",
+        }
+    }
 }
 
 /// How values are stored. bf16 is stored as `<u2` (numpy has no bfloat16): shift left 16 bits
@@ -94,6 +107,9 @@ pub enum Dtype {
     F16,
     Bf16,
     Int8,
+    /// Unit ids of a units store (not a feature dtype).
+    #[value(skip)]
+    Int16,
 }
 
 impl Dtype {
@@ -104,12 +120,13 @@ impl Dtype {
             Dtype::F16 => "<f2",
             Dtype::Bf16 => "<u2",
             Dtype::Int8 => "|i1",
+            Dtype::Int16 => "<i2",
         }
     }
     pub fn bytes_per_value(self) -> usize {
         match self {
             Dtype::F32 => 4,
-            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F16 | Dtype::Bf16 | Dtype::Int16 => 2,
             Dtype::Int8 => 1,
         }
     }
@@ -119,6 +136,7 @@ impl Dtype {
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
             Dtype::Int8 => "int8",
+            Dtype::Int16 => "int16",
         }
     }
 }
@@ -267,6 +285,21 @@ impl StoreMeta {
                 ),
             ));
         }
+        let dtype_fits = match meta.kind {
+            StoreKind::Audio => meta.dtype == Dtype::F32,
+            StoreKind::Units => meta.dtype == Dtype::Int16,
+            StoreKind::Features => meta.dtype != Dtype::Int16,
+        };
+        if !dtype_fits {
+            return Err(StoreError::corrupt(
+                &path,
+                format!(
+                    "a {} store cannot hold {}",
+                    meta.kind.name(),
+                    meta.dtype.name()
+                ),
+            ));
+        }
         Ok(meta)
     }
 
@@ -281,7 +314,7 @@ impl StoreMeta {
     pub fn rate(&self) -> f64 {
         match self.kind {
             StoreKind::Audio => self.sample_rate.unwrap_or(16000) as f64,
-            StoreKind::Features => self.frame_rate.unwrap_or(100.0),
+            StoreKind::Features | StoreKind::Units => self.frame_rate.unwrap_or(100.0),
         }
     }
 }
@@ -445,7 +478,7 @@ pub fn json_sha256(value: &serde_json::Value) -> String {
 /// `shards/NNNNN` (features) or `shards/NNNNN.npy` (audio), relative to the store.
 pub fn shard_name(kind: StoreKind, shard: u32) -> String {
     match kind {
-        StoreKind::Audio => format!("shards/{shard:05}.npy"),
+        StoreKind::Audio | StoreKind::Units => format!("shards/{shard:05}.npy"),
         StoreKind::Features => format!("shards/{shard:05}"),
     }
 }

@@ -11,33 +11,65 @@ use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-/// An audio store opened for reading: `samples(i)` is a slice of a memory-mapped shard.
-pub struct AudioStore {
+/// What a one-dimensional store holds: audio samples (f32) or unit ids (i16).
+pub trait FlatValue: bytemuck::Pod {
+    const KIND: StoreKind;
+    const DTYPE: Dtype;
+}
+
+impl FlatValue for f32 {
+    const KIND: StoreKind = StoreKind::Audio;
+    const DTYPE: Dtype = Dtype::F32;
+}
+
+impl FlatValue for i16 {
+    const KIND: StoreKind = StoreKind::Units;
+    const DTYPE: Dtype = Dtype::Int16;
+}
+
+/// A one-dimensional store opened for reading (values of all utterances concatenated per
+/// shard): `values(i)` is a slice of a memory-mapped shard.
+pub struct FlatStore<T: FlatValue> {
     _read_lock: ReadLock,
     dir: PathBuf,
     meta: StoreMeta,
     rows: Vec<IndexRow>,
     shards: Vec<MappedNpy>,
+    _values: std::marker::PhantomData<T>,
 }
 
-impl AudioStore {
+/// An audio store: `samples(i)` are utterance `i`'s 16 kHz (or `sample_rate()`) samples.
+pub type AudioStore = FlatStore<f32>;
+/// A units store (`speechcache units`): `values(i)` are utterance `i`'s unit ids per frame.
+pub type UnitsStore = FlatStore<i16>;
+
+impl<T: FlatValue> FlatStore<T> {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         StoreMeta::load(dir)?;
         // locked, then read again: the meta read is the one the lock protects
         let _read_lock = ReadLock::acquire(dir)?;
         let meta = StoreMeta::load(dir)?;
-        if meta.kind != StoreKind::Audio {
+        if meta.kind != T::KIND {
             return Err(StoreError::refused(
                 dir,
-                "is a feature store, not an audio store",
+                format!(
+                    "is a {} store, not {} {} store",
+                    meta.kind.name(),
+                    if T::KIND == StoreKind::Audio {
+                        "an"
+                    } else {
+                        "a"
+                    },
+                    T::KIND.name()
+                ),
             ));
         }
         let rows = read_index(dir, &meta)?;
         let shards = (0..meta.totals.shards)
-            .map(|n| MappedNpy::open(&dir.join(shard_name(StoreKind::Audio, n)), "<f4"))
+            .map(|n| MappedNpy::open(&dir.join(shard_name(T::KIND, n)), T::DTYPE.npy_descr()))
             .collect::<Result<Vec<_>, _>>()?;
         for shard in &shards {
-            shard.as_slice::<f32>()?;
+            shard.as_slice::<T>()?;
         }
         check_row_ranges(dir, &rows, |s| shards.get(s as usize).map(|m| m.shape[0]))?;
         Ok(Self {
@@ -46,6 +78,7 @@ impl AudioStore {
             meta,
             rows,
             shards,
+            _values: std::marker::PhantomData,
         })
     }
 
@@ -64,41 +97,50 @@ impl AudioStore {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
-    pub fn sample_rate(&self) -> u32 {
-        self.meta.sample_rate.unwrap_or(16000)
-    }
 
-    /// Utterance `i`'s samples, zero-copy (ranges were checked at open).
-    pub fn samples(&self, i: usize) -> &[f32] {
+    /// Utterance `i`'s values, zero-copy (ranges were checked at open).
+    pub fn values(&self, i: usize) -> &[T] {
         let row = &self.rows[i];
-        let data: &[f32] = bytemuck::cast_slice(self.shards[row.shard as usize].bytes());
+        let data: &[T] = bytemuck::cast_slice(self.shards[row.shard as usize].bytes());
         &data[row.offset as usize..(row.offset + row.length) as usize]
     }
 
-    /// Checks utterance `i`'s samples against its row's checksum (a damaged shard is an error
+    /// Checks utterance `i`'s values against its row's checksum (a damaged shard is an error
     /// naming the shard, the index line and the id).
     pub fn check_row(&self, i: usize) -> Result<(), StoreError> {
         let row = &self.rows[i];
-        let found = super::crc32_hex(bytemuck::cast_slice(self.samples(i)));
+        let found = super::crc32_hex(bytemuck::cast_slice(self.values(i)));
         if found == row.checksum {
             return Ok(());
         }
         Err(StoreError::corrupt(
             &self.shards[row.shard as usize].path,
             format!(
-                "index line {}: {} fails its checksum (stored {}, found {found}): the audio store \
+                "index line {}: {} fails its checksum (stored {}, found {found}): the {} store \
                  is damaged; `speechcache verify {}` lists every damaged row",
                 i + 1,
                 row.id,
                 row.checksum,
+                T::KIND.name(),
                 self.dir.display()
             ),
         ))
     }
 
     /// Every utterance in store order.
-    pub fn iter(&self) -> impl Iterator<Item = (&IndexRow, &[f32])> {
-        (0..self.len()).map(move |i| (&self.rows[i], self.samples(i)))
+    pub fn iter(&self) -> impl Iterator<Item = (&IndexRow, &[T])> {
+        (0..self.len()).map(move |i| (&self.rows[i], self.values(i)))
+    }
+}
+
+impl AudioStore {
+    pub fn sample_rate(&self) -> u32 {
+        self.meta.sample_rate.unwrap_or(16000)
+    }
+
+    /// Utterance `i`'s samples, zero-copy.
+    pub fn samples(&self, i: usize) -> &[f32] {
+        self.values(i)
     }
 }
 
@@ -291,6 +333,12 @@ impl FeatureStore {
             Dtype::Bf16 => FeatureView::Bf16(
                 ArrayView2::from_shape(shape, &file.as_slice::<bf16>()?[range]).map_err(bad)?,
             ),
+            Dtype::Int16 => {
+                return Err(StoreError::corrupt(
+                    &file.path,
+                    "int16 is not a feature dtype",
+                ))
+            }
             Dtype::Int8 => {
                 let scales = shard.scales[pos]
                     .as_ref()
@@ -467,7 +515,7 @@ pub(crate) fn row_checksum(
     let (start, len) = (row.offset as usize, row.length as usize);
     for (values, scales) in files {
         let item = match kind {
-            StoreKind::Audio => 4,
+            StoreKind::Audio | StoreKind::Units => dtype.bytes_per_value(),
             StoreKind::Features => dtype.bytes_per_value().saturating_mul(dim),
         };
         let out_of_range =
@@ -504,7 +552,9 @@ pub(crate) fn check_sealed_shard(
 ) -> Result<(), StoreError> {
     let base = dir.join(shard_name(kind, shard));
     let (files, scales): (Vec<MappedNpy>, Vec<Option<MappedNpy>>) = match kind {
-        StoreKind::Audio => (vec![MappedNpy::open(&base, "<f4")?], vec![None]),
+        StoreKind::Audio | StoreKind::Units => {
+            (vec![MappedNpy::open(&base, dtype.npy_descr())?], vec![None])
+        }
         StoreKind::Features => {
             let mut f = Vec::new();
             let mut s = Vec::new();

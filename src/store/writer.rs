@@ -40,6 +40,8 @@ pub struct WriterSpec {
 pub enum ItemData {
     Audio(Vec<f32>),
     Features(Vec<Array2<f32>>),
+    /// Unit ids, one per frame (units stores).
+    Units(Vec<i16>),
     /// Features already encoded by [`FeatureEncoder`] on the thread that computed them.
     Encoded(EncodedFeatures),
 }
@@ -49,6 +51,7 @@ impl ItemData {
     pub fn memory_bytes(&self) -> u64 {
         match self {
             ItemData::Audio(s) => (s.len() * 4) as u64,
+            ItemData::Units(u) => (u.len() * 2) as u64,
             ItemData::Features(layers) => layers.iter().map(|l| (l.len() * 4) as u64).sum(),
             ItemData::Encoded(e) => e.files.iter().map(|f| f.len() as u64).sum(),
         }
@@ -276,7 +279,20 @@ impl StoreWriter {
         let command = match spec.kind {
             StoreKind::Audio => "prepare",
             StoreKind::Features => "extract",
+            StoreKind::Units => "units",
         };
+        let dtype_fits = match spec.kind {
+            StoreKind::Audio => spec.dtype == Dtype::F32,
+            StoreKind::Units => spec.dtype == Dtype::Int16,
+            StoreKind::Features => spec.dtype != Dtype::Int16,
+        };
+        if !dtype_fits {
+            return Err(StoreError::Format(format!(
+                "a {} store cannot hold {}",
+                spec.kind.name(),
+                spec.dtype.name()
+            )));
+        }
         let lock = StoreLock::acquire(dir, command)?;
         let whole = fingerprint_of(&spec);
         let part = part.map(|p| PartInfo {
@@ -411,6 +427,9 @@ impl StoreWriter {
             extra: self.spec.extra.clone(),
             part: self.part.clone(),
         };
+        if meta.kind == StoreKind::Units {
+            super::units_export::write_km(&self.dir, &meta, &rows)?;
+        }
         meta.save(&self.dir)?;
         for seal in &self.sealed {
             remove_if_exists(&self.seal_path(seal.shard))?;
@@ -564,6 +583,7 @@ impl StoreWriter {
     fn item_bytes(&self, data: &ItemData) -> u64 {
         match data {
             ItemData::Audio(s) => (s.len() * 4) as u64,
+            ItemData::Units(u) => (u.len() * 2) as u64,
             ItemData::Encoded(e) => e.files.iter().map(|f| f.len() as u64).sum(),
             ItemData::Features(layers) => layers
                 .iter()
@@ -590,7 +610,9 @@ impl StoreWriter {
         let mut files = Vec::new();
         let layers = self.spec.layers.len();
         match self.spec.kind {
-            StoreKind::Audio => files.push(StreamedNpy::create(tmp, "<f4", None)?),
+            StoreKind::Audio | StoreKind::Units => {
+                files.push(StreamedNpy::create(tmp, self.spec.dtype.npy_descr(), None)?)
+            }
             StoreKind::Features => {
                 if tmp.exists() {
                     std::fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
@@ -646,6 +668,12 @@ impl StoreWriter {
                 crc.update(raw);
                 shard.files[0].append(raw, samples.len() as u64)?;
                 samples.len() as u64
+            }
+            (StoreKind::Units, ItemData::Units(units)) => {
+                let raw: &[u8] = bytemuck::cast_slice(&units);
+                crc.update(raw);
+                shard.files[0].append(raw, units.len() as u64)?;
+                units.len() as u64
             }
             (StoreKind::Features, ItemData::Features(layers)) => {
                 if layers.len() != expected_layers {
@@ -868,8 +896,10 @@ fn with_part(options: &serde_json::Value, part: Option<&PartInfo>) -> serde_json
 
 /// Names a store writes at its top level (and their `.tmp` forms); `--overwrite` removes
 /// these and nothing else, so files a user keeps beside a store survive it.
-const STORE_ENTRIES: [&str; 6] = [
+const STORE_ENTRIES: [&str; 8] = [
     "meta.json",
+    super::units_export::UNITS_KM,
+    super::units_export::UNITS_LENGTHS,
     "index.jsonl",
     "errors.jsonl",
     IN_PROGRESS,
@@ -1001,6 +1031,8 @@ fn encode_values(dtype: Dtype, values: &[f32], dim: usize, out: &mut Vec<u8>) {
         Dtype::F32 => out.extend_from_slice(bytemuck::cast_slice(values)),
         Dtype::F16 => encode_half::<f16>(values, out),
         Dtype::Bf16 => encode_half::<bf16>(values, out),
+        // unit ids arrive as `ItemData::Units`, never as features
+        Dtype::Int16 => unreachable!("int16 is not a feature dtype (refused at open)"),
         Dtype::Int8 => {
             out.reserve(values.len());
             for frame in values.chunks(dim.max(1)) {

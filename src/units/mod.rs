@@ -314,3 +314,247 @@ fn write_model(dir: &Path, centroids: &[f32], meta: &KmeansMeta) -> anyhow::Resu
     json.push('\n');
     write(KMEANS_JSON, json.as_bytes())
 }
+
+/// Assign every frame of one layer of a feature store to its nearest centroid.
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Assign every frame of a feature store's layer to its nearest k-means centroid \
+(squared Euclidean, as fairseq's ApplyKmeans) and write a units store: shards/NNNNN.npy of int16 \
+unit ids (one per frame, utterances concatenated), index.jsonl rows with id/shard/offset/length \
+and the source row's text and speaker, meta.json; plus UNITS/units.km, one line of \
+space-separated ids per utterance in index order (fairseq's dump_km_label format).\n\n--dedup \
+collapses repeated ids in units.km and writes the run lengths to units.lengths, line for line. \
+--part K/N and `speechcache merge` work as for the other stores, and a killed run resumes to the \
+bytes of an uninterrupted one."
+)]
+pub struct UnitsArgs {
+    /// Feature store to read.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A `speechcache kmeans` output directory (centroids.npy + kmeans.json), or a centroids
+    /// .npy file (`[K, D]` float32 or float64, e.g. `np.save(…, km.cluster_centers_)` of a
+    /// scikit-learn model) together with --layer.
+    #[arg(long, value_name = "KM_DIR")]
+    pub kmeans: PathBuf,
+    /// Layer to assign (default: the layer the k-means model was fitted on).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Output units store.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Collapse repeated ids in units.km and write their run lengths to units.lengths.
+    #[arg(long)]
+    pub dedup: bool,
+    /// Process only part K of N (1-based) into --out; join the parts with `speechcache merge`.
+    #[arg(long, value_name = "K/N", value_parser = crate::store::partition::parse_part)]
+    pub part: Option<crate::store::partition::PartSpec>,
+    /// Seal a shard before it grows past this size.
+    #[arg(long, default_value = "256MiB", value_parser = crate::progress::parse_size)]
+    pub shard_size: u64,
+    /// Replace a store already at --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Centroids `[K, D]` and the layer they were fitted on (when known).
+fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option<usize>)> {
+    let (file, layer) = if path.is_dir() {
+        let meta_path = path.join(KMEANS_JSON);
+        let text = crate::regular_file::read_regular_to_string(&meta_path)
+            .with_context(|| format!("{}: not a k-means model directory", meta_path.display()))?;
+        let meta: KmeansMeta = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a kmeans.json", meta_path.display()))?;
+        (path.join(CENTROIDS), Some(meta.layer))
+    } else {
+        (path.to_path_buf(), None)
+    };
+    let bytes = crate::regular_file::read_regular(&file)
+        .with_context(|| format!("cannot read the centroids {}", file.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a .npy file", file.display()))?;
+    let shape = npy.shape().to_vec();
+    let [k, d] = shape[..] else {
+        anyhow::bail!(
+            "{}: centroids must be [K, D], found shape {shape:?}",
+            file.display()
+        );
+    };
+    let (k, d) = (k as usize, d as usize);
+    anyhow::ensure!(
+        (1..=i16::MAX as usize + 1).contains(&k) && d >= 1,
+        "{}: {k} centroids of dim {d} (1 to 32768 centroids: ids are stored as int16)",
+        file.display()
+    );
+    let descr = npy.dtype().descr();
+    let values: Vec<f32> = match descr.trim_matches('\'') {
+        "<f4" => npy.into_vec::<f32>()?,
+        "<f8" => npy
+            .into_vec::<f64>()?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
+        other => anyhow::bail!(
+            "{}: centroids of dtype {other} (float32 or float64 expected)",
+            file.display()
+        ),
+    };
+    anyhow::ensure!(
+        values.iter().all(|v| v.is_finite()),
+        "{}: centroids hold NaN or infinite values",
+        file.display()
+    );
+    Ok((values, k, d, layer))
+}
+
+/// Rows assigned per parallel round (each row's frames go through one gemm).
+const ROWS_PER_ROUND: usize = 64;
+
+pub fn run_units(args: &UnitsArgs) -> anyhow::Result<()> {
+    use crate::store::{
+        ErrorRow, InputResult, ItemData, PartSlice, StoreKind, StoreWriter, WriterSpec,
+    };
+    use rayon::prelude::*;
+    let started = Instant::now();
+    let (centroids, k, d, fitted_layer) = load_centroids(&args.kmeans)?;
+    let layer = match (args.layer, fitted_layer) {
+        (Some(l), _) | (None, Some(l)) => l,
+        (None, None) => anyhow::bail!(
+            "{}: a bare centroids file does not say its layer: add --layer",
+            args.kmeans.display()
+        ),
+    };
+    let store = FeatureStore::open(&args.data)
+        .with_context(|| format!("cannot open the feature store {}", args.data.display()))?;
+    if store.is_empty() {
+        anyhow::bail!("{}: the store holds no utterances", args.data.display());
+    }
+    if !store.layers().contains(&layer) {
+        anyhow::bail!(
+            "{}: no layer {layer} (the store holds layers {:?})",
+            args.data.display(),
+            store.layers()
+        );
+    }
+    if store.dim() != d {
+        anyhow::bail!(
+            "{}: the centroids are {d}-dimensional but {} holds {}-dimensional features",
+            args.kmeans.display(),
+            args.data.display(),
+            store.dim()
+        );
+    }
+    crate::store::refuse_overlapping_out(&args.out, &[args.data.as_path()])?;
+    let centroids_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytemuck::cast_slice::<f32, u8>(
+            &centroids,
+        )))
+    };
+    let spec = WriterSpec {
+        kind: StoreKind::Units,
+        dtype: crate::store::Dtype::Int16,
+        sample_rate: None,
+        frame_rate: Some(store.frame_rate()),
+        dim: None,
+        layers: vec![layer],
+        options: serde_json::json!({"centroids_sha256": centroids_sha, "clusters": k, "layer": layer, "dedup": args.dedup}),
+        source: serde_json::json!({"features": store.meta().fingerprint}),
+        extra: serde_json::json!({"clusters": k, "kmeans": args.kmeans}),
+        shard_bytes: args.shard_size,
+        overwrite: args.overwrite,
+    };
+    let n = store.len();
+    let opened = match args.part {
+        Some(part) => {
+            let weights: Vec<f64> = store.rows().iter().map(|r| r.length as f64).collect();
+            let owned = part.range_of(&weights);
+            let slice = PartSlice::new(part, &owned, n);
+            StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
+        }
+        None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..n)),
+    };
+    let (mut writer, owned) = opened
+        .with_context(|| format!("cannot write the units store at {}", args.out.display()))?;
+    if writer.is_complete() {
+        if !args.quiet {
+            eprintln!("units: {} is already complete", args.out.display());
+        }
+        return Ok(());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.jobs.unwrap_or(0))
+        .build()
+        .context("cannot start the thread pool")?;
+    let first = owned.start + writer.next_input();
+    let rows: Vec<usize> = (first..owned.end).collect();
+    let mut frames_done = 0u64;
+    for round in rows.chunks(ROWS_PER_ROUND) {
+        let results: Vec<InputResult> = pool.install(|| {
+            round
+                .par_iter()
+                .map(|&i| {
+                    let row = &store.rows()[i];
+                    let assigned = store
+                        .check_row(i)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| store.view(i, layer).map_err(|e| e.to_string()))
+                        .map(|view| {
+                            let t = view.frames();
+                            let mut x = vec![0f32; t * d];
+                            view.write_f32(&mut x);
+                            let mut labels = vec![0u32; t];
+                            kmeans::assign(&x, d, &centroids, Some(&mut labels));
+                            labels.into_iter().map(|l| l as i16).collect::<Vec<i16>>()
+                        });
+                    match assigned {
+                        Ok(units) => {
+                            let mut out = row.clone();
+                            out.checksum = String::new();
+                            InputResult {
+                                items: vec![(out, ItemData::Units(units))],
+                                errors: vec![],
+                            }
+                        }
+                        Err(reason) => InputResult {
+                            items: vec![],
+                            errors: vec![ErrorRow {
+                                path: row.source.clone(),
+                                id: Some(row.id.clone()),
+                                reason,
+                            }],
+                        },
+                    }
+                })
+                .collect()
+        });
+        for (&i, result) in round.iter().zip(results) {
+            frames_done += store.rows()[i].length;
+            writer
+                .push_input(i - owned.start, result)
+                .with_context(|| {
+                    format!("cannot write the units store at {}", args.out.display())
+                })?;
+        }
+        store.release_pages();
+    }
+    let meta = writer
+        .finish()
+        .with_context(|| format!("cannot finish the units store at {}", args.out.display()))?;
+    if !args.quiet {
+        eprintln!(
+            "units: {} utterances, {} frames of layer {layer} into {k} units ({} failed), {:.1} s; \
+             written to {}",
+            meta.totals.items,
+            frames_done,
+            meta.totals.failed,
+            started.elapsed().as_secs_f64(),
+            args.out.display()
+        );
+    }
+    Ok(())
+}

@@ -436,6 +436,7 @@ fn dtype_descr(d: Dtype) -> &'static str {
         Dtype::F16 => "<f2",
         Dtype::Bf16 => "<u2",
         Dtype::Int8 => "|i1",
+        Dtype::Int16 => "<i2",
     }
 }
 

@@ -36,6 +36,8 @@ enum Command {
     Decode(speechcache::finetune::DecodeArgs),
     /// Rank the layers an experiment learned to weigh (--top K: a list for extract --layers).
     Layers(speechcache::finetune::layers::LayersArgs),
+    /// Collapse a feature store to an experiment's learned weighted sum of layers (one layer).
+    Collapse(speechcache::collapse::CollapseArgs),
     /// Fit k-means centroids to one layer of a feature store (for discrete units).
     Kmeans(speechcache::units::KmeansArgs),
     /// Assign every frame of a feature store's layer to its nearest centroid (a units store).
@@ -56,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Finetune(args) => speechcache::finetune::run_finetune(&args)?,
         Command::Decode(args) => speechcache::finetune::run_decode(&args)?,
         Command::Layers(args) => speechcache::finetune::layers::run_layers(&args)?,
+        Command::Collapse(args) => speechcache::collapse::run_collapse(&args)?,
         Command::Kmeans(args) => speechcache::units::run_kmeans(&args)?,
         Command::Units(args) => speechcache::units::run_units(&args)?,
         Command::Bench(args) => speechcache::bench::run(&args)?,

@@ -35,6 +35,7 @@
 
 pub mod audio;
 pub mod bench;
+pub mod collapse;
 pub mod device;
 pub mod extract;
 pub mod finetune;

@@ -739,6 +739,123 @@ fn cli_finetune_and_decode() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top 3"));
 
+    // collapse: every row is Σ_l w_l (h_l - mean_l) / std_l with the experiment's weights and
+    // training statistics, recomputed here in f64 from the files; finetune and decode take it
+    let collapsed = root.join("valid-collapsed");
+    let out = Command::new(bin)
+        .args(["collapse", "--quiet"])
+        .arg(root.join("valid"))
+        .arg("--exp")
+        .arg(root.join("exp"))
+        .arg("--out")
+        .arg(&collapsed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("exp/global_stats.json")).unwrap())
+            .unwrap();
+    let num = |v: &serde_json::Value| v.as_f64().unwrap();
+    let src = speechcache::store::FeatureStore::open(&root.join("valid")).unwrap();
+    let dst = speechcache::store::FeatureStore::open(&collapsed).unwrap();
+    assert_eq!(dst.layers(), &[0]);
+    assert_eq!(dst.len(), src.len());
+    let mut worst = 0f64;
+    for i in 0..src.len() {
+        assert_eq!(dst.rows()[i].id, src.rows()[i].id);
+        assert_eq!(dst.rows()[i].text, src.rows()[i].text);
+        let got = dst.to_array(i, 0).unwrap();
+        let mut want = Array2::<f64>::zeros(got.dim());
+        for (li, layer) in [0usize, 1].into_iter().enumerate() {
+            let h = src.to_array(i, layer).unwrap();
+            for ((t, d), v) in h.indexed_iter() {
+                let mean = num(&stats["mean"][li][d]);
+                let std = num(&stats["var"][li][d]).sqrt();
+                want[[t, d]] += got_weight(&lw, li) * (*v as f64 - mean) / std;
+            }
+        }
+        for (g, w) in got.iter().zip(want.iter()) {
+            worst = worst.max((*g as f64 - w).abs() / w.abs().max(1.0));
+        }
+    }
+    assert!(
+        worst < 1e-3,
+        "collapsed rows differ from the weighted sum by {worst:e}"
+    );
+    let err = Command::new(bin)
+        .args(["collapse", "--quiet"])
+        .arg(&collapsed)
+        .arg("--exp")
+        .arg(root.join("exp"))
+        .arg("--out")
+        .arg(root.join("twice"))
+        .output()
+        .unwrap();
+    assert_eq!(err.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("which the store does not hold"),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
+    // a one-layer experiment on the collapsed stores trains and decodes
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let train_c = root.join("train-collapsed");
+    run(&[
+        "collapse".as_ref(),
+        "--quiet".as_ref(),
+        &os(&root.join("train")),
+        "--exp".as_ref(),
+        &os(&root.join("exp")),
+        "--out".as_ref(),
+        &os(&train_c),
+    ]);
+    std::fs::write(
+        root.join("conf-collapsed.toml"),
+        CONFIG
+            .replace("max_epochs = 4", "max_epochs = 1")
+            .replace("normalize = \"global\"", "normalize = \"none\""),
+    )
+    .unwrap();
+    run(&[
+        "finetune".as_ref(),
+        "--quiet".as_ref(),
+        "--train".as_ref(),
+        &os(&train_c),
+        "--valid".as_ref(),
+        &os(&collapsed),
+        "--config".as_ref(),
+        &os(&root.join("conf-collapsed.toml")),
+        "--out".as_ref(),
+        &os(&root.join("exp-collapsed")),
+    ]);
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("exp-collapsed/experiment.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["layers"], serde_json::json!([0]));
+    let stdout = run(&[
+        "decode".as_ref(),
+        "--quiet".as_ref(),
+        "--exp".as_ref(),
+        &os(&root.join("exp-collapsed")),
+        "--data".as_ref(),
+        &os(&collapsed),
+    ]);
+    assert!(stdout.contains("CER"), "{stdout}");
+
     std::fs::write(root.join("bad.toml"), "[optim]\nlearning_rate = 1\n").unwrap();
     let out = Command::new(bin)
         .args(["finetune", "--train"])
@@ -1082,4 +1199,9 @@ fn resume_finishes_an_interrupted_average() {
 /// f32 on the CPU: the CPU engine, unless the environment asks for candle tensor ops.
 fn cpu_backend() -> speechcache::device::Backend {
     speechcache::device::Backend::new(Device::Cpu, candle_core::DType::F32).unwrap()
+}
+
+/// Weight `li` of a layer_weights.json value.
+fn got_weight(lw: &serde_json::Value, li: usize) -> f64 {
+    lw["weights"][li].as_f64().unwrap()
 }

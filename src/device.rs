@@ -171,11 +171,11 @@ fn tensor_ops_requested() -> anyhow::Result<bool> {
             let engine = std::env::var("SPEECHCACHE_ENGINE").ok();
             let kernels = std::env::var("SPEECHCACHE_CPU_KERNELS").ok();
             let by_engine = match engine.as_deref().map(str::trim) {
-                None | Some("") | Some("auto") | Some("cpu-engine") => false,
+                None | Some("") | Some("auto") | Some("cpu-engine") | Some("cpu") => false,
                 Some("candle") => true,
                 Some(other) => {
                     return Err(format!(
-                        "SPEECHCACHE_ENGINE={other:?}: use auto, cpu-engine or candle"
+                        "SPEECHCACHE_ENGINE={other:?}: use auto, cpu-engine (or cpu) or candle"
                     ))
                 }
             };

@@ -118,18 +118,29 @@ impl std::ops::Deref for Weights {
     }
 }
 
+/// `f(i, chunk)` over the `len`-long chunks of `xs`, on the pool when `parallel`.
+fn for_chunks(
+    xs: &mut [f32],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    if parallel {
+        xs.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i, chunk));
+    } else {
+        xs.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i, chunk));
+    }
+}
+
 /// `f(first_row, rows)` over blocks of `c`-wide rows of `xs`, on the pool when `parallel`.
 fn for_rows(xs: &mut [f32], c: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
-    let task = ROWS_PER_TASK * c;
-    if parallel {
-        xs.par_chunks_mut(task)
-            .enumerate()
-            .for_each(|(i, rows)| f(i * ROWS_PER_TASK, rows));
-    } else {
-        xs.chunks_mut(task)
-            .enumerate()
-            .for_each(|(i, rows)| f(i * ROWS_PER_TASK, rows));
-    }
+    for_chunks(xs, ROWS_PER_TASK * c, parallel, |i, rows| {
+        f(i * ROWS_PER_TASK, rows)
+    });
 }
 
 /// `dst[m, n] (row stride n) = bias + lhs · w`, where lhs row i is the k values from
@@ -166,15 +177,7 @@ fn gemm_rows(
             bias.is_some(),
         );
     };
-    if parallel {
-        dst.par_chunks_mut(GEMM_ROWS * n)
-            .enumerate()
-            .for_each(|(bi, rows)| block(bi, rows));
-    } else {
-        dst.chunks_mut(GEMM_ROWS * n)
-            .enumerate()
-            .for_each(|(bi, rows)| block(bi, rows));
-    }
+    for_chunks(dst, GEMM_ROWS * n, parallel, block);
 }
 
 /// LayerNorm parameters (statistics in f64; `ops::norm`).
@@ -410,17 +413,7 @@ impl Conv {
                 }
             }
         };
-        if parallel {
-            paired
-                .par_chunks_mut(2 * PAIRS * co)
-                .enumerate()
-                .for_each(|(bi, y)| block(bi, y));
-        } else {
-            paired
-                .chunks_mut(2 * PAIRS * co)
-                .enumerate()
-                .for_each(|(bi, y)| block(bi, y));
-        }
+        for_chunks(paired, 2 * PAIRS * co, parallel, block);
         if !last.is_empty() {
             let t = t_out - 1;
             gemm_rows(&x[2 * t * ci..], 0, 3 * ci, w, bias, last, co, false);
@@ -766,15 +759,7 @@ impl CpuEncoder {
             let w = Mat::rows(&self.pos_w[gi * k * cg * cg..(gi + 1) * k * cg * cg], cg);
             matmul_serial(t, cg, k * cg, y, cg, frames, w, true);
         };
-        if parallel {
-            yg.par_chunks_mut(t * cg)
-                .enumerate()
-                .for_each(|(gi, y)| group(gi, y));
-        } else {
-            yg.chunks_mut(t * cg)
-                .enumerate()
-                .for_each(|(gi, y)| group(gi, y));
-        }
+        for_chunks(&mut yg, t * cg, parallel, group);
         // Back to time-major [T, H], then the activation.
         let mut out = vec![0f32; t * h];
         for_rows(&mut out, h, parallel, |t0, rows| {
@@ -871,15 +856,7 @@ impl CpuEncoder {
             }
         };
         prof.time(Kind::Attention, || {
-            if parallel {
-                ctx.par_chunks_mut(block * h)
-                    .enumerate()
-                    .for_each(|(bi, rows)| rows_block(bi, rows));
-            } else {
-                ctx.chunks_mut(block * h)
-                    .enumerate()
-                    .for_each(|(bi, rows)| rows_block(bi, rows));
-            }
+            for_chunks(ctx, block * h, parallel, rows_block)
         });
         prof.time(Kind::Linear, || p.out.forward(ctx, h, out, parallel));
     }

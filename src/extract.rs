@@ -469,9 +469,10 @@ fn part_rows(
     part: PartSpec,
 ) -> Range<usize> {
     let seconds = |r: &IndexRow| r.duration;
-    let units: Vec<Range<usize>> = match extractor {
-        Extractor::Ssl { .. } if extractor.batched_model().is_some() => grid.to_vec(),
-        _ => (0..audio.len()).map(|i| i..i + 1).collect(),
+    let units: Vec<Range<usize>> = if extractor.batched_model().is_some() {
+        grid.to_vec()
+    } else {
+        (0..audio.len()).map(|i| i..i + 1).collect()
     };
     let weights: Vec<f64> = units
         .iter()

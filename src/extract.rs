@@ -4,9 +4,10 @@
 //! Utterances are taken in windows of store order; inside a window they are sorted by length
 //! and batched by total audio seconds (little padding), and results are written back in store
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
+use crate::device::Backend;
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::models::ssl::{normalize_waveform, CpuEncoder, LinearLayout, Wav2Vec2Model};
+use crate::models::ssl::{normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::PartSpec;
 use crate::store::{
@@ -194,24 +195,14 @@ pub fn parse_layers(text: &str, max: usize) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Parses and opens `cpu`, `cuda`, `cuda:N` (see [`crate::device::open`]).
-pub fn parse_device(text: &str) -> anyhow::Result<Device> {
-    crate::device::open(text)
-}
-
 /// What produces the features.
 enum Extractor {
     Fbank(Box<Fbank>),
-    /// candle tensor ops (CUDA, f16/bf16, or `SPEECHCACHE_ENGINE=candle`): padded batches.
-    Model {
-        model: Box<Wav2Vec2Model>,
-        checkpoint: Box<LoadedCheckpoint>,
-        device: Device,
-        dtype: DType,
-    },
-    /// The CPU f32 engine: one utterance per thread, written in store order as they finish.
-    Engine {
-        engine: Box<CpuEncoder>,
+    /// An SSL encoder on the executor the backend chose: the CPU f32 engine runs one
+    /// utterance per thread, written in store order as they finish; candle tensor ops (CUDA,
+    /// f16/bf16, or `SPEECHCACHE_ENGINE=candle`) run padded batches.
+    Ssl {
+        encoder: Box<SslEncoder>,
         checkpoint: Box<LoadedCheckpoint>,
     },
 }
@@ -220,9 +211,34 @@ impl Extractor {
     fn frames_for_samples(&self, n: usize) -> usize {
         match self {
             Extractor::Fbank(f) => f.frames_for_samples(n),
-            Extractor::Model { checkpoint, .. } | Extractor::Engine { checkpoint, .. } => {
+            Extractor::Ssl { checkpoint, .. } => {
                 crate::models::ssl::frames_for_samples(&checkpoint.config, n)
             }
+        }
+    }
+
+    /// The CPU engine and its checkpoint, when this extractor streams utterances through it.
+    fn streaming_engine(&self) -> Option<(&CpuEncoder, &LoadedCheckpoint)> {
+        match self {
+            Extractor::Ssl {
+                encoder,
+                checkpoint,
+            } => match &**encoder {
+                SslEncoder::Cpu(engine) => Some((engine, checkpoint)),
+                SslEncoder::TensorOps(_) => None,
+            },
+            Extractor::Fbank(_) => None,
+        }
+    }
+
+    /// The candle model, when this extractor runs padded batches of it.
+    fn batched_model(&self) -> Option<&Wav2Vec2Model> {
+        match self {
+            Extractor::Ssl { encoder, .. } => match &**encoder {
+                SslEncoder::TensorOps(model) => Some(model),
+                SslEncoder::Cpu(_) => None,
+            },
+            Extractor::Fbank(_) => None,
         }
     }
 }
@@ -367,7 +383,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     };
     let mut progress = Progress::new("extract", todo.len() as u64, args.quiet);
     let max_layer = layers.iter().copied().max().unwrap_or(0);
-    if let Extractor::Engine { engine, checkpoint } = &extractor {
+    if let Some((engine, checkpoint)) = extractor.streaming_engine() {
         let job = EngineJob {
             args,
             audio: &audio,
@@ -453,9 +469,10 @@ fn part_rows(
     part: PartSpec,
 ) -> Range<usize> {
     let seconds = |r: &IndexRow| r.duration;
-    let units: Vec<Range<usize>> = match extractor {
-        Extractor::Model { .. } => grid.to_vec(),
-        _ => (0..audio.len()).map(|i| i..i + 1).collect(),
+    let units: Vec<Range<usize>> = if extractor.batched_model().is_some() {
+        grid.to_vec()
+    } else {
+        (0..audio.len()).map(|i| i..i + 1).collect()
     };
     let weights: Vec<f64> = units
         .iter()
@@ -765,27 +782,35 @@ fn build_extractor(
         };
         return Ok((Extractor::Fbank(Box::new(fbank)), spec));
     }
-    let device = parse_device(&args.device)?;
-    let dtype = match (args.compute_dtype.as_str(), device.is_cpu(), args.dtype) {
-        ("f16", ..) => DType::F16,
-        ("bf16", ..) => DType::BF16,
-        ("auto", false, Dtype::F16) => DType::F16,
-        ("auto", false, Dtype::Bf16) => DType::BF16,
-        _ => DType::F32,
-    };
-    // The model (and the CPU engine) are built while the weights are hashed.
-    let (checkpoint, built) = load_checkpoint_then(
+    // The executor (and the device) are chosen once; the compute dtype follows the device.
+    let backend = Backend::resolve(&args.device, DType::F32)?;
+    let backend = backend.with_dtype(
+        match (
+            args.compute_dtype.as_str(),
+            backend.device().is_cpu(),
+            args.dtype,
+        ) {
+            ("f16", ..) => DType::F16,
+            ("bf16", ..) => DType::BF16,
+            ("auto", false, Dtype::F16) => DType::F16,
+            ("auto", false, Dtype::Bf16) => DType::BF16,
+            _ => DType::F32,
+        },
+    );
+    let dtype = backend.dtype();
+    // The encoder is built while the weights are hashed.
+    let (checkpoint, encoder) = load_checkpoint_then(
         Path::new(&args.model),
         args.model_config.as_deref(),
-        &device,
+        backend.device(),
         dtype,
         // the CPU engine's gemm reads `[in, out]`: transpose while reading the file
-        if Wav2Vec2Model::cpu_engine_applies(&device, dtype) {
+        if backend.uses_cpu_engine() {
             LinearLayout::InOut
         } else {
             LinearLayout::OutIn
         },
-        |ckpt| -> anyhow::Result<Built> {
+        |ckpt| -> anyhow::Result<SslEncoder> {
             if ckpt.preprocessor.sampling_rate != audio.sample_rate() {
                 bail!(
                     "{} expects {} Hz audio but {} is {} Hz: prepare it with --sample-rate {}",
@@ -796,22 +821,15 @@ fn build_extractor(
                     ckpt.preprocessor.sampling_rate
                 );
             }
-            let model = Wav2Vec2Model::from_checkpoint(ckpt)
+            let encoder = SslEncoder::from_checkpoint(ckpt, &backend)
                 .with_context(|| format!("cannot build the model from {}", args.model))?;
-            // The model holds its own (re-laid-out) weights; keep only the description.
+            // The encoder holds its own (re-laid-out or shared) weights; keep the description.
             ckpt.tensors.clear();
-            if model.uses_cpu_engine() {
-                // The engine shares the model's weights (linears loaded as `[in, out]`).
-                let engine = CpuEncoder::new(&model)
-                    .with_context(|| format!("cannot build the model from {}", args.model))?;
-                Ok(Built::Engine(Box::new(engine)))
-            } else {
-                Ok(Built::Model(Box::new(model)))
-            }
+            Ok(encoder)
         },
     )
     .with_context(|| format!("cannot load the model {}", args.model))?;
-    let built = built?;
+    let encoder = encoder?;
     let layers = parse_layers(&args.layers, checkpoint.config.num_hidden_layers)?;
     let cfg = &checkpoint.config;
     let samples_per_frame: usize = cfg.conv_stride.iter().product();
@@ -824,7 +842,7 @@ fn build_extractor(
         "format": checkpoint.format,
     });
     let mut ssl_options = serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common});
-    if matches!(built, Built::Model(_)) {
+    if matches!(encoder, SslEncoder::TensorOps(_)) {
         // Padded batches: a row's float rounding depends on its batch, so the batch plan is
         // part of what the store is (resumes and parts with another plan are refused).
         ssl_options["batching"] = serde_json::json!({
@@ -847,25 +865,11 @@ fn build_extractor(
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    let extractor = match built {
-        Built::Engine(engine) => Extractor::Engine {
-            engine,
-            checkpoint: Box::new(checkpoint),
-        },
-        Built::Model(model) => Extractor::Model {
-            model,
-            checkpoint: Box::new(checkpoint),
-            device,
-            dtype,
-        },
+    let extractor = Extractor::Ssl {
+        encoder: Box::new(encoder),
+        checkpoint: Box::new(checkpoint),
     };
     Ok((extractor, spec))
-}
-
-/// What runs the model: the CPU f32 engine (which took the weights over) or the candle model.
-enum Built {
-    Engine(Box<CpuEncoder>),
-    Model(Box<Wav2Vec2Model>),
 }
 
 /// Estimates the store size from the index alone and refuses when the disk is too small.
@@ -979,13 +983,14 @@ fn extract_window(
                 ));
             }
         }
-        Extractor::Engine { .. } => bail!("the CPU engine streams utterances (EngineJob)"),
-        Extractor::Model {
-            model,
+        Extractor::Ssl {
+            encoder,
             checkpoint,
-            device,
-            dtype,
         } => {
+            let SslEncoder::TensorOps(model) = &**encoder else {
+                bail!("the CPU engine streams utterances (EngineJob)");
+            };
+            let (device, dtype) = (model.device(), model.dtype());
             runnable.sort_by_key(|&i| std::cmp::Reverse(audio.rows()[i].length));
             let budget = (args.batch_seconds * rate) as usize;
             let memory = args.batch_memory.unwrap_or_else(|| {
@@ -1028,9 +1033,7 @@ fn extract_window(
                 let by_memory = (memory / bytes(longest).max(1)).max(1) as usize;
                 let per_batch = (budget / longest.max(1)).clamp(1, by_memory);
                 let batch = &runnable[batch_start..(batch_start + per_batch).min(runnable.len())];
-                let outputs = run_model_batch(
-                    model, checkpoint, device, *dtype, audio, batch, layers, max_layer,
-                )?;
+                let outputs = run_model_batch(model, checkpoint, audio, batch, layers, max_layer)?;
                 for (&i, feats) in batch.iter().zip(outputs) {
                     results[i - range.start] =
                         Some(item_result(&audio.rows()[i], ItemData::Features(feats)));
@@ -1063,12 +1066,9 @@ fn item_result(row: &IndexRow, data: ItemData) -> InputResult {
 }
 
 /// One padded batch through the model; returns, per utterance, its chosen layers `[frames, dim]`.
-#[allow(clippy::too_many_arguments)]
 fn run_model_batch(
     model: &Wav2Vec2Model,
     checkpoint: &LoadedCheckpoint,
-    device: &Device,
-    dtype: DType,
     audio: &AudioStore,
     batch: &[usize],
     layers: &[usize],
@@ -1087,7 +1087,8 @@ fn run_model_batch(
             normalize_waveform(dst);
         }
     }
-    let input = Tensor::from_vec(wave, (batch.len(), longest), device)?.to_dtype(dtype)?;
+    let input =
+        Tensor::from_vec(wave, (batch.len(), longest), model.device())?.to_dtype(model.dtype())?;
     let (hidden, frames) = model.forward(&input, &lengths, max_layer)?;
     let mut out: Vec<Vec<Array2<f32>>> = vec![Vec::with_capacity(layers.len()); batch.len()];
     for &layer in layers {

@@ -10,7 +10,7 @@ use speechcache::models::checkpoint::{
     load_checkpoint, load_checkpoint_then, load_checkpoint_with_config, CheckpointError,
     LoadedCheckpoint,
 };
-use speechcache::models::ssl::{LinearLayout, Wav2Vec2Model};
+use speechcache::models::ssl::{CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -212,11 +212,14 @@ fn fairseq_and_safetensors_give_the_same_hidden_states() {
         .collect();
     let wave = Tensor::from_vec(wave, (1, n), &Device::Cpu).unwrap();
     for family in ["w2v_group", "hubert_layer"] {
+        // every state of both executors
         let run = |p: PathBuf| {
             let ck = load(&p);
-            let model = Wav2Vec2Model::load(ck.var_builder(), &ck.config).unwrap();
             let layers = ck.config.num_hidden_layers;
-            model.forward(&wave, &[n], layers).unwrap().0
+            executors(&ck)
+                .iter()
+                .flat_map(|model| model.forward(&wave, &[n], layers).unwrap().0)
+                .collect::<Vec<_>>()
         };
         let a = run(fixtures().join(family));
         let b = run(fixtures().join(family).join("fairseq.pt"));
@@ -276,17 +279,26 @@ fn linears_loaded_in_out_are_the_transposed_weights_and_give_the_same_model() {
         assert_eq!(transposed, 1 + 6 * plain.config.num_hidden_layers, "{file}");
         // both the tensor-op path and the CPU engine read either layout: the same states
         let run = |ck: &LoadedCheckpoint| {
-            let model = Wav2Vec2Model::from_checkpoint(ck).unwrap();
             let layers = ck.config.num_hidden_layers;
-            let mut states = model.forward(&wave, &[n], layers).unwrap().0;
-            states.extend(model.forward_tensor_ops(&wave, &[n], layers).unwrap().0);
-            states
+            executors(ck)
+                .iter()
+                .flat_map(|model| model.forward(&wave, &[n], layers).unwrap().0)
+                .collect::<Vec<_>>()
         };
         let (a, b) = (run(&plain), run(&in_out));
         for (x, y) in a.iter().zip(&b) {
             assert!(max_abs_diff(x, y) < 1e-5, "{file}");
         }
     }
+}
+
+/// The CPU engine and the tensor-op model of a checkpoint, in the layout it was loaded with.
+fn executors(ck: &LoadedCheckpoint) -> [SslEncoder; 2] {
+    let engine = CpuEncoder::load(ck.var_builder(), &ck.config, ck.linear_layout).unwrap();
+    [
+        SslEncoder::Cpu(engine),
+        SslEncoder::TensorOps(Wav2Vec2Model::from_checkpoint(ck).unwrap()),
+    ]
 }
 
 fn load_err(p: &Path) -> CheckpointError {

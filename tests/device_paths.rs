@@ -5,7 +5,7 @@
 //! as `SPEECHCACHE_CPU_KERNELS=off`); with `SPEECHCACHE_TEST_DEVICE=cuda:0` (benches/gpu_check.sh)
 //! they run on that GPU. Each result is compared with the fused CPU path and, for the encoder,
 //! with transformers 4.46.3 (fixtures: tests/fixtures/gen_models.py).
-//! The conv gathers in small chunks are checked in `src/models/wav2vec2_ops.rs`.
+//! The encoder's conv gathers in small chunks are checked in `src/models/ssl/mod.rs`.
 mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use speechcache::models::asr::conformer::{CnnModuleNorm, ConformerConfig, InputL
 use speechcache::models::asr::cpu::CpuEngine;
 use speechcache::models::asr::{trainable_vars, AsrModel, AsrModelConfig, FeatureNormalize};
 use speechcache::models::ssl::config::Wav2Vec2Config;
-use speechcache::models::ssl::Wav2Vec2Model;
+use speechcache::models::ssl::{CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
 use speechcache::ops::ctc::ctc_loss;
 use speechcache::ops::{Dropout, DropoutRng};
 use speechcache::store::FeatureStore;
@@ -79,7 +79,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 // ---------------------------------------------------------------- wav2vec 2.0 / HuBERT encoder
 
-fn load_encoder(variant: &str, dtype: DType, dev: &Device) -> (Wav2Vec2Config, Wav2Vec2Model) {
+/// The fixture's config and tensors (canonical names).
+fn encoder_checkpoint(variant: &str) -> (Wav2Vec2Config, HashMap<String, Tensor>) {
     let cfg = Wav2Vec2Config::from_file(&fixtures().join(variant).join("config.json")).unwrap();
     let path = fixtures().join(variant).join("model.safetensors");
     let ckpt: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)
@@ -92,8 +93,22 @@ fn load_encoder(variant: &str, dtype: DType, dev: &Device) -> (Wav2Vec2Config, W
             (k, v)
         })
         .collect();
+    (cfg, ckpt)
+}
+
+/// The encoder on candle tensor ops, computing in `dtype` on `dev`.
+fn load_encoder(variant: &str, dtype: DType, dev: &Device) -> (Wav2Vec2Config, SslEncoder) {
+    let (cfg, ckpt) = encoder_checkpoint(variant);
     let model = Wav2Vec2Model::load(VarBuilder::from_tensors(ckpt, dtype, dev), &cfg).unwrap();
-    (cfg, model)
+    (cfg, SslEncoder::TensorOps(model))
+}
+
+/// The encoder on the CPU engine.
+fn load_cpu_engine(variant: &str) -> (Wav2Vec2Config, SslEncoder) {
+    let (cfg, ckpt) = encoder_checkpoint(variant);
+    let vb = VarBuilder::from_tensors(ckpt, DType::F32, &Device::Cpu);
+    let engine = CpuEncoder::load(vb, &cfg, LinearLayout::OutIn).unwrap();
+    (cfg, SslEncoder::Cpu(engine))
 }
 
 fn waveforms() -> Vec<Vec<f32>> {
@@ -126,21 +141,14 @@ type States = Vec<Vec<Vec<f32>>>;
 
 /// [`States`] of each waveform run alone, then of all of them in one batch padded with a loud
 /// signal.
-fn encoder_states(
-    model: &Wav2Vec2Model,
-    layers: usize,
-    waves: &[Vec<f32>],
-    dev: &Device,
-    dtype: DType,
-    tensor_ops: bool,
-) -> (States, States) {
+fn encoder_states(model: &SslEncoder, layers: usize, waves: &[Vec<f32>]) -> (States, States) {
     let states = |batch: Tensor, lengths: &[usize]| -> States {
-        let batch = batch.to_device(dev).unwrap().to_dtype(dtype).unwrap();
-        let (hidden, valid) = if tensor_ops {
-            model.forward_tensor_ops(&batch, lengths, layers).unwrap()
-        } else {
-            model.forward(&batch, lengths, layers).unwrap()
-        };
+        let batch = batch
+            .to_device(model.device())
+            .unwrap()
+            .to_dtype(model.dtype())
+            .unwrap();
+        let (hidden, valid) = model.forward(&batch, lengths, layers).unwrap();
         (0..lengths.len())
             .map(|b| {
                 hidden
@@ -177,36 +185,29 @@ fn worst(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>], f: impl Fn(&[f32], &[f32]) ->
 }
 
 /// f32 on the tensor-op path (what CUDA runs at `--compute-dtype f32`): within 1e-4 of
-/// transformers and of the fused CPU kernels, alone and in a padded batch.
+/// transformers and of the CPU engine, alone and in a padded batch.
 #[test]
-fn encoder_f32_tensor_ops_match_transformers_and_the_cpu_kernels() {
+fn encoder_f32_tensor_ops_match_transformers_and_the_cpu_engine() {
     let dev = test_device();
     let waves = waveforms();
     for variant in VARIANTS {
-        let (cfg, fused_model) = load_encoder(variant, DType::F32, &Device::Cpu);
+        let (cfg, engine) = load_cpu_engine(variant);
         let layers = cfg.num_hidden_layers;
-        let (fused, _) = encoder_states(
-            &fused_model,
-            layers,
-            &waves,
-            &Device::Cpu,
-            DType::F32,
-            false,
-        );
+        let (fused, _) = encoder_states(&engine, layers, &waves);
         let (alone, batched) = {
             let (_, model) = load_encoder(variant, DType::F32, &dev);
-            encoder_states(&model, layers, &waves, &dev, DType::F32, true)
+            encoder_states(&model, layers, &waves)
         };
         let refs = transformers_states(variant, layers);
         let vs_ref = worst(&alone, &refs, max_abs_diff);
         let vs_batch = worst(&batched, &refs, max_abs_diff);
         let vs_fused = worst(&alone, &fused, max_abs_diff);
         println!(
-            "{variant} f32 tensor ops: vs transformers {vs_ref:.1e} (padded batch {vs_batch:.1e}), vs CPU kernels {vs_fused:.1e}"
+            "{variant} f32 tensor ops: vs transformers {vs_ref:.1e} (padded batch {vs_batch:.1e}), vs CPU engine {vs_fused:.1e}"
         );
         assert!(vs_ref < 1e-4, "{variant}: {vs_ref}");
         assert!(vs_batch < 1e-4, "{variant} padded batch: {vs_batch}");
-        assert!(vs_fused < 1e-4, "{variant} vs CPU kernels: {vs_fused}");
+        assert!(vs_fused < 1e-4, "{variant} vs CPU engine: {vs_fused}");
     }
 }
 
@@ -225,7 +226,7 @@ fn encoder_half_precision_stays_within_stated_tolerances() {
         for variant in VARIANTS {
             let (cfg, model) = load_encoder(variant, dtype, &dev);
             let layers = cfg.num_hidden_layers;
-            let (alone, batched) = encoder_states(&model, layers, &waves, &dev, dtype, true);
+            let (alone, batched) = encoder_states(&model, layers, &waves);
             let refs = transformers_states(variant, layers);
             let rel = |a: &[f32], b: &[f32]| rel_err(a, b, 1.0);
             let e_alone = worst(&alone, &refs, rel);
@@ -611,9 +612,9 @@ fn device_cuda_without_a_usable_gpu_fails_in_one_line() {
     assert!(!feats.exists());
 }
 
-/// A feature store as a user makes it with `--device`, the fused kernels turned off and f16/bf16
-/// compute holds what the default CPU run stores (f32 stores, every layer; f16/bf16 errors
-/// relative to each layer's largest value, as above; measured on the CPU: f32 5.0e-5 absolute,
+/// A feature store as a user makes it with `--device`, the CPU engine turned off and f16/bf16
+/// compute holds what the default CPU run (the CPU engine) stores (f32 stores, every layer;
+/// f16/bf16 errors relative to each layer's largest value, as above; measured on the CPU: f32 5.0e-5 absolute,
 /// f16 3.0e-3, bf16 2.0e-2).
 #[test]
 fn extract_off_cpu_paths_store_what_the_cpu_kernels_store() {

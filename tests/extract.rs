@@ -4,9 +4,10 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_same_tree, bin, ok, s};
+use speechcache::device::Backend;
 use speechcache::models::checkpoint::load_checkpoint;
 use speechcache::models::fbank::{Fbank, FbankOptions};
-use speechcache::models::ssl::{normalize_waveform, Wav2Vec2Model};
+use speechcache::models::ssl::{normalize_waveform, SslEncoder};
 use speechcache::store::{AudioStore, FeatureStore};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -64,7 +65,7 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 /// Hidden states of utterance `samples` run alone through the model.
-fn alone(model: &Wav2Vec2Model, samples: &[f32], normalize: bool) -> Vec<Vec<f32>> {
+fn alone(model: &SslEncoder, samples: &[f32], normalize: bool) -> Vec<Vec<f32>> {
     let mut wave = samples.to_vec();
     if normalize {
         normalize_waveform(&mut wave);
@@ -104,7 +105,9 @@ fn model_features_equal_each_utterance_run_alone() {
         let feats = FeatureStore::open(&out).unwrap();
         let audio_store = AudioStore::open(&audio).unwrap();
         let ckpt = load_checkpoint(&model_dir(variant), &Device::Cpu, DType::F32).unwrap();
-        let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config).unwrap();
+        // the executor extract runs (the same choice from the environment)
+        let backend = Backend::new(Device::Cpu, DType::F32).unwrap();
+        let model = SslEncoder::from_checkpoint(&ckpt, &backend).unwrap();
         let all: Vec<usize> = (0..=ckpt.config.num_hidden_layers).collect();
         assert_eq!(feats.layers(), &all[..]);
         // the 0.01 s clip gives no frame: reported, not fatal, and the order is the audio store's

@@ -534,7 +534,8 @@ fn onthefly_features_train() {
     w.finish().unwrap();
     let model =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoints/hubert_layer");
-    let src = OnTheFlySource::open(&root.join("audio"), &model, &Device::Cpu).unwrap();
+    let cpu = speechcache::device::Backend::new(Device::Cpu, candle_core::DType::F32).unwrap();
+    let src = OnTheFlySource::open(&root.join("audio"), &model, &cpu).unwrap();
     assert_eq!(
         (src.dim(), src.layers().len(), src.frame_rate()),
         (16, 3, 800.0)

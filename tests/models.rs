@@ -5,7 +5,9 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use common::max_abs_diff;
 use speechcache::models::ssl::config::{expected_tensors, Wav2Vec2Config};
-use speechcache::models::ssl::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use speechcache::models::ssl::{
+    frames_for_samples, normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -32,11 +34,33 @@ fn checkpoint(variant: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
+fn config(variant: &str) -> Wav2Vec2Config {
+    Wav2Vec2Config::from_file(&fixtures().join(variant).join("config.json")).unwrap()
+}
+
+/// The tensor-op executor (candle) computing in `dtype` on the CPU.
 fn load(variant: &str, dtype: DType) -> (Wav2Vec2Config, Wav2Vec2Model) {
-    let cfg = Wav2Vec2Config::from_file(&fixtures().join(variant).join("config.json")).unwrap();
+    let cfg = config(variant);
     let vb = VarBuilder::from_tensors(checkpoint(variant), dtype, &Device::Cpu);
     let model = Wav2Vec2Model::load(vb, &cfg).unwrap();
     (cfg, model)
+}
+
+/// The CPU engine.
+fn engine(variant: &str) -> CpuEncoder {
+    let vb = VarBuilder::from_tensors(checkpoint(variant), DType::F32, &Device::Cpu);
+    CpuEncoder::load(vb, &config(variant), LinearLayout::OutIn).unwrap()
+}
+
+/// Both f32 executors, built explicitly (whatever the environment asks for).
+fn f32_encoders(variant: &str) -> [(&'static str, SslEncoder); 2] {
+    [
+        ("cpu engine", SslEncoder::Cpu(engine(variant))),
+        (
+            "tensor ops",
+            SslEncoder::TensorOps(load(variant, DType::F32).1),
+        ),
+    ]
 }
 
 fn inputs() -> HashMap<String, Tensor> {
@@ -63,8 +87,8 @@ fn max_abs(a: &Tensor) -> f32 {
 }
 
 /// Runs each utterance alone and returns the worst difference to transformers over all states.
-fn worst_single(variant: &str, dtype: DType) -> f32 {
-    let (cfg, model) = load(variant, dtype);
+fn worst_single(variant: &str, model: &SslEncoder) -> f32 {
+    let cfg = model.config();
     let (inputs, refs) = (inputs(), refs(variant));
     let mut worst = 0f32;
     for i in 0..N_UTTS {
@@ -74,7 +98,7 @@ fn worst_single(variant: &str, dtype: DType) -> f32 {
         assert_eq!(states.len(), cfg.num_hidden_layers + 1);
         let expect_t = refs[&format!("utt{i}.hidden0")].dim(0).unwrap();
         assert_eq!(valid, vec![expect_t]);
-        assert_eq!(frames_for_samples(&cfg, n), expect_t);
+        assert_eq!(frames_for_samples(cfg, n), expect_t);
         for (j, s) in states.iter().enumerate() {
             assert_eq!(s.dims(), &[1, expect_t, cfg.hidden_size]);
             let d = max_abs_diff(&s.i(0).unwrap(), &refs[&format!("utt{i}.hidden{j}")]);
@@ -84,20 +108,24 @@ fn worst_single(variant: &str, dtype: DType) -> f32 {
     worst
 }
 
+/// Both f32 executors: the CPU engine and candle tensor ops.
 #[test]
 fn every_hidden_state_matches_transformers() {
     for variant in VARIANTS {
-        let worst = worst_single(variant, DType::F32);
-        println!("{variant}: max |ours - transformers| = {worst:.2e}");
-        assert!(worst < 1e-4, "{variant}: {worst}");
+        for (name, model) in f32_encoders(variant) {
+            let worst = worst_single(variant, &model);
+            println!("{variant} {name}: max |ours - transformers| = {worst:.2e}");
+            assert!(worst < 1e-4, "{variant} {name}: {worst}");
+        }
     }
 }
 
-/// f64 takes the plain tensor-op path (the one CUDA and f16/bf16 use), not the CPU kernels.
+/// The tensor-op path in f64 (statistics in f32, as for every dtype).
 #[test]
-fn generic_tensor_path_matches_transformers() {
+fn f64_tensor_ops_match_transformers() {
     for variant in VARIANTS {
-        let worst = worst_single(variant, DType::F64);
+        let model = SslEncoder::TensorOps(load(variant, DType::F64).1);
+        let worst = worst_single(variant, &model);
         assert!(worst < 1e-4, "{variant} f64: {worst}");
     }
 }
@@ -110,7 +138,7 @@ fn half_precision_runs_close() {
         ("w2v_large", DType::F16),
         ("hubert_base", DType::F16),
     ] {
-        let worst = worst_single(variant, dtype);
+        let worst = worst_single(variant, &SslEncoder::TensorOps(load(variant, dtype).1));
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
         println!("{variant} {dtype:?}: max diff {worst:.3} (max |ref| {scale:.1})");
         assert!(worst < 0.1 * scale.max(1.0), "{variant} {dtype:?}: {worst}");
@@ -133,11 +161,13 @@ fn padded_batch_equals_each_utterance_alone() {
         flat.extend((w.len()..s).map(|j| 3.0 * (j as f32 * 0.37).sin()));
     }
     let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();
-    for variant in VARIANTS {
-        let (cfg, model) = load(variant, DType::F32);
+    for (variant, (name, model)) in VARIANTS
+        .into_iter()
+        .flat_map(|v| f32_encoders(v).map(|e| (v, e)))
+    {
         let refs = refs(variant);
         let (states, valid) = model
-            .forward(&batch, &lengths, cfg.num_hidden_layers)
+            .forward(&batch, &lengths, model.config().num_hidden_layers)
             .unwrap();
         let mut worst = 0f32;
         for (b, &t) in valid.iter().enumerate() {
@@ -147,8 +177,8 @@ fn padded_batch_equals_each_utterance_alone() {
                 worst = worst.max(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden{j}")]));
             }
         }
-        println!("{variant}: batch vs alone max diff {worst:.2e}");
-        assert!(worst < 1e-4, "{variant}: {worst}");
+        println!("{variant} {name}: batch vs alone max diff {worst:.2e}");
+        assert!(worst < 1e-4, "{variant} {name}: {worst}");
     }
 }
 
@@ -159,14 +189,16 @@ fn forward_waveforms_pads_for_the_caller() {
         .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
         .collect();
     let slices: Vec<&[f32]> = waves.iter().map(Vec::as_slice).collect();
-    let (cfg, model) = load("hubert_base", DType::F32);
     let refs = refs("hubert_base");
-    let (states, valid) = model.forward_waveforms(&slices, 1).unwrap();
-    assert_eq!(states.len(), 2);
-    for (b, &t) in valid.iter().enumerate() {
-        assert_eq!(t, frames_for_samples(&cfg, waves[b].len()));
-        let ours = states[1].i(b).unwrap().narrow(0, 0, t).unwrap();
-        assert!(max_abs_diff(&ours, &refs[&format!("utt{b}.hidden1")]) < 1e-4);
+    for (name, model) in f32_encoders("hubert_base") {
+        let (states, valid) = model.forward_waveforms(&slices, 1).unwrap();
+        assert_eq!(states.len(), 2);
+        for (b, &t) in valid.iter().enumerate() {
+            assert_eq!(t, frames_for_samples(model.config(), waves[b].len()));
+            let ours = states[1].i(b).unwrap().narrow(0, 0, t).unwrap();
+            let d = max_abs_diff(&ours, &refs[&format!("utt{b}.hidden1")]);
+            assert!(d < 1e-4, "{name}: {d}");
+        }
     }
 }
 
@@ -174,15 +206,15 @@ fn forward_waveforms_pads_for_the_caller() {
 fn early_stop_returns_the_first_states_of_the_full_run() {
     let wave = inputs()["norm_1"].unsqueeze(0).unwrap();
     let n = wave.dim(1).unwrap();
-    for variant in ["w2v_base", "w2v_large"] {
-        let (cfg, model) = load(variant, DType::F32);
+    for (name, model) in ["w2v_base", "w2v_large"].into_iter().flat_map(f32_encoders) {
+        let cfg = model.config();
         let (full, _) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
         for last in 0..cfg.num_hidden_layers {
             let (part, valid) = model.forward(&wave, &[n], last).unwrap();
             assert_eq!(part.len(), last + 1);
             assert_eq!(valid[0], full[0].dim(1).unwrap());
             for (a, b) in part.iter().zip(&full) {
-                assert_eq!(max_abs_diff(a, b), 0.0);
+                assert_eq!(max_abs_diff(a, b), 0.0, "{name}");
             }
         }
         assert!(model
@@ -234,7 +266,13 @@ fn expected_tensors_match_the_checkpoints() {
 
 #[test]
 fn too_short_or_mismatched_input_is_an_error() {
-    let (cfg, model) = load("w2v_base", DType::F32);
+    for (_, model) in f32_encoders("w2v_base") {
+        too_short_or_mismatched_input_fails(&model);
+    }
+}
+
+fn too_short_or_mismatched_input_fails(model: &SslEncoder) {
+    let cfg = model.config();
     let short = Tensor::zeros((1, cfg.receptive_field() - 1), DType::F32, &Device::Cpu).unwrap();
     assert!(model
         .forward(&short, &[cfg.receptive_field() - 1], 0)
@@ -244,10 +282,11 @@ fn too_short_or_mismatched_input_is_an_error() {
     assert!(model.forward(&ok, &[1000, 1001], 0).is_err());
     // A utterance shorter than the receptive field inside a batch has 0 valid frames.
     let (_, valid) = model.forward(&ok, &[1000, 10], 0).unwrap();
-    assert_eq!(valid, vec![frames_for_samples(&cfg, 1000), 0]);
+    assert_eq!(valid, vec![frames_for_samples(cfg, 1000), 0]);
 }
 
-/// Speed of a base-size model (wav2vec2-base shapes, random weights) on 10 s of audio.
+/// Speed of a base-size model (wav2vec2-base shapes, random weights) on 10 s of audio, on the
+/// executor the environment picks (`SPEECHCACHE_ENGINE=candle`: tensor ops).
 /// `cargo test --release --test models bench_base -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -268,8 +307,9 @@ fn bench_base_model_10s() {
             (name, t)
         })
         .collect();
-    let model =
-        Wav2Vec2Model::load(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+    let backend = speechcache::device::Backend::new(dev.clone(), DType::F32).unwrap();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+    let model = SslEncoder::load(vb, &cfg, LinearLayout::OutIn, &backend).unwrap();
     let seconds = std::env::var("W2V_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -277,41 +317,30 @@ fn bench_base_model_10s() {
     let n = (16000.0 * seconds) as usize;
     let wave = Tensor::randn(0f32, 1.0, (1, n), &dev).unwrap();
     let _ = model.forward(&wave, &[n], 1).unwrap();
-    let mut best: Option<Vec<(String, f64)>> = None;
+    let mut best: Option<speechcache::ops::profile::Profile> = None;
     let mut cpu_best = f64::MAX;
     for _ in 0..3 {
         let cpu0 = process_cpu_seconds();
-        let (_, _, laps) = model
+        let (_, _, profile) = model
             .forward_profiled(&wave, &[n], cfg.num_hidden_layers)
             .unwrap();
         cpu_best = cpu_best.min(process_cpu_seconds() - cpu0);
-        let total: f64 = laps.iter().map(|l| l.1).sum();
         if best
             .as_ref()
-            .is_none_or(|b| total < b.iter().map(|l| l.1).sum::<f64>())
+            .is_none_or(|b| profile.forward_total() < b.forward_total())
         {
-            best = Some(laps);
+            best = Some(profile);
         }
     }
-    let laps = best.unwrap();
-    let total: f64 = laps.iter().map(|l| l.1).sum();
-    let group = |prefix: &str| {
-        laps.iter()
-            .filter(|l| l.0.starts_with(prefix))
-            .map(|l| l.1)
-            .sum::<f64>()
-    };
-    for (name, t) in &laps {
-        println!("{name:>12}: {:7.1} ms", t * 1e3);
+    let profile = best.unwrap();
+    let total = profile.forward_total();
+    for (kind, secs, _) in profile.rows() {
+        println!("{:>12}: {:7.1} ms", kind.name(), secs * 1e3);
     }
     println!(
-        "{seconds} s audio: total {:.3} s = {:.1}x real time | convs {:.0} ms, projection {:.0} ms, pos_conv {:.0} ms, transformer {:.0} ms",
-        total,
-        seconds / total,
-        group("conv") * 1e3,
-        group("projection") * 1e3,
-        group("pos_conv") * 1e3,
-        group("layer") * 1e3
+        "{seconds} s audio on {}: total {total:.3} s = {:.1}x real time",
+        model.executor().name(),
+        seconds / total
     );
     println!(
         "process CPU time {cpu_best:.3} s on {} rayon threads (the machine's load inflates wall time)",
@@ -339,10 +368,9 @@ fn process_cpu_seconds() -> f64 {
 fn blocked_attention_matches_whole_attention() {
     let inputs = inputs();
     for variant in VARIANTS {
-        let (cfg, model) = load(variant, DType::F32);
-        let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
+        let mut engine = engine(variant);
+        let keep: Vec<usize> = (0..=engine.config().num_hidden_layers).collect();
         let wave = inputs["norm_1"].to_vec1::<f32>().unwrap();
-        let mut engine = speechcache::models::ssl::CpuEncoder::new(&model).unwrap();
         let (whole, t) = engine.forward(&wave, &keep, false).unwrap();
         assert!(t > 3, "{variant}: {t} frames is too short to split");
         engine.set_attention_block(3 * t); // 3 query rows per block, the last one shorter
@@ -373,8 +401,8 @@ fn blocked_attention_matches_whole_attention() {
 fn cpu_engine_equals_tensor_op_path() {
     let inputs = inputs();
     for variant in VARIANTS {
-        let (cfg, model) = load(variant, DType::F32);
-        assert!(model.uses_cpu_engine() || std::env::var("SPEECHCACHE_ENGINE").is_ok());
+        let [(_, engine), (_, tensor_ops)] = f32_encoders(variant);
+        let cfg = engine.config();
         let waves: Vec<Vec<f32>> = (0..N_UTTS)
             .map(|i| inputs[&format!("norm_{i}")].to_vec1::<f32>().unwrap())
             .collect();
@@ -390,8 +418,8 @@ fn cpu_engine_equals_tensor_op_path() {
             .collect();
         let batch = Tensor::from_vec(flat, (N_UTTS, s), &Device::Cpu).unwrap();
         for last in [1, cfg.num_hidden_layers] {
-            let (a, va) = model.forward(&batch, &lengths, last).unwrap();
-            let (b, vb) = model.forward_tensor_ops(&batch, &lengths, last).unwrap();
+            let (a, va) = engine.forward(&batch, &lengths, last).unwrap();
+            let (b, vb) = tensor_ops.forward(&batch, &lengths, last).unwrap();
             assert_eq!(va, vb);
             assert_eq!(a.len(), last + 1);
             for (x, y) in a.iter().zip(&b) {

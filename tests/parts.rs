@@ -274,7 +274,7 @@ fn train_audio(dir: &Path) -> PathBuf {
 fn extract_parts_and_resumes_give_the_bytes_of_one_run() {
     let tmp = tempfile::tempdir().unwrap();
     let audio = train_audio(tmp.path());
-    for (engine, dtype) in [("candle", "f32"), ("cpu", "f32")] {
+    for (engine, dtype) in [("candle", "f32"), ("cpu-engine", "f32")] {
         let name = format!("{engine}-{dtype}");
         let args = |out: &Path, extra: &[&str]| -> Vec<String> {
             let mut a: Vec<String> = [

@@ -1,17 +1,20 @@
 //! `speechcache bench extract`: model forward (all hidden states) or fbank throughput in
-//! x-real-time on this machine, with where the model's time goes. Random weights from a real
-//! config (wav2vec2-base / -large shapes) unless a checkpoint is given, so no download is needed;
-//! the same shapes as ../shared/peers/peer_extract.py measures for transformers.
-use crate::extract::parse_device;
+//! x-real-time on this machine, with where the time goes, on the executor extract would run
+//! (the CPU engine for f32 on the CPU, candle tensor ops otherwise). Random weights from a real
+//! config (wav2vec2-base / -large shapes) unless a checkpoint is given, so no download is
+//! needed; the same shapes as ../shared/peers/peer_extract.py measures for transformers.
+use crate::device::Backend;
 use crate::models::checkpoint::load_checkpoint;
 use crate::models::fbank::{Fbank, FbankOptions};
 use crate::models::ssl::config::{expected_tensors, Wav2Vec2Config};
-use crate::models::ssl::{CpuEncoder, Wav2Vec2Model};
+use crate::models::ssl::{CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
+use crate::ops::profile::{Kind, Profile, Profiler};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Args;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -55,22 +58,32 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let device = parse_device(&args.device)?;
     let dtype = match args.dtype.as_str() {
         "f16" => DType::F16,
         "bf16" => DType::BF16,
         "f32" => DType::F32,
         other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
     };
-    let (cfg, model) = load_model(&args.model, &device, dtype)?;
-    let threads = rayon::current_num_threads();
-    if model.uses_cpu_engine() {
-        return bench_cpu_engine(args, &cfg, &model, chunks, chunk_samples);
+    let backend = Backend::resolve(&args.device, dtype)?;
+    match load_encoder(&args.model, &backend)? {
+        SslEncoder::Cpu(engine) => bench_cpu_engine(args, &engine, chunks, chunk_samples),
+        SslEncoder::TensorOps(model) => bench_tensor_ops(args, &model, chunks, chunk_samples),
     }
+}
+
+/// candle tensor ops as extract runs them: padded batches of `--batch` chunks, every hidden
+/// state copied to the host as f16.
+fn bench_tensor_ops(
+    args: &ExtractBenchArgs,
+    model: &Wav2Vec2Model,
+    chunks: usize,
+    chunk_samples: usize,
+) -> anyhow::Result<()> {
+    let (cfg, device, dtype) = (model.config(), model.device(), model.dtype());
     // warm-up on one chunk
-    let warm = Tensor::from_vec(noise(chunk_samples, 99), (1, chunk_samples), &device)?;
+    let warm = Tensor::from_vec(noise(chunk_samples, 99), (1, chunk_samples), device)?;
     model.forward(&warm, &[chunk_samples], 1)?;
-    let mut stages: BTreeMap<String, f64> = BTreeMap::new();
+    let mut prof = Profiler::enabled();
     let t = Instant::now();
     let mut c = 0;
     while c < chunks {
@@ -78,75 +91,56 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
         let data: Vec<f32> = (0..b)
             .flat_map(|i| noise(chunk_samples, (c + i) as u64))
             .collect();
-        let wave = Tensor::from_vec(data, (b, chunk_samples), &device)?.to_dtype(dtype)?;
+        let wave = Tensor::from_vec(data, (b, chunk_samples), device)?.to_dtype(dtype)?;
         let lengths = vec![chunk_samples; b];
-        // The CPU engine (what extract runs on CPU f32) has no per-stage laps.
-        let (states, _, laps) = if model.uses_cpu_engine() {
-            let (states, valid) = model.forward(&wave, &lengths, cfg.num_hidden_layers)?;
-            (states, valid, Vec::new())
-        } else {
-            model.forward_profiled(&wave, &lengths, cfg.num_hidden_layers)?
-        };
+        let (states, _) =
+            model.forward_profiled(&wave, &lengths, cfg.num_hidden_layers, &mut prof)?;
         // what a cache writes: every hidden state, converted to f16 on the host
-        for s in &states {
-            std::hint::black_box(s.to_dtype(DType::F16)?.to_device(&Device::Cpu)?);
-        }
-        for (name, secs) in laps {
-            let group = if name.starts_with("conv") {
-                "feature encoder convs"
-            } else if name.starts_with("pos") {
-                "positional conv"
-            } else if name.starts_with("projection") {
-                "feature projection"
-            } else {
-                "transformer layers"
-            };
-            *stages.entry(group.to_string()).or_default() += secs;
-        }
+        prof.time(Kind::Other, || -> anyhow::Result<()> {
+            for s in &states {
+                std::hint::black_box(s.to_dtype(DType::F16)?.to_device(&Device::Cpu)?);
+            }
+            Ok(())
+        })?;
         c += b;
     }
     let wall = t.elapsed().as_secs_f64();
+    let audio_seconds = chunks as f64 * chunk_samples as f64 / 16000.0;
     println!(
-        "model={} layers={} hidden={} device={} dtype={} threads={threads} audio_s={audio_seconds:.0} wall_s={wall:.2} x_realtime={:.2}",
-        args.model, cfg.num_hidden_layers, cfg.hidden_size, args.device, args.dtype, audio_seconds / wall
+        "model={} layers={} hidden={} device={} dtype={} engine=candle threads={} audio_s={audio_seconds:.0} wall_s={wall:.2} x_realtime={:.2}",
+        args.model,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        args.device,
+        args.dtype,
+        rayon::current_num_threads(),
+        audio_seconds / wall
     );
-    let profiled: f64 = stages.values().sum();
-    for (name, secs) in &stages {
-        println!(
-            "  {name:<24} {secs:>7.2} s  {:>5.1}%",
-            100.0 * secs / profiled.max(1e-9)
-        );
-    }
-    println!(
-        "  {:<24} {:>7.2} s",
-        "other (copies, f16 output)",
-        (wall - profiled).max(0.0)
-    );
+    print_profile(&prof.take(), wall, "wall s", "other (batching, copies)");
     Ok(())
 }
 
 /// The CPU engine as extract runs it: one utterance per thread, every hidden state converted
-/// to f16 as it is done; per-stage CPU time from the engine's own accounting.
+/// to f16 as it is done; the profile sums the time of every thread.
 fn bench_cpu_engine(
     args: &ExtractBenchArgs,
-    cfg: &Wav2Vec2Config,
-    model: &Wav2Vec2Model,
+    engine: &CpuEncoder,
     chunks: usize,
     chunk_samples: usize,
 ) -> anyhow::Result<()> {
     crate::ops::gemm::reserve_freed_memory();
-    let mut engine = CpuEncoder::new(model)?;
+    let cfg = engine.config();
     let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
     let waves: Vec<Vec<f32>> = (0..chunks)
         .map(|c| noise(chunk_samples, c as u64))
         .collect();
     // warm-up on one chunk (first-touch of the weights and buffers)
     engine.forward(&noise(chunk_samples, 99), &keep[..2], false)?;
-    engine.enable_profile();
-    let failed = std::sync::Mutex::new(None);
+    let failed = Mutex::new(None);
+    let profile = Mutex::new(Profile::default());
     let cpu0 = crate::extract::process_cpu_seconds();
     let t = Instant::now();
-    engine.run_each(
+    engine.run_each_profiled(
         chunks,
         &keep,
         |i| waves[i].clone(),
@@ -165,6 +159,7 @@ fn bench_cpu_engine(
                 false
             }
         },
+        Some(&profile),
     );
     let wall = t.elapsed().as_secs_f64();
     let cpu = crate::extract::process_cpu_seconds() - cpu0;
@@ -173,7 +168,7 @@ fn bench_cpu_engine(
     }
     let audio_seconds = chunks as f64 * chunk_samples as f64 / 16000.0;
     println!(
-        "model={} layers={} hidden={} device=cpu dtype=f32 engine=cpu threads={} audio_s={audio_seconds:.0} wall_s={wall:.2} x_realtime={:.2} cpu_s={cpu:.2} x_realtime_per_cpu_s={:.2}",
+        "model={} layers={} hidden={} device=cpu dtype=f32 engine=cpu-engine threads={} audio_s={audio_seconds:.0} wall_s={wall:.2} x_realtime={:.2} cpu_s={cpu:.2} x_realtime_per_cpu_s={:.2}",
         args.model,
         cfg.num_hidden_layers,
         cfg.hidden_size,
@@ -181,28 +176,34 @@ fn bench_cpu_engine(
         audio_seconds / wall,
         audio_seconds / cpu.max(1e-9)
     );
-    let stages = engine.profile();
-    let profiled: f64 = stages.iter().map(|(_, s)| s).sum();
-    for (name, secs) in &stages {
-        println!(
-            "  {name:<38} {secs:>7.2} CPU s  {:>5.1}%",
-            100.0 * secs / profiled.max(1e-9)
-        );
-    }
-    println!(
-        "  {:<38} {:>7.2} CPU s",
-        "other (f16 output, threads, allocation)",
-        (cpu - profiled).max(0.0)
+    let profile = profile
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("a CPU engine thread panicked"))?;
+    print_profile(
+        &profile,
+        cpu,
+        "thread s",
+        "other (f16 output, threads, allocation; of CPU s)",
     );
     Ok(())
 }
 
-/// A real-config model with random weights (`base`, `large`) or a checkpoint.
-fn load_model(
-    name: &str,
-    device: &Device,
-    dtype: DType,
-) -> anyhow::Result<(Wav2Vec2Config, Wav2Vec2Model)> {
+/// Seconds per kind of work, their share, and what `total` leaves unaccounted.
+fn print_profile(profile: &Profile, total: f64, unit: &str, other: &str) {
+    let profiled = profile.forward_total();
+    for (kind, secs, _) in profile.rows() {
+        println!(
+            "  {:<24} {secs:>7.2} {unit}  {:>5.1}%",
+            kind.name(),
+            100.0 * secs / profiled.max(1e-9)
+        );
+    }
+    println!("  {other}: {:.2} s", (total - profiled).max(0.0));
+}
+
+/// A real-config encoder with random weights (`base`, `large`) or a checkpoint, on the
+/// executor `backend` names.
+fn load_encoder(name: &str, backend: &Backend) -> anyhow::Result<SslEncoder> {
     let cfg = match name {
         "base" => Wav2Vec2Config::default(),
         "large" => Wav2Vec2Config {
@@ -216,11 +217,11 @@ fn load_model(
             ..Wav2Vec2Config::default()
         },
         path => {
-            let ckpt = load_checkpoint(Path::new(path), device, dtype)?;
-            let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config)?;
-            return Ok((ckpt.config, model));
+            let ckpt = load_checkpoint(Path::new(path), backend.device(), backend.dtype())?;
+            return Ok(SslEncoder::from_checkpoint(&ckpt, backend)?);
         }
     };
+    let device = backend.device();
     let tensors: HashMap<String, Tensor> = expected_tensors(&cfg)
         .into_iter()
         .map(|(name, shape)| {
@@ -235,8 +236,8 @@ fn load_model(
             t.map(|t| (name, t))
         })
         .collect::<candle_core::Result<_>>()?;
-    let model = Wav2Vec2Model::load(VarBuilder::from_tensors(tensors, dtype, device), &cfg)?;
-    Ok((cfg, model))
+    let vb = VarBuilder::from_tensors(tensors, backend.dtype(), device);
+    Ok(SslEncoder::load(vb, &cfg, LinearLayout::OutIn, backend)?)
 }
 
 /// Deterministic noise at speech-like level (0.1 rms), as the peer uses.

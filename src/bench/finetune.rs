@@ -48,7 +48,7 @@ pub fn run(args: &FinetuneBenchArgs) -> anyhow::Result<()> {
     report(args, "cached features", &train_src, &cached);
     if let (Some(model), Some(audio)) = (&args.ssl_model, &args.train_audio) {
         let started = Instant::now();
-        let otf = OnTheFlySource::open(audio, model, backend.device())?;
+        let otf = OnTheFlySource::open(audio, model, &backend)?;
         let summary = time_training(args, &otf, &valid_src, &backend, started, "onthefly")?;
         report(
             args,

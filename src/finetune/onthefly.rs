@@ -1,9 +1,10 @@
 //! On-the-fly features: an audio store run through a frozen wav2vec 2.0 / HuBERT model inside
 //! every training step, as s3prl/ESPnet's `frontend: s3prl` does. It exists to measure what
 //! the feature cache saves (`speechcache bench finetune --ssl-model --train-audio`).
+use crate::device::Backend;
 use crate::finetune::data::{DataError, FeatureSource};
-use crate::models::checkpoint::load_checkpoint;
-use crate::models::ssl::{frames_for_samples, normalize_waveform, Wav2Vec2Model};
+use crate::models::checkpoint::load_checkpoint_then;
+use crate::models::ssl::{frames_for_samples, normalize_waveform, LinearLayout, SslEncoder};
 use crate::store::{AudioStore, IndexRow};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -12,15 +13,16 @@ use std::path::{Path, PathBuf};
 pub struct OnTheFlySource {
     audio: AudioStore,
     path: PathBuf,
-    model: Wav2Vec2Model,
+    model: SslEncoder,
     do_normalize: bool,
     layers: Vec<usize>,
     frames: Vec<usize>,
 }
 
 impl OnTheFlySource {
-    /// Open `audio` and load the checkpoint at `model_path` onto `device` (f32).
-    pub fn open(audio: &Path, model_path: &Path, device: &Device) -> Result<Self, DataError> {
+    /// Open `audio` and load the checkpoint at `model_path` for `backend`'s device and
+    /// executor, in f32.
+    pub fn open(audio: &Path, model_path: &Path, backend: &Backend) -> Result<Self, DataError> {
         let err = |p: &Path, reason: String| DataError::Source {
             path: p.to_path_buf(),
             reason,
@@ -36,10 +38,23 @@ impl OnTheFlySource {
                 ),
             ));
         }
-        let ckpt = load_checkpoint(model_path, device, DType::F32)
-            .map_err(|e| err(model_path, e.to_string()))?;
-        let model = Wav2Vec2Model::load(ckpt.var_builder(), &ckpt.config)
-            .map_err(|e| err(model_path, e.to_string()))?;
+        let backend = backend.with_dtype(DType::F32);
+        // the CPU engine's gemm reads `[in, out]`: transpose while reading the file
+        let layout = if backend.uses_cpu_engine() {
+            LinearLayout::InOut
+        } else {
+            LinearLayout::OutIn
+        };
+        let (ckpt, model) = load_checkpoint_then(
+            model_path,
+            None,
+            backend.device(),
+            DType::F32,
+            layout,
+            |ckpt| SslEncoder::from_checkpoint(ckpt, &backend),
+        )
+        .map_err(|e| err(model_path, e.to_string()))?;
+        let model = model.map_err(|e| err(model_path, e.to_string()))?;
         let frames = (0..store.len())
             .map(|i| frames_for_samples(&ckpt.config, store.samples(i).len()))
             .collect();

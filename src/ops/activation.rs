@@ -159,3 +159,75 @@ pub fn scale_mask(g: &mut [f32], mask: Option<&[f32]>, scale: f32) {
         }
     });
 }
+
+// ---------------------------------------------------------------- GELU and the other inference
+// activations, in place (the SSL encoder's CPU executor; appended for issue #19)
+
+/// Exact GELU 0.5·x·(1 + erf(x/√2)), erf by Abramowitz–Stegun 7.1.26 (|error| < 1.5e-7).
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let erf_abs = 1.0 - poly * fast_exp(-z * z);
+    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
+    0.5 * x * (1.0 + erf)
+}
+
+/// GELU's tanh approximation (transformers' `gelu_new`, `gelu_pytorch_tanh`).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
+}
+
+/// `xs = gelu(xs)` (exact, erf) on this thread, vectorised through [`simd`].
+pub fn gelu_in_place(xs: &mut [f32]) {
+    simd(|| xs.iter_mut().for_each(|x| *x = gelu_erf(*x)));
+}
+
+/// `xs = gelu_tanh(xs)` on this thread.
+pub fn gelu_tanh_in_place(xs: &mut [f32]) {
+    simd(|| xs.iter_mut().for_each(|x| *x = gelu_tanh(*x)));
+}
+
+/// `xs = max(xs, 0)` on this thread.
+pub fn relu_in_place(xs: &mut [f32]) {
+    simd(|| xs.iter_mut().for_each(|x| *x = x.max(0.0)));
+}
+
+/// `xs = silu(xs)` on this thread.
+pub fn silu_in_place(xs: &mut [f32]) {
+    simd(|| xs.iter_mut().for_each(|x| *x *= sigmoid(*x)));
+}
+
+#[cfg(test)]
+mod gelu_tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_the_erf_definition() {
+        let xs: Vec<f32> = (-20000..20000).map(|i| i as f32 * 0.001).collect();
+        // reference erf: candle's f64 `erf` (libm)
+        let scaled: Vec<f64> = xs
+            .iter()
+            .map(|&x| x as f64 / std::f64::consts::SQRT_2)
+            .collect();
+        let erf = candle_core::Tensor::new(scaled.as_slice(), &candle_core::Device::Cpu)
+            .and_then(|t| t.erf())
+            .and_then(|t| t.to_vec1::<f64>())
+            .unwrap();
+        let worst = xs
+            .iter()
+            .zip(&erf)
+            .map(|(&x, &e)| (gelu_erf(x) as f64 - 0.5 * x as f64 * (1.0 + e)).abs())
+            .fold(0f64, f64::max);
+        assert!(worst < 1e-6, "{worst}");
+        let mut ys = xs.clone();
+        gelu_in_place(&mut ys);
+        let want: Vec<f32> = xs.iter().map(|&x| gelu_erf(x)).collect();
+        assert_eq!(ys, want, "the vectorised loop computes the scalar kernel");
+    }
+}

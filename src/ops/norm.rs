@@ -109,3 +109,39 @@ pub fn layer_norm_backward(
         }
     }
 }
+
+// ---------------------------------------------------------------- inference: in place, no saved
+// state (the SSL encoder's CPU executor; appended for issue #19)
+
+/// `torch.nn.LayerNorm` on every `gamma.len()`-wide row of `xs`, in place, on this thread, for
+/// executors that keep nothing for a backward: statistics in f64, two passes, one accumulator
+/// per SIMD lane.
+pub fn layer_norm_rows_in_place(xs: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) {
+    let dim = gamma.len();
+    super::activation::simd(|| {
+        for row in xs.chunks_exact_mut(dim) {
+            let mean = lane_sum(row, |v| v) / dim as f64;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let (mean, rstd) = (mean as f32, rstd as f32);
+            for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                *y = (*y - mean) * rstd * g + b;
+            }
+        }
+    });
+}
+
+/// `Σ f(v)` in f64 over `row`, with one accumulator per SIMD lane (a single running sum would
+/// make every add wait for the previous one).
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    acc.iter().sum::<f64>() + tail
+}

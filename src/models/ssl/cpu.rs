@@ -1,91 +1,58 @@
 //! The wav2vec 2.0 / HuBERT encoder for CPU f32 inference, one utterance at a time on plain
-//! slices: the engine `extract` runs on the CPU.
+//! slices: the executor extract, decode-time features and on-the-fly features run on the CPU.
 //!
-//! One utterance per call, with no padding and no mask: every matmul is one single-threaded
-//! `gemm` on strided views (the attention heads read the fused q/k/v projection in place, so
-//! there are no head split or merge copies), and attention is computed in blocks of queries, so
-//! its memory is O(T · block) instead of O(heads · T²) and the scores stay in cache. Callers
-//! run different utterances on different threads (`parallel = false`), which keeps both cores
-//! busy with no barrier per op; a lone utterance can instead spread every op over the pool
-//! (`parallel = true`). Numerics are those of the candle model (`Wav2Vec2Model`): statistics in
-//! f64, the same fused kernels for GELU and softmax, the same weight layouts.
-use super::tensor_ops as ops;
+//! One utterance per call, with no padding and no mask: every matmul is a single-threaded
+//! gemm on strided views (`ops::gemm`; the conv frames are overlapping rows of the input, the
+//! attention heads read the fused q/k/v projection in place, so there are no im2col, head
+//! split or merge copies), and attention is computed in blocks of queries, so its memory is
+//! O(T · block) instead of O(heads · T²) and the scores stay in cache. Callers run different
+//! utterances on different threads (`parallel = false`), which keeps every core busy with no
+//! barrier per op; a lone utterance can instead spread every op over the pool
+//! (`parallel = true`) and gets the same bits. The weights are its own, read from the
+//! checkpoint's tensors (f32 CPU tensors in place, without a copy).
+use super::config::{Activation, Wav2Vec2Config};
 use super::{
-    conv_out_len, ConvNorm, EncoderLayer, Linear, LinearLayout, Wav2Vec2Model, CONV_NORM_EPS,
+    activation, check_batch, conv_frames_weight, conv_in_channels, conv_out_len,
+    positional_conv_weight, qkv_projection, ConvNormKind, LinearLayout, CONV_NORM_EPS,
 };
-use crate::models::ssl::config::Activation;
+use crate::ops::activation::{
+    gelu_in_place, gelu_tanh_in_place, relu_in_place, silu_in_place, simd, softmax_in_place,
+};
 use crate::ops::gemm::{matmul_serial, transpose, Mat};
-use candle_core::{DType, Result, Tensor};
+use crate::ops::norm::layer_norm_rows_in_place;
+use crate::ops::profile::{Kind, Profile, Profiler};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Scores per attention block (query rows × keys): 512 KiB of f32, half a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
 /// Rows per task of row-wise work when an op is spread over the pool.
 const ROWS_PER_TASK: usize = 64;
-
-/// Stages of `CpuEncoder::profile`.
-pub const STAGES: [&str; 7] = [
-    "feature encoder convs",
-    "projection + positional conv",
-    "q/k/v projection",
-    "attention (scores, softmax, context)",
-    "attention output projection",
-    "feed-forward",
-    "residuals + layer norms",
-];
-
-/// CPU seconds per stage, summed over the threads that ran the engine (thread CPU time, so
-/// other processes on the machine do not inflate it).
-#[derive(Default)]
-struct Profile {
-    nanos: [std::sync::atomic::AtomicU64; STAGES.len()],
-}
-
-/// This thread's CPU time in nanoseconds.
-fn thread_cpu_nanos() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Charges the thread CPU time since the previous lap to a stage (when profiling).
-struct Laps<'a> {
-    profile: Option<&'a Profile>,
-    last: u64,
-}
-
-impl<'a> Laps<'a> {
-    fn new(profile: Option<&'a Profile>) -> Self {
-        let last = if profile.is_some() {
-            thread_cpu_nanos()
-        } else {
-            0
-        };
-        Self { profile, last }
-    }
-
-    fn lap(&mut self, stage: usize) {
-        if let Some(p) = self.profile {
-            let now = thread_cpu_nanos();
-            p.nanos[stage].fetch_add(now - self.last, std::sync::atomic::Ordering::Relaxed);
-            self.last = now;
-        }
-    }
-}
+/// Rows per gemm call (large enough that repacking the weights per call costs ~2%). Every
+/// matmul is cut into the same row blocks whether it runs on one thread or over the pool, so
+/// an utterance gets the same bits either way.
+const GEMM_ROWS: usize = 1024;
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// A weight matrix the engine reads in place: the values of a contiguous f32 CPU tensor,
-/// shared with the candle model (no copy at load), or an f32 copy of any other tensor.
+fn activate(act: Activation, xs: &mut [f32]) {
+    match act {
+        Activation::Gelu => gelu_in_place(xs),
+        Activation::GeluTanh => gelu_tanh_in_place(xs),
+        Activation::Relu => relu_in_place(xs),
+        Activation::Silu => silu_in_place(xs),
+    }
+}
+
+/// A weight matrix the engine reads in place: the values of a contiguous f32 CPU tensor
+/// (no copy: a mapped checkpoint's own memory), or an f32 copy of any other tensor.
 enum Weights {
     Shared {
-        /// Keeps the storage alive; never written (model weights are not `Var`s).
+        /// Keeps the storage alive; never written (checkpoint tensors are not `Var`s).
         _tensor: Tensor,
         ptr: *const f32,
         len: usize,
@@ -94,8 +61,7 @@ enum Weights {
 }
 
 // SAFETY: `Shared` points into the storage of a tensor it keeps alive and that nothing
-// writes to (the engine and the candle model only read their weights), so the values can be
-// read from any thread.
+// writes to (weights are only read), so the values can be read from any thread.
 unsafe impl Send for Weights {}
 unsafe impl Sync for Weights {}
 
@@ -120,9 +86,7 @@ impl Weights {
         }
         Ok(Self::Owned(to_vec(t)?))
     }
-}
 
-impl Weights {
     /// A torch `Linear` weight `[n, k]` as a row-major `[k, n]` copy: the gemm reads it with
     /// unit stride along n, which runs the linears 5–25% faster than reading `[n, k]` in place
     /// (measured at the base model's shapes on one AVX-512 core: 500×3072×768 at 97 against
@@ -133,12 +97,12 @@ impl Weights {
         Ok(Self::Owned(transpose(&src, n, k)))
     }
 
-    /// A linear layer's weight as `[in, out]`: shared when the checkpoint was loaded in that
-    /// layout (`LinearLayout::InOut`, what extract does), else a transposed copy.
-    fn linear(l: &Linear) -> Result<Self> {
-        match l.layout {
-            LinearLayout::InOut => Self::of(&l.weight),
-            LinearLayout::OutIn => Self::transposed(&l.weight),
+    /// A linear weight stored in `layout`, as `[in, out]`: shared when the checkpoint was
+    /// loaded that way (`LinearLayout::InOut`, what extract does), else a transposed copy.
+    fn in_out(t: &Tensor, layout: LinearLayout) -> Result<Self> {
+        match layout {
+            LinearLayout::InOut => Self::of(t),
+            LinearLayout::OutIn => Self::transposed(t),
         }
     }
 }
@@ -154,28 +118,69 @@ impl std::ops::Deref for Weights {
     }
 }
 
-impl Layer {
-    fn of(l: &EncoderLayer) -> Result<Self> {
-        Ok(Self {
-            qkv_w: Weights::linear(&l.attention.qkv_proj)?,
-            qkv_b: to_vec(&l.attention.qkv_proj.bias)?,
-            out_w: Weights::linear(&l.attention.out_proj)?,
-            out_b: to_vec(&l.attention.out_proj.bias)?,
-            ln1: Norm::from(&l.layer_norm.weight, &l.layer_norm.bias, l.layer_norm.eps)?,
-            ff1_w: Weights::linear(&l.feed_forward.intermediate_dense)?,
-            ff1_b: to_vec(&l.feed_forward.intermediate_dense.bias)?,
-            ff2_w: Weights::linear(&l.feed_forward.output_dense)?,
-            ff2_b: to_vec(&l.feed_forward.output_dense.bias)?,
-            ln2: Norm::from(
-                &l.final_layer_norm.weight,
-                &l.final_layer_norm.bias,
-                l.final_layer_norm.eps,
-            )?,
-        })
+/// `f(i, chunk)` over the `len`-long chunks of `xs`, on the pool when `parallel`.
+fn for_chunks(
+    xs: &mut [f32],
+    len: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    if parallel {
+        xs.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i, chunk));
+    } else {
+        xs.chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i, chunk));
     }
 }
 
-/// LayerNorm parameters (statistics in f64, two passes, as the candle path).
+/// `f(first_row, rows)` over blocks of `c`-wide rows of `xs`, on the pool when `parallel`.
+fn for_rows(xs: &mut [f32], c: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
+    for_chunks(xs, ROWS_PER_TASK * c, parallel, |i, rows| {
+        f(i * ROWS_PER_TASK, rows)
+    });
+}
+
+/// `dst[m, n] (row stride n) = bias + lhs · w`, where lhs row i is the k values from
+/// `lhs[i·lhs_rs]` (rows may overlap: the zero-copy frames of a strided conv) and `w` is
+/// row-major `[k, n]`; in fixed blocks of `GEMM_ROWS` rows, on the pool when `parallel`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    lhs: &[f32],
+    lhs_rs: usize,
+    k: usize,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    dst: &mut [f32],
+    n: usize,
+    parallel: bool,
+) {
+    let block = |bi: usize, rows: &mut [f32]| {
+        if let Some(b) = bias {
+            rows.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
+        }
+        let a = Mat {
+            data: &lhs[bi * GEMM_ROWS * lhs_rs..],
+            rs: lhs_rs,
+            cs: 1,
+        };
+        matmul_serial(
+            rows.len() / n,
+            n,
+            k,
+            rows,
+            n,
+            a,
+            Mat::rows(w, n),
+            bias.is_some(),
+        );
+    };
+    for_chunks(dst, GEMM_ROWS * n, parallel, block);
+}
+
+/// LayerNorm parameters (statistics in f64; `ops::norm`).
 struct Norm {
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -183,116 +188,48 @@ struct Norm {
 }
 
 impl Norm {
-    fn from(weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: to_vec(weight)?,
-            bias: to_vec(bias)?,
+            weight: to_vec(&vb.get(dim, "weight")?)?,
+            bias: to_vec(&vb.get(dim, "bias")?)?,
             eps,
         })
     }
 
     /// Normalises every row of `xs` in place.
     fn rows(&self, xs: &mut [f32]) {
-        let c = self.weight.len();
-        for row in xs.chunks_exact_mut(c) {
-            let mean = lane_sum(row, |v| v) / c as f64;
-            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / c as f64;
-            let rstd = 1.0 / (var + self.eps).sqrt();
-            let (mean, rstd) = (mean as f32, rstd as f32);
-            for ((y, &w), &b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
-                *y = (*y - mean) * rstd * w + b;
-            }
-        }
+        layer_norm_rows_in_place(xs, &self.weight, &self.bias, self.eps);
     }
 }
 
-/// `Σ f(v)` in f64 over `row`, with one accumulator per SIMD lane (a single running sum would
-/// make every add wait for the previous one).
-#[inline(always)]
-fn lane_sum(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v as f64);
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
-    acc.iter().sum::<f64>() + tail
+/// An `nn.Linear` as `[in, out]` and its bias.
+struct Dense {
+    weight: Weights,
+    bias: Vec<f32>,
 }
 
-/// `f(first_row, rows)` over blocks of `c`-wide rows of `xs`, on the pool when `parallel`.
-fn for_rows(xs: &mut [f32], c: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Send + Sync) {
-    let task = ROWS_PER_TASK * c;
-    if parallel {
-        xs.par_chunks_mut(task)
-            .enumerate()
-            .for_each(|(i, rows)| f(i * ROWS_PER_TASK, rows));
-    } else {
-        xs.chunks_mut(task)
-            .enumerate()
-            .for_each(|(i, rows)| f(i * ROWS_PER_TASK, rows));
+impl Dense {
+    fn load(vb: VarBuilder, d_in: usize, d_out: usize, layout: LinearLayout) -> Result<Self> {
+        Ok(Self {
+            weight: Weights::in_out(&vb.get(layout.shape(d_in, d_out), "weight")?, layout)?,
+            bias: to_vec(&vb.get(d_out, "bias")?)?,
+        })
     }
-}
 
-/// Rows per gemm call (large enough that repacking the weights per call costs ~2%). Every matmul is cut into the same row blocks whether it runs on one
-/// thread or over the pool, so an utterance gets the same bits either way.
-const GEMM_ROWS: usize = 1024;
-
-/// `dst[m, n] (row stride n) = bias + lhs · w`, where lhs row i starts at `lhs[i·lhs_rs]` and
-/// holds k values (rows may overlap: the zero-copy frames of a strided conv) and `w` is
-/// row-major `[k, n]`, or, when `w_t`, a torch `Linear` weight `[n, k]` read transposed; in
-/// fixed blocks of `GEMM_ROWS` rows, on the pool when `parallel`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rows(
-    lhs: &[f32],
-    lhs_rs: usize,
-    k: usize,
-    (w, w_t): (&[f32], bool),
-    bias: Option<&[f32]>,
-    dst: &mut [f32],
-    n: usize,
-    parallel: bool,
-) {
-    let m = dst.len() / n;
-    assert!(
-        m == 0 || ((m - 1) * lhs_rs + k <= lhs.len() && w.len() >= k * n),
-        "gemm_rows: operands out of bounds"
-    );
-    let w_strides = if w_t { (1, k) } else { (n, 1) };
-    let block = |bi: usize, rows: &mut [f32]| {
-        // SAFETY: block bi reads lhs rows bi·GEMM_ROWS.. (in bounds, checked above) and
-        // writes its own rows of dst.
-        unsafe {
-            ops::frames_gemm(
-                rows.len() / n,
-                n,
-                k,
-                lhs.as_ptr().add(bi * GEMM_ROWS * lhs_rs),
-                lhs_rs,
-                w.as_ptr(),
-                w_strides,
-                rows.as_mut_ptr(),
-                n,
-                bias,
-                1,
-            );
-        }
-    };
-    if parallel {
-        dst.par_chunks_mut(GEMM_ROWS * n)
-            .enumerate()
-            .for_each(|(bi, rows)| block(bi, rows));
-    } else {
-        dst.chunks_mut(GEMM_ROWS * n)
-            .enumerate()
-            .for_each(|(bi, rows)| block(bi, rows));
+    /// `dst[m, out] = bias + x[m, in] · W`.
+    fn forward(&self, x: &[f32], d_in: usize, dst: &mut [f32], parallel: bool) {
+        let n = self.bias.len();
+        gemm_rows(
+            x,
+            d_in,
+            d_in,
+            &self.weight,
+            Some(&self.bias),
+            dst,
+            n,
+            parallel,
+        );
     }
-}
-
-/// `dst[m, n] = bias + a[m, k] · w` for a torch `Linear` weight transposed, `w` `[k, n]`.
-fn linear(a: &[f32], w: &[f32], bias: &[f32], k: usize, dst: &mut [f32], parallel: bool) {
-    gemm_rows(a, k, k, (w, false), Some(bias), dst, bias.len(), parallel);
 }
 
 /// What follows a feature-encoder conv.
@@ -317,6 +254,40 @@ struct Conv {
 }
 
 impl Conv {
+    /// Mirrors `Wav2Vec2{NoLayerNorm,LayerNorm,GroupNorm}ConvLayer` (`vb` at conv `i`).
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, i: usize) -> Result<Self> {
+        let (c_in, c_out) = (conv_in_channels(cfg, i), cfg.conv_dim[i]);
+        let (kernel, stride) = (cfg.conv_kernel[i], cfg.conv_stride[i]);
+        let act = activation(&cfg.feat_extract_activation)?;
+        let norm = || Norm::load(vb.pp("layer_norm"), c_out, CONV_NORM_EPS);
+        let post = match ConvNormKind::of(cfg, i) {
+            ConvNormKind::None => Post::Act(act),
+            ConvNormKind::Layer => Post::LayerNormAct(norm()?, act),
+            ConvNormKind::Group => Post::GroupNormAct(norm()?, act),
+        };
+        let weight = Weights::of(&conv_frames_weight(&vb, cfg, i)?)?;
+        let outer_taps = (kernel == 3 && stride == 2 && c_in > 1).then(|| {
+            let n = c_in * c_out;
+            let (w0, w2) = (&weight[..n], &weight[2 * n..3 * n]);
+            w0.iter().zip(w2).map(|(a, b)| a + b).collect()
+        });
+        let bias = if cfg.conv_bias {
+            Some(to_vec(&vb.get(c_out, "conv.bias")?)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            outer_taps,
+            bias,
+            kernel,
+            stride,
+            c_in,
+            c_out,
+            post,
+        })
+    }
+
     /// `x` [t_in, c_in] → [t_out, c_out].
     fn forward(&self, x: &[f32], parallel: bool) -> Vec<f32> {
         let (k, s, c) = (self.kernel, self.stride, self.c_out);
@@ -330,7 +301,7 @@ impl Conv {
                 return out;
             }
             for_rows(&mut out, c, parallel, |t0, rows| {
-                ops::direct_conv_rows(x, &self.weight, bias, rows, t0, k, s, c);
+                direct_conv_rows(x, &self.weight, bias, rows, t0, k, s);
                 self.post_rows(rows);
             });
             return out;
@@ -341,7 +312,7 @@ impl Conv {
                 x,
                 s * self.c_in,
                 k * self.c_in,
-                (&self.weight, false),
+                &self.weight,
                 bias,
                 &mut out,
                 c,
@@ -370,6 +341,11 @@ impl Conv {
             w.len() == 3 * ci * co && outer.len() == ci * co && x.len() >= (2 * t_out + 1) * ci,
             "forward_3s2: operands out of bounds"
         );
+        let (w0, w1, w2) = (
+            Mat::rows(&w[..ci * co], co),
+            Mat::rows(&w[ci * co..2 * ci * co], co),
+            Mat::rows(&w[2 * ci * co..], co),
+        );
         let (paired, last) = out.split_at_mut(2 * pairs * co);
         let block = |bi: usize, y: &mut [f32]| {
             let p0 = bi * PAIRS;
@@ -390,42 +366,34 @@ impl Conv {
                     a[j] = e2[j] - e1[j];
                 }
             }
-            let mut shared = vec![0f32; np * co];
-            // SAFETY: every lhs row read is a row of x (bounds asserted above: the last one
-            // read is 4(pairs−1)+4 ≤ 2·t_out); the outputs are this block's rows of y.
-            unsafe {
-                ops::frames_gemm(
-                    2 * np,
-                    co,
-                    ci,
-                    x[(4 * p0 + 1) * ci..].as_ptr(),
-                    2 * ci,
-                    w[ci * co..].as_ptr(),
-                    (co, 1),
-                    y.as_mut_ptr(),
-                    co,
-                    bias,
-                    1,
-                );
-                ops::frames_gemm(
-                    np,
-                    co,
-                    ci,
-                    x[(4 * p0 + 2) * ci..].as_ptr(),
-                    4 * ci,
-                    outer.as_ptr(),
-                    (co, 1),
-                    shared.as_mut_ptr(),
-                    co,
-                    None,
-                    1,
-                );
+            // every row y[2p + r] = b + o[2p + r]·W1: the odd rows of x from 4p0 + 1
+            if let Some(b) = bias {
+                y.chunks_exact_mut(co).for_each(|r| r.copy_from_slice(b));
             }
-            // even rows += (e[2p] − e[2p+1])·W0, odd rows += (e[2p+2] − e[2p+1])·W2
-            let (w0, w2) = (
-                Mat::rows(&w[..ci * co], co),
-                Mat::rows(&w[2 * ci * co..], co),
+            let odd = Mat {
+                data: &x[(4 * p0 + 1) * ci..],
+                rs: 2 * ci,
+                cs: 1,
+            };
+            matmul_serial(2 * np, co, ci, y, co, odd, w1, bias.is_some());
+            // e[2p+1]·(W0 + W2), shared by both rows of the pair: rows 4p + 2 of x
+            let mut shared = vec![0f32; np * co];
+            let centre = Mat {
+                data: &x[(4 * p0 + 2) * ci..],
+                rs: 4 * ci,
+                cs: 1,
+            };
+            matmul_serial(
+                np,
+                co,
+                ci,
+                &mut shared,
+                co,
+                centre,
+                Mat::rows(outer, co),
+                false,
             );
+            // even rows += (e[2p] − e[2p+1])·W0, odd rows += (e[2p+2] − e[2p+1])·W2
             matmul_serial(np, co, ci, y, 2 * co, Mat::rows(&before, ci), w0, true);
             matmul_serial(
                 np,
@@ -445,38 +413,19 @@ impl Conv {
                 }
             }
         };
-        if parallel {
-            paired
-                .par_chunks_mut(2 * PAIRS * co)
-                .enumerate()
-                .for_each(|(bi, y)| block(bi, y));
-        } else {
-            paired
-                .chunks_mut(2 * PAIRS * co)
-                .enumerate()
-                .for_each(|(bi, y)| block(bi, y));
-        }
+        for_chunks(paired, 2 * PAIRS * co, parallel, block);
         if !last.is_empty() {
             let t = t_out - 1;
-            gemm_rows(
-                &x[2 * t * ci..],
-                0,
-                3 * ci,
-                (w, false),
-                bias,
-                last,
-                co,
-                false,
-            );
+            gemm_rows(&x[2 * t * ci..], 0, 3 * ci, w, bias, last, co, false);
         }
     }
 
     fn post_rows(&self, rows: &mut [f32]) {
         match &self.post {
-            Post::Act(act) => ops::bias_act_rows(rows, &[], *act),
+            Post::Act(act) => activate(*act, rows),
             Post::LayerNormAct(norm, act) => {
                 norm.rows(rows);
-                ops::bias_act_rows(rows, &[], *act);
+                activate(*act, rows);
             }
             Post::GroupNormAct(..) => unreachable!("group norm is fused into the first conv"),
         }
@@ -499,7 +448,7 @@ impl Conv {
             let t0 = task * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(t_out - t0);
             let mut y = vec![0f32; rows * c];
-            ops::direct_conv_rows(x, &self.weight, bias, &mut y, t0, k, s, c);
+            direct_conv_rows(x, &self.weight, bias, &mut y, t0, k, s);
             let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
             for row in y.chunks_exact(c) {
                 for ((a, q), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
@@ -533,29 +482,71 @@ impl Conv {
             shift[i] = (norm.bias[i] as f64 - mean * sc) as f32;
         }
         for_rows(out, c, parallel, |t0, rows| {
-            ops::direct_conv_rows(x, &self.weight, bias, rows, t0, k, s, c);
+            direct_conv_rows(x, &self.weight, bias, rows, t0, k, s);
             for row in rows.chunks_exact_mut(c) {
                 for ((v, &sc), &sh) in row.iter_mut().zip(&scale).zip(&shift) {
                     *v = *v * sc + sh;
                 }
             }
-            ops::bias_act_rows(rows, &[], act);
+            activate(act, rows);
         });
     }
 }
 
+/// Output rows `t0..` of a one-input-channel conv (K taps, `w` `[K, C]`, C = `w.len() / k`):
+/// `out[t] = bias + Σ_j x[t·s + j] · w[j]`, as direct FMAs (too thin for a gemm).
+fn direct_conv_rows(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    t0: usize,
+    k: usize,
+    s: usize,
+) {
+    let c = w.len() / k;
+    simd(|| {
+        for (i, row) in out.chunks_exact_mut(c).enumerate() {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+            let xs = &x[(t0 + i) * s..(t0 + i) * s + k];
+            for (&a, wj) in xs.iter().zip(w.chunks_exact(c)) {
+                row.iter_mut().zip(wj).for_each(|(o, &wv)| *o += a * wv);
+            }
+        }
+    });
+}
+
+/// One Transformer layer's weights (mirrors `Wav2Vec2EncoderLayer`, `vb` at layer l).
 struct Layer {
     /// `[H, 3H]`: q (pre-scaled by head_dim^-0.5), k, v.
-    qkv_w: Weights,
-    qkv_b: Vec<f32>,
-    out_w: Weights,
-    out_b: Vec<f32>,
+    qkv: Dense,
+    out: Dense,
     ln1: Norm,
-    ff1_w: Weights,
-    ff1_b: Vec<f32>,
-    ff2_w: Weights,
-    ff2_b: Vec<f32>,
+    ff1: Dense,
+    ff2: Dense,
     ln2: Norm,
+}
+
+impl Layer {
+    fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
+        let (h, f, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+        let (attn, ff) = (vb.pp("attention"), vb.pp("feed_forward"));
+        let (qkv_w, qkv_b) = qkv_projection(&attn, cfg, layout)?;
+        Ok(Self {
+            qkv: Dense {
+                weight: Weights::in_out(&qkv_w, layout)?,
+                bias: to_vec(&qkv_b)?,
+            },
+            out: Dense::load(attn.pp("out_proj"), h, h, layout)?,
+            ln1: Norm::load(vb.pp("layer_norm"), h, eps)?,
+            ff1: Dense::load(ff.pp("intermediate_dense"), h, f, layout)?,
+            ff2: Dense::load(ff.pp("output_dense"), f, h, layout)?,
+            ln2: Norm::load(vb.pp("final_layer_norm"), h, eps)?,
+        })
+    }
 }
 
 /// Reusable per-call buffers of the Transformer layers.
@@ -567,36 +558,65 @@ struct Scratch {
     normed: Vec<f32>,
 }
 
-/// The CPU f32 inference engine of one loaded model (it reads the model's f32 CPU weights in
-/// place, and copies any others).
+/// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT encoder, over its own f32 copy
+/// of the weights (f32 CPU tensors are read in place).
 pub struct CpuEncoder {
+    cfg: Wav2Vec2Config,
     convs: Vec<Conv>,
     proj_norm: Option<Norm>,
-    proj_w: Weights,
-    proj_b: Vec<f32>,
+    projection: Dense,
     /// `[G, K·C_g, C_g]`.
     pos_w: Weights,
     pos_b: Vec<f32>,
-    pos_kernel: usize,
-    pos_groups: usize,
     pos_act: Activation,
     enc_norm: Norm,
     layers: Vec<Layer>,
-    pre_ln: bool,
-    hidden: usize,
-    heads: usize,
-    ffn: usize,
     ffn_act: Activation,
-    /// Per-stage CPU time, when `enable_profile` was called.
-    profile: Option<Profile>,
     /// Attention scores per block (query rows × keys).
     block_scores: usize,
 }
 
 impl CpuEncoder {
-    /// From now on, account the CPU time of serial (one thread per utterance) runs per stage.
-    pub fn enable_profile(&mut self) {
-        self.profile = Some(Profile::default());
+    /// Loads from a `VarBuilder` over the canonical names of `config::expected_tensors`, with
+    /// the `nn.Linear` weights in `layout` (what `Wav2Vec2Model::load_with_layout` reads);
+    /// contiguous f32 CPU tensors are read in place, any others copied as f32.
+    pub fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let fe = vb.pp("feature_extractor").pp("conv_layers");
+        let convs = (0..cfg.conv_dim.len())
+            .into_par_iter()
+            .map(|i| Conv::load(fe.pp(i), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let fp = vb.pp("feature_projection");
+        let c = cfg.conv_dim[cfg.conv_dim.len() - 1];
+        let enc = vb.pp("encoder");
+        let pos = enc.pp("pos_conv_embed").pp("conv");
+        let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
+            .map(|l| Layer::load(enc.pp("layers").pp(l), cfg, layout))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            convs,
+            proj_norm: cfg
+                .has_feat_proj_layer_norm()
+                .then(|| Norm::load(fp.pp("layer_norm"), c, eps))
+                .transpose()?,
+            projection: Dense::load(fp.pp("projection"), c, h, layout)?,
+            pos_w: Weights::of(&positional_conv_weight(&pos, cfg)?)?,
+            pos_b: to_vec(&pos.get(h, "bias")?)?,
+            pos_act: activation(&cfg.feat_extract_activation)?,
+            enc_norm: Norm::load(enc.pp("layer_norm"), h, eps)?,
+            layers,
+            ffn_act: activation(&cfg.hidden_act)?,
+            block_scores: BLOCK_SCORES,
+        })
+    }
+
+    pub fn config(&self) -> &Wav2Vec2Config {
+        &self.cfg
     }
 
     /// Limits attention blocks to `scores` query-key products (at least 1 query row): smaller
@@ -605,119 +625,32 @@ impl CpuEncoder {
         self.block_scores = scores.max(1);
     }
 
-    /// CPU seconds per stage so far (empty unless `enable_profile` was called).
-    pub fn profile(&self) -> Vec<(&'static str, f64)> {
-        self.profile
-            .as_ref()
-            .map(|p| {
-                STAGES
-                    .iter()
-                    .zip(&p.nanos)
-                    .map(|(name, n)| {
-                        (
-                            *name,
-                            n.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9,
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// The engine of `model`: f32 CPU weights are shared, any others copied as f32.
-    pub fn new(model: &Wav2Vec2Model) -> Result<Self> {
-        let cfg = &model.cfg;
-        let mut convs = Vec::with_capacity(model.conv_layers.len());
-        for (i, layer) in model.conv_layers.iter().enumerate() {
-            let c_in = if i == 0 { 1 } else { cfg.conv_dim[i - 1] };
-            let post = match &layer.norm {
-                ConvNorm::None => Post::Act(layer.act),
-                ConvNorm::Layer(ln) => {
-                    Post::LayerNormAct(Norm::from(&ln.weight, &ln.bias, ln.eps)?, layer.act)
-                }
-                ConvNorm::Group { weight, bias } if c_in == 1 => {
-                    Post::GroupNormAct(Norm::from(weight, bias, CONV_NORM_EPS)?, layer.act)
-                }
-                ConvNorm::Group { .. } => {
-                    candle_core::bail!("GroupNorm is only supported on the first conv")
-                }
-            };
-            let weight = Weights::of(&layer.weight)?;
-            let outer_taps = (layer.kernel == 3 && layer.stride == 2 && c_in > 1).then(|| {
-                let n = c_in * cfg.conv_dim[i];
-                let (w0, w2) = (&weight[..n], &weight[2 * n..3 * n]);
-                w0.iter().zip(w2).map(|(a, b)| a + b).collect()
-            });
-            convs.push(Conv {
-                weight,
-                outer_taps,
-                bias: layer.bias.as_ref().map(to_vec).transpose()?,
-                kernel: layer.kernel,
-                stride: layer.stride,
-                c_in,
-                c_out: cfg.conv_dim[i],
-                post,
-            });
-        }
-        let fp = &model.feature_projection;
-        let enc = &model.encoder;
-        let layers = enc
-            .layers
-            .par_iter()
-            .map(Layer::of)
-            .collect::<Result<Vec<_>>>()?;
-        let pos = &enc.pos_conv_embed;
-        Ok(Self {
-            convs,
-            proj_norm: fp
-                .layer_norm
-                .as_ref()
-                .map(|ln| Norm::from(&ln.weight, &ln.bias, ln.eps))
-                .transpose()?,
-            proj_w: Weights::linear(&fp.projection)?,
-            proj_b: to_vec(&fp.projection.bias)?,
-            pos_w: Weights::of(&pos.weight)?,
-            pos_b: to_vec(&pos.bias)?,
-            pos_kernel: pos.kernel,
-            pos_groups: pos.groups,
-            pos_act: pos.act,
-            enc_norm: Norm::from(
-                &enc.layer_norm.weight,
-                &enc.layer_norm.bias,
-                enc.layer_norm.eps,
-            )?,
-            layers,
-            pre_ln: enc.pre_ln,
-            hidden: cfg.hidden_size,
-            heads: cfg.num_attention_heads,
-            ffn: cfg.intermediate_size,
-            ffn_act: model
-                .encoder
-                .layers
-                .first()
-                .map(|l| l.feed_forward.act)
-                .unwrap_or(Activation::Gelu),
-            profile: None,
-            block_scores: BLOCK_SCORES,
-        })
-    }
-
     /// Frames of the model output for `n` samples.
     pub fn frames_for_samples(&self, n: usize) -> usize {
-        self.convs
-            .iter()
-            .fold(n, |n, c| conv_out_len(n, c.kernel, c.stride))
+        super::frames_for_samples(&self.cfg, n)
     }
 
     /// Runs one utterance `wave` (already normalised when the model asks for it) and returns
     /// the hidden states `keep` (sorted, numbered as transformers' `hidden_states`), each
     /// `[T, H]` row-major, and T. Computes no layer past the last one kept. `parallel`
-    /// spreads every op over the current rayon pool; otherwise all runs on this thread.
+    /// spreads every op over the current rayon pool (the same bits); otherwise all runs on
+    /// this thread.
     pub fn forward(
         &self,
         wave: &[f32],
         keep: &[usize],
         parallel: bool,
+    ) -> Result<(Vec<Vec<f32>>, usize)> {
+        self.forward_profiled(wave, keep, parallel, &mut Profiler::disabled())
+    }
+
+    /// `forward`, timing every step into `prof`.
+    pub fn forward_profiled(
+        &self,
+        wave: &[f32],
+        keep: &[usize],
+        parallel: bool,
+        prof: &mut Profiler,
     ) -> Result<(Vec<Vec<f32>>, usize)> {
         let last = keep.iter().copied().max().unwrap_or(0);
         if last > self.layers.len() {
@@ -733,60 +666,61 @@ impl CpuEncoder {
                 wave.len()
             );
         }
-        let mut laps = Laps::new(if parallel {
-            None
-        } else {
-            self.profile.as_ref()
+        let mut x = prof.time(Kind::Conv, || {
+            self.convs
+                .iter()
+                .fold(wave.to_vec(), |x, conv| conv.forward(&x, parallel))
         });
-        let mut x = wave.to_vec();
-        for conv in &self.convs {
-            x = conv.forward(&x, parallel);
-        }
-        let h = self.hidden;
-        let c = self.convs.last().map(|c| c.c_out).unwrap_or(1);
+        let (h, pre_ln) = (self.cfg.hidden_size, self.cfg.do_stable_layer_norm);
+        let c = self.convs.last().map_or(1, |c| c.c_out);
         if let Some(norm) = &self.proj_norm {
-            for_rows(&mut x, c, parallel, |_, rows| norm.rows(rows));
+            prof.time(Kind::Norm, || {
+                for_rows(&mut x, c, parallel, |_, rows| norm.rows(rows))
+            });
         }
-        laps.lap(0);
         let mut hs = vec![0f32; t * h];
-        linear(&x, &self.proj_w, &self.proj_b, c, &mut hs, parallel);
+        prof.time(Kind::Linear, || {
+            self.projection.forward(&x, c, &mut hs, parallel)
+        });
         drop(x);
-        let pos = self.positional(&hs, t, parallel);
-        for_rows(&mut hs, h, parallel, |t0, rows| {
-            for (v, p) in rows.iter_mut().zip(&pos[t0 * h..]) {
-                *v += p;
-            }
-            if !self.pre_ln {
-                self.enc_norm.rows(rows);
-            }
+        let pos = prof.time(Kind::Conv, || self.positional(&hs, t, parallel));
+        prof.time(Kind::Norm, || {
+            for_rows(&mut hs, h, parallel, |t0, rows| {
+                for (v, p) in rows.iter_mut().zip(&pos[t0 * h..]) {
+                    *v += p;
+                }
+                if !pre_ln {
+                    self.enc_norm.rows(rows);
+                }
+            })
         });
         drop(pos);
-        laps.lap(1);
         let mut states = Vec::with_capacity(keep.len());
         if keep.contains(&0) {
-            states.push(hs.clone());
+            states.push(prof.time(Kind::Other, || hs.clone()));
         }
         let mut scratch = Scratch {
             qkv: vec![0f32; t * 3 * h],
             ctx: vec![0f32; t * h],
             proj: vec![0f32; t * h],
-            ff: vec![0f32; t * self.ffn],
-            normed: if self.pre_ln {
+            ff: vec![0f32; t * self.cfg.intermediate_size],
+            normed: if pre_ln {
                 vec![0f32; t * h]
             } else {
                 Vec::new()
             },
         };
         for (l, layer) in self.layers[..last].iter().enumerate() {
-            self.layer(layer, &mut hs, t, &mut scratch, parallel, &mut laps);
+            self.layer(layer, &mut hs, t, &mut scratch, parallel, prof);
             if keep.contains(&(l + 1)) {
-                if self.pre_ln && l + 1 == self.layers.len() {
+                if pre_ln && l + 1 == self.layers.len() {
                     // The stable-LN encoder normalises only its final output.
-                    for_rows(&mut hs, h, parallel, |_, rows| self.enc_norm.rows(rows));
+                    prof.time(Kind::Norm, || {
+                        for_rows(&mut hs, h, parallel, |_, rows| self.enc_norm.rows(rows))
+                    });
                 }
-                states.push(hs.clone());
+                states.push(prof.time(Kind::Other, || hs.clone()));
             }
-            laps.lap(6);
         }
         Ok((states, t))
     }
@@ -794,7 +728,11 @@ impl CpuEncoder {
     /// The weight-normed grouped positional conv (`K/2` zero padding both sides, the first T
     /// outputs) and its activation.
     fn positional(&self, x: &[f32], t: usize, parallel: bool) -> Vec<f32> {
-        let (h, g, k) = (self.hidden, self.pos_groups, self.pos_kernel);
+        let (h, g, k) = (
+            self.cfg.hidden_size,
+            self.cfg.num_conv_pos_embedding_groups,
+            self.cfg.num_conv_pos_embeddings,
+        );
         let cg = h / g;
         let pad = k / 2;
         let tp = t + 2 * pad;
@@ -808,34 +746,30 @@ impl CpuEncoder {
                 row.copy_from_slice(&src[gi * cg..(gi + 1) * cg]);
             }
         }
-        let mut out = vec![0f32; t * h];
-        let group = |gi: usize, dst: *mut f32| {
-            // SAFETY: group gi writes columns gi·cg..(gi+1)·cg of `out` only; its input rows
-            // are the padded frames of group gi, t + k - 1 ≤ tp rows of cg.
-            unsafe {
-                ops::frames_gemm(
-                    t,
-                    cg,
-                    k * cg,
-                    xg[gi * tp * cg..].as_ptr(),
-                    cg,
-                    self.pos_w[gi * k * cg * cg..].as_ptr(),
-                    (cg, 1),
-                    dst.add(gi * cg),
-                    h,
-                    Some(&self.pos_b[gi * cg..(gi + 1) * cg]),
-                    1,
-                );
-            }
+        // One gemm per group into its own [T, C_g] block (disjoint, so groups run in parallel).
+        let mut yg = vec![0f32; g * t * cg];
+        let group = |gi: usize, y: &mut [f32]| {
+            let bias = &self.pos_b[gi * cg..(gi + 1) * cg];
+            y.chunks_exact_mut(cg).for_each(|r| r.copy_from_slice(bias));
+            let frames = Mat {
+                data: &xg[gi * tp * cg..(gi + 1) * tp * cg],
+                rs: cg,
+                cs: 1,
+            };
+            let w = Mat::rows(&self.pos_w[gi * k * cg * cg..(gi + 1) * k * cg * cg], cg);
+            matmul_serial(t, cg, k * cg, y, cg, frames, w, true);
         };
-        let dst = SendPtr(out.as_mut_ptr());
-        if parallel {
-            (0..g).into_par_iter().for_each(|gi| group(gi, dst.get()));
-        } else {
-            (0..g).for_each(|gi| group(gi, dst.get()));
-        }
-        for_rows(&mut out, h, parallel, |_, rows| {
-            ops::bias_act_rows(rows, &[], self.pos_act)
+        for_chunks(&mut yg, t * cg, parallel, group);
+        // Back to time-major [T, H], then the activation.
+        let mut out = vec![0f32; t * h];
+        for_rows(&mut out, h, parallel, |t0, rows| {
+            for (i, row) in rows.chunks_exact_mut(h).enumerate() {
+                for (gi, dst) in row.chunks_exact_mut(cg).enumerate() {
+                    let at = (gi * t + t0 + i) * cg;
+                    dst.copy_from_slice(&yg[at..at + cg]);
+                }
+            }
+            activate(self.pos_act, rows);
         });
         out
     }
@@ -848,42 +782,34 @@ impl CpuEncoder {
         t: usize,
         s: &mut Scratch,
         parallel: bool,
-        laps: &mut Laps,
+        prof: &mut Profiler,
     ) {
-        let h = self.hidden;
-        if self.pre_ln {
-            s.normed.copy_from_slice(x);
-            for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
-            laps.lap(6);
-            self.attention(
-                p,
-                &s.normed,
-                t,
-                (&mut s.qkv, &mut s.ctx, &mut s.proj),
-                parallel,
-                laps,
-            );
-            add_rows(x, &s.proj, h, None, parallel);
-            s.normed.copy_from_slice(x);
-            for_rows(&mut s.normed, h, parallel, |_, rows| p.ln2.rows(rows));
-            laps.lap(6);
-            self.feed_forward(p, &s.normed, &mut s.ff, &mut s.proj, parallel);
-            laps.lap(5);
-            add_rows(x, &s.proj, h, None, parallel);
+        let h = self.cfg.hidden_size;
+        let buffers = (&mut s.qkv, &mut s.ctx, &mut s.proj);
+        if self.cfg.do_stable_layer_norm {
+            prof.time(Kind::Norm, || {
+                s.normed.copy_from_slice(x);
+                for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
+            });
+            self.attention(p, &s.normed, t, buffers, parallel, prof);
+            prof.time(Kind::Norm, || {
+                add_rows(x, &s.proj, h, None, parallel);
+                s.normed.copy_from_slice(x);
+                for_rows(&mut s.normed, h, parallel, |_, rows| p.ln2.rows(rows));
+            });
+            self.feed_forward(p, &s.normed, &mut s.ff, &mut s.proj, parallel, prof);
+            prof.time(Kind::Elementwise, || {
+                add_rows(x, &s.proj, h, None, parallel)
+            });
         } else {
-            self.attention(
-                p,
-                x,
-                t,
-                (&mut s.qkv, &mut s.ctx, &mut s.proj),
-                parallel,
-                laps,
-            );
-            add_rows(x, &s.proj, h, Some(&p.ln1), parallel);
-            laps.lap(6);
-            self.feed_forward(p, x, &mut s.ff, &mut s.proj, parallel);
-            laps.lap(5);
-            add_rows(x, &s.proj, h, Some(&p.ln2), parallel);
+            self.attention(p, x, t, buffers, parallel, prof);
+            prof.time(Kind::Norm, || {
+                add_rows(x, &s.proj, h, Some(&p.ln1), parallel)
+            });
+            self.feed_forward(p, x, &mut s.ff, &mut s.proj, parallel, prof);
+            prof.time(Kind::Norm, || {
+                add_rows(x, &s.proj, h, Some(&p.ln2), parallel)
+            });
         }
     }
 
@@ -894,14 +820,13 @@ impl CpuEncoder {
         p: &Layer,
         x: &[f32],
         t: usize,
-        (qkv, ctx, out): (&mut [f32], &mut [f32], &mut [f32]),
+        (qkv, ctx, out): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
         parallel: bool,
-        laps: &mut Laps,
+        prof: &mut Profiler,
     ) {
-        let (h, heads) = (self.hidden, self.heads);
+        let (h, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
         let dh = h / heads;
-        linear(x, &p.qkv_w, &p.qkv_b, h, qkv, parallel);
-        laps.lap(2);
+        prof.time(Kind::Linear, || p.qkv.forward(x, h, qkv, parallel));
         let qkv: &[f32] = qkv;
         let block = (self.block_scores / t).clamp(1, t);
         let rows_block = |bi: usize, ctx_rows: &mut [f32]| {
@@ -920,91 +845,84 @@ impl CpuEncoder {
                     cs: 3 * h,
                 };
                 matmul_serial(rows, t, dh, &mut scores, t, q, k_t, false);
-                ops::softmax_rows(&mut scores, t, t);
+                simd(|| scores.chunks_exact_mut(t).for_each(softmax_in_place));
                 let v = Mat {
                     data: &qkv[2 * h + head * dh..],
                     rs: 3 * h,
                     cs: 1,
                 };
-                matmul_serial(
-                    rows,
-                    dh,
-                    t,
-                    &mut ctx_rows[head * dh..],
-                    h,
-                    Mat::rows(&scores, t),
-                    v,
-                    false,
-                );
+                let dst = &mut ctx_rows[head * dh..];
+                matmul_serial(rows, dh, t, dst, h, Mat::rows(&scores, t), v, false);
             }
         };
-        if parallel {
-            ctx.par_chunks_mut(block * h)
-                .enumerate()
-                .for_each(|(bi, rows)| rows_block(bi, rows));
-        } else {
-            ctx.chunks_mut(block * h)
-                .enumerate()
-                .for_each(|(bi, rows)| rows_block(bi, rows));
-        }
-        laps.lap(3);
-        linear(ctx, &p.out_w, &p.out_b, h, out, parallel);
-        laps.lap(4);
+        prof.time(Kind::Attention, || {
+            for_chunks(ctx, block * h, parallel, rows_block)
+        });
+        prof.time(Kind::Linear, || p.out.forward(ctx, h, out, parallel));
     }
 
     /// `out` [T, H] = W2 · act(W1 · x + b1) + b2, through `ff` [T, F].
-    fn feed_forward(&self, p: &Layer, x: &[f32], ff: &mut [f32], out: &mut [f32], parallel: bool) {
-        let (h, f) = (self.hidden, self.ffn);
-        linear(x, &p.ff1_w, &p.ff1_b, h, ff, parallel);
-        for_rows(ff, f, parallel, |_, rows| {
-            ops::bias_act_rows(rows, &[], self.ffn_act)
+    fn feed_forward(
+        &self,
+        p: &Layer,
+        x: &[f32],
+        ff: &mut [f32],
+        out: &mut [f32],
+        parallel: bool,
+        prof: &mut Profiler,
+    ) {
+        let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        prof.time(Kind::Linear, || p.ff1.forward(x, h, ff, parallel));
+        prof.time(Kind::Elementwise, || {
+            for_rows(ff, f, parallel, |_, rows| activate(self.ffn_act, rows))
         });
-        linear(ff, &p.ff2_w, &p.ff2_b, f, out, parallel);
+        prof.time(Kind::Linear, || p.ff2.forward(ff, f, out, parallel));
     }
-}
 
-/// `x += y` row by row, then the LayerNorm `norm` when given.
-fn add_rows(x: &mut [f32], y: &[f32], h: usize, norm: Option<&Norm>, parallel: bool) {
-    for_rows(x, h, parallel, |t0, rows| {
-        for (v, &a) in rows.iter_mut().zip(&y[t0 * h..]) {
-            *v += a;
-        }
-        if let Some(norm) = norm {
-            norm.rows(rows);
-        }
-    });
-}
-
-/// A raw output pointer that tasks writing disjoint columns may share.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used by tasks that write disjoint regions of one buffer (see `positional`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-impl CpuEncoder {
     /// Runs utterances `0..n` (`wave(i)` gives utterance i, normalised) and hands each result
     /// to `sink(i, ..)` as soon as it is done, from the thread that computed it; when `sink`
     /// returns false, no further utterance is started. With at least as many utterances as
     /// pool threads, each thread takes the next utterance in order and runs it alone (no
-    /// barriers, both cores busy); otherwise the utterances run one after the other with every
+    /// barriers, every core busy); otherwise the utterances run one after the other with every
     /// op spread over the pool.
     pub fn run_each<W, S>(&self, n: usize, keep: &[usize], wave: W, sink: S)
     where
         W: Fn(usize) -> Vec<f32> + Sync,
         S: Fn(usize, Result<(Vec<Vec<f32>>, usize)>) -> bool + Sync,
     {
+        self.run_each_profiled(n, keep, wave, sink, None)
+    }
+
+    /// `run_each`, adding every utterance's profile to `profile` when given (its times are
+    /// summed over the threads).
+    pub fn run_each_profiled<W, S>(
+        &self,
+        n: usize,
+        keep: &[usize],
+        wave: W,
+        sink: S,
+        profile: Option<&Mutex<Profile>>,
+    ) where
+        W: Fn(usize) -> Vec<f32> + Sync,
+        S: Fn(usize, Result<(Vec<Vec<f32>>, usize)>) -> bool + Sync,
+    {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let run = |i: usize, parallel: bool| {
+            let mut prof = if profile.is_some() {
+                Profiler::enabled()
+            } else {
+                Profiler::disabled()
+            };
+            let result = self.forward_profiled(&wave(i), keep, parallel, &mut prof);
+            if let Some(Ok(mut total)) = profile.map(Mutex::lock) {
+                total.add(&prof.take());
+            }
+            sink(i, result)
+        };
         let threads = rayon::current_num_threads();
         if n < threads || threads == 1 {
             for i in 0..n {
-                if !sink(i, self.forward(&wave(i), keep, threads > 1)) {
+                if !run(i, threads > 1) {
                     return;
                 }
             }
@@ -1018,12 +936,65 @@ impl CpuEncoder {
                     if i >= n || stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    if !sink(i, self.forward(&wave(i), keep, false)) {
+                    if !run(i, false) {
                         stop.store(true, Ordering::Relaxed);
                     }
                 });
             }
         });
+    }
+
+    /// `Wav2Vec2Model::forward` on this executor: `wave` [B, S] (f32 on the CPU) with
+    /// `lengths`, every utterance run alone (no padding) through `run_each`, laid out as the
+    /// padded `[B, T, H]` states of the tensor-op path (zeros past the valid frames).
+    pub fn forward_padded(
+        &self,
+        wave: &Tensor,
+        lengths: &[usize],
+        max_hidden_state: usize,
+        profile: Option<&Mutex<Profile>>,
+    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
+        let (b, s) = wave.dims2()?;
+        check_batch(&self.cfg, (b, s), lengths, max_hidden_state)?;
+        let t = self.frames_for_samples(s);
+        let h = self.cfg.hidden_size;
+        let rows = wave.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let valid: Vec<usize> = lengths
+            .iter()
+            .map(|&n| self.frames_for_samples(n))
+            .collect();
+        let keep: Vec<usize> = (0..=max_hidden_state).collect();
+        let runnable: Vec<usize> = (0..b).filter(|&i| valid[i] > 0).collect();
+        let results = Mutex::new((0..b).map(|_| None).collect::<Vec<_>>());
+        self.run_each_profiled(
+            runnable.len(),
+            &keep,
+            |j| rows[runnable[j]][..lengths[runnable[j]]].to_vec(),
+            |j, r| match results.lock() {
+                Ok(mut slots) => {
+                    slots[runnable[j]] = Some(r);
+                    true
+                }
+                Err(_) => false,
+            },
+            profile,
+        );
+        let results = results
+            .into_inner()
+            .map_err(|_| candle_core::Error::Msg("a CPU engine thread panicked".into()))?;
+        let mut flat = vec![vec![0f32; b * t * h]; keep.len()];
+        for (i, r) in results.into_iter().enumerate() {
+            let Some(r) = r else { continue };
+            let (states, n) = r?;
+            for (dst, state) in flat.iter_mut().zip(states) {
+                dst[i * t * h..(i * t + n) * h].copy_from_slice(&state);
+            }
+        }
+        let states = flat
+            .into_iter()
+            .map(|v| Tensor::from_vec(v, (b, t, h), &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((states, valid))
     }
 
     /// Peak bytes `forward` allocates for an utterance of `samples` samples keeping `kept`
@@ -1038,12 +1009,25 @@ impl CpuEncoder {
             t_in = t_out;
             c_in = c.c_out;
         }
-        let (t, h) = (t_in, self.hidden);
-        let pos = (t + self.pos_kernel) * h + 2 * t * h;
-        let layers = t * (7 * h + self.ffn) + self.block_scores.max(t);
+        let (t, h) = (t_in, self.cfg.hidden_size);
+        // padded input copy, the per-group outputs, the output and the states so far
+        let pos = (t + self.cfg.num_conv_pos_embeddings) * h + 3 * t * h;
+        let layers = t * (7 * h + self.cfg.intermediate_size) + self.block_scores.max(t);
         let states = kept * t * h;
         4 * (conv_peak.max(pos) + states + layers) as u64
     }
+}
+
+/// `x += y` row by row, then the LayerNorm `norm` when given.
+fn add_rows(x: &mut [f32], y: &[f32], h: usize, norm: Option<&Norm>, parallel: bool) {
+    for_rows(x, h, parallel, |t0, rows| {
+        for (v, &a) in rows.iter_mut().zip(&y[t0 * h..]) {
+            *v += a;
+        }
+        if let Some(norm) = norm {
+            norm.rows(rows);
+        }
+    });
 }
 
 #[cfg(test)]

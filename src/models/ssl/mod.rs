@@ -1,23 +1,21 @@
-//! The wav2vec 2.0 / HuBERT encoder (transformers' `Wav2Vec2Model` and `HubertModel`), in
-//! candle, returning every hidden state as `output_hidden_states=True` does.
+//! The wav2vec 2.0 / HuBERT encoder (transformers' `Wav2Vec2Model` and `HubertModel`),
+//! returning every hidden state as `output_hidden_states=True` does.
 //!
-//! One implementation covers both families and every variant released checkpoints use:
+//! One definition covers both families and every variant released checkpoints use:
 //! `feat_extract_norm` "group" (GroupNorm on the first conv) or "layer" (LayerNorm after every
 //! conv), `conv_bias`, any conv stack, the projection LayerNorm switch of HuBERT
 //! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
 //! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
 //!
-//! Layout: activations are time-major `[B, T, C]` throughout, and every conv is a
-//! frame-matmul with its weight pre-arranged at load time as `[K·C_in, C_out]` (rows ordered
-//! tap, then input channel). In time-major memory the K frames a conv output reads are one
-//! contiguous run, so on the CPU (f32) each conv is a single gemm whose lhs rows overlap
-//! (row stride `stride·C_in`, no im2col copy), the first conv (one input channel) is direct
-//! FMAs fused with its GroupNorm and GELU, and the grouped positional conv is one gemm per
-//! group writing straight into the output. On other devices and dtypes (CUDA, f16, bf16) the
-//! same frames are gathered with `index_select` in bounded chunks and multiplied with
-//! `matmul`; norms, activations and the attention softmax have fused multi-threaded CPU
-//! kernels and plain tensor-op equivalents (see `wav2vec2_ops.rs`). This avoids candle's CPU
-//! conv1d (a transposing output copy, one conv per group).
+//! It runs two ways, chosen once from the [`Backend`](crate::device::Backend) by
+//! [`SslEncoder`]:
+//! - [`Wav2Vec2Model`] (this file): candle tensor ops on any device and dtype (CUDA, f16,
+//!   bf16, and f32 on the CPU when the backend asks for tensor ops). Activations are
+//!   time-major `[B, T, C]`, and every conv is a frame-matmul: its weight is arranged at load
+//!   as `[K·C_in, C_out]` (rows ordered tap, then input channel) and the K frames each output
+//!   reads are gathered with `index_select` in bounded chunks (candle's conv1d would add a
+//!   transposing copy and one conv per group).
+//! - [`CpuEncoder`] (`cpu.rs`): f32 on the CPU, one utterance per thread on plain slices.
 //!
 //! # Padding invariance
 //! In a padded batch, every utterance's hidden states on its valid frames equal those of the
@@ -33,19 +31,21 @@
 //! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
 pub mod config;
 mod cpu;
-mod tensor_ops;
+mod executor;
 
 pub use cpu::CpuEncoder;
+pub use executor::SslEncoder;
 
 use crate::models::checkpoint::LoadedCheckpoint;
 use crate::models::ssl::config::{Activation, Wav2Vec2Config};
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::profile::{Kind, Profiler};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 /// Largest gathered-frames tensor per matmul (elements): bounds memory for long batches.
 const CHUNK_ELEMS: usize = 1 << 23;
-/// Largest block of attention scores (elements) on the tensor-op path: 128 MiB of f32.
+/// Largest block of attention scores (elements): 128 MiB of f32.
 const ATTENTION_BLOCK_ELEMS: usize = 1 << 25;
 /// nn.LayerNorm / nn.GroupNorm default eps, used by the feature-encoder norms.
 const CONV_NORM_EPS: f64 = 1e-5;
@@ -92,7 +92,181 @@ fn activation(name: &str) -> Result<Activation> {
         .ok_or_else(|| candle_core::Error::Msg(format!("unsupported activation {name:?}")))
 }
 
-/// nn.LayerNorm over the last dimension.
+/// Checks a forward's arguments: `lengths` fit a `[b, s]` batch, the hidden state exists, and
+/// the batch gives at least one frame.
+fn check_batch(
+    cfg: &Wav2Vec2Config,
+    (b, s): (usize, usize),
+    lengths: &[usize],
+    max_hidden_state: usize,
+) -> Result<()> {
+    if lengths.len() != b || lengths.iter().any(|&n| n > s) {
+        candle_core::bail!(
+            "lengths {lengths:?} do not match a batch of {b} waveforms of {s} samples"
+        );
+    }
+    if max_hidden_state > cfg.num_hidden_layers {
+        candle_core::bail!(
+            "hidden state {max_hidden_state} asked of a model with {} layers (states 0..={})",
+            cfg.num_hidden_layers,
+            cfg.num_hidden_layers
+        );
+    }
+    if frames_for_samples(cfg, s) == 0 {
+        candle_core::bail!(
+            "a batch of {s} samples is shorter than the model's receptive field of {} samples",
+            cfg.receptive_field()
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- weights both executors read
+
+/// How a checkpoint's `nn.Linear` weights are laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearLayout {
+    /// As stored, `[out, in]`: matmuls read them transposed (no copy).
+    #[default]
+    OutIn,
+    /// Transposed once at load, `[in, out]`: what the CPU engine's gemm reads fastest.
+    InOut,
+}
+
+impl LinearLayout {
+    /// The shape of a `d_in → d_out` weight in this layout.
+    fn shape(self, d_in: usize, d_out: usize) -> (usize, usize) {
+        match self {
+            LinearLayout::OutIn => (d_out, d_in),
+            LinearLayout::InOut => (d_in, d_out),
+        }
+    }
+}
+
+/// Which norm follows a feature-encoder conv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConvNormKind {
+    None,
+    /// GroupNorm(C, C): per-channel statistics over time (first conv of "group" models).
+    Group,
+    /// LayerNorm over channels at every frame ("layer" models).
+    Layer,
+}
+
+impl ConvNormKind {
+    fn of(cfg: &Wav2Vec2Config, layer: usize) -> Self {
+        match (cfg.feat_extract_norm.as_str(), layer) {
+            ("layer", _) => ConvNormKind::Layer,
+            ("group", 0) => ConvNormKind::Group,
+            _ => ConvNormKind::None,
+        }
+    }
+}
+
+/// Input channels of feature-encoder conv `layer`.
+fn conv_in_channels(cfg: &Wav2Vec2Config, layer: usize) -> usize {
+    if layer == 0 {
+        1
+    } else {
+        cfg.conv_dim[layer - 1]
+    }
+}
+
+/// Conv `layer`'s `conv.weight` `[C_out, C_in, K]` as `[K·C_in, C_out]`, rows ordered (tap,
+/// input channel): in time-major memory the K frames an output reads are one contiguous run.
+fn conv_frames_weight(vb: &VarBuilder, cfg: &Wav2Vec2Config, layer: usize) -> Result<Tensor> {
+    let (c_in, c_out, k) = (
+        conv_in_channels(cfg, layer),
+        cfg.conv_dim[layer],
+        cfg.conv_kernel[layer],
+    );
+    vb.get((c_out, c_in, k), "conv.weight")?
+        .permute((2, 1, 0))?
+        .reshape((k * c_in, c_out))?
+        .contiguous()
+}
+
+/// The positional conv's weight (`vb` at `pos_conv_embed.conv`), weight norm applied, as
+/// `[G, K·C_g, C_g]`: per group, rows ordered (tap, input channel).
+fn positional_conv_weight(vb: &VarBuilder, cfg: &Wav2Vec2Config) -> Result<Tensor> {
+    let (h, k, g) = (
+        cfg.hidden_size,
+        cfg.num_conv_pos_embeddings,
+        cfg.num_conv_pos_embedding_groups,
+    );
+    let cg = h / g;
+    let vb32 = vb.clone().set_dtype(DType::F32);
+    // weight_norm(dim=2): w = g · v / ‖v‖, the norm over dims (0, 1) per kernel tap.
+    let v = vb32.get((h, cg, k), "weight_v")?;
+    let gain = vb32.get((1, 1, k), "weight_g")?;
+    let norm = v.sqr()?.sum_keepdim((0, 1))?.sqrt()?;
+    v.broadcast_mul(&gain.broadcast_div(&norm)?)?
+        .reshape((g, cg, cg, k))?
+        .permute((0, 3, 2, 1))?
+        .reshape((g, k * cg, cg))?
+        .contiguous()?
+        .to_dtype(vb.dtype())
+}
+
+/// q_proj, k_proj and v_proj (`vb` at `attention`) stacked into one `H → 3H` projection in
+/// `layout`, and its bias; transformers scales the projected queries by head_dim^-0.5, which
+/// is folded into the q rows here.
+fn qkv_projection(
+    vb: &VarBuilder,
+    cfg: &Wav2Vec2Config,
+    layout: LinearLayout,
+) -> Result<(Tensor, Tensor)> {
+    let h = cfg.hidden_size;
+    let scale = ((h / cfg.num_attention_heads) as f64).powf(-0.5);
+    let (mut weights, mut biases) = (Vec::with_capacity(3), Vec::with_capacity(3));
+    for name in ["q_proj", "k_proj", "v_proj"] {
+        let w = vb.get((h, h), &format!("{name}.weight"))?; // square: either layout
+        let b = vb.get(h, &format!("{name}.bias"))?;
+        let (w, b) = if name == "q_proj" {
+            ((w * scale)?, (b * scale)?)
+        } else {
+            (w, b)
+        };
+        weights.push(w);
+        biases.push(b);
+    }
+    // stacked along `out`: rows of `[out, in]`, columns of `[in, out]`
+    let out_dim = match layout {
+        LinearLayout::OutIn => 0,
+        LinearLayout::InOut => 1,
+    };
+    Ok((Tensor::cat(&weights, out_dim)?, Tensor::cat(&biases, 0)?))
+}
+
+// ---------------------------------------------------------------- the tensor-op definition
+
+/// `f` as a span of `kind`; when profiling, the device finishes the span's work inside it.
+fn timed<R>(
+    prof: &mut Profiler,
+    kind: Kind,
+    device: &Device,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    let sync = prof.is_enabled();
+    prof.time(kind, || {
+        let out = f()?;
+        if sync {
+            device.synchronize()?;
+        }
+        Ok(out)
+    })
+}
+
+fn act(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::Relu => x.relu(),
+        Activation::Silu => x.silu(),
+    }
+}
+
+/// nn.LayerNorm over the last dimension, statistics in f32 (two passes) whatever the dtype.
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -109,18 +283,15 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        tensor_ops::layer_norm_act(x, &self.weight, &self.bias, self.eps, None)
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())
     }
-}
-
-/// How a checkpoint's `nn.Linear` weights are laid out in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LinearLayout {
-    /// As stored, `[out, in]`: matmuls read them transposed (no copy).
-    #[default]
-    OutIn,
-    /// Transposed once at load, `[in, out]`: what the CPU engine's gemm reads fastest.
-    InOut,
 }
 
 /// nn.Linear on `[B, T, in]`, as one `[B·T, in] × [in, out]` matmul.
@@ -133,155 +304,157 @@ struct Linear {
 
 impl Linear {
     fn load(vb: VarBuilder, d_in: usize, d_out: usize, layout: LinearLayout) -> Result<Self> {
-        let shape = match layout {
-            LinearLayout::OutIn => (d_out, d_in),
-            LinearLayout::InOut => (d_in, d_out),
-        };
         Ok(Self {
-            weight: vb.get(shape, "weight")?,
+            weight: vb.get(layout.shape(d_in, d_out), "weight")?,
             bias: vb.get(d_out, "bias")?,
             layout,
         })
     }
 
-    /// The weight as `[in, out]` (a transposed view of an `[out, in]` one).
-    fn in_out(&self) -> Result<Tensor> {
-        match self.layout {
-            LinearLayout::OutIn => self.weight.t(),
-            LinearLayout::InOut => Ok(self.weight.clone()),
-        }
-    }
-
-    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let w = self.in_out()?;
-        let out = w.dim(1)?;
-        x.reshape((b * t, d))?.matmul(&w)?.reshape((b, t, out))
-    }
-
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul(x)?.broadcast_add(&self.bias)
+        let (b, t, d) = x.dims3()?;
+        let w = match self.layout {
+            LinearLayout::OutIn => self.weight.t()?,
+            LinearLayout::InOut => self.weight.clone(),
+        };
+        let out = w.dim(1)?;
+        x.reshape((b * t, d))?
+            .matmul(&w)?
+            .reshape((b, t, out))?
+            .broadcast_add(&self.bias)
     }
+}
+
+/// A conv as a frame-matmul on time-major `x` `[G, B, T_in, C]` (G groups) with `weight`
+/// `[G, K·C, C_out]`: output t of group g is the K frames from `t·stride` of `x[g]`,
+/// flattened, times `weight[g]`. Returns the first `t_out` outputs `[G, B, t_out, C_out]`;
+/// frames are gathered in chunks of at most `chunk_elems` values.
+fn conv_frames(
+    x: &Tensor,
+    weight: &Tensor,
+    (kernel, stride): (usize, usize),
+    t_out: usize,
+    chunk_elems: usize,
+) -> Result<Tensor> {
+    let (g, b, t_in, c) = x.dims4()?;
+    let c_out = weight.dim(2)?;
+    if t_out > 0 && (t_out - 1) * stride + kernel > t_in {
+        candle_core::bail!("{t_in} frames are too few for {t_out} conv outputs");
+    }
+    let rows = (chunk_elems / (g * b * kernel * c).max(1)).max(1);
+    let mut pieces = Vec::with_capacity(t_out.div_ceil(rows));
+    for t0 in (0..t_out).step_by(rows) {
+        let n = rows.min(t_out - t0);
+        let idx: Vec<u32> = (t0..t0 + n)
+            .flat_map(|t| (0..kernel).map(move |j| (t * stride + j) as u32))
+            .collect();
+        let idx = Tensor::from_vec(idx, n * kernel, x.device())?;
+        let frames = x.index_select(&idx, 2)?.reshape((g, b * n, kernel * c))?;
+        pieces.push(frames.matmul(weight)?.reshape((g, b, n, c_out))?);
+    }
+    Tensor::cat(&pieces, 2)
+}
+
+/// `GroupNorm(C, C)` on time-major `x` [B, T, C] with the statistics of utterance `b` taken
+/// over its first `valid[b]` frames only (in f32), so padding cannot change them.
+fn channel_norm(
+    x: &Tensor,
+    valid: &[usize],
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (_, _, c) = x.dims3()?;
+    let xf = x.to_dtype(DType::F32)?;
+    let w = weight.to_dtype(DType::F32)?.reshape((1, c))?;
+    let b = bias.to_dtype(DType::F32)?.reshape((1, c))?;
+    let (mut scales, mut shifts) = (Vec::with_capacity(valid.len()), Vec::new());
+    for (i, &n) in valid.iter().enumerate() {
+        let (mean, var) = if n == 0 {
+            let z = Tensor::zeros((1, c), DType::F32, x.device())?;
+            (z.clone(), (z + 1.0)?)
+        } else {
+            let xb = xf.get(i)?.narrow(0, 0, n)?;
+            let mean = xb.mean_keepdim(0)?;
+            let var = xb.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?;
+            (mean, var)
+        };
+        let scale = w.broadcast_div(&(var + eps)?.sqrt()?)?;
+        shifts.push((&b - mean.mul(&scale)?)?);
+        scales.push(scale);
+    }
+    xf.broadcast_mul(&Tensor::stack(&scales, 0)?)?
+        .broadcast_add(&Tensor::stack(&shifts, 0)?)?
+        .to_dtype(x.dtype())
 }
 
 enum ConvNorm {
     None,
-    /// GroupNorm(C, C): per-channel statistics over time (first conv of "group" models).
-    Group {
-        weight: Tensor,
-        bias: Tensor,
-    },
-    /// LayerNorm over channels at every frame ("layer" models).
+    Group { weight: Tensor, bias: Tensor },
     Layer(LayerNorm),
 }
 
 /// Mirrors `Wav2Vec2{NoLayerNorm,LayerNorm,GroupNorm}ConvLayer.forward`: conv, norm, activation.
 struct ConvLayer {
-    /// `[K·C_in, C_out]`, rows ordered (tap, input channel) like the gathered frames.
+    /// `[1, K·C_in, C_out]` (see [`conv_frames_weight`]).
     weight: Tensor,
     bias: Option<Tensor>,
     norm: ConvNorm,
     kernel: usize,
     stride: usize,
     act: Activation,
-    /// The same layer fused for CPU f32 (first conv of "group" models only).
-    fused: Option<tensor_ops::FirstConvGroupNorm>,
 }
 
 impl ConvLayer {
     fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, i: usize) -> Result<Self> {
-        let c_in = if i == 0 { 1 } else { cfg.conv_dim[i - 1] };
-        let (c_out, kernel) = (cfg.conv_dim[i], cfg.conv_kernel[i]);
-        let weight = vb
-            .get((c_out, c_in, kernel), "conv.weight")?
-            .permute((2, 1, 0))?
-            .reshape((kernel * c_in, c_out))?
-            .contiguous()?;
+        let c_out = cfg.conv_dim[i];
         let bias = if cfg.conv_bias {
             Some(vb.get(c_out, "conv.bias")?)
         } else {
             None
         };
-        let norm = match (cfg.feat_extract_norm.as_str(), i) {
-            ("layer", _) => {
+        let norm = match ConvNormKind::of(cfg, i) {
+            ConvNormKind::Layer => {
                 ConvNorm::Layer(LayerNorm::load(vb.pp("layer_norm"), c_out, CONV_NORM_EPS)?)
             }
-            ("group", 0) => ConvNorm::Group {
+            ConvNormKind::Group => ConvNorm::Group {
                 weight: vb.get(c_out, "layer_norm.weight")?,
                 bias: vb.get(c_out, "layer_norm.bias")?,
             },
-            _ => ConvNorm::None,
-        };
-        let (stride, act) = (
-            cfg.conv_stride[i],
-            activation(&cfg.feat_extract_activation)?,
-        );
-        let fused = match &norm {
-            ConvNorm::Group {
-                weight: nw,
-                bias: nb,
-            } if c_in == 1 && weight.device().is_cpu() => {
-                Some(tensor_ops::FirstConvGroupNorm::new(
-                    &weight,
-                    bias.as_ref(),
-                    nw,
-                    nb,
-                    kernel,
-                    stride,
-                    CONV_NORM_EPS,
-                    act,
-                )?)
-            }
-            _ => None,
+            ConvNormKind::None => ConvNorm::None,
         };
         Ok(Self {
-            weight,
+            weight: conv_frames_weight(&vb, cfg, i)?.unsqueeze(0)?,
             bias,
             norm,
-            kernel,
-            stride,
-            act,
-            fused,
+            kernel: cfg.conv_kernel[i],
+            stride: cfg.conv_stride[i],
+            act: activation(&cfg.feat_extract_activation)?,
         })
     }
 
     /// `x` [B, T_in, C_in] with `valid[b]` valid frames → ([B, T_out, C_out], valid frames).
     fn forward(&self, x: &Tensor, valid: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let (b, t_in, _) = x.dims3()?;
+        let t_out = conv_out_len(t_in, self.kernel, self.stride);
         let valid_out: Vec<usize> = valid
             .iter()
             .map(|&n| conv_out_len(n, self.kernel, self.stride))
             .collect();
-        if let Some(fused) = &self.fused {
-            if tensor_ops::FirstConvGroupNorm::applies_to(x) {
-                return Ok((fused.forward(x, &valid_out)?, valid_out));
-            }
+        let shape = (self.kernel, self.stride);
+        let y = conv_frames(&x.unsqueeze(0)?, &self.weight, shape, t_out, CHUNK_ELEMS)?;
+        let mut y = y.reshape((b, t_out, self.weight.dim(2)?))?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
         }
-        let conv = |post| {
-            tensor_ops::strided_conv(
-                x,
-                &self.weight,
-                self.bias.as_ref(),
-                self.kernel,
-                self.stride,
-                CHUNK_ELEMS,
-                post,
-            )
-        };
         let y = match &self.norm {
-            ConvNorm::None => conv(tensor_ops::ConvPost::Act(self.act))?,
-            ConvNorm::Layer(ln) => conv(tensor_ops::ConvPost::LayerNormAct {
-                weight: &ln.weight,
-                bias: &ln.bias,
-                eps: ln.eps,
-                act: self.act,
-            })?,
+            ConvNorm::None => y,
+            ConvNorm::Layer(ln) => ln.forward(&y)?,
             ConvNorm::Group { weight, bias } => {
-                // Statistics need the whole output first: no fusion on this path.
-                let y = conv(tensor_ops::ConvPost::Identity)?;
-                tensor_ops::channel_norm_act(&y, &valid_out, weight, bias, CONV_NORM_EPS, self.act)?
+                channel_norm(&y, &valid_out, weight, bias, CONV_NORM_EPS)?
             }
         };
-        Ok((y, valid_out))
+        Ok((act(&y, self.act)?, valid_out))
     }
 }
 
@@ -305,18 +478,21 @@ impl FeatureProjection {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.layer_norm {
-            Some(ln) => self.projection.forward(&ln.forward(x)?),
-            None => self.projection.forward(x),
-        }
+    fn forward(&self, x: &Tensor, prof: &mut Profiler) -> Result<Tensor> {
+        let x = match &self.layer_norm {
+            Some(ln) => timed(prof, Kind::Norm, x.device(), || ln.forward(x))?,
+            None => x.clone(),
+        };
+        timed(prof, Kind::Linear, x.device(), || {
+            self.projection.forward(&x)
+        })
     }
 }
 
 /// Mirrors `Wav2Vec2PositionalConvEmbedding.forward`: weight-normed grouped conv with
 /// `K/2` zero padding, `SamePad` (drops the last frame for even `K`), activation.
 struct PositionalConv {
-    /// `[G, K·C_g, C_g]`: per group, rows ordered (tap, input channel).
+    /// `[G, K·C_g, C_g]` (see [`positional_conv_weight`]).
     weight: Tensor,
     bias: Tensor,
     kernel: usize,
@@ -326,30 +502,11 @@ struct PositionalConv {
 
 impl PositionalConv {
     fn load(vb: VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
-        let (h, k, g) = (
-            cfg.hidden_size,
-            cfg.num_conv_pos_embeddings,
-            cfg.num_conv_pos_embedding_groups,
-        );
-        let cg = h / g;
-        let dtype = vb.dtype();
-        let vb32 = vb.to_dtype(DType::F32);
-        // weight_norm(dim=2): w = g · v / ‖v‖, the norm over dims (0, 1) per kernel tap.
-        let v = vb32.get((h, cg, k), "weight_v")?;
-        let gain = vb32.get((1, 1, k), "weight_g")?;
-        let norm = v.sqr()?.sum_keepdim((0, 1))?.sqrt()?;
-        let w = v.broadcast_mul(&gain.broadcast_div(&norm)?)?;
-        let weight = w
-            .reshape((g, cg, cg, k))?
-            .permute((0, 3, 2, 1))?
-            .reshape((g, k * cg, cg))?
-            .contiguous()?
-            .to_dtype(dtype)?;
         Ok(Self {
-            weight,
-            bias: vb.get(h, "bias")?,
-            kernel: k,
-            groups: g,
+            weight: positional_conv_weight(&vb, cfg)?,
+            bias: vb.get(cfg.hidden_size, "bias")?,
+            kernel: cfg.num_conv_pos_embeddings,
+            groups: cfg.num_conv_pos_embedding_groups,
             act: activation(&cfg.feat_extract_activation)?,
         })
     }
@@ -365,21 +522,33 @@ impl PositionalConv {
             .reshape((b, t + 2 * pad, g, cg))?
             .permute((2, 0, 1, 3))?
             .contiguous()?;
-        let y = tensor_ops::grouped_conv(&xg, &self.weight, &self.bias, k, t, CHUNK_ELEMS)?;
-        tensor_ops::bias_act(&y, None, self.act)
+        let y = conv_frames(&xg, &self.weight, (k, 1), t, CHUNK_ELEMS)?
+            .permute((1, 2, 0, 3))?
+            .reshape((b, t, h))?
+            .broadcast_add(&self.bias)?;
+        act(&y, self.act)
     }
 }
 
-/// Which keys attention may see: the valid frame count of every utterance, and the same as
-/// an additive [B, 1, 1, T] mask (0 on valid keys) for the tensor-op path (None: no padding).
-struct KeyMask {
-    valid: Vec<usize>,
-    additive: Option<Tensor>,
+/// Attention probabilities: softmax over the keys of `scores` [B, heads, rows, T] after adding
+/// `mask` [B, 1, 1, T] (0 on valid keys; None when nothing is padded).
+fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores.clone(),
+    };
+    // candle's CUDA softmax sums in f32 for f16/bf16; its CPU softmax sums in the input dtype,
+    // which loses most of bf16's 8 bits over a few hundred keys, so the CPU sums in f32 too.
+    if scores.device().is_cpu() && scores.dtype() != DType::F32 {
+        let dtype = scores.dtype();
+        return candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
 }
 
 /// Mirrors `Wav2Vec2Attention.forward` (eager; dropout is identity).
 struct Attention {
-    /// q_proj, k_proj and v_proj stacked into one `[H, 3H]` projection (one matmul).
+    /// q_proj, k_proj and v_proj as one `H → 3H` projection (see [`qkv_projection`]).
     qkv_proj: Linear,
     out_proj: Linear,
     heads: usize,
@@ -387,69 +556,43 @@ struct Attention {
 
 impl Attention {
     fn load(vb: VarBuilder, cfg: &Wav2Vec2Config, layout: LinearLayout) -> Result<Self> {
+        let (weight, bias) = qkv_projection(&vb, cfg, layout)?;
         let h = cfg.hidden_size;
-        let heads = cfg.num_attention_heads;
-        // transformers scales the projected queries by head_dim^-0.5; fold it into q_proj.
-        let scale = ((h / heads) as f64).powf(-0.5);
-        let (mut weights, mut biases) = (Vec::with_capacity(3), Vec::with_capacity(3));
-        for name in ["q_proj", "k_proj", "v_proj"] {
-            let (w, b) = (
-                vb.get((h, h), &format!("{name}.weight"))?, // square: either layout
-                vb.get(h, &format!("{name}.bias"))?,
-            );
-            let (w, b) = if name == "q_proj" {
-                ((w * scale)?, (b * scale)?)
-            } else {
-                (w, b)
-            };
-            weights.push(w);
-            biases.push(b);
-        }
-        // stacked along `out`: rows of `[out, in]`, columns of `[in, out]`
-        let out_dim = match layout {
-            LinearLayout::OutIn => 0,
-            LinearLayout::InOut => 1,
-        };
-        let qkv_proj = Linear {
-            weight: Tensor::cat(&weights, out_dim)?,
-            bias: Tensor::cat(&biases, 0)?,
-            layout,
-        };
         Ok(Self {
-            qkv_proj,
+            qkv_proj: Linear {
+                weight,
+                bias,
+                layout,
+            },
             out_proj: Linear::load(vb.pp("out_proj"), h, h, layout)?,
-            heads,
+            heads: cfg.num_attention_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
+    /// `mask`: [B, 1, 1, T], 0 on valid keys (None when nothing is padded).
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, prof: &mut Profiler) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
+        let dev = x.device();
         let dh = h / self.heads;
-        let qkv = self
-            .qkv_proj
-            .forward(x)?
-            .reshape((b, t, 3, self.heads, dh))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let k_t = k.t()?;
-        // Queries in blocks, so the scores held at once stay under ATTENTION_BLOCK_ELEMS
-        // (B·heads·rows·T) however long the batch: memory O(T) per block instead of O(T²).
-        let rows = (ATTENTION_BLOCK_ELEMS / (b * self.heads * t).max(1)).clamp(1, t.max(1));
-        let mut blocks = Vec::with_capacity(t.div_ceil(rows));
-        for q0 in (0..t).step_by(rows) {
-            let qb = q.narrow(2, q0, rows.min(t - q0))?;
-            let scores = qb.matmul(&k_t)?;
-            let probs = tensor_ops::masked_softmax(&scores, &mask.valid, mask.additive.as_ref())?;
-            blocks.push(probs.matmul(&v)?);
-        }
-        let ctx = if blocks.len() == 1 {
-            blocks.pop().unwrap_or(q)
-        } else {
-            Tensor::cat(&blocks, 2)?
-        };
-        let ctx = ctx.transpose(1, 2)?.reshape((b, t, h))?;
-        self.out_proj.forward(&ctx)
+        let qkv = timed(prof, Kind::Linear, dev, || self.qkv_proj.forward(x))?;
+        let ctx = timed(prof, Kind::Attention, dev, || {
+            let qkv = qkv
+                .reshape((b, t, 3, self.heads, dh))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            let k_t = k.t()?;
+            // Queries in blocks, so the scores held at once stay under ATTENTION_BLOCK_ELEMS
+            // (B·heads·rows·T) however long the batch: memory O(T) per block instead of O(T²).
+            let rows = (ATTENTION_BLOCK_ELEMS / (b * self.heads * t).max(1)).clamp(1, t.max(1));
+            let mut blocks = Vec::with_capacity(t.div_ceil(rows));
+            for q0 in (0..t).step_by(rows) {
+                let scores = q.narrow(2, q0, rows.min(t - q0))?.matmul(&k_t)?;
+                blocks.push(masked_softmax(&scores, mask)?.matmul(&v)?);
+            }
+            Tensor::cat(&blocks, 2)?.transpose(1, 2)?.reshape((b, t, h))
+        })?;
+        timed(prof, Kind::Linear, dev, || self.out_proj.forward(&ctx))
     }
 }
 
@@ -470,10 +613,13 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.intermediate_dense.matmul(x)?;
-        let y = tensor_ops::bias_act(&y, Some(&self.intermediate_dense.bias), self.act)?;
-        self.output_dense.forward(&y)
+    fn forward(&self, x: &Tensor, prof: &mut Profiler) -> Result<Tensor> {
+        let dev = x.device();
+        let y = timed(prof, Kind::Linear, dev, || {
+            self.intermediate_dense.forward(x)
+        })?;
+        let y = timed(prof, Kind::Elementwise, dev, || act(&y, self.act))?;
+        timed(prof, Kind::Linear, dev, || self.output_dense.forward(&y))
     }
 }
 
@@ -498,20 +644,28 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &KeyMask) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, prof: &mut Profiler) -> Result<Tensor> {
+        let dev = x.device();
+        let norm = |prof: &mut Profiler, ln: &LayerNorm, x: &Tensor| {
+            timed(prof, Kind::Norm, dev, || ln.forward(x))
+        };
+        let add = |prof: &mut Profiler, a: &Tensor, b: &Tensor| {
+            timed(prof, Kind::Elementwise, dev, || a + b)
+        };
         if self.pre_ln {
-            let a = self.attention.forward(&self.layer_norm.forward(x)?, mask)?;
-            let x = (x + a)?;
-            let f = self
-                .feed_forward
-                .forward(&self.final_layer_norm.forward(&x)?)?;
-            x + f
+            let normed = norm(prof, &self.layer_norm, x)?;
+            let a = self.attention.forward(&normed, mask, prof)?;
+            let x = add(prof, x, &a)?;
+            let normed = norm(prof, &self.final_layer_norm, &x)?;
+            let f = self.feed_forward.forward(&normed, prof)?;
+            add(prof, &x, &f)
         } else {
-            let x = self
-                .layer_norm
-                .forward(&(x + self.attention.forward(x, mask)?)?)?;
-            let f = self.feed_forward.forward(&x)?;
-            self.final_layer_norm.forward(&(x + f)?)
+            let a = self.attention.forward(x, mask, prof)?;
+            let x = add(prof, x, &a)?;
+            let x = norm(prof, &self.layer_norm, &x)?;
+            let f = self.feed_forward.forward(&x, prof)?;
+            let x = add(prof, &x, &f)?;
+            norm(prof, &self.final_layer_norm, &x)
         }
     }
 }
@@ -536,11 +690,10 @@ impl Encoder {
             },
             || PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg),
         );
-        let layers = layers?;
         Ok(Self {
             pos_conv_embed: pos_conv_embed?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
-            layers,
+            layers: layers?,
             pre_ln: cfg.do_stable_layer_norm,
         })
     }
@@ -549,63 +702,34 @@ impl Encoder {
     fn forward(
         &self,
         x: &Tensor,
-        mask: &KeyMask,
+        mask: Option<&Tensor>,
         last: usize,
         prof: &mut Profiler,
     ) -> Result<Vec<Tensor>> {
-        let pos = self.pos_conv_embed.forward(x)?;
-        prof.lap("pos_conv", &pos)?;
-        let mut x = (x + pos)?;
+        let dev = x.device();
+        let pos = timed(prof, Kind::Conv, dev, || self.pos_conv_embed.forward(x))?;
+        let mut x = timed(prof, Kind::Elementwise, dev, || x + pos)?;
         if !self.pre_ln {
-            x = self.layer_norm.forward(&x)?;
+            x = timed(prof, Kind::Norm, dev, || self.layer_norm.forward(&x))?;
         }
         let mut states = Vec::with_capacity(last + 1);
-        for (l, layer) in self.layers[..last].iter().enumerate() {
-            let next = layer.forward(&x, mask)?;
-            prof.lap(&format!("layer {l}"), &next)?;
+        for layer in &self.layers[..last] {
+            let next = layer.forward(&x, mask, prof)?;
             states.push(std::mem::replace(&mut x, next));
         }
         // The stable-LN encoder normalises only its final output.
         if self.pre_ln && last == self.layers.len() {
-            x = self.layer_norm.forward(&x)?;
+            x = timed(prof, Kind::Norm, dev, || self.layer_norm.forward(&x))?;
         }
         states.push(x);
         Ok(states)
     }
 }
 
-/// Wall time of each stage of one forward pass (only when asked for: it synchronises the device).
-struct Profiler {
-    laps: Option<Vec<(String, f64)>>,
-    /// Run the candle tensor ops even where the CPU engine applies.
-    tensor_ops: bool,
-    start: std::time::Instant,
-}
-
-impl Profiler {
-    fn new(enabled: bool) -> Self {
-        Self {
-            laps: enabled.then(Vec::new),
-            tensor_ops: false,
-            start: std::time::Instant::now(),
-        }
-    }
-
-    fn lap(&mut self, name: &str, done: &Tensor) -> Result<()> {
-        if let Some(laps) = self.laps.as_mut() {
-            done.device().synchronize()?;
-            laps.push((name.to_string(), self.start.elapsed().as_secs_f64()));
-            self.start = std::time::Instant::now();
-        }
-        Ok(())
-    }
-}
-
-/// transformers' `Wav2Vec2Model` / `HubertModel` (inference), returning every hidden state.
+/// transformers' `Wav2Vec2Model` / `HubertModel` (inference) in candle tensor ops, returning
+/// every hidden state; on the CPU in f32, [`CpuEncoder`] computes the same much faster.
 pub struct Wav2Vec2Model {
     cfg: Wav2Vec2Config,
-    /// The CPU f32 engine over a copy of the weights, built on the first CPU f32 forward.
-    cpu: std::sync::OnceLock<CpuEncoder>,
     conv_layers: Vec<ConvLayer>,
     feature_projection: FeatureProjection,
     encoder: Encoder,
@@ -641,7 +765,6 @@ impl Wav2Vec2Model {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            cpu: std::sync::OnceLock::new(),
             conv_layers,
             feature_projection: FeatureProjection::load(vb.pp("feature_projection"), cfg, layout)?,
             encoder: Encoder::load(vb.pp("encoder"), cfg, layout)?,
@@ -668,136 +791,23 @@ impl Wav2Vec2Model {
     /// the first layer, state `num_hidden_layers` the final output), computing no layer beyond
     /// the last one asked for; and the valid frame count of every utterance.
     ///
-    /// Memory: besides the states (B·T·H each), attention holds B·heads·T² scores per layer,
-    /// so batch long utterances by total frames. Errors: `lengths` not matching `wave`,
-    /// `max_hidden_state > num_hidden_layers`, or a batch shorter than the receptive field
-    /// (an utterance shorter than it inside a longer batch just gets 0 valid frames).
+    /// Memory: besides the states (B·T·H each), attention holds B·heads·T² scores per layer
+    /// (in blocks of bounded size), so batch long utterances by total frames. Errors:
+    /// `lengths` not matching `wave`, `max_hidden_state > num_hidden_layers`, or a batch
+    /// shorter than the receptive field (an utterance shorter than it inside a longer batch
+    /// just gets 0 valid frames).
     pub fn forward(
         &self,
         wave: &Tensor,
         lengths: &[usize],
         max_hidden_state: usize,
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
-        self.run(wave, lengths, max_hidden_state, &mut Profiler::new(false))
+        self.forward_profiled(wave, lengths, max_hidden_state, &mut Profiler::disabled())
     }
 
-    /// `forward` through candle's tensor ops (with the fused CPU kernels) even on CPU f32, where
-    /// `forward` runs the CPU engine: the path CUDA and f16/bf16 take, for tests and comparisons.
-    pub fn forward_tensor_ops(
-        &self,
-        wave: &Tensor,
-        lengths: &[usize],
-        max_hidden_state: usize,
-    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
-        let mut prof = Profiler::new(false);
-        prof.tensor_ops = true;
-        self.run(wave, lengths, max_hidden_state, &mut prof)
-    }
-
-    /// `forward` on a batch of waveforms of any lengths (zero-padded here into one
-    /// [B, max length] tensor on the model's device). Normalise each one first with
-    /// `normalize_waveform` when `preprocessor_config.json` says `do_normalize`.
-    pub fn forward_waveforms(
-        &self,
-        waves: &[&[f32]],
-        max_hidden_state: usize,
-    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
-        let lengths: Vec<usize> = waves.iter().map(|w| w.len()).collect();
-        let s = lengths.iter().copied().max().unwrap_or(0);
-        let mut flat = vec![0f32; waves.len() * s];
-        for (row, w) in flat.chunks_exact_mut(s.max(1)).zip(waves) {
-            row[..w.len()].copy_from_slice(w);
-        }
-        let wave = Tensor::from_vec(flat, (waves.len(), s), &self.device)?;
-        self.forward(&wave, &lengths, max_hidden_state)
-    }
-
-    /// `forward`, also returning the wall time in seconds of every stage (each conv layer,
-    /// projection, positional conv, each Transformer layer), for benchmarks.
-    #[allow(clippy::type_complexity)]
+    /// `forward`, timing every step into `prof` (each span waits for the device when `prof`
+    /// is enabled).
     pub fn forward_profiled(
-        &self,
-        wave: &Tensor,
-        lengths: &[usize],
-        max_hidden_state: usize,
-    ) -> Result<(Vec<Tensor>, Vec<usize>, Vec<(String, f64)>)> {
-        let mut prof = Profiler::new(true);
-        let (states, valid) = self.run(wave, lengths, max_hidden_state, &mut prof)?;
-        Ok((states, valid, prof.laps.unwrap_or_default()))
-    }
-
-    /// Whether `forward` runs on the CPU engine (`CpuEncoder`): CPU f32, unless the
-    /// environment sets `SPEECHCACHE_ENGINE=candle` (the tensor-op path CUDA and f16/bf16 use)
-    /// or the CPU kernels are off (`SPEECHCACHE_CPU_KERNELS=off`, `device::force_tensor_ops`).
-    pub fn uses_cpu_engine(&self) -> bool {
-        Self::cpu_engine_applies(&self.device, self.dtype)
-    }
-
-    /// Whether a model on `device` computing in `dtype` runs on the CPU engine.
-    pub fn cpu_engine_applies(device: &Device, dtype: DType) -> bool {
-        crate::device::Backend::new(device.clone(), dtype).is_ok_and(|b| b.uses_cpu_engine())
-    }
-
-    /// The CPU engine over this model's weights (built once, on first use).
-    pub fn cpu_engine(&self) -> Result<&CpuEncoder> {
-        if let Some(engine) = self.cpu.get() {
-            return Ok(engine);
-        }
-        let engine = CpuEncoder::new(self)?;
-        Ok(self.cpu.get_or_init(|| engine))
-    }
-
-    /// `forward` on the CPU engine: every utterance alone (no padding), in parallel, then
-    /// laid out as the padded `[B, T, H]` states of the tensor path (zeros past valid frames).
-    fn run_cpu(
-        &self,
-        wave: &Tensor,
-        lengths: &[usize],
-        max_hidden_state: usize,
-    ) -> Result<(Vec<Tensor>, Vec<usize>)> {
-        let engine = self.cpu_engine()?;
-        let (b, s) = wave.dims2()?;
-        let t = frames_for_samples(&self.cfg, s);
-        let h = self.cfg.hidden_size;
-        let rows = wave.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let valid: Vec<usize> = lengths
-            .iter()
-            .map(|&n| frames_for_samples(&self.cfg, n))
-            .collect();
-        let keep: Vec<usize> = (0..=max_hidden_state).collect();
-        let runnable: Vec<usize> = (0..b).filter(|&i| valid[i] > 0).collect();
-        let results = std::sync::Mutex::new((0..b).map(|_| None).collect::<Vec<_>>());
-        engine.run_each(
-            runnable.len(),
-            &keep,
-            |j| rows[runnable[j]][..lengths[runnable[j]]].to_vec(),
-            |j, r| match results.lock() {
-                Ok(mut slots) => {
-                    slots[runnable[j]] = Some(r);
-                    true
-                }
-                Err(_) => false,
-            },
-        );
-        let results = results
-            .into_inner()
-            .map_err(|_| candle_core::Error::Msg("a CPU engine thread panicked".into()))?;
-        let mut flat = vec![vec![0f32; b * t * h]; keep.len()];
-        for (i, r) in results.into_iter().enumerate() {
-            let Some(r) = r else { continue };
-            let (states, n) = r?;
-            for (dst, state) in flat.iter_mut().zip(states) {
-                dst[i * t * h..(i * t + n) * h].copy_from_slice(&state);
-            }
-        }
-        let states = flat
-            .into_iter()
-            .map(|v| Tensor::from_vec(v, (b, t, h), &self.device))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((states, valid))
-    }
-
-    fn run(
         &self,
         wave: &Tensor,
         lengths: &[usize],
@@ -805,39 +815,15 @@ impl Wav2Vec2Model {
         prof: &mut Profiler,
     ) -> Result<(Vec<Tensor>, Vec<usize>)> {
         let (b, s) = wave.dims2()?;
-        if lengths.len() != b || lengths.iter().any(|&n| n > s) {
-            candle_core::bail!(
-                "lengths {lengths:?} do not match a batch of {b} waveforms of {s} samples"
-            );
-        }
-        if max_hidden_state > self.cfg.num_hidden_layers {
-            candle_core::bail!(
-                "hidden state {max_hidden_state} asked of a model with {} layers (states 0..={})",
-                self.cfg.num_hidden_layers,
-                self.cfg.num_hidden_layers
-            );
-        }
-        if frames_for_samples(&self.cfg, s) == 0 {
-            candle_core::bail!(
-                "a batch of {s} samples is shorter than the model's receptive field of {} samples",
-                self.cfg.receptive_field()
-            );
-        }
-        if prof.laps.is_none() && !prof.tensor_ops && self.uses_cpu_engine() {
-            return self.run_cpu(wave, lengths, max_hidden_state);
-        }
+        check_batch(&self.cfg, (b, s), lengths, max_hidden_state)?;
         let mut x = wave.to_dtype(self.dtype)?.reshape((b, s, 1))?;
         let mut valid = lengths.to_vec();
-        for (i, conv) in self.conv_layers.iter().enumerate() {
-            let (y, v) = conv.forward(&x, &valid)?;
-            prof.lap(&format!("conv {i}"), &y)?;
-            x = y;
-            valid = v;
+        for conv in &self.conv_layers {
+            (x, valid) = timed(prof, Kind::Conv, &self.device, || conv.forward(&x, &valid))?;
         }
-        let x = self.feature_projection.forward(&x)?;
-        prof.lap("projection", &x)?;
+        let x = self.feature_projection.forward(&x, prof)?;
         let t = x.dim(1)?;
-        let (x, additive) = if valid.iter().all(|&n| n == t) {
+        let (x, mask) = if valid.iter().all(|&n| n == t) {
             (x, None)
         } else {
             let keep: Vec<f32> = valid
@@ -851,15 +837,48 @@ impl Wav2Vec2Model {
             } else {
                 -3.0e38
             };
-            let mask = keep.affine(-neg, neg)?;
-            let mask = mask.reshape((b, 1, 1, t))?.to_dtype(self.dtype)?;
+            let mask = keep
+                .affine(-neg, neg)?
+                .reshape((b, 1, 1, t))?
+                .to_dtype(self.dtype)?;
             (x.broadcast_mul(&keep.to_dtype(self.dtype)?)?, Some(mask))
         };
-        let mask = KeyMask {
-            valid: valid.clone(),
-            additive,
-        };
-        let states = self.encoder.forward(&x, &mask, max_hidden_state, prof)?;
+        let states = self
+            .encoder
+            .forward(&x, mask.as_ref(), max_hidden_state, prof)?;
         Ok((states, valid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames gathered in chunks of a few outputs (the last one short) give the frames of one
+    /// gather, for a strided conv and a grouped one.
+    #[test]
+    fn chunked_frame_gathers_equal_one_gather() {
+        let dev = Device::Cpu;
+        // strided: 3 utterances, 61 frames of 5 channels, kernel 3, stride 2 → 30 outputs
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 61, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (1, 15, 7), &dev).unwrap();
+        // grouped: 4 groups of 3 channels, kernel 5, 23 outputs
+        let xg = Tensor::randn(0f32, 1.0, (4, 3, 28, 3), &dev).unwrap();
+        let wg = Tensor::randn(0f32, 0.3, (4, 15, 3), &dev).unwrap();
+        for (x, w, shape, t_out) in [(&x, &w, (3, 2), 30), (&xg, &wg, (5, 1), 23)] {
+            let (g, b, _, c) = x.dims4().unwrap();
+            let whole = conv_frames(x, w, shape, t_out, usize::MAX).unwrap();
+            let chunk = g * b * shape.0 * c * 7; // 7 outputs per chunk
+            let chunked = conv_frames(x, w, shape, t_out, chunk).unwrap();
+            assert_eq!(whole.dims(), &[g, b, t_out, w.dim(2).unwrap()]);
+            let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (whole, chunked) = (values(whole), values(chunked));
+            let d = whole
+                .iter()
+                .zip(&chunked)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(d < 1e-5, "{shape:?}: {d}");
+        }
+        assert!(conv_frames(&x, &w, (3, 2), 31, 1 << 20).is_err());
     }
 }

@@ -13,12 +13,17 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-pub mod ctc;
 pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod ctc;
 pub mod gemm;
+pub mod layer_sum;
 pub mod norm;
 pub mod profile;
 pub mod winograd;
+
+pub use norm::{utterance_mvn, MaskedBatchNorm, RUNNING_STAT_NAMES};
 
 /// Softmax over the last dimension built from differentiable primitives (never the fused
 /// `softmax_last_dim`, whose backward is missing).
@@ -66,78 +71,6 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
-    }
-}
-
-/// Batch normalisation over the channel (last) axis of time-major `[B, T, C]` input, mirroring
-/// `torch.nn.BatchNorm1d(C)` (keys `weight`, `bias`, `running_mean`, `running_var`; eps 1e-5,
-/// momentum 0.1). Unlike torch, training statistics count only valid frames (`mask`), so padding
-/// never changes them. The running statistics are stored as non-trainable state: they receive no
-/// gradient and are updated in place during training forwards.
-#[derive(Debug, Clone)]
-pub struct MaskedBatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: f64,
-    momentum: f64,
-}
-
-/// Names of non-trainable state tensors (excluded from optimisers and gradient checks).
-pub const RUNNING_STAT_NAMES: [&str; 2] = ["running_mean", "running_var"];
-
-impl MaskedBatchNorm {
-    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
-            running_mean: vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?,
-            running_var: vb.get_with_hints(channels, "running_var", Init::Const(1.0))?,
-            eps: 1e-5,
-            momentum: 0.1,
-        })
-    }
-
-    /// `x`: `[B, T, C]`; `mask`: `[B, T, 1]` of 1 (valid) / 0 (padding); `valid`: number of ones.
-    pub fn forward(&self, x: &Tensor, mask: &Tensor, valid: usize, train: bool) -> Result<Tensor> {
-        if !train {
-            let std = (&self.running_var + self.eps)?.sqrt()?;
-            return x
-                .broadcast_sub(&self.running_mean)?
-                .broadcast_div(&std)?
-                .broadcast_mul(&self.weight)?
-                .broadcast_add(&self.bias);
-        }
-        let (b, t, c) = x.dims3()?;
-        let n = valid.max(1) as f64;
-        let masked = x.broadcast_mul(mask)?;
-        let mean = (masked.reshape((b * t, c))?.sum_keepdim(0)? / n)?; // [1, C]
-        let centred = x.broadcast_sub(&mean.reshape((1, 1, c))?)?;
-        let var = (centred
-            .broadcast_mul(mask)?
-            .sqr()?
-            .reshape((b * t, c))?
-            .sum_keepdim(0)?
-            / n)?;
-        self.update_running(&mean.detach(), &var.detach(), n)?;
-        let std = (var + self.eps)?.sqrt()?.reshape((1, 1, c))?;
-        centred
-            .broadcast_div(&std)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-
-    /// torch's update: running = (1 - momentum) * running + momentum * batch, with the unbiased
-    /// batch variance.
-    fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
-        let c = self.running_mean.dim(0)?;
-        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        let m = self.momentum;
-        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean.reshape(c)? * m)?)?;
-        let new_var = ((&self.running_var * (1.0 - m))? + (var.reshape(c)? * (m * unbiased))?)?;
-        self.running_mean.slice_set(&new_mean, 0, 0)?;
-        self.running_var.slice_set(&new_var, 0, 0)
     }
 }
 

@@ -50,7 +50,12 @@ pub fn im2col(x: &[f32], geo: &Geometry, (row0, rows): (usize, usize), col: &mut
             for kt in 0..3 {
                 for kf in 0..3 {
                     let src = ((s * (row0 + ti) + kt) * geo.cols + s * fi + kf) * c;
-                    o[(kt * 3 + kf) * c..][..c].copy_from_slice(&x[src..src + c]);
+                    if c == 1 {
+                        // one channel: a plain store (a slice copy per tap costs a call)
+                        o[kt * 3 + kf] = x[src];
+                    } else {
+                        o[(kt * 3 + kf) * c..][..c].copy_from_slice(&x[src..src + c]);
+                    }
                 }
             }
         }
@@ -82,18 +87,26 @@ pub fn fill_bias(y: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `y [out_rows, out_cols, C_out] = bias + conv(x, w)` for the first `geo.out_rows` output
-/// rows, with `w_taps` in [`weight_taps_last`] layout `[C_out, 9 C_in]`.
-pub fn forward(x: &[f32], geo: &Geometry, w_taps: &[f32], bias: &[f32], y: &mut [f32]) {
+/// `y [out_rows, out_cols, C_out] = epilogue(bias + conv(x, w))` for the first `geo.out_rows`
+/// output rows, with `w_taps` in [`weight_taps_last`] layout `[C_out, 9 C_in]`; `epilogue`
+/// (an activation, or nothing) runs on each block while it is in cache.
+pub fn forward(
+    x: &[f32],
+    geo: &Geometry,
+    (w_taps, bias): (&[f32], &[f32]),
+    y: &mut [f32],
+    epilogue: impl Fn(&mut [f32]),
+) {
     let (oc, co, k) = (geo.out_cols(), geo.c_out, 9 * geo.c_in);
     let mut col = Vec::new();
-    fill_bias(&mut y[..geo.out_rows * oc * co], bias);
     for row0 in (0..geo.out_rows).step_by(geo.block()) {
         let rows = geo.block().min(geo.out_rows - row0);
         im2col(x, geo, (row0, rows), &mut col);
         let out = &mut y[row0 * oc * co..][..rows * oc * co];
+        fill_bias(out, bias);
         let (a, w) = (Mat::rows(&col, k), Mat::rows(w_taps, k).t());
         matmul_serial(rows * oc, co, k, out, co, a, w, true);
+        epilogue(out);
     }
 }
 

@@ -1487,8 +1487,7 @@ fn conv_relu_forward(
             out_rows: valid[bi],
             ..geo
         };
-        conv::forward(&x[bi * in_len..][..in_len], &g, &w, bias, out);
-        relu_in_place(&mut out[..valid[bi] * geo.out_cols() * c_out]);
+        conv::forward(&x[bi * in_len..][..in_len], &g, (&w, bias), out, relu_in_place);
     });
     Ok(y)
 }

@@ -825,8 +825,8 @@ impl Stepper<'_> {
             let (loss_value, t2) = match self.engine {
                 Some(engine) => {
                     let scale = 1.0 / (n * group);
-                    let out =
-                        engine.train_step_profiled(&feats, &lens, &targets, scale, &mut self.profile)?;
+                    let prof = &mut self.profile;
+                    let out = engine.train_step_profiled(&feats, &lens, &targets, scale, prof)?;
                     let t2 = t1 + Duration::from_secs_f64(out.forward_s);
                     acc.add_tensors(&out.grads)?;
                     (out.losses.iter().sum::<f64>() / n, t2)

@@ -105,7 +105,16 @@ pub fn context(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    matmul_serial(rows, dk, keys, out, out_stride, Mat::rows(probs, keys), v, false);
+    matmul_serial(
+        rows,
+        dk,
+        keys,
+        out,
+        out_stride,
+        Mat::rows(probs, keys),
+        v,
+        false,
+    );
 }
 
 /// The projected inputs of relative-position attention: `q`, `k`, `v` `[B T, d]`, the
@@ -193,7 +202,11 @@ pub fn rel_pos_context(
         let mut pd = vec![0f32; t * t];
         for h in 0..geo.heads {
             let off = (bi * geo.heads + h) * t * t;
-            let a = dropped(&probs[off..][..t * t], att_mask.map(|m| &m[off..][..t * t]), &mut pd);
+            let a = dropped(
+                &probs[off..][..t * t],
+                att_mask.map(|m| &m[off..][..t * t]),
+                &mut pd,
+            );
             context(a, geo.head(v, bi * t, h), (t, t, dk), &mut cb[h * dk..], d);
         }
     });
@@ -280,7 +293,16 @@ fn utterance_backward(
         let dch = geo.head(dctx, bi * t, h);
         let vh = geo.head(inp.v, bi * t, h);
         // dv_h = aᵀ · dctx_h ; da = dctx_h · v_hᵀ
-        matmul_serial(t, dk, t, &mut dvb[h * dk..], d, Mat::rows(a, t).t(), dch, false);
+        matmul_serial(
+            t,
+            dk,
+            t,
+            &mut dvb[h * dk..],
+            d,
+            Mat::rows(a, t).t(),
+            dch,
+            false,
+        );
         matmul_serial(t, t, dk, &mut da, t, dch, vh.t(), false);
         // through dropout and softmax, then 1/sqrt(dk)
         for r in 0..t {
@@ -304,13 +326,40 @@ fn utterance_backward(
         }
         let (kh, ph) = inp.head_views(geo, (bi, h), &mut qu, &mut qv);
         // d(q+u) = ds · k ; dk = dsᵀ · (q+u)
-        matmul_serial(t, dk, t, &mut dqb[h * dk..], d, Mat::rows(&da, t), kh, false);
+        matmul_serial(
+            t,
+            dk,
+            t,
+            &mut dqb[h * dk..],
+            d,
+            Mat::rows(&da, t),
+            kh,
+            false,
+        );
         let qu_m = Mat::rows(&qu, dk);
-        matmul_serial(t, dk, t, &mut dkb[h * dk..], d, Mat::rows(&da, t).t(), qu_m, false);
+        matmul_serial(
+            t,
+            dk,
+            t,
+            &mut dkb[h * dk..],
+            d,
+            Mat::rows(&da, t).t(),
+            qu_m,
+            false,
+        );
         // d(q+v) = dbd · p ; dp += dbdᵀ · (q+v)
         matmul_serial(t, dk, pn, &mut dqv, dk, Mat::rows(&dbd, pn), ph, false);
         let qv_m = Mat::rows(&qv, dk);
-        matmul_serial(pn, dk, t, &mut dp[h * dk..], d, Mat::rows(&dbd, pn).t(), qv_m, true);
+        matmul_serial(
+            pn,
+            dk,
+            t,
+            &mut dp[h * dk..],
+            d,
+            Mat::rows(&dbd, pn).t(),
+            qv_m,
+            true,
+        );
         for r in 0..t {
             let row = &mut dqb[r * d + h * dk..][..dk];
             for j in 0..dk {

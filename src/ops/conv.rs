@@ -71,7 +71,10 @@ pub fn col2im_add(dcol: &[f32], geo: &Geometry, (row0, rows): (usize, usize), dx
             for kt in 0..3 {
                 for kf in 0..3 {
                     let dst = ((s * (row0 + ti) + kt) * geo.cols + s * fi + kf) * c;
-                    for (a, &v) in dx[dst..dst + c].iter_mut().zip(&g[(kt * 3 + kf) * c..][..c]) {
+                    for (a, &v) in dx[dst..dst + c]
+                        .iter_mut()
+                        .zip(&g[(kt * 3 + kf) * c..][..c])
+                    {
                         *a += v;
                     }
                 }

@@ -13,15 +13,17 @@ pub fn layer_coefficients(weights: &[f32]) -> Vec<f32> {
 /// `x [B, T, D] = Σ_l alpha_l · feats[:, l]` for `feats` `[B, L, T, D]`, `alpha` `[L]`.
 pub fn forward(feats: &[f32], alpha: &[f32], frame_len: usize, x: &mut [f32]) {
     let l = alpha.len();
-    x.par_chunks_mut(frame_len).enumerate().for_each(|(bi, xb)| {
-        xb.fill(0.0);
-        for (li, &a) in alpha.iter().enumerate() {
-            let src = &feats[(bi * l + li) * frame_len..][..frame_len];
-            for (o, &v) in xb.iter_mut().zip(src) {
-                *o += a * v;
+    x.par_chunks_mut(frame_len)
+        .enumerate()
+        .for_each(|(bi, xb)| {
+            xb.fill(0.0);
+            for (li, &a) in alpha.iter().enumerate() {
+                let src = &feats[(bi * l + li) * frame_len..][..frame_len];
+                for (o, &v) in xb.iter_mut().zip(src) {
+                    *o += a * v;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Backward of [`forward`] through the softmax: `dweights += alpha ⊙ (dalpha - alpha·dalpha)`

@@ -196,7 +196,10 @@ fn masked_col_sums(x: &[f32], mask: &[f32], c: usize, center: Option<&[f32]>) ->
 /// `[N, C]` whose `mask` is 1 (padding never changes them).
 pub fn masked_moments(x: &[f32], mask: &[f32], c: usize, valid: usize) -> (Vec<f32>, Vec<f32>) {
     let n = valid.max(1) as f32;
-    let mean: Vec<f32> = masked_col_sums(x, mask, c, None).iter().map(|&s| s / n).collect();
+    let mean: Vec<f32> = masked_col_sums(x, mask, c, None)
+        .iter()
+        .map(|&s| s / n)
+        .collect();
     let sq = masked_col_sums(x, mask, c, Some(&mean));
     (mean, sq.iter().map(|&s| s / n).collect())
 }
@@ -350,7 +353,6 @@ impl MaskedBatchNorm {
     }
 }
 
-
 /// Variance floor of utterance normalisation (keeps constant dimensions finite).
 pub const UTTERANCE_VAR_FLOOR: f64 = 1e-6;
 
@@ -458,13 +460,15 @@ pub fn global_normalize(
     (layers, t, dim): (usize, usize, usize),
 ) {
     let rows = mean.len() / dim;
-    x.par_chunks_mut(t * dim).enumerate().for_each(|(bl, chunk)| {
-        let li = if rows == 1 { 0 } else { bl % layers };
-        let (m, s) = (&mean[li * dim..][..dim], &std[li * dim..][..dim]);
-        for row in chunk.chunks_exact_mut(dim) {
-            for j in 0..dim {
-                row[j] = (row[j] - m[j]) / s[j];
+    x.par_chunks_mut(t * dim)
+        .enumerate()
+        .for_each(|(bl, chunk)| {
+            let li = if rows == 1 { 0 } else { bl % layers };
+            let (m, s) = (&mean[li * dim..][..dim], &std[li * dim..][..dim]);
+            for row in chunk.chunks_exact_mut(dim) {
+                for j in 0..dim {
+                    row[j] = (row[j] - m[j]) / s[j];
+                }
             }
-        }
-    });
+        });
 }

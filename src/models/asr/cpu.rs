@@ -23,7 +23,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::finetune::optim::NamedVars;
-use crate::models::asr::conformer::{rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer};
+use crate::models::asr::conformer::{
+    rel_positional_table, CnnModuleNorm, ConformerConfig, InputLayer,
+};
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::ops::activation::{
     add_in_place, glu_backward, glu_forward, relu_backward, relu_in_place, residual_add,
@@ -38,7 +40,9 @@ use crate::ops::norm::{
     utterance_mvn_forward, BatchNormSaved, LayerNormSaved, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
 use crate::ops::profile::{Kind, Pass, Profiler};
-use crate::ops::{conv, correlate_rows, kernel_major, layer_sum, weight_grad, winograd, DropoutRng};
+use crate::ops::{
+    conv, correlate_rows, kernel_major, layer_sum, weight_grad, winograd, DropoutRng,
+};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -109,21 +113,33 @@ struct Linear<T> {
     weight: T,
     bias: Option<T>,
 }
-node!(Linear { leaves: [weight], optional: [bias], nodes: [] });
+node!(Linear {
+    leaves: [weight],
+    optional: [bias],
+    nodes: []
+});
 
 /// A layer norm's (or batch norm's) affine parameters.
 struct Norm<T> {
     weight: T,
     bias: T,
 }
-node!(Norm { leaves: [weight, bias], optional: [], nodes: [] });
+node!(Norm {
+    leaves: [weight, bias],
+    optional: [],
+    nodes: []
+});
 
 /// Batch norm's running statistics (state: updated in training forwards, never by gradients).
 struct Running<T> {
     mean: T,
     var: T,
 }
-node!(Running { leaves: [mean, var], optional: [], nodes: [] });
+node!(Running {
+    leaves: [mean, var],
+    optional: [],
+    nodes: []
+});
 
 /// ESPnet's `PositionwiseFeedForward` with its pre-norm.
 struct FeedForward<T> {
@@ -131,7 +147,11 @@ struct FeedForward<T> {
     w_1: Linear<T>,
     w_2: Linear<T>,
 }
-node!(FeedForward { leaves: [], optional: [], nodes: [norm, w_1, w_2] });
+node!(FeedForward {
+    leaves: [],
+    optional: [],
+    nodes: [norm, w_1, w_2]
+});
 
 /// ESPnet's `RelPositionMultiHeadedAttention` with its pre-norm.
 struct Attention<T> {
@@ -144,7 +164,11 @@ struct Attention<T> {
     bias_u: T,
     bias_v: T,
 }
-node!(Attention { leaves: [bias_u, bias_v], optional: [], nodes: [norm, q, k, v, out, pos] });
+node!(Attention {
+    leaves: [bias_u, bias_v],
+    optional: [],
+    nodes: [norm, q, k, v, out, pos]
+});
 
 /// ESPnet's `ConvolutionModule` with its pre-norm.
 struct ConvModule<T> {
@@ -156,7 +180,11 @@ struct ConvModule<T> {
     running: Option<Running<T>>,
     pointwise2: Linear<T>,
 }
-node!(ConvModule { leaves: [], optional: [], nodes: [norm, pointwise1, depthwise, conv_norm, running, pointwise2] });
+node!(ConvModule {
+    leaves: [],
+    optional: [],
+    nodes: [norm, pointwise1, depthwise, conv_norm, running, pointwise2]
+});
 
 /// ESPnet's `EncoderLayer` of a Conformer.
 struct Layer<T> {
@@ -167,13 +195,24 @@ struct Layer<T> {
     /// With the conv module only.
     final_norm: Option<Norm<T>>,
 }
-node!(Layer { leaves: [], optional: [], nodes: [macaron, attn, conv, ffn, final_norm] });
+node!(Layer {
+    leaves: [],
+    optional: [],
+    nodes: [macaron, attn, conv, ffn, final_norm]
+});
 
 /// ESPnet's input layer: `Linear` + layer norm, or `Conv2dSubsampling` (two 3×3 convs and a
 /// Linear over the flattened channels × frequencies).
 enum Embed<T> {
-    Linear { linear: Linear<T>, norm: Norm<T> },
-    Conv { conv0: Linear<T>, conv1: Linear<T>, out: Linear<T> },
+    Linear {
+        linear: Linear<T>,
+        norm: Norm<T>,
+    },
+    Conv {
+        conv0: Linear<T>,
+        conv1: Linear<T>,
+        out: Linear<T>,
+    },
 }
 
 impl<T> Node<T> for Embed<T> {
@@ -197,7 +236,11 @@ impl<T> Node<T> for Embed<T> {
                 linear.into_leaves(out);
                 norm.into_leaves(out);
             }
-            Embed::Conv { conv0, conv1, out: o } => {
+            Embed::Conv {
+                conv0,
+                conv1,
+                out: o,
+            } => {
                 conv0.into_leaves(out);
                 conv1.into_leaves(out);
                 o.into_leaves(out);
@@ -235,7 +278,11 @@ struct Weights<T> {
     after_norm: Norm<T>,
     ctc: Linear<T>,
 }
-node!(Weights { leaves: [], optional: [], nodes: [front, embed, layers, after_norm, ctc] });
+node!(Weights {
+    leaves: [],
+    optional: [],
+    nodes: [front, embed, layers, after_norm, ctc]
+});
 
 impl Weights<usize> {
     /// Resolves every parameter the engine reads from the model's variable names (the only
@@ -255,7 +302,11 @@ impl Weights<usize> {
         let linear = |p: &str, bias: bool| -> Result<Linear<usize>> {
             Ok(Linear {
                 weight: get(format!("{p}.weight"))?,
-                bias: if bias { Some(get(format!("{p}.bias"))?) } else { None },
+                bias: if bias {
+                    Some(get(format!("{p}.bias"))?)
+                } else {
+                    None
+                },
             })
         };
         let norm = |p: &str| -> Result<Norm<usize>> {
@@ -295,7 +346,10 @@ impl Weights<usize> {
             };
             Ok(Layer {
                 macaron: if cfg.macaron_style {
-                    let (p, n) = (format!("{e}.feed_forward_macaron"), format!("{e}.norm_ff_macaron"));
+                    let (p, n) = (
+                        format!("{e}.feed_forward_macaron"),
+                        format!("{e}.norm_ff_macaron"),
+                    );
                     Some(ffn(&p, &n)?)
                 } else {
                     None
@@ -357,7 +411,14 @@ impl Linear<Vec<f32>> {
     }
 
     /// Adds this layer's gradients into `grad`; writes `dx` when given.
-    fn backward(&self, grad: &mut Self, x: &[f32], dy: &[f32], d_in: usize, dx: Option<&mut [f32]>) {
+    fn backward(
+        &self,
+        grad: &mut Self,
+        x: &[f32],
+        dy: &[f32],
+        d_in: usize,
+        dx: Option<&mut [f32]>,
+    ) {
         let (dw, db) = (&mut grad.weight, grad.bias.as_deref_mut());
         linear_backward(x, &self.weight, dy, d_in, dw, db, dx.map(|d| (d, false)));
     }
@@ -552,9 +613,12 @@ impl CpuEngine {
         let trainable = trainable
             .iter()
             .map(|(name, var)| {
-                names.get(name.as_str()).map(|&i| (i, var.clone())).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("engine: {name} is not a model variable"))
-                })
+                names
+                    .get(name.as_str())
+                    .map(|&i| (i, var.clone()))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!("engine: {name} is not a model variable"))
+                    })
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -578,12 +642,15 @@ impl CpuEngine {
             .iter()
             .map(|var| var.as_tensor().flatten_all()?.to_vec1::<f32>())
             .collect::<Result<Vec<_>>>()?;
-        Ok(Params(self.ids.map(&mut |&i| std::mem::take(&mut values[i]))))
+        Ok(Params(
+            self.ids.map(&mut |&i| std::mem::take(&mut values[i])),
+        ))
     }
 
     /// Zeroed gradients in the shape of the parameters.
     fn zero_grads(&self) -> Grads {
-        self.ids.map(&mut |&i| vec![0f32; self.vars[i].elem_count()])
+        self.ids
+            .map(&mut |&i| vec![0f32; self.vars[i].elem_count()])
     }
 
     /// The optimiser's gradients, in its order, from a step's gradient tree.
@@ -598,7 +665,9 @@ impl CpuEngine {
         self.trainable
             .iter()
             .map(|(i, var)| {
-                let g = by_var[*i].take().unwrap_or_else(|| vec![0f32; var.elem_count()]);
+                let g = by_var[*i]
+                    .take()
+                    .unwrap_or_else(|| vec![0f32; var.elem_count()]);
                 to_tensor(g, var.dims())
             })
             .collect()
@@ -633,8 +702,9 @@ impl CpuEngine {
         // ---- forward
         prof.set_pass(Pass::Forward);
         let (front, x) = self.front_forward(&p, feats, lengths, prof)?;
-        let (batch, sub, x) =
-            prof.time(Kind::Conv, || self.subsample_forward(&p, x, front.t, lengths, true))?;
+        let (batch, sub, x) = prof.time(Kind::Conv, || {
+            self.subsample_forward(&p, x, front.t, lengths, true)
+        })?;
         let d = self.cfg.output_size;
         let pe = prof.time(Kind::Attention, || -> Result<Vec<f32>> {
             let mut pe = rel_positional_table(batch.t, d);
@@ -651,16 +721,23 @@ impl CpuEngine {
             x = y;
         }
         let mut h = vec![0f32; x.len()];
-        let after = prof.time(Kind::Norm, || p.after_norm.layer_norm(&x, ESPNET_EPS, &mut h));
-        let (losses, dlogits) = prof.time(Kind::Ctc, || self.ctc_forward(&p.ctc, &h, &batch, targets, loss_scale))?;
+        let after = prof.time(Kind::Norm, || {
+            p.after_norm.layer_norm(&x, ESPNET_EPS, &mut h)
+        });
+        let (losses, dlogits) = prof.time(Kind::Ctc, || {
+            self.ctc_forward(&p.ctc, &h, &batch, targets, loss_scale)
+        })?;
         let forward_s = started.elapsed().as_secs_f64();
         // ---- backward
         prof.set_pass(Pass::Backward);
         let mut dh = vec![0f32; h.len()];
-        prof.time(Kind::Ctc, || p.ctc.backward(&mut g.ctc, &h, &dlogits, d, Some(&mut dh)));
+        prof.time(Kind::Ctc, || {
+            p.ctc.backward(&mut g.ctc, &h, &dlogits, d, Some(&mut dh))
+        });
         let mut dx = vec![0f32; x.len()];
         prof.time(Kind::Norm, || {
-            p.after_norm.layer_norm_backward(&mut g.after_norm, &dh, &after, &mut dx, false)
+            p.after_norm
+                .layer_norm_backward(&mut g.after_norm, &dh, &after, &mut dx, false)
         });
         drop(dh);
         for (layer, grad) in p.layers.iter().zip(g.layers.iter_mut()).rev() {
@@ -796,8 +873,11 @@ impl CpuEngine {
             }),
             _ => (vec![1.0], f.clone()),
         };
-        let mvn = (self.normalize == FeatureNormalize::Utterance)
-            .then(|| prof.time(Kind::Norm, || utterance_mvn_forward(&mut x, lengths, t, dim)));
+        let mvn = (self.normalize == FeatureNormalize::Utterance).then(|| {
+            prof.time(Kind::Norm, || {
+                utterance_mvn_forward(&mut x, lengths, t, dim)
+            })
+        });
         let (pre_in, out) = match &p.front.preencoder {
             Some(pre) => prof.time(Kind::Linear, || {
                 let mut y = vec![0f32; b * t * (pre.weight.len() / dim)];
@@ -834,7 +914,9 @@ impl CpuEngine {
             (Some(pre), Some(grad)) => {
                 let mut dx = vec![0f32; if need_dx { front.pre_in.len() } else { 0 }];
                 let dxo = need_dx.then_some(dx.as_mut_slice());
-                prof.time(Kind::Linear, || pre.backward(grad, &front.pre_in, &dz, dim, dxo));
+                prof.time(Kind::Linear, || {
+                    pre.backward(grad, &front.pre_in, &dz, dim, dxo)
+                });
                 dx
             }
             _ => dz,
@@ -969,7 +1051,13 @@ impl CpuEngine {
         let need_dx = self.front_needs_grad();
         let (t_in, f_in) = (saved.t_in, saved.f_in);
         match (p, g) {
-            (Embed::Linear { linear, norm }, Embed::Linear { linear: gl, norm: gn }) => {
+            (
+                Embed::Linear { linear, norm },
+                Embed::Linear {
+                    linear: gl,
+                    norm: gn,
+                },
+            ) => {
                 scale_mask(&mut dy, saved.mask.as_deref(), 1.0);
                 let ln = saved.ln.as_ref().ok_or_else(|| {
                     candle_core::Error::Msg("engine: the linear embed saved no norm".into())
@@ -977,12 +1065,22 @@ impl CpuEngine {
                 let mut dlin = vec![0f32; dy.len()];
                 norm.layer_norm_backward(gn, &dy, ln, &mut dlin, false);
                 let mut dx = vec![0f32; if need_dx { saved.x.len() } else { 0 }];
-                linear.backward(gl, &saved.x, &dlin, f_in, need_dx.then_some(dx.as_mut_slice()));
+                linear.backward(
+                    gl,
+                    &saved.x,
+                    &dlin,
+                    f_in,
+                    need_dx.then_some(dx.as_mut_slice()),
+                );
                 Ok(need_dx.then_some(dx))
             }
             (
                 Embed::Conv { conv0, conv1, out },
-                Embed::Conv { conv0: g0w, conv1: g1w, out: gout },
+                Embed::Conv {
+                    conv0: g0w,
+                    conv1: g1w,
+                    out: gout,
+                },
             ) => {
                 let (t1, f1, t2, f2) = saved.dims;
                 let (g0, g1) = subsampling_geometry(self.cfg.input_layer, (t_in, f_in), d);
@@ -1017,7 +1115,10 @@ impl CpuEngine {
                             out_rows: valid2[bi],
                             ..g1
                         };
-                        let (src, dout) = (utterance(r0, bi, t1 * f1 * d), utterance(&dr1, bi, t2 * f2 * d));
+                        let (src, dout) = (
+                            utterance(r0, bi, t1 * f1 * d),
+                            utterance(&dr1, bi, t2 * f2 * d),
+                        );
                         conv::backward(src, &geo, &w1, dout, acc, Some(dsrc));
                     });
                     conv::add_weight_grad_torch_layout(&dw1, d, d, &mut g1w.weight);
@@ -1038,7 +1139,10 @@ impl CpuEngine {
                         out_rows: valid1[bi],
                         ..g0
                     };
-                    let (xb, g) = (utterance(x, bi, t_in * f_in), utterance(dr0, bi, t1 * f1 * d));
+                    let (xb, g) = (
+                        utterance(x, bi, t_in * f_in),
+                        utterance(dr0, bi, t1 * f1 * d),
+                    );
                     let dxb = (!dxb.is_empty()).then_some(dxb);
                     conv::backward(xb, &geo, &w0, g, acc, dxb);
                 });
@@ -1072,13 +1176,15 @@ impl CpuEngine {
             }
             None => None,
         };
-        let (y, attn) =
-            prof.time(Kind::Attention, || self.attn_forward(&p.attn, &x, pe, batch, train))?;
+        let (y, attn) = prof.time(Kind::Attention, || {
+            self.attn_forward(&p.attn, &x, pe, batch, train)
+        })?;
         x = y;
         let conv = match &p.conv {
             Some(cm) => {
-                let (y, s) =
-                    prof.time(Kind::ConvModule, || self.conv_forward(cm, i, &x, batch, train))?;
+                let (y, s) = prof.time(Kind::ConvModule, || {
+                    self.conv_forward(cm, i, &x, batch, train)
+                })?;
                 x = y;
                 Some(s)
             }
@@ -1135,7 +1241,9 @@ impl CpuEngine {
             self.attn_backward((&p.attn, &mut g.attn), &mut dx, s.attn, pe, batch)
         });
         if let (Some(mac), Some(ffn), Some(grad)) = (s.macaron, &p.macaron, &mut g.macaron) {
-            prof.time(Kind::Linear, || self.ffn_backward((ffn, grad), &mut dx, mac, 0.5));
+            prof.time(Kind::Linear, || {
+                self.ffn_backward((ffn, grad), &mut dx, mac, 0.5)
+            });
         }
         Ok(dx)
     }
@@ -1187,7 +1295,8 @@ impl CpuEngine {
         silu_backward(&s.h, s.inner_mask.as_deref(), &mut da);
         let mut dxn = dout;
         p.w_1.backward(&mut g.w_1, &s.xn, &da, d, Some(&mut dxn));
-        p.norm.layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
     }
 
     fn attention_geometry(&self, batch: &Batch) -> attention::Geometry {
@@ -1263,7 +1372,8 @@ impl CpuEngine {
         let mut dout = dx.to_vec();
         scale_mask(&mut dout, s.out_mask.as_deref(), 1.0);
         let mut dctx = vec![0f32; n * d];
-        p.out.backward(&mut g.out, &s.ctx, &dout, d, Some(&mut dctx));
+        p.out
+            .backward(&mut g.out, &s.ctx, &dout, d, Some(&mut dctx));
         drop(dout);
         let inp = RelPosInputs {
             q: &s.q,
@@ -1286,7 +1396,8 @@ impl CpuEngine {
         add_in_place(&mut dxn, &tmp);
         p.v.backward(&mut g.v, &s.xn, &rg.dv, d, Some(&mut tmp));
         add_in_place(&mut dxn, &tmp);
-        p.norm.layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
     }
 
     fn conv_forward(
@@ -1386,15 +1497,20 @@ impl CpuEngine {
         let mut dout = dx.to_vec();
         scale_mask(&mut dout, s.out_mask.as_deref(), 1.0);
         let mut ds = vec![0f32; n * d];
-        p.pointwise2.backward(&mut g.pointwise2, &s.s, &dout, d, Some(&mut ds));
+        p.pointwise2
+            .backward(&mut g.pointwise2, &s.s, &dout, d, Some(&mut ds));
         silu_backward(&s.bn_out, None, &mut ds);
         let mut dc = dout;
         match &s.conv_norm {
             ConvNormSaved::Layer(ln) => {
-                p.conv_norm.layer_norm_backward(&mut g.conv_norm, &ds, ln, &mut dc, false)
+                p.conv_norm
+                    .layer_norm_backward(&mut g.conv_norm, &ds, ln, &mut dc, false)
             }
             ConvNormSaved::Batch(bn) => {
-                let dgb = (g.conv_norm.weight.as_mut_slice(), g.conv_norm.bias.as_mut_slice());
+                let dgb = (
+                    g.conv_norm.weight.as_mut_slice(),
+                    g.conv_norm.bias.as_mut_slice(),
+                );
                 let gamma = &p.conv_norm.weight;
                 batch_norm_backward(&ds, bn, gamma, (fm, batch.valid), &mut dc, dgb);
             }
@@ -1415,8 +1531,10 @@ impl CpuEngine {
         let mut dh = vec![0f32; n * 2 * d];
         glu_backward(&s.h, &dgm, d, Some(fm), &mut dh);
         let mut dxn = vec![0f32; n * d];
-        p.pointwise1.backward(&mut g.pointwise1, &s.xn, &dh, d, Some(&mut dxn));
-        p.norm.layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
+        p.pointwise1
+            .backward(&mut g.pointwise1, &s.xn, &dh, d, Some(&mut dxn));
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
     }
 }
 
@@ -1487,7 +1605,13 @@ fn conv_relu_forward(
             out_rows: valid[bi],
             ..geo
         };
-        conv::forward(&x[bi * in_len..][..in_len], &g, (&w, bias), out, relu_in_place);
+        conv::forward(
+            &x[bi * in_len..][..in_len],
+            &g,
+            (&w, bias),
+            out,
+            relu_in_place,
+        );
     });
     Ok(y)
 }

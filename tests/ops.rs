@@ -72,12 +72,15 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     err / scale.max(1e-30)
 }
 
-/// Checks every `(what, got, torch key)` of `case` against the fixture within `tol`.
-fn check(t: &HashMap<String, Tensor>, case: &str, tol: f64, pairs: &[(&str, &[f32], &str)]) {
-    for &(what, got, key) in pairs {
-        let e = rel_err(got, &vec(t, key));
-        println!("{case} {what}: {e:.2e} of the largest value");
-        assert!(e < tol, "{case} {what}: {e:.2e} >= {tol:.0e}");
+/// Largest relative error allowed: f32 arithmetic against float64 references.
+const TOL: f64 = 1e-5;
+
+/// Checks each `(key, got)` against the fixture's `{prefix}.{key}` within [`TOL`].
+fn check(t: &HashMap<String, Tensor>, (prefix, label): (&str, &str), got: &[(&str, &[f32])]) {
+    for &(key, got) in got {
+        let e = rel_err(got, &vec(t, &format!("{prefix}.{key}")));
+        println!("{label} {key}: {e:.2e} of the largest value");
+        assert!(e < TOL, "{label} {key}: {e:.2e} >= {TOL:.0e}");
     }
 }
 
@@ -119,17 +122,16 @@ fn rel_pos_attention_matches_torch_forward_and_gradients() {
     let g = attention::rel_pos_backward(&inp, &probs, Some(&keep), &dctx, geo);
     check(
         &t,
-        "rel-pos attention",
-        1e-5,
+        ("attention", "rel-pos attention"),
         &[
-            ("probabilities", &probs, "attention.probs"),
-            ("context", &ctx, "attention.ctx"),
-            ("q gradient", &g.dq, "attention.dq"),
-            ("k gradient", &g.dk, "attention.dk"),
-            ("v gradient", &g.dv, "attention.dv"),
-            ("positions gradient", &g.dp, "attention.dp"),
-            ("bias u gradient", &g.du, "attention.dbias_u"),
-            ("bias v gradient", &g.dbv, "attention.dbias_v"),
+            ("probs", &probs),
+            ("ctx", &ctx),
+            ("dq", &g.dq),
+            ("dk", &g.dk),
+            ("dv", &g.dv),
+            ("dp", &g.dp),
+            ("dbias_u", &g.du),
+            ("dbias_v", &g.dbv),
         ],
     );
 }
@@ -197,19 +199,9 @@ fn layer_norm_matches_torch_forward_and_gradients() {
             vec![0f32; gamma.len()],
         );
         layer_norm_backward(&dy, &saved, &gamma, &mut dx, false, &mut dg, &mut db);
-        let (ky, kdx, kdg, kdb) = (key("y"), key("dx"), key("dgamma"), key("dbeta"));
-        let pairs = [
-            ("output", &y[..], ky.as_str()),
-            ("input gradient", &dx, &kdx),
-            ("gamma gradient", &dg, &kdg),
-            ("beta gradient", &db, &kdb),
-        ];
-        check(
-            &t,
-            &format!("layer norm (eps {eps:e}, slices)"),
-            1e-5,
-            &pairs,
-        );
+        let prefix = format!("layer_norm.{case}");
+        let got = [("y", &y[..]), ("dx", &dx), ("dgamma", &dg), ("dbeta", &db)];
+        check(&t, (&prefix, &format!("layer norm {case} (slices)")), &got);
         // the tensor-op version
         let [xv, gv, bv] =
             ["x", "gamma", "beta"].map(|n| Var::from_tensor(&tensor(&t, &key(n))).unwrap());
@@ -221,17 +213,11 @@ fn layer_norm_matches_torch_forward_and_gradients() {
             grad(&store, &gv),
             grad(&store, &bv),
         );
-        let pairs = [
-            ("output", &y[..], ky.as_str()),
-            ("input gradient", &dx, &kdx),
-            ("gamma gradient", &dg, &kdg),
-            ("beta gradient", &db, &kdb),
-        ];
+        let got = [("y", &y[..]), ("dx", &dx), ("dgamma", &dg), ("dbeta", &db)];
         check(
             &t,
-            &format!("layer norm (eps {eps:e}, tensor ops)"),
-            1e-5,
-            &pairs,
+            (&prefix, &format!("layer norm {case} (tensor ops)")),
+            &got,
         );
     }
 }
@@ -273,16 +259,15 @@ fn masked_batch_norm_matches_torch_with_padding_and_running_stats() {
     batch_norm_forward(&x, (&rm0, &rv0), (&gamma, &beta), eps, &mut y_eval);
     check(
         &t,
-        "batch norm (slices)",
-        1e-5,
+        ("batch_norm", "batch norm (slices)"),
         &[
-            ("output", &y, "batch_norm.y"),
-            ("running mean", &rm, "batch_norm.new_running_mean"),
-            ("running var", &rv, "batch_norm.new_running_var"),
-            ("input gradient", &dx, "batch_norm.dx"),
-            ("gamma gradient", &dg, "batch_norm.dgamma"),
-            ("beta gradient", &db, "batch_norm.dbeta"),
-            ("eval output", &y_eval, "batch_norm.y_eval"),
+            ("y", &y),
+            ("new_running_mean", &rm),
+            ("new_running_var", &rv),
+            ("dx", &dx),
+            ("dgamma", &dg),
+            ("dbeta", &db),
+            ("y_eval", &y_eval),
         ],
     );
     // the tensor-op version (`MaskedBatchNorm`), on [B, T, C]
@@ -318,24 +303,15 @@ fn masked_batch_norm_matches_torch_with_padding_and_running_stats() {
     );
     check(
         &t,
-        "batch norm (tensor ops)",
-        1e-5,
+        ("batch_norm", "batch norm (tensor ops)"),
         &[
-            ("output", &y, "batch_norm.y"),
-            (
-                "running mean",
-                &var("running_mean"),
-                "batch_norm.new_running_mean",
-            ),
-            (
-                "running var",
-                &var("running_var"),
-                "batch_norm.new_running_var",
-            ),
-            ("input gradient", &dx, "batch_norm.dx"),
-            ("gamma gradient", &dg, "batch_norm.dgamma"),
-            ("beta gradient", &db, "batch_norm.dbeta"),
-            ("eval output", &y_eval, "batch_norm.y_eval"),
+            ("y", &y),
+            ("new_running_mean", &var("running_mean")),
+            ("new_running_var", &var("running_var")),
+            ("dx", &dx),
+            ("dgamma", &dg),
+            ("dbeta", &db),
+            ("y_eval", &y_eval),
         ],
     );
 }
@@ -351,9 +327,8 @@ fn utterance_mvn_matches_torch_forward_and_gradients() {
     utterance_mvn_backward(&mut dx, (&y, &rstd), &lengths, frames, dim);
     check(
         &t,
-        "utterance MVN (slices)",
-        1e-5,
-        &[("output", &y, "mvn.y"), ("input gradient", &dx, "mvn.dx")],
+        ("mvn", "utterance MVN (slices)"),
+        &[("y", &y), ("dx", &dx)],
     );
     let xv = Var::from_tensor(&tensor(&t, "mvn.x")).unwrap();
     let y = utterance_mvn(xv.as_tensor(), &lengths).unwrap();
@@ -361,9 +336,8 @@ fn utterance_mvn_matches_torch_forward_and_gradients() {
     let (y, dx) = (values(&y), grad(&store, &xv));
     check(
         &t,
-        "utterance MVN (tensor ops)",
-        1e-5,
-        &[("output", &y, "mvn.y"), ("input gradient", &dx, "mvn.dx")],
+        ("mvn", "utterance MVN (tensor ops)"),
+        &[("y", &y), ("dx", &dx)],
     );
 }
 
@@ -391,13 +365,12 @@ fn im2col_conv3x3_matches_torch_forward_and_gradients() {
         conv::backward(&x, &geo, &w_taps, &dy, &mut dw_taps, Some(&mut dx));
         let mut dw = vec![0f32; w.len()];
         conv::add_weight_grad_torch_layout(&dw_taps, c_out, c_in, &mut dw);
-        let (ky, kdx, kdw) = (key("y"), key("dx"), key("dw"));
-        let pairs = [
-            ("output", &y[..], ky.as_str()),
-            ("input gradient", &dx, &kdx),
-            ("weight gradient", &dw, &kdw),
-        ];
-        check(&t, &format!("conv3x3 {case}"), 1e-5, &pairs);
+        let got = [("y", &y[..]), ("dx", &dx), ("dw", &dw)];
+        check(
+            &t,
+            (&format!("conv.{case}"), &format!("conv3x3 {case}")),
+            &got,
+        );
     }
 }
 
@@ -409,22 +382,12 @@ fn silu_relu_glu_match_torch_forward_and_gradients() {
     silu_forward(&h, Some(&keep), &mut y);
     let mut dh = dy.clone();
     silu_backward(&h, Some(&keep), &mut dh);
-    check(
-        &t,
-        "silu + dropout",
-        1e-5,
-        &[("output", &y, "silu.y"), ("input gradient", &dh, "silu.dh")],
-    );
+    check(&t, ("silu", "silu + dropout"), &[("y", &y), ("dh", &dh)]);
 
     let (mut y, mut dh) = (vec(&t, "relu.h"), vec(&t, "relu.dy"));
     relu_in_place(&mut y);
     relu_backward(&y, &mut dh);
-    check(
-        &t,
-        "relu",
-        1e-6,
-        &[("output", &y, "relu.y"), ("input gradient", &dh, "relu.dh")],
-    );
+    check(&t, ("relu", "relu"), &[("y", &y), ("dh", &dh)]);
 
     let [h, mask, dy] = ["h", "row_mask", "dy"].map(|n| vec(&t, &format!("glu.{n}")));
     let dim = dy.len() / mask.len();
@@ -432,12 +395,7 @@ fn silu_relu_glu_match_torch_forward_and_gradients() {
     glu_forward(&h, dim, Some(&mask), &mut y);
     let mut dh = vec![0f32; h.len()];
     glu_backward(&h, &dy, dim, Some(&mask), &mut dh);
-    check(
-        &t,
-        "glu + row mask",
-        1e-5,
-        &[("output", &y, "glu.y"), ("input gradient", &dh, "glu.dh")],
-    );
+    check(&t, ("glu", "glu + row mask"), &[("y", &y), ("dh", &dh)]);
 }
 
 #[test]
@@ -453,12 +411,8 @@ fn softmax_weighted_layer_sum_matches_torch_forward_and_gradients() {
     layer_sum::backward(&dy, &feats, &alpha, frames * dim, &mut dw);
     check(
         &t,
-        "layer sum",
-        1e-5,
-        &[
-            ("output", &y, "layer_sum.y"),
-            ("weights gradient", &dw, "layer_sum.dweights"),
-        ],
+        ("layer_sum", "layer sum"),
+        &[("y", &y), ("dweights", &dw)],
     );
 }
 
@@ -491,12 +445,8 @@ fn ctc_loss_matches_torch_loss_and_gradient() {
     let (losses, dlogits) = (values(&losses), grad(&store, &logits));
     check(
         &t,
-        "ctc",
-        1e-5,
-        &[
-            ("losses", &losses, "ctc.losses"),
-            ("logits gradient", &dlogits, "ctc.dlogits"),
-        ],
+        ("ctc", "ctc"),
+        &[("losses", &losses), ("dlogits", &dlogits)],
     );
 }
 

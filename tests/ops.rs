@@ -11,6 +11,7 @@ use speechcache::ops::activation::{
     glu_backward, glu_forward, relu_backward, relu_in_place, silu_backward, silu_forward,
 };
 use speechcache::ops::attention::{self, Geometry, RelPosInputs, RelShift};
+use speechcache::ops::conv::{correlate_rows, kernel_major, weight_grad};
 use speechcache::ops::ctc::ctc_loss_from_logits;
 use speechcache::ops::gemm::Mat;
 use speechcache::ops::norm::{
@@ -18,7 +19,9 @@ use speechcache::ops::norm::{
     layer_norm_forward, masked_moments, utterance_mvn_backward, utterance_mvn_forward,
     BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
-use speechcache::ops::{conv, layer_norm, layer_sum, utterance_mvn, winograd, MaskedBatchNorm};
+use speechcache::ops::{
+    conv, depthwise_conv1d, layer_norm, layer_sum, utterance_mvn, winograd, MaskedBatchNorm,
+};
 
 fn fixture(name: &str) -> HashMap<String, Tensor> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -369,6 +372,34 @@ fn im2col_conv3x3_matches_torch_forward_and_gradients() {
         check(
             &t,
             (&format!("conv.{case}"), &format!("conv3x3 {case}")),
+            &got,
+        );
+    }
+}
+
+#[test]
+fn depthwise_conv1d_matches_torch_forward_and_gradients() {
+    let t = fixture("ops.safetensors");
+    for case in ["odd", "even"] {
+        let prefix = format!("depthwise.{case}");
+        let key = |n: &str| format!("{prefix}.{n}");
+        let (b, frames, c) = t[&key("x")].dims3().unwrap();
+        let k = t[&key("w")].dims()[2];
+        let (dims, pad) = ((b, frames, c, k), (k - 1) / 2);
+        let [x, w, dy] = ["x", "w", "dy"].map(|n| vec(&t, &key(n)));
+        let y = correlate_rows(&x, &kernel_major(&w, c, k, false), dims, pad);
+        let dx = correlate_rows(&dy, &kernel_major(&w, c, k, true), dims, k - 1 - pad);
+        let dw = weight_grad(&x, &dy, dims, pad);
+        let got = [("y", &y[..]), ("dx", &dx), ("dw", &dw)];
+        check(&t, (&prefix, &format!("depthwise {case} (slices)")), &got);
+        let [xv, wv] = ["x", "w"].map(|n| Var::from_tensor(&tensor(&t, &key(n))).unwrap());
+        let y = depthwise_conv1d(xv.as_tensor(), wv.as_tensor()).unwrap();
+        let store = vjp_loss(&y, &tensor(&t, &key("dy"))).backward().unwrap();
+        let (y, dx, dw) = (values(&y), grad(&store, &xv), grad(&store, &wv));
+        let got = [("y", &y[..]), ("dx", &dx), ("dw", &dw)];
+        check(
+            &t,
+            (&prefix, &format!("depthwise {case} (tensor op)")),
             &got,
         );
     }

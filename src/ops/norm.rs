@@ -111,12 +111,58 @@ pub fn layer_norm_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The tensor-op layer norm (candle path: CUDA, f16), differentiable through candle's autograd.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// Layer normalisation over the last dimension from differentiable primitives:
+/// `(x - mean) / sqrt(var + eps) * weight + bias`, biased variance as in `torch.nn.LayerNorm`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let std = (var + eps)?.sqrt()?;
+    centred
+        .broadcast_div(&std)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// ESPnet's `LayerNorm` (transformer/layer_norm.py) uses eps 1e-12.
+pub const ESPNET_LAYER_NORM_EPS: f64 = 1e-12;
+/// `torch.nn.LayerNorm` default eps.
+pub const TORCH_LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Mirrors `torch.nn.LayerNorm(dim)` (keys `weight`, `bias`) with the composite `layer_norm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// ESPnet's LayerNorm: eps 1e-12.
+    pub fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Self::load_with_eps(vb, dim, ESPNET_LAYER_NORM_EPS)
+    }
+
+    pub fn load_with_eps(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Batch normalisation over the valid frames of a padded batch, and feature normalisations
 // (utterance MVN, global). Each kernel has the f32-slice version (the CPU trainer) and, where
 // the candle tensor-op path needs one (CUDA, f16), its tensor version beside it.
-
-use candle_core::{Result, Tensor};
-use candle_nn::{Init, VarBuilder};
 
 /// `torch.nn.BatchNorm1d` defaults.
 pub const BATCH_NORM_EPS: f64 = 1e-5;

@@ -32,6 +32,7 @@ use crate::ops::activation::{
     scale_mask, silu_backward, silu_forward,
 };
 use crate::ops::attention::{self, RelPosInputs};
+use crate::ops::conv::{correlate_rows, kernel_major, weight_grad};
 use crate::ops::ctc::ctc_loss_from_logits;
 use crate::ops::gemm::{self, add_col_sums, grouped_sum, linear_backward, linear_forward, Mat};
 use crate::ops::norm::{
@@ -40,9 +41,7 @@ use crate::ops::norm::{
     utterance_mvn_forward, BatchNormSaved, LayerNormSaved, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
 use crate::ops::profile::{Kind, Pass, Profiler};
-use crate::ops::{
-    conv, correlate_rows, kernel_major, layer_sum, weight_grad, winograd, DropoutRng,
-};
+use crate::ops::{conv, layer_sum, winograd, DropoutRng};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -260,7 +259,7 @@ impl<T> Node<T> for Front<T> {
     type Of<U> = Front<U>;
     fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Front<U> {
         Front {
-            layer_weights: self.layer_weights.as_ref().map(|v| f(v)),
+            layer_weights: self.layer_weights.as_ref().map(&mut *f),
             preencoder: Node::map(&self.preencoder, f),
         }
     }

@@ -3,6 +3,7 @@
 use crate::finetune::data::{FeatureSource, StoreSource};
 use crate::finetune::onthefly::OnTheFlySource;
 use crate::finetune::train::{self, TrainOptions, TrainSummary};
+use crate::ops::profile::Kind;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -146,7 +147,13 @@ fn print_profile(summary: &TrainSummary) {
     );
     println!("    {:<14} {:>9} {:>9}", "op", "forward", "backward");
     for (kind, f, b) in p.rows() {
-        println!("    {:<14} {:>9.1} {:>9.1}", kind.name(), per(f), per(b));
+        // the trainer records its optimiser update as `Other`
+        let name = if kind == Kind::Other {
+            "optimizer"
+        } else {
+            kind.name()
+        };
+        println!("    {name:<14} {:>9.1} {:>9.1}", per(f), per(b));
     }
     println!(
         "    {:<14} {:>9.1}",

@@ -5,7 +5,7 @@
 //! kernels and as the candle op built on them.
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::gemm::{matmul_serial, Mat};
@@ -215,11 +215,7 @@ pub struct DepthwiseConv1d {
 
 impl DepthwiseConv1d {
     pub fn load(vb: VarBuilder, channels: usize, kernel: usize) -> Result<Self> {
-        let bound = 1.0 / (kernel as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
+        let init = super::conv_init(kernel);
         Ok(Self {
             weight: vb.get_with_hints((channels, 1, kernel), "weight", init)?,
             bias: vb.get_with_hints(channels, "bias", init)?,

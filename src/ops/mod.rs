@@ -147,6 +147,15 @@ impl Dropout {
     }
 }
 
+/// torch's default init of a conv's weight and bias: uniform in `±1 / sqrt(fan_in)`.
+fn conv_init(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
 /// Pointwise (kernel 1) `torch.nn.Conv1d` applied to time-major `[B, T, C_in]` input as a
 /// matmul; keys `weight` `[C_out, C_in, 1]` and `bias` like the checkpoint.
 #[derive(Debug, Clone)]
@@ -157,11 +166,7 @@ pub struct PointwiseConv1d {
 
 impl PointwiseConv1d {
     pub fn load(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
-        let bound = 1.0 / (c_in as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
+        let init = conv_init(c_in);
         Ok(Self {
             weight: vb.get_with_hints((c_out, c_in, 1), "weight", init)?,
             bias: vb.get_with_hints(c_out, "bias", init)?,

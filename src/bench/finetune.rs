@@ -3,6 +3,7 @@
 use crate::finetune::data::{FeatureSource, StoreSource};
 use crate::finetune::onthefly::OnTheFlySource;
 use crate::finetune::train::{self, TrainOptions, TrainSummary};
+use crate::ops::profile::Kind;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -135,22 +136,28 @@ fn report(args: &FinetuneBenchArgs, what: &str, src: &dyn FeatureSource, summary
 
 /// Forward and backward seconds per step by op kind, so the next bottleneck is visible.
 fn print_profile(summary: &TrainSummary) {
-    let p = &summary.profile;
-    if p.steps == 0 {
+    let (p, steps) = (&summary.profile, summary.steps);
+    if steps == 0 {
         return;
     }
-    let per = |v: f64| 1000.0 * v / p.steps as f64;
+    let per = |v: f64| 1000.0 * v / steps as f64;
     println!(
-        "  time per optimizer step by op kind ({} steps, {}), ms:",
-        p.steps, summary.engine
+        "  time per optimizer step by op kind ({steps} steps, {}), ms:",
+        summary.engine
     );
     println!("    {:<14} {:>9} {:>9}", "op", "forward", "backward");
-    let (f, b) = (p.forward.values(), p.backward.values());
-    for (i, kind) in crate::models::asr::cpu::OpTimes::KINDS.iter().enumerate() {
-        println!("    {kind:<14} {:>9.1} {:>9.1}", per(f[i]), per(b[i]));
+    for (kind, f, b) in p.rows() {
+        // the trainer records its optimiser update as `Other`
+        let name = if kind == Kind::Other {
+            "optimizer"
+        } else {
+            kind.name()
+        };
+        println!("    {name:<14} {:>9.1} {:>9.1}", per(f), per(b));
     }
-    println!("    {:<14} {:>9.1}", "data", per(p.data));
-    println!("    {:<14} {:>9.1}", "optimizer", per(p.optimizer));
-    let total: f64 = f.iter().chain(b.iter()).sum::<f64>() + p.data + p.optimizer;
-    println!("    {:<14} {:>9.1}", "total", per(total));
+    println!(
+        "    {:<14} {:>9.1}",
+        "total",
+        per(p.forward_total() + p.backward_total())
+    );
 }

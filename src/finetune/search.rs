@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use ndarray::{ArrayView1, ArrayView2};
 
+use crate::ops::ctc::log_add;
+
 const NEG_INF: f64 = f64::NEG_INFINITY;
 
 /// Best path: the most probable class of every frame, repeats collapsed, blanks dropped.
@@ -32,19 +34,6 @@ fn argmax(row: ArrayView1<f32>) -> u32 {
         }
     }
     best as u32
-}
-
-/// `log(exp(a) + exp(b))`, with `-inf` as probability zero.
-#[inline]
-fn log_add(a: f64, b: f64) -> f64 {
-    if a == NEG_INF {
-        return b;
-    }
-    if b == NEG_INF {
-        return a;
-    }
-    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
-    hi + (lo - hi).exp().ln_1p()
 }
 
 /// Every prefix the search has created, as a tree: a prefix is a node, its labels are the path

@@ -16,13 +16,14 @@ use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
 use crate::finetune::layers::{LayerWeights, LAYER_WEIGHTS};
+use crate::models::asr::cpu::{CpuEngine, Params};
+use crate::ops::profile::{Kind, Pass, Profile, Profiler};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
 use crate::finetune::specaug;
 use crate::finetune::tokenizer::Tokenizer;
-use crate::models::asr::cpu::{CpuEngine, Params, StepProfile};
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::ops::ctc::ctc_loss;
 use crate::ops::RUNNING_STAT_NAMES;
@@ -322,8 +323,8 @@ pub struct TrainSummary {
     pub train_frames: usize,
     pub train_loop_s: f64,
     /// Time per op kind of this invocation's steps (the CPU engine's; candle's autograd
-    /// reports data and optimiser time only).
-    pub profile: StepProfile,
+    /// reports data (`Kind::Data`) and optimiser (`Kind::Other`) time only).
+    pub profile: Profile,
     /// Which compute path trained: "cpu-engine" or "candle".
     pub engine: String,
 }
@@ -598,7 +599,7 @@ fn train_on_pool(
         targets: &train_t,
         device: dev,
         checked_grads: false,
-        profile: StepProfile::default(),
+        profile: Profiler::enabled(),
     };
     summary.setup_s = started.elapsed().as_secs_f64();
     say(format!("setup took {:.3} s", summary.setup_s));
@@ -700,7 +701,7 @@ fn train_on_pool(
             ));
             summary.stopped_early = true;
             summary.final_epoch = epoch;
-            summary.profile = step.profile;
+            summary.profile = step.profile.profile();
             summary.train_loop_s = started.elapsed().as_secs_f64() - summary.setup_s;
             return Ok(summary);
         }
@@ -767,7 +768,7 @@ fn train_on_pool(
         }
         epoch += 1;
     }
-    summary.profile = step.profile;
+    summary.profile = step.profile.profile();
     summary.train_loop_s = started.elapsed().as_secs_f64() - summary.setup_s;
     Ok(summary)
 }
@@ -778,7 +779,7 @@ struct Stepper<'a> {
     model: &'a AsrModel,
     engine: Option<&'a CpuEngine>,
     /// Time per op kind, summed over steps.
-    profile: StepProfile,
+    profile: Profiler,
     vars: &'a NamedVars,
     opt: Adam,
     source: &'a dyn FeatureSource,
@@ -825,10 +826,11 @@ impl Stepper<'_> {
             let n = items.len() as f64;
             let (loss_value, t2) = match self.engine {
                 Some(engine) => {
-                    let out = engine.train_step(&feats, &lens, &targets, 1.0 / (n * group))?;
-                    let t2 = t1 + Duration::from_secs_f64(sum_forward(&out.profile));
+                    let scale = 1.0 / (n * group);
+                    let prof = &mut self.profile;
+                    let out = engine.train_step_profiled(&feats, &lens, &targets, scale, prof)?;
+                    let t2 = t1 + Duration::from_secs_f64(out.forward_s);
                     acc.add_tensors(&out.grads)?;
-                    self.profile.add(&out.profile);
                     (out.losses.iter().sum::<f64>() / n, t2)
                 }
                 None => {
@@ -874,9 +876,9 @@ impl Stepper<'_> {
             self.opt.skip_step();
         }
         timing[3] = t_update.elapsed().as_secs_f64();
-        self.profile.data += timing[0];
-        self.profile.optimizer += timing[3];
-        self.profile.steps += 1;
+        self.profile.set_pass(Pass::Forward);
+        self.profile.record(Kind::Data, timing[0]);
+        self.profile.record(Kind::Other, timing[3]);
         let loss = loss_sum / utts.max(1) as f64;
         Ok(StepLog {
             step: self.opt.step_count(),
@@ -895,11 +897,6 @@ impl Stepper<'_> {
             update_s: timing[3],
         })
     }
-}
-
-/// Seconds of an engine step's forward (featurizer through CTC loss).
-fn sum_forward(p: &StepProfile) -> f64 {
-    p.forward.values().iter().sum()
 }
 
 /// Work around candle 0.11's conv2d backward, which derives the transposed convolution's

@@ -160,6 +160,67 @@ pub fn scale_mask(g: &mut [f32], mask: Option<&[f32]>, scale: f32) {
     });
 }
 
+// ---------------------------------------------------------------------------------------------
+// ReLU and GLU (the Conformer's subsampling and convolution module), their backwards, and
+// in-place sums.
+
+
+/// Backward of `y = relu(x)` in place of `dy`, from the output `y`: zero where it was clipped.
+pub fn relu_backward(y: &[f32], dy: &mut [f32]) {
+    let per = row_block(dy.len() / 64 + 1) * 64;
+    dy.par_chunks_mut(per)
+        .zip(y.par_chunks(per))
+        .for_each(|(g, o)| {
+            for (g, &o) in g.iter_mut().zip(o) {
+                if o <= 0.0 {
+                    *g = 0.0;
+                }
+            }
+        });
+}
+
+/// `y [N, dim] = a * sigmoid(b) * mask` for rows `h = [a | b]` `[N, 2 dim]` (torch's
+/// `glu(dim=-1)`), `row_mask` `[N]` zeroing padded rows.
+pub fn glu_forward(h: &[f32], dim: usize, row_mask: Option<&[f32]>, y: &mut [f32]) {
+    y.par_chunks_mut(dim)
+        .zip(h.par_chunks(2 * dim))
+        .enumerate()
+        .for_each(|(r, (g, hr))| {
+            let m = row_mask.map_or(1.0, |m| m[r]);
+            for j in 0..dim {
+                g[j] = hr[j] * sigmoid(hr[dim + j]) * m;
+            }
+        });
+}
+
+/// Backward of [`glu_forward`]: `dh [N, 2 dim]` from `dy [N, dim]`.
+pub fn glu_backward(h: &[f32], dy: &[f32], dim: usize, row_mask: Option<&[f32]>, dh: &mut [f32]) {
+    dh.par_chunks_mut(2 * dim)
+        .zip(h.par_chunks(2 * dim).zip(dy.par_chunks(dim)))
+        .enumerate()
+        .for_each(|(r, (o, (hr, g)))| {
+            let m = row_mask.map_or(1.0, |m| m[r]);
+            for j in 0..dim {
+                let sg = sigmoid(hr[dim + j]);
+                let gv = g[j] * m;
+                o[j] = gv * sg;
+                o[dim + j] = gv * hr[j] * sg * (1.0 - sg);
+            }
+        });
+}
+
+/// `acc += x` elementwise over the pool.
+pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    let per = row_block(acc.len() / 64 + 1) * 64;
+    acc.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .for_each(|(a, b)| {
+            for (a, &b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
+}
+
 // ---------------------------------------------------------------- GELU and the other inference
 // activations, in place (the SSL encoder's CPU executor; appended for issue #19)
 

@@ -258,7 +258,7 @@ fn validate(
 
 /// `log(exp(a) + exp(b))` that treats `-inf` as probability zero without producing NaN.
 #[inline]
-fn log_add(a: f64, b: f64) -> f64 {
+pub fn log_add(a: f64, b: f64) -> f64 {
     if a == NEG_INF {
         return b;
     }

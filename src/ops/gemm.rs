@@ -278,6 +278,41 @@ pub fn add_col_sums(x: &[f32], cols: usize, acc: &mut [f32]) {
     }
 }
 
+/// Fixed number of reduction groups of [`grouped_sum`] (independent of the thread count, so
+/// sums are deterministic).
+const GROUPS: usize = 8;
+
+/// Runs `f(item, acc)` for every item, items dealt round-robin into a fixed number of groups
+/// that run in parallel, each summing into its own zeroed accumulator of `acc_len`; returns the
+/// sum of the accumulators in group order (the same bits at any thread count).
+pub fn grouped_sum<T: Send>(
+    items: Vec<T>,
+    acc_len: usize,
+    f: impl Fn(T, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut groups: Vec<Vec<T>> = (0..GROUPS).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        groups[i % GROUPS].push(item);
+    }
+    let partials: Vec<Vec<f32>> = groups
+        .into_par_iter()
+        .map(|group| {
+            let mut acc = vec![0f32; if group.is_empty() { 0 } else { acc_len }];
+            for item in group {
+                f(item, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut sum = vec![0f32; acc_len];
+    for p in partials.iter().filter(|p| !p.is_empty()) {
+        for (s, &v) in sum.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    sum
+}
+
 /// Keep freed memory in the process for the next step instead of handing it back to the OS:
 /// a training step (or an utterance of extract) frees and reallocates the same large
 /// activation buffers every time, and

@@ -25,10 +25,12 @@ pub enum Kind {
     Ctc,
     /// Anything else (copies, layouts, the optimiser).
     Other,
+    /// Reading batches and augmenting them (SpecAugment).
+    Data,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Conv,
         Kind::Linear,
         Kind::Attention,
@@ -37,6 +39,7 @@ impl Kind {
         Kind::Elementwise,
         Kind::Ctc,
         Kind::Other,
+        Kind::Data,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Kind {
             Kind::Elementwise => "elementwise",
             Kind::Ctc => "ctc",
             Kind::Other => "other",
+            Kind::Data => "data",
         }
     }
 
@@ -58,7 +62,7 @@ impl Kind {
 }
 
 /// Wall seconds and call counts per [`Kind`], for the forward and the backward pass.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Profile {
     pub forward: [f64; Kind::ALL.len()],
     pub backward: [f64; Kind::ALL.len()],
@@ -131,19 +135,27 @@ impl Profiler {
     /// Runs `f`, adding its wall time to `kind` when enabled.
     #[inline]
     pub fn time<R>(&mut self, kind: Kind, f: impl FnOnce() -> R) -> R {
-        let Some(profile) = self.profile.as_mut() else {
+        if self.profile.is_none() {
             return f();
-        };
+        }
         let start = Instant::now();
         let out = f();
-        let secs = start.elapsed().as_secs_f64();
+        self.record(kind, start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Adds `secs` measured elsewhere to `kind` (one call), when enabled.
+    pub fn record(&mut self, kind: Kind, secs: f64) {
+        let pass = self.pass.unwrap_or(Pass::Forward);
+        let Some(profile) = self.profile.as_mut() else {
+            return;
+        };
         let i = kind.index();
-        match self.pass.unwrap_or(Pass::Forward) {
+        match pass {
             Pass::Forward => profile.forward[i] += secs,
             Pass::Backward => profile.backward[i] += secs,
         }
         profile.calls[i] += 1;
-        out
     }
 
     /// What was recorded (empty when disabled).

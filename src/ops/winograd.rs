@@ -128,11 +128,19 @@ impl Geometry {
     fn tile_rows(&self) -> usize {
         self.out_rows.div_ceil(2)
     }
-    fn check(&self) {
+    /// Panics unless there is a 3 × 3 output and the buffers (`x`, and the output or its
+    /// gradient) hold the geometry.
+    fn check(&self, x_len: usize, out_len: usize, out_what: &str) {
         assert!(
             self.cols >= 3 && self.out_rows + 2 <= self.rows,
             "winograd: {self:?} has no 3 × 3 output"
         );
+        assert!(
+            x_len >= self.rows * self.cols * self.c_in,
+            "winograd: input size"
+        );
+        let out = self.out_rows * self.out_cols() * self.c_out;
+        assert!(out_len >= out, "winograd: {out_what} size");
     }
     /// Tile rows per block.
     fn block_rows(&self) -> usize {
@@ -144,16 +152,8 @@ impl Geometry {
 /// `cols - 2` output columns; `y` is `[out_rows.., cols - 2, c_out]` (rows past `out_rows`
 /// untouched) and `u` is [`transform_filter`] of `w`.
 pub fn forward(x: &[f32], geo: Geometry, u: &[f32], y: &mut [f32]) {
-    geo.check();
+    geo.check(x.len(), y.len(), "output");
     let (c_in, c_out, oc) = (geo.c_in, geo.c_out, geo.out_cols());
-    assert!(
-        x.len() >= geo.rows * geo.cols * c_in,
-        "winograd: input size"
-    );
-    assert!(
-        y.len() >= geo.out_rows * oc * c_out,
-        "winograd: output size"
-    );
     assert_eq!(u.len(), K * c_in * c_out, "winograd: filter size");
     let tc = geo.tile_cols();
     let mut v = Vec::new();
@@ -310,16 +310,8 @@ pub fn backward(
     acc: &mut [f32],
     mut dx: Option<&mut [f32]>,
 ) {
-    geo.check();
+    geo.check(x.len(), dy.len(), "gradient");
     let (c_in, c_out, oc) = (geo.c_in, geo.c_out, geo.out_cols());
-    assert!(
-        x.len() >= geo.rows * geo.cols * c_in,
-        "winograd: input size"
-    );
-    assert!(
-        dy.len() >= geo.out_rows * oc * c_out,
-        "winograd: gradient size"
-    );
     assert_eq!(acc.len(), K * c_out * c_in, "winograd: accumulator size");
     if let Some(dx) = dx.as_deref() {
         assert!(

@@ -5,12 +5,17 @@
 //! tensor, most of them single-threaded; on two cores most of a step went to page faults and
 //! threads waiting on each other, not arithmetic. This engine computes the same function with
 //! the same parameters, dropout draws and batch-norm updates as `AsrModel::forward` +
-//! `ctc_loss`, but in a few dozen large, pool-parallel kernels (`crate::ops::kernels`): every
-//! matmul is one gemm on strided views (no head split/merge copies), the subsampling convs are
-//! im2col gemms per utterance, attention runs per utterance and head with its softmax fused.
-//! Gradients come back as tensors for the optimiser, so checkpoints, resume and the candle
-//! path (other devices and dtypes, `AsrModel::forward`) are unchanged; tests check both give
-//! the same loss and gradients (`tests/engine.rs`) and against PyTorch.
+//! `ctc_loss`, as a composition of the pool-parallel kernels of `crate::ops` (each with its
+//! backward and its own test against PyTorch): every matmul is one gemm on strided views (no
+//! head split/merge copies), the subsampling convs are im2col (or Winograd) gemms per
+//! utterance, attention runs per utterance and head with its softmax fused.
+//!
+//! The parameters are resolved from the model's variable names once, when the engine is built,
+//! into a typed tree ([`Weights`], as llm.c's `ParameterTensors`); a step reads their values
+//! into that tree and writes gradients into a tree of the same shape. Gradients come back as
+//! tensors for the optimiser, so checkpoints, resume and the candle path (other devices and
+//! dtypes, `AsrModel::forward`) are unchanged; tests check both give the same loss and
+//! gradients (`tests/engine.rs`) and against PyTorch.
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -23,122 +28,437 @@ use crate::models::asr::conformer::{
 };
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::ops::activation::{
-    self, residual_add, scale_mask, sigmoid, silu_backward, silu_forward,
+    add_in_place, glu_backward, glu_forward, relu_backward, relu_in_place, residual_add,
+    scale_mask, silu_backward, silu_forward,
 };
+use crate::ops::attention::{self, RelPosInputs};
+use crate::ops::conv::{correlate_rows, kernel_major, weight_grad};
 use crate::ops::ctc::ctc_loss_from_logits;
-use crate::ops::gemm::{
-    self, add_col_sums, linear_backward, linear_forward, matmul_serial, row_block, Mat,
+use crate::ops::gemm::{self, add_col_sums, grouped_sum, linear_backward, linear_forward, Mat};
+use crate::ops::norm::{
+    batch_norm_backward, batch_norm_forward, batch_norm_update_running, global_normalize,
+    layer_norm_backward, layer_norm_forward, masked_moments, utterance_mvn_backward,
+    utterance_mvn_forward, BatchNormSaved, LayerNormSaved, BATCH_NORM_EPS, BATCH_NORM_MOMENTUM,
 };
-use crate::ops::norm::{layer_norm_backward, layer_norm_forward, LayerNormSaved};
-use crate::ops::{correlate_rows, kernel_major, weight_grad, winograd, DropoutRng};
+use crate::ops::profile::{Kind, Pass, Profiler};
+use crate::ops::{conv, layer_sum, winograd, DropoutRng};
 
 type Result<T> = candle_core::Result<T>;
 
-/// Where a step's time goes, by op kind (seconds).
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct OpTimes {
-    pub front: f64,
-    pub subsampling: f64,
-    pub attention: f64,
-    pub feed_forward: f64,
-    pub conv_module: f64,
-    pub norms: f64,
-    pub ctc: f64,
+/// ESPnet's `LayerNorm` eps (every Conformer norm but the two below).
+const ESPNET_EPS: f32 = 1e-12;
+/// `torch.nn.LayerNorm`'s default eps (the linear embed's norm, the conv module's layer norm).
+const TORCH_EPS: f32 = 1e-5;
+
+// ---------------------------------------------------------------------------------------------
+// The typed parameter tree. `Weights<usize>` holds variable indices (resolved once from the
+// names), `Weights<Vec<f32>>` a step's values or its gradients.
+
+/// A tree whose leaves are parameters: mapped to a tree of the same shape, or flattened (in
+/// one fixed order).
+trait Node<T> {
+    type Of<U>;
+    fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Self::Of<U>;
+    fn into_leaves(self, out: &mut Vec<T>);
 }
 
-impl OpTimes {
-    pub const KINDS: [&'static str; 7] = [
-        "featurizer",
-        "subsampling",
-        "attention",
-        "feed-forward",
-        "conv module",
-        "norms",
-        "ctc + output",
-    ];
-
-    pub fn values(&self) -> [f64; 7] {
-        [
-            self.front,
-            self.subsampling,
-            self.attention,
-            self.feed_forward,
-            self.conv_module,
-            self.norms,
-            self.ctc,
-        ]
+impl<T, N: Node<T>> Node<T> for Option<N> {
+    type Of<U> = Option<N::Of<U>>;
+    fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Self::Of<U> {
+        self.as_ref().map(|n| Node::map(n, f))
     }
-
-    pub fn add(&mut self, o: &OpTimes) {
-        self.front += o.front;
-        self.subsampling += o.subsampling;
-        self.attention += o.attention;
-        self.feed_forward += o.feed_forward;
-        self.conv_module += o.conv_module;
-        self.norms += o.norms;
-        self.ctc += o.ctc;
+    fn into_leaves(self, out: &mut Vec<T>) {
+        if let Some(n) = self {
+            n.into_leaves(out)
+        }
     }
 }
 
-/// Forward and backward time per op kind of one or more steps.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct StepProfile {
-    pub forward: OpTimes,
-    pub backward: OpTimes,
-    /// Reading batches and SpecAugment.
-    pub data: f64,
-    /// Gradient clipping and the optimiser update.
-    pub optimizer: f64,
-    /// Steps summed.
-    pub steps: u64,
-}
-
-impl StepProfile {
-    pub fn add(&mut self, o: &StepProfile) {
-        self.forward.add(&o.forward);
-        self.backward.add(&o.backward);
-        self.data += o.data;
-        self.optimizer += o.optimizer;
-        self.steps += o.steps;
+impl<T, N: Node<T>> Node<T> for Vec<N> {
+    type Of<U> = Vec<N::Of<U>>;
+    fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Self::Of<U> {
+        self.iter().map(|n| Node::map(n, f)).collect()
+    }
+    fn into_leaves(self, out: &mut Vec<T>) {
+        for n in self {
+            n.into_leaves(out)
+        }
     }
 }
+
+/// `Node` for a struct of leaves (`T`), optional leaves (`Option<T>`) and nodes.
+macro_rules! node {
+    ($name:ident { leaves: [$($l:ident),*], optional: [$($o:ident),*], nodes: [$($n:ident),*] }) => {
+        impl<T> Node<T> for $name<T> {
+            type Of<U> = $name<U>;
+            fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> $name<U> {
+                $name {
+                    $($l: f(&self.$l),)*
+                    $($o: self.$o.as_ref().map(|v| f(v)),)*
+                    $($n: Node::map(&self.$n, f),)*
+                }
+            }
+            fn into_leaves(self, out: &mut Vec<T>) {
+                $(out.push(self.$l);)*
+                $(out.extend(self.$o);)*
+                $(self.$n.into_leaves(out);)*
+            }
+        }
+    };
+}
+
+/// `torch.nn.Linear` (or a 1×1 / depthwise conv): `weight` `[out, in…]`, optional `bias`.
+struct Linear<T> {
+    weight: T,
+    bias: Option<T>,
+}
+node!(Linear {
+    leaves: [weight],
+    optional: [bias],
+    nodes: []
+});
+
+/// A layer norm's (or batch norm's) affine parameters.
+struct Norm<T> {
+    weight: T,
+    bias: T,
+}
+node!(Norm {
+    leaves: [weight, bias],
+    optional: [],
+    nodes: []
+});
+
+/// Batch norm's running statistics (state: updated in training forwards, never by gradients).
+struct Running<T> {
+    mean: T,
+    var: T,
+}
+node!(Running {
+    leaves: [mean, var],
+    optional: [],
+    nodes: []
+});
+
+/// ESPnet's `PositionwiseFeedForward` with its pre-norm.
+struct FeedForward<T> {
+    norm: Norm<T>,
+    w_1: Linear<T>,
+    w_2: Linear<T>,
+}
+node!(FeedForward {
+    leaves: [],
+    optional: [],
+    nodes: [norm, w_1, w_2]
+});
+
+/// ESPnet's `RelPositionMultiHeadedAttention` with its pre-norm.
+struct Attention<T> {
+    norm: Norm<T>,
+    q: Linear<T>,
+    k: Linear<T>,
+    v: Linear<T>,
+    out: Linear<T>,
+    pos: Linear<T>,
+    bias_u: T,
+    bias_v: T,
+}
+node!(Attention {
+    leaves: [bias_u, bias_v],
+    optional: [],
+    nodes: [norm, q, k, v, out, pos]
+});
+
+/// ESPnet's `ConvolutionModule` with its pre-norm.
+struct ConvModule<T> {
+    norm: Norm<T>,
+    pointwise1: Linear<T>,
+    depthwise: Linear<T>,
+    conv_norm: Norm<T>,
+    /// Batch norm only.
+    running: Option<Running<T>>,
+    pointwise2: Linear<T>,
+}
+node!(ConvModule {
+    leaves: [],
+    optional: [],
+    nodes: [norm, pointwise1, depthwise, conv_norm, running, pointwise2]
+});
+
+/// ESPnet's `EncoderLayer` of a Conformer.
+struct Layer<T> {
+    macaron: Option<FeedForward<T>>,
+    attn: Attention<T>,
+    conv: Option<ConvModule<T>>,
+    ffn: FeedForward<T>,
+    /// With the conv module only.
+    final_norm: Option<Norm<T>>,
+}
+node!(Layer {
+    leaves: [],
+    optional: [],
+    nodes: [macaron, attn, conv, ffn, final_norm]
+});
+
+/// ESPnet's input layer: `Linear` + layer norm, or `Conv2dSubsampling` (two 3×3 convs and a
+/// Linear over the flattened channels × frequencies).
+enum Embed<T> {
+    Linear {
+        linear: Linear<T>,
+        norm: Norm<T>,
+    },
+    Conv {
+        conv0: Linear<T>,
+        conv1: Linear<T>,
+        out: Linear<T>,
+    },
+}
+
+impl<T> Node<T> for Embed<T> {
+    type Of<U> = Embed<U>;
+    fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Embed<U> {
+        match self {
+            Embed::Linear { linear, norm } => Embed::Linear {
+                linear: Node::map(linear, f),
+                norm: Node::map(norm, f),
+            },
+            Embed::Conv { conv0, conv1, out } => Embed::Conv {
+                conv0: Node::map(conv0, f),
+                conv1: Node::map(conv1, f),
+                out: Node::map(out, f),
+            },
+        }
+    }
+    fn into_leaves(self, out: &mut Vec<T>) {
+        match self {
+            Embed::Linear { linear, norm } => {
+                linear.into_leaves(out);
+                norm.into_leaves(out);
+            }
+            Embed::Conv {
+                conv0,
+                conv1,
+                out: o,
+            } => {
+                conv0.into_leaves(out);
+                conv1.into_leaves(out);
+                o.into_leaves(out);
+            }
+        }
+    }
+}
+
+/// s3prl's `Featurizer` layer weights (several input layers only) and ESPnet's linear
+/// pre-encoder.
+struct Front<T> {
+    layer_weights: Option<T>,
+    preencoder: Option<Linear<T>>,
+}
+
+impl<T> Node<T> for Front<T> {
+    type Of<U> = Front<U>;
+    fn map<U>(&self, f: &mut dyn FnMut(&T) -> U) -> Front<U> {
+        Front {
+            layer_weights: self.layer_weights.as_ref().map(&mut *f),
+            preencoder: Node::map(&self.preencoder, f),
+        }
+    }
+    fn into_leaves(self, out: &mut Vec<T>) {
+        out.extend(self.layer_weights);
+        self.preencoder.into_leaves(out);
+    }
+}
+
+/// Every parameter of an `AsrModel`, by block.
+struct Weights<T> {
+    front: Front<T>,
+    embed: Embed<T>,
+    layers: Vec<Layer<T>>,
+    after_norm: Norm<T>,
+    ctc: Linear<T>,
+}
+node!(Weights {
+    leaves: [],
+    optional: [],
+    nodes: [front, embed, layers, after_norm, ctc]
+});
+
+impl Weights<usize> {
+    /// Resolves every parameter the engine reads from the model's variable names (the only
+    /// place they are spelled), as indices into `names`.
+    fn resolve(
+        names: &HashMap<&str, usize>,
+        cfg: &ConformerConfig,
+        layers_in: usize,
+        preencoder: bool,
+    ) -> Result<Self> {
+        let get = |name: String| -> Result<usize> {
+            names
+                .get(name.as_str())
+                .copied()
+                .ok_or_else(|| candle_core::Error::Msg(format!("engine: no parameter {name}")))
+        };
+        let linear = |p: &str, bias: bool| -> Result<Linear<usize>> {
+            Ok(Linear {
+                weight: get(format!("{p}.weight"))?,
+                bias: if bias {
+                    Some(get(format!("{p}.bias"))?)
+                } else {
+                    None
+                },
+            })
+        };
+        let norm = |p: &str| -> Result<Norm<usize>> {
+            Ok(Norm {
+                weight: get(format!("{p}.weight"))?,
+                bias: get(format!("{p}.bias"))?,
+            })
+        };
+        let ffn = |p: &str, n: &str| -> Result<FeedForward<usize>> {
+            Ok(FeedForward {
+                norm: norm(n)?,
+                w_1: linear(&format!("{p}.w_1"), true)?,
+                w_2: linear(&format!("{p}.w_2"), true)?,
+            })
+        };
+        let layer = |i: usize| -> Result<Layer<usize>> {
+            let e = format!("encoder.encoders.{i}");
+            let a = format!("{e}.self_attn");
+            let c = format!("{e}.conv_module");
+            let conv = if cfg.use_cnn_module {
+                Some(ConvModule {
+                    norm: norm(&format!("{e}.norm_conv"))?,
+                    pointwise1: linear(&format!("{c}.pointwise_conv1"), true)?,
+                    depthwise: linear(&format!("{c}.depthwise_conv"), true)?,
+                    conv_norm: norm(&format!("{c}.norm"))?,
+                    running: match cfg.cnn_module_norm {
+                        CnnModuleNorm::BatchNorm => Some(Running {
+                            mean: get(format!("{c}.norm.running_mean"))?,
+                            var: get(format!("{c}.norm.running_var"))?,
+                        }),
+                        CnnModuleNorm::LayerNorm => None,
+                    },
+                    pointwise2: linear(&format!("{c}.pointwise_conv2"), true)?,
+                })
+            } else {
+                None
+            };
+            Ok(Layer {
+                macaron: if cfg.macaron_style {
+                    let (p, n) = (
+                        format!("{e}.feed_forward_macaron"),
+                        format!("{e}.norm_ff_macaron"),
+                    );
+                    Some(ffn(&p, &n)?)
+                } else {
+                    None
+                },
+                attn: Attention {
+                    norm: norm(&format!("{e}.norm_mha"))?,
+                    q: linear(&format!("{a}.linear_q"), true)?,
+                    k: linear(&format!("{a}.linear_k"), true)?,
+                    v: linear(&format!("{a}.linear_v"), true)?,
+                    out: linear(&format!("{a}.linear_out"), true)?,
+                    pos: linear(&format!("{a}.linear_pos"), false)?,
+                    bias_u: get(format!("{a}.pos_bias_u"))?,
+                    bias_v: get(format!("{a}.pos_bias_v"))?,
+                },
+                conv,
+                ffn: ffn(&format!("{e}.feed_forward"), &format!("{e}.norm_ff"))?,
+                final_norm: if cfg.use_cnn_module {
+                    Some(norm(&format!("{e}.norm_final"))?)
+                } else {
+                    None
+                },
+            })
+        };
+        Ok(Weights {
+            front: Front {
+                layer_weights: if layers_in > 1 {
+                    Some(get("frontend.featurizer.weights".into())?)
+                } else {
+                    None
+                },
+                preencoder: if preencoder {
+                    Some(linear("preencoder.linear_out", true)?)
+                } else {
+                    None
+                },
+            },
+            embed: match cfg.input_layer {
+                InputLayer::Linear => Embed::Linear {
+                    linear: linear("encoder.embed.0", true)?,
+                    norm: norm("encoder.embed.1")?,
+                },
+                _ => Embed::Conv {
+                    conv0: linear("encoder.embed.conv.0", true)?,
+                    conv1: linear("encoder.embed.conv.2", true)?,
+                    out: linear("encoder.embed.out.0", true)?,
+                },
+            },
+            layers: (0..cfg.num_blocks).map(layer).collect::<Result<_>>()?,
+            after_norm: norm("encoder.after_norm")?,
+            ctc: linear("ctc.ctc_lo", true)?,
+        })
+    }
+}
+
+impl Linear<Vec<f32>> {
+    /// `y = x · weightᵀ + bias` over rows of `d_in`.
+    fn forward(&self, x: &[f32], d_in: usize, y: &mut [f32]) {
+        linear_forward(x, &self.weight, self.bias.as_deref(), d_in, y);
+    }
+
+    /// Adds this layer's gradients into `grad`; writes `dx` when given.
+    fn backward(
+        &self,
+        grad: &mut Self,
+        x: &[f32],
+        dy: &[f32],
+        d_in: usize,
+        dx: Option<&mut [f32]>,
+    ) {
+        let (dw, db) = (&mut grad.weight, grad.bias.as_deref_mut());
+        linear_backward(x, &self.weight, dy, d_in, dw, db, dx.map(|d| (d, false)));
+    }
+}
+
+impl Norm<Vec<f32>> {
+    fn layer_norm(&self, x: &[f32], eps: f32, y: &mut [f32]) -> LayerNormSaved {
+        layer_norm_forward(x, &self.weight, &self.bias, eps, y)
+    }
+
+    /// Adds this norm's gradients into `grad`; writes (or adds to) `dx`.
+    fn layer_norm_backward(
+        &self,
+        grad: &mut Self,
+        dy: &[f32],
+        saved: &LayerNormSaved,
+        dx: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (dg, db) = (&mut grad.weight, &mut grad.bias);
+        layer_norm_backward(dy, saved, &self.weight, dx, accumulate, dg, db);
+    }
+}
+
+/// The model's parameter values, as the engine reads them (taken once per training step, once
+/// per validation pass).
+pub struct Params(Weights<Vec<f32>>);
+
+/// Gradient sums, in the shape of the parameters.
+type Grads = Weights<Vec<f32>>;
+
+// ---------------------------------------------------------------------------------------------
+// The engine
 
 /// One training step's result: per-utterance losses and one gradient per trainable variable.
 pub struct StepOutput {
     pub losses: Vec<f64>,
     pub grads: Vec<Tensor>,
     pub out_lengths: Vec<usize>,
-    pub profile: StepProfile,
-}
-
-/// The model's parameters copied out of its variables, as the engine reads them (taken once
-/// per training step, once per validation pass).
-pub struct Params {
-    values: HashMap<String, Vec<f32>>,
-}
-
-impl Params {
-    fn get(&self, name: &str) -> Result<&[f32]> {
-        self.values
-            .get(name)
-            .map(|v| v.as_slice())
-            .ok_or_else(|| candle_core::Error::Msg(format!("engine: no parameter {name}")))
-    }
-}
-
-/// Gradient sums by parameter name (taken out and put back so several can be written at once).
-struct Grads {
-    map: HashMap<String, Vec<f32>>,
-}
-
-impl Grads {
-    fn take(&mut self, name: &str, len: usize) -> Vec<f32> {
-        self.map.remove(name).unwrap_or_else(|| vec![0f32; len])
-    }
-
-    fn put(&mut self, name: &str, g: Vec<f32>) {
-        self.map.insert(name.to_string(), g);
-    }
+    /// Wall seconds of the forward (parameters read through the CTC loss).
+    pub forward_s: f64,
 }
 
 /// Per-utterance geometry of one batch.
@@ -160,48 +480,14 @@ pub struct CpuEngine {
     global_stats: Option<(Vec<f32>, Vec<f32>)>,
     layers: usize,
     feat_dim: usize,
-    preencoder: bool,
     vocab: usize,
     rng: DropoutRng,
-    /// Every variable (running statistics included), by name.
-    all_vars: HashMap<String, Var>,
-    /// The optimiser's variables, in its order.
-    trainable: NamedVars,
-}
-
-fn enc(i: usize, rest: &str) -> String {
-    format!("encoder.encoders.{i}.{rest}")
-}
-
-/// Fixed number of reduction groups (independent of the thread count, so sums are
-/// deterministic).
-const GROUPS: usize = 8;
-
-/// Runs `f(item, acc)` for every item, items dealt round-robin into `GROUPS` groups that run in
-/// parallel, each summing into its own zeroed accumulator of `acc_len`; returns the sum of the
-/// accumulators in group order.
-fn grouped<T: Send>(items: Vec<T>, acc_len: usize, f: impl Fn(T, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut groups: Vec<Vec<T>> = (0..GROUPS).map(|_| Vec::new()).collect();
-    for (i, item) in items.into_iter().enumerate() {
-        groups[i % GROUPS].push(item);
-    }
-    let partials: Vec<Vec<f32>> = groups
-        .into_par_iter()
-        .map(|group| {
-            let mut acc = vec![0f32; if group.is_empty() { 0 } else { acc_len }];
-            for item in group {
-                f(item, &mut acc);
-            }
-            acc
-        })
-        .collect();
-    let mut sum = vec![0f32; acc_len];
-    for p in partials.iter().filter(|p| !p.is_empty()) {
-        for (s, &v) in sum.iter_mut().zip(p) {
-            *s += v;
-        }
-    }
-    sum
+    /// Every variable (running statistics included).
+    vars: Vec<Var>,
+    /// Where each parameter lives in `vars`.
+    ids: Weights<usize>,
+    /// The optimiser's variables, in its order, with their index in `vars`.
+    trainable: Vec<(usize, Var)>,
 }
 
 fn dropout_mask(rng: &DropoutRng, n: usize, p: f64, train: bool) -> Result<Option<Vec<f32>>> {
@@ -243,15 +529,18 @@ struct AttnSaved {
     out_mask: Option<Vec<f32>>,
 }
 
+/// What the conv module's norm keeps for its backward.
+enum ConvNormSaved {
+    Layer(LayerNormSaved),
+    Batch(BatchNormSaved),
+}
+
 struct ConvSaved {
     norm: LayerNormSaved,
     xn: Vec<f32>,
     h: Vec<f32>,
     gm: Vec<f32>,
-    /// Normalised depthwise output (batch norm's x-hat or layer norm's saved state).
-    cn: Vec<f32>,
-    rstd: Vec<f32>,
-    ln: Option<LayerNormSaved>,
+    conv_norm: ConvNormSaved,
     bn_out: Vec<f32>,
     s: Vec<f32>,
     out_mask: Option<Vec<f32>>,
@@ -313,28 +602,74 @@ impl CpuEngine {
             }
             None => None,
         };
+        let cfg = model.encoder().config().clone();
+        let names: HashMap<&str, usize> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.as_str(), i))
+            .collect();
+        let ids = Weights::resolve(&names, &cfg, layers, model.has_preencoder())?;
+        let trainable = trainable
+            .iter()
+            .map(|(name, var)| {
+                names
+                    .get(name.as_str())
+                    .map(|&i| (i, var.clone()))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!("engine: {name} is not a model variable"))
+                    })
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
-            cfg: model.encoder().config().clone(),
+            cfg,
             normalize,
             global_stats,
             layers,
             feat_dim,
-            preencoder: model.has_preencoder(),
             vocab: model.vocab(),
             rng: model.dropout_rng().clone(),
-            all_vars: vars.iter().cloned().collect(),
-            trainable: trainable.clone(),
+            vars: vars.iter().map(|(_, v)| v.clone()).collect(),
+            ids,
+            trainable,
         })
     }
 
-    /// The current values of every variable (reread after each optimiser update).
+    /// The current values of every parameter (reread after each optimiser update).
     pub fn params(&self) -> Result<Params> {
-        let mut values = HashMap::with_capacity(self.all_vars.len());
-        for (name, var) in &self.all_vars {
-            let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            values.insert(name.clone(), v);
+        let mut values = self
+            .vars
+            .iter()
+            .map(|var| var.as_tensor().flatten_all()?.to_vec1::<f32>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Params(
+            self.ids.map(&mut |&i| std::mem::take(&mut values[i])),
+        ))
+    }
+
+    /// Zeroed gradients in the shape of the parameters.
+    fn zero_grads(&self) -> Grads {
+        self.ids
+            .map(&mut |&i| vec![0f32; self.vars[i].elem_count()])
+    }
+
+    /// The optimiser's gradients, in its order, from a step's gradient tree.
+    fn trainable_grads(&self, grads: Grads) -> Result<Vec<Tensor>> {
+        let (mut ids, mut values) = (Vec::new(), Vec::new());
+        self.ids.map(&mut |&i| i).into_leaves(&mut ids);
+        grads.into_leaves(&mut values);
+        let mut by_var: Vec<Option<Vec<f32>>> = vec![None; self.vars.len()];
+        for (i, g) in ids.into_iter().zip(values) {
+            by_var[i] = Some(g);
         }
-        Ok(Params { values })
+        self.trainable
+            .iter()
+            .map(|(i, var)| {
+                let g = by_var[*i]
+                    .take()
+                    .unwrap_or_else(|| vec![0f32; var.elem_count()]);
+                to_tensor(g, var.dims())
+            })
+            .collect()
     }
 
     /// One training forward + backward: per-utterance CTC losses (blank 0, zero_infinity) and
@@ -347,48 +682,96 @@ impl CpuEngine {
         targets: &[Vec<u32>],
         loss_scale: f64,
     ) -> Result<StepOutput> {
-        let params = self.params()?;
-        let mut prof = StepProfile::default();
-        let mut grads = Grads {
-            map: HashMap::new(),
-        };
+        let mut prof = Profiler::disabled();
+        self.train_step_profiled(feats, lengths, targets, loss_scale, &mut prof)
+    }
+
+    /// [`CpuEngine::train_step`], timing each block's forward and backward into `prof`.
+    pub fn train_step_profiled(
+        &self,
+        feats: &Tensor,
+        lengths: &[usize],
+        targets: &[Vec<u32>],
+        loss_scale: f64,
+        prof: &mut Profiler,
+    ) -> Result<StepOutput> {
+        let started = Instant::now();
+        let Params(p) = self.params()?;
+        let mut g = self.zero_grads();
         // ---- forward
-        let t0 = Instant::now();
-        let (front, x) = self.front_forward(&params, feats, lengths)?;
-        prof.forward.front += t0.elapsed().as_secs_f64();
-        let (batch, sub, x) =
-            self.subsample_forward(&params, x, &front, lengths, true, &mut prof)?;
+        prof.set_pass(Pass::Forward);
+        let (front, x) = self.front_forward(&p, feats, lengths, prof)?;
+        let (batch, sub, x) = prof.time(Kind::Conv, || {
+            self.subsample_forward(&p, x, front.t, lengths, true)
+        })?;
         let d = self.cfg.output_size;
-        let pe = rel_positional_table(batch.t, d);
-        let pe_mask = dropout_mask(&self.rng, pe.len(), self.cfg.positional_dropout_rate, true)?;
-        let pe = apply_mask(pe, pe_mask.as_deref());
+        let pe = prof.time(Kind::Attention, || -> Result<Vec<f32>> {
+            let mut pe = rel_positional_table(batch.t, d);
+            let rate = self.cfg.positional_dropout_rate;
+            let pe_mask = dropout_mask(&self.rng, pe.len(), rate, true)?;
+            scale_mask(&mut pe, pe_mask.as_deref(), 1.0);
+            Ok(pe)
+        })?;
         let mut x = x;
         let mut saved = Vec::with_capacity(self.cfg.num_blocks);
-        for i in 0..self.cfg.num_blocks {
-            let (y, s) = self.layer_forward(&params, i, &x, &pe, &batch, true, &mut prof)?;
+        for (i, layer) in p.layers.iter().enumerate() {
+            let (y, s) = self.layer_forward(layer, i, &x, &pe, &batch, true, prof)?;
             saved.push(s);
             x = y;
         }
-        let t0 = Instant::now();
         let mut h = vec![0f32; x.len()];
-        let after = layer_norm_forward(
-            &x,
-            params.get("encoder.after_norm.weight")?,
-            params.get("encoder.after_norm.bias")?,
-            1e-12,
-            &mut h,
-        );
-        prof.forward.norms += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
+        let after = prof.time(Kind::Norm, || {
+            p.after_norm.layer_norm(&x, ESPNET_EPS, &mut h)
+        });
+        let (losses, dlogits) = prof.time(Kind::Ctc, || {
+            self.ctc_forward(&p.ctc, &h, &batch, targets, loss_scale)
+        })?;
+        let forward_s = started.elapsed().as_secs_f64();
+        // ---- backward
+        prof.set_pass(Pass::Backward);
+        let mut dh = vec![0f32; h.len()];
+        prof.time(Kind::Ctc, || {
+            p.ctc.backward(&mut g.ctc, &h, &dlogits, d, Some(&mut dh))
+        });
+        let mut dx = vec![0f32; x.len()];
+        prof.time(Kind::Norm, || {
+            p.after_norm
+                .layer_norm_backward(&mut g.after_norm, &dh, &after, &mut dx, false)
+        });
+        drop(dh);
+        for (layer, grad) in p.layers.iter().zip(g.layers.iter_mut()).rev() {
+            let s = saved
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("engine: a layer saved no state".into()))?;
+            dx = self.layer_backward((layer, grad), dx, s, &pe, &batch, prof)?;
+        }
+        let dsub = prof.time(Kind::Conv, || {
+            self.subsample_backward((&p.embed, &mut g.embed), dx, sub, &batch)
+        })?;
+        if let Some(dsub) = dsub {
+            self.front_backward((&p.front, &mut g.front), dsub, front, lengths, prof);
+        }
+        Ok(StepOutput {
+            losses,
+            grads: self.trainable_grads(g)?,
+            out_lengths: batch.out_lengths,
+            forward_s,
+        })
+    }
+
+    /// Logits, per-utterance CTC losses and the gradient of `loss_scale * Σ losses` with
+    /// respect to the logits.
+    fn ctc_forward(
+        &self,
+        ctc: &Linear<Vec<f32>>,
+        h: &[f32],
+        batch: &Batch,
+        targets: &[Vec<u32>],
+        loss_scale: f64,
+    ) -> Result<(Vec<f64>, Vec<f32>)> {
         let v = self.vocab;
         let mut logits = vec![0f32; batch.b * batch.t * v];
-        linear_forward(
-            &h,
-            params.get("ctc.ctc_lo.weight")?,
-            Some(params.get("ctc.ctc_lo.bias")?),
-            d,
-            &mut logits,
-        );
+        ctc.forward(h, self.cfg.output_size, &mut logits);
         let logits = Var::from_tensor(&to_tensor(logits, &[batch.b, batch.t, v])?)?;
         let (per_utt, _) =
             ctc_loss_from_logits(logits.as_tensor(), targets, &batch.out_lengths, 0, true)?;
@@ -399,59 +782,7 @@ impl CpuEngine {
             .ok_or_else(|| candle_core::Error::Msg("engine: CTC gave no gradient".into()))?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        prof.forward.ctc += t0.elapsed().as_secs_f64();
-        // ---- backward
-        let t0 = Instant::now();
-        let mut dh = vec![0f32; h.len()];
-        self.linear_bwd(
-            &params,
-            &mut grads,
-            "ctc.ctc_lo",
-            &h,
-            &dlogits,
-            d,
-            Some(&mut dh),
-        )?;
-        prof.backward.ctc += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let mut dx = vec![0f32; x.len()];
-        self.ln_bwd(
-            &params,
-            &mut grads,
-            "encoder.after_norm",
-            &dh,
-            &after,
-            &mut dx,
-            false,
-        )?;
-        prof.backward.norms += t0.elapsed().as_secs_f64();
-        drop(dh);
-        for i in (0..self.cfg.num_blocks).rev() {
-            let s = saved
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("engine: a layer saved no state".into()))?;
-            dx = self.layer_backward(&params, &mut grads, i, dx, s, &pe, &batch, &mut prof)?;
-        }
-        let dsub = self.subsample_backward(&params, &mut grads, dx, sub, &batch, &mut prof)?;
-        let t0 = Instant::now();
-        if let Some(dsub) = dsub {
-            self.front_backward(&params, &mut grads, dsub, front, lengths)?;
-        }
-        prof.backward.front += t0.elapsed().as_secs_f64();
-        let grads = self
-            .trainable
-            .iter()
-            .map(|(name, var)| {
-                let g = grads.take(name, var.elem_count());
-                to_tensor(g, var.dims())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(StepOutput {
-            losses,
-            grads,
-            out_lengths: batch.out_lengths,
-            profile: prof,
-        })
+        Ok((losses, dlogits))
     }
 
     /// Eval-mode logits `[B, T', vocab]` and output lengths (no dropout, running statistics),
@@ -462,118 +793,40 @@ impl CpuEngine {
         feats: &Tensor,
         lengths: &[usize],
     ) -> Result<(Tensor, Vec<usize>)> {
-        let mut prof = StepProfile::default();
-        let (front, x) = self.front_forward(params, feats, lengths)?;
-        let (batch, _, x) = self.subsample_forward(params, x, &front, lengths, false, &mut prof)?;
+        let p = &params.0;
+        let mut prof = Profiler::disabled();
+        let (front, x) = self.front_forward(p, feats, lengths, &mut prof)?;
+        let (batch, _, x) = self.subsample_forward(p, x, front.t, lengths, false)?;
         let d = self.cfg.output_size;
         let pe = rel_positional_table(batch.t, d);
         let mut x = x;
-        for i in 0..self.cfg.num_blocks {
+        for (i, layer) in p.layers.iter().enumerate() {
             x = self
-                .layer_forward(params, i, &x, &pe, &batch, false, &mut prof)?
+                .layer_forward(layer, i, &x, &pe, &batch, false, &mut prof)?
                 .0;
         }
         let mut h = vec![0f32; x.len()];
-        layer_norm_forward(
-            &x,
-            params.get("encoder.after_norm.weight")?,
-            params.get("encoder.after_norm.bias")?,
-            1e-12,
-            &mut h,
-        );
+        p.after_norm.layer_norm(&x, ESPNET_EPS, &mut h);
         let mut logits = vec![0f32; batch.b * batch.t * self.vocab];
-        linear_forward(
-            &h,
-            params.get("ctc.ctc_lo.weight")?,
-            Some(params.get("ctc.ctc_lo.bias")?),
-            d,
-            &mut logits,
-        );
+        p.ctc.forward(&h, d, &mut logits);
         Ok((
             to_tensor(logits, &[batch.b, batch.t, self.vocab])?,
             batch.out_lengths,
         ))
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Shared pieces
-
-    #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(
-        &self,
-        params: &Params,
-        grads: &mut Grads,
-        prefix: &str,
-        x: &[f32],
-        dy: &[f32],
-        d_in: usize,
-        dx: Option<&mut [f32]>,
-    ) -> Result<()> {
-        let wn = format!("{prefix}.weight");
-        let bn = format!("{prefix}.bias");
-        let w = params.get(&wn)?;
-        let mut dw = grads.take(&wn, w.len());
-        let has_bias = params.values.contains_key(&bn);
-        let mut db = has_bias.then(|| grads.take(&bn, w.len() / d_in));
-        linear_backward(
-            x,
-            w,
-            dy,
-            d_in,
-            &mut dw,
-            db.as_deref_mut(),
-            dx.map(|d| (d, false)),
-        );
-        grads.put(&wn, dw);
-        if let Some(db) = db {
-            grads.put(&bn, db);
-        }
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn ln_bwd(
-        &self,
-        params: &Params,
-        grads: &mut Grads,
-        prefix: &str,
-        dy: &[f32],
-        saved: &LayerNormSaved,
-        dx: &mut [f32],
-        accumulate: bool,
-    ) -> Result<()> {
-        let gn = format!("{prefix}.weight");
-        let bn = format!("{prefix}.bias");
-        let gamma = params.get(&gn)?;
-        let mut dg = grads.take(&gn, gamma.len());
-        let mut db = grads.take(&bn, gamma.len());
-        layer_norm_backward(dy, saved, gamma, dx, accumulate, &mut dg, &mut db);
-        grads.put(&gn, dg);
-        grads.put(&bn, db);
-        Ok(())
-    }
-
-    /// A block's output: `x + scale * dropout(linear(h))` with the `prefix` Linear (d_in → d);
-    /// returns it and the dropout mask.
-    #[allow(clippy::too_many_arguments)]
+    /// A block's output: `x + scale * dropout(linear(h))` (`linear`: d_in → d); returns it
+    /// and the dropout mask.
     fn residual_branch(
         &self,
-        params: &Params,
-        prefix: &str,
-        x: &[f32],
-        h: &[f32],
+        linear: &Linear<Vec<f32>>,
+        (x, h): (&[f32], &[f32]),
         d_in: usize,
         scale: f32,
         train: bool,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let mut o = vec![0f32; x.len()];
-        linear_forward(
-            h,
-            params.get(&format!("{prefix}.weight"))?,
-            Some(params.get(&format!("{prefix}.bias"))?),
-            d_in,
-            &mut o,
-        );
+        linear.forward(h, d_in, &mut o);
         let mask = dropout_mask(&self.rng, x.len(), self.cfg.dropout_rate, train)?;
         let mut y = vec![0f32; x.len()];
         residual_add(x, &o, mask.as_deref(), scale, &mut y);
@@ -585,9 +838,10 @@ impl CpuEngine {
 
     fn front_forward(
         &self,
-        params: &Params,
+        p: &Weights<Vec<f32>>,
         feats: &Tensor,
         lengths: &[usize],
+        prof: &mut Profiler,
     ) -> Result<(FrontSaved, Vec<f32>)> {
         let (b, l, t, dim) = feats.dims4()?;
         if l != self.layers || dim != self.feat_dim || lengths.len() != b {
@@ -601,166 +855,99 @@ impl CpuEngine {
             .flatten_all()?
             .to_vec1::<f32>()?;
         match (self.normalize, &self.global_stats) {
-            (FeatureNormalize::Global, Some((mean, std))) => {
-                let rows = mean.len() / dim;
-                f.par_chunks_mut(t * dim)
-                    .enumerate()
-                    .for_each(|(bl, chunk)| {
-                        let li = if rows == 1 { 0 } else { bl % l };
-                        let (m, s) = (&mean[li * dim..][..dim], &std[li * dim..][..dim]);
-                        for row in chunk.chunks_exact_mut(dim) {
-                            for j in 0..dim {
-                                row[j] = (row[j] - m[j]) / s[j];
-                            }
-                        }
-                    });
-            }
+            (FeatureNormalize::Global, Some((mean, std))) => prof.time(Kind::Norm, || {
+                global_normalize(&mut f, (mean, std), (l, t, dim))
+            }),
             (FeatureNormalize::Global, None) => {
                 candle_core::bail!("normalize is \"global\" but no stats were set")
             }
             _ => {}
         }
-        let alpha = if l > 1 {
-            let w = params.get("frontend.featurizer.weights")?;
-            let mx = w.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = w.iter().map(|&v| (v - mx).exp()).collect();
-            let s: f32 = e.iter().sum();
-            e.iter().map(|v| v / s).collect()
-        } else {
-            vec![1.0]
+        let (alpha, mut x) = match &p.front.layer_weights {
+            Some(w) if l > 1 => prof.time(Kind::Elementwise, || {
+                let alpha = layer_sum::layer_coefficients(w);
+                let mut x = vec![0f32; b * t * dim];
+                layer_sum::forward(&f, &alpha, t * dim, &mut x);
+                (alpha, x)
+            }),
+            _ => (vec![1.0], f.clone()),
         };
-        let mut x = if l == 1 {
-            f.clone()
-        } else {
-            let mut x = vec![0f32; b * t * dim];
-            x.par_chunks_mut(t * dim).enumerate().for_each(|(bi, xb)| {
-                for (li, &a) in alpha.iter().enumerate() {
-                    let src = &f[(bi * l + li) * t * dim..][..t * dim];
-                    for (o, &v) in xb.iter_mut().zip(src) {
-                        *o += a * v;
-                    }
-                }
-            });
-            x
+        let mvn = (self.normalize == FeatureNormalize::Utterance).then(|| {
+            prof.time(Kind::Norm, || {
+                utterance_mvn_forward(&mut x, lengths, t, dim)
+            })
+        });
+        let (pre_in, out) = match &p.front.preencoder {
+            Some(pre) => prof.time(Kind::Linear, || {
+                let mut y = vec![0f32; b * t * (pre.weight.len() / dim)];
+                pre.forward(&x, dim, &mut y);
+                (x, y)
+            }),
+            None => (Vec::new(), x),
         };
-        let mvn = if self.normalize == FeatureNormalize::Utterance {
-            Some(utterance_mvn_forward(&mut x, lengths, t, dim))
-        } else {
-            None
+        let saved = FrontSaved {
+            feats: f,
+            t,
+            alpha,
+            mvn,
+            pre_in,
         };
-        let (pre_in, out) = if self.preencoder {
-            let w = params.get("preencoder.linear_out.weight")?;
-            let mut y = vec![0f32; b * t * (w.len() / dim)];
-            linear_forward(
-                &x,
-                w,
-                Some(params.get("preencoder.linear_out.bias")?),
-                dim,
-                &mut y,
-            );
-            (x, y)
-        } else {
-            (Vec::new(), x)
-        };
-        Ok((
-            FrontSaved {
-                feats: f,
-                t,
-                alpha,
-                mvn,
-                pre_in,
-            },
-            out,
-        ))
+        Ok((saved, out))
     }
 
     fn front_needs_grad(&self) -> bool {
-        self.preencoder || self.layers > 1
+        self.ids.front.preencoder.is_some() || self.layers > 1
     }
 
     fn front_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
+        (p, g): (&Front<Vec<f32>>, &mut Front<Vec<f32>>),
         dz: Vec<f32>,
         front: FrontSaved,
         lengths: &[usize],
-    ) -> Result<()> {
-        let dim = self.feat_dim;
-        let t = front.t;
-        let mut dx = if self.preencoder {
-            let need_dx = self.layers > 1;
-            let mut dx = vec![0f32; if need_dx { front.pre_in.len() } else { 0 }];
-            self.linear_bwd(
-                params,
-                grads,
-                "preencoder.linear_out",
-                &front.pre_in,
-                &dz,
-                dim,
-                need_dx.then_some(dx.as_mut_slice()),
-            )?;
-            if !need_dx {
-                return Ok(());
+        prof: &mut Profiler,
+    ) {
+        let (dim, t) = (self.feat_dim, front.t);
+        let need_dx = self.layers > 1;
+        let mut dx = match (&p.preencoder, &mut g.preencoder) {
+            (Some(pre), Some(grad)) => {
+                let mut dx = vec![0f32; if need_dx { front.pre_in.len() } else { 0 }];
+                let dxo = need_dx.then_some(dx.as_mut_slice());
+                prof.time(Kind::Linear, || {
+                    pre.backward(grad, &front.pre_in, &dz, dim, dxo)
+                });
+                dx
             }
-            dx
-        } else {
-            dz
+            _ => dz,
         };
-        if self.layers == 1 {
-            return Ok(());
+        let (Some(_), Some(dw)) = (&p.layer_weights, &mut g.layer_weights) else {
+            return;
+        };
+        if !need_dx {
+            return;
         }
         if let Some((y, rstd)) = &front.mvn {
-            utterance_mvn_backward(&mut dx, y, rstd, lengths, t, dim);
+            prof.time(Kind::Norm, || {
+                utterance_mvn_backward(&mut dx, (y, rstd), lengths, t, dim)
+            });
         }
-        let l = self.layers;
-        let b = lengths.len();
-        // d alpha_l = Σ dx · feats_l, then through the softmax.
-        let per_utt: Vec<Vec<f64>> = (0..b)
-            .into_par_iter()
-            .map(|bi| {
-                let g = &dx[bi * t * dim..][..t * dim];
-                (0..l)
-                    .map(|li| {
-                        let f = &front.feats[(bi * l + li) * t * dim..][..t * dim];
-                        g.iter().zip(f).map(|(&a, &c)| (a * c) as f64).sum()
-                    })
-                    .collect()
-            })
-            .collect();
-        let dalpha: Vec<f64> = (0..l)
-            .map(|li| per_utt.iter().map(|u| u[li]).sum())
-            .collect();
-        let dot: f64 = dalpha
-            .iter()
-            .zip(&front.alpha)
-            .map(|(&d, &a)| d * a as f64)
-            .sum();
-        let name = "frontend.featurizer.weights";
-        let mut dw = grads.take(name, l);
-        for li in 0..l {
-            dw[li] += (front.alpha[li] as f64 * (dalpha[li] - dot)) as f32;
-        }
-        grads.put(name, dw);
-        Ok(())
+        prof.time(Kind::Elementwise, || {
+            layer_sum::backward(&dx, &front.feats, &front.alpha, t * dim, dw)
+        });
     }
 
     // -----------------------------------------------------------------------------------------
     // Subsampling (+ the positional-encoding scale and dropout)
 
-    #[allow(clippy::too_many_arguments)]
     fn subsample_forward(
         &self,
-        params: &Params,
+        p: &Weights<Vec<f32>>,
         x: Vec<f32>,
-        front: &FrontSaved,
+        t_in: usize,
         lengths: &[usize],
         train: bool,
-        prof: &mut StepProfile,
     ) -> Result<(Batch, SubsampleSaved, Vec<f32>)> {
-        let t0 = Instant::now();
         let b = lengths.len();
-        let t_in = front.t;
         let f_in = x.len() / (b * t_in).max(1);
         let d = self.cfg.output_size;
         let layer = self.cfg.input_layer;
@@ -792,130 +979,52 @@ impl CpuEngine {
             mask: None,
         };
         let mut y = vec![0f32; b * t * d];
-        if layer == InputLayer::Linear {
-            let mut lin = vec![0f32; b * t * d];
-            linear_forward(
-                &x,
-                params.get("encoder.embed.0.weight")?,
-                Some(params.get("encoder.embed.0.bias")?),
-                f_in,
-                &mut lin,
-            );
-            let ln = layer_norm_forward(
-                &lin,
-                params.get("encoder.embed.1.weight")?,
-                params.get("encoder.embed.1.bias")?,
-                1e-5,
-                &mut y,
-            );
-            let m = dropout_mask(&self.rng, y.len(), self.cfg.dropout_rate, train)?;
-            y = apply_mask(y, m.as_deref());
-            saved.ln = Some(ln);
-            saved.mask = m;
-            saved.x = x;
-        } else {
-            let s2 = if layer == InputLayer::Conv2d { 2 } else { 1 };
-            let (t1, f1) = ((t_in - 3) / 2 + 1, (f_in - 3) / 2 + 1);
-            let (t2, f2) = ((t1 - 3) / s2 + 1, (f1 - 3) / s2 + 1);
-            debug_assert_eq!(t2, t);
-            // conv0: 1 → d channels, per utterance: im2col [T1 F1, 9] · [9, d]
-            let w0 = params.get("encoder.embed.conv.0.weight")?;
-            let b0 = params.get("encoder.embed.conv.0.bias")?;
-            // Rows past an utterance's last valid output frame are never read by a valid
-            // frame (and get zero gradient): they are left at zero and skipped.
-            let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, s2);
-            let mut r0 = vec![0f32; b * t1 * f1 * d];
-            r0.par_chunks_mut(t1 * f1 * d)
-                .enumerate()
-                .for_each(|(bi, out)| {
-                    let xb = &x[bi * t_in * f_in..][..t_in * f_in];
-                    let rows1 = valid1[bi];
-                    let col = im2col_single(xb, f_in, rows1, f1, 2);
-                    let out = &mut out[..rows1 * f1 * d];
-                    for row in out.chunks_exact_mut(d) {
-                        row.copy_from_slice(b0);
-                    }
-                    matmul_serial(
-                        rows1 * f1,
-                        d,
-                        9,
-                        out,
-                        d,
-                        Mat::rows(&col, 9),
-                        Mat::rows(w0, 9).t(),
-                        true,
-                    );
-                    out.iter_mut().for_each(|v| *v = v.max(0.0));
-                });
-            // conv1: d → d channels, stride s2: im2col blocks [rows, 9 d] · [9 d, d]
-            let b1 = params.get("encoder.embed.conv.2.bias")?;
-            let mut r1 = vec![0f32; b * t2 * f2 * d];
-            if s2 == 1 {
-                // stride 1: Winograd F(2×2, 3×3), 2.25× fewer multiply-adds than im2col
-                let u =
-                    winograd::transform_filter(params.get("encoder.embed.conv.2.weight")?, d, d);
-                r1.par_chunks_mut(t2 * f2 * d)
-                    .enumerate()
-                    .for_each(|(bi, out)| {
-                        let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                        let rows2 = valid2[bi];
-                        let out = &mut out[..rows2 * f2 * d];
-                        for row in out.chunks_exact_mut(d) {
-                            row.copy_from_slice(b1);
-                        }
-                        let geo = winograd::Geometry {
-                            rows: t1,
-                            cols: f1,
-                            c_in: d,
-                            c_out: d,
-                            out_rows: rows2,
-                        };
-                        winograd::forward(src, geo, &u, out);
-                        out.iter_mut().for_each(|v| *v = v.max(0.0));
-                    });
-            } else {
-                let w1 = conv_weight_taps_last(params.get("encoder.embed.conv.2.weight")?, d, d);
-                r1.par_chunks_mut(t2 * f2 * d)
-                    .enumerate()
-                    .for_each(|(bi, out)| {
-                        let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                        let mut col = Vec::new();
-                        let rows2 = valid2[bi];
-                        for tb in (0..rows2).step_by(T_BLOCK) {
-                            let rows_t = T_BLOCK.min(rows2 - tb);
-                            im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
-                            let o = &mut out[tb * f2 * d..][..rows_t * f2 * d];
-                            for row in o.chunks_exact_mut(d) {
-                                row.copy_from_slice(b1);
-                            }
-                            matmul_serial(
-                                rows_t * f2,
-                                d,
-                                9 * d,
-                                o,
-                                d,
-                                Mat::rows(&col, 9 * d),
-                                Mat::rows(&w1, 9 * d).t(),
-                                true,
-                            );
-                            o.iter_mut().for_each(|v| *v = v.max(0.0));
-                        }
-                    });
+        match &p.embed {
+            Embed::Linear { linear, norm } => {
+                let mut lin = vec![0f32; b * t * d];
+                linear.forward(&x, f_in, &mut lin);
+                let ln = norm.layer_norm(&lin, TORCH_EPS, &mut y);
+                let m = dropout_mask(&self.rng, y.len(), self.cfg.dropout_rate, train)?;
+                scale_mask(&mut y, m.as_deref(), 1.0);
+                saved.ln = Some(ln);
+                saved.mask = m;
             }
-            // out: [B T2, F2 d] · W'ᵀ with W' the [d, F2 d] permutation of ESPnet's [d, d F2]
-            let wo = out_weight_freq_major(params.get("encoder.embed.out.0.weight")?, d, d, f2);
-            linear_forward(
-                &r1,
-                &wo,
-                Some(params.get("encoder.embed.out.0.bias")?),
-                f2 * d,
-                &mut y,
-            );
-            saved.r0 = r0;
-            saved.r1 = r1;
-            saved.dims = (t1, f1, t2, f2);
-            saved.x = x;
+            Embed::Conv { conv0, conv1, out } => {
+                let (g0, g1) = subsampling_geometry(layer, (t_in, f_in), d);
+                let (t1, f1) = (g0.all_out_rows(), g0.out_cols());
+                let (t2, f2) = (g1.all_out_rows(), g1.out_cols());
+                debug_assert_eq!(t2, t);
+                // Rows past an utterance's last valid output frame are never read by a valid
+                // frame (and get zero gradient): they are left at zero and skipped.
+                let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, g1.stride);
+                let r0 = conv_relu_forward(conv0, &x, g0, &valid1)?;
+                let r1 = if g1.stride == 1 {
+                    // stride 1: Winograd F(2×2, 3×3), 2.25× fewer multiply-adds than im2col
+                    let u = winograd::transform_filter(&conv1.weight, d, d);
+                    let bias = bias_of(conv1)?;
+                    let mut r1 = vec![0f32; b * t2 * f2 * d];
+                    r1.par_chunks_mut(t2 * f2 * d)
+                        .enumerate()
+                        .for_each(|(bi, out)| {
+                            let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
+                            let out = &mut out[..valid2[bi] * f2 * d];
+                            conv::fill_bias(out, bias);
+                            winograd::forward(src, winograd_geometry(&g1, valid2[bi]), &u, out);
+                            relu_in_place(out);
+                        });
+                    r1
+                } else {
+                    conv_relu_forward(conv1, &r0, g1, &valid2)?
+                };
+                // out: [B T2, F2 d] · W'ᵀ with W' the [d, F2 d] permutation of ESPnet's [d, d F2]
+                let wo = conv::flatten_weight_freq_major(&out.weight, d, d, f2);
+                linear_forward(&r1, &wo, out.bias.as_deref(), f2 * d, &mut y);
+                saved.r0 = r0;
+                saved.r1 = r1;
+                saved.dims = (t1, f1, t2, f2);
+            }
         }
+        saved.x = x;
         // RelPositionalEncoding: x * sqrt(d), dropout.
         let scale = (d as f32).sqrt();
         let m = dropout_mask(&self.rng, y.len(), self.cfg.positional_dropout_rate, train)?;
@@ -925,186 +1034,122 @@ impl CpuEngine {
             .map(|(i, &v)| v * scale * m.as_ref().map_or(1.0, |m| m[i]))
             .collect();
         saved.pos_mask = m;
-        prof.forward.subsampling += t0.elapsed().as_secs_f64();
         Ok((batch, saved, out))
     }
 
     fn subsample_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
+        (p, g): (&Embed<Vec<f32>>, &mut Embed<Vec<f32>>),
         mut dy: Vec<f32>,
         saved: SubsampleSaved,
         batch: &Batch,
-        prof: &mut StepProfile,
     ) -> Result<Option<Vec<f32>>> {
-        let t0 = Instant::now();
         let d = self.cfg.output_size;
         let scale = (d as f32).sqrt();
         scale_mask(&mut dy, saved.pos_mask.as_deref(), scale);
         let need_dx = self.front_needs_grad();
-        let b = batch.b;
         let (t_in, f_in) = (saved.t_in, saved.f_in);
-        let result = if self.cfg.input_layer == InputLayer::Linear {
-            scale_mask(&mut dy, saved.mask.as_deref(), 1.0);
-            let ln = saved.ln.as_ref().ok_or_else(|| {
-                candle_core::Error::Msg("engine: the linear embed saved no norm".into())
-            })?;
-            let mut dlin = vec![0f32; dy.len()];
-            self.ln_bwd(params, grads, "encoder.embed.1", &dy, ln, &mut dlin, false)?;
-            let mut dx = vec![0f32; if need_dx { saved.x.len() } else { 0 }];
-            self.linear_bwd(
-                params,
-                grads,
-                "encoder.embed.0",
-                &saved.x,
-                &dlin,
-                f_in,
-                need_dx.then_some(dx.as_mut_slice()),
-            )?;
-            need_dx.then_some(dx)
-        } else {
-            let (t1, f1, t2, f2) = saved.dims;
-            let s2 = if self.cfg.input_layer == InputLayer::Conv2d {
-                2
-            } else {
-                1
-            };
-            // out linear
-            let won = "encoder.embed.out.0.weight";
-            let wo = out_weight_freq_major(params.get(won)?, d, d, f2);
-            let mut dwo = vec![0f32; wo.len()];
-            let mut dbo = grads.take("encoder.embed.out.0.bias", d);
-            let mut dr1 = vec![0f32; saved.r1.len()];
-            linear_backward(
-                &saved.r1,
-                &wo,
-                &dy,
-                f2 * d,
-                &mut dwo,
-                Some(&mut dbo),
-                Some((&mut dr1, false)),
-            );
-            grads.put("encoder.embed.out.0.bias", dbo);
-            let mut g = grads.take(won, wo.len());
-            out_weight_grad_channel_major(&dwo, d, d, f2, &mut g);
-            grads.put(won, g);
-            drop(dy);
-            relu_bias_backward(grads, "encoder.embed.conv.2.bias", &mut dr1, &saved.r1, d);
-            // conv1: dW' = Σ dy1ᵀ col, dr0 = col2im(dy1 · W')
-            let w1n = "encoder.embed.conv.2.weight";
-            let mut dr0 = vec![0f32; saved.r0.len()];
-            let items: Vec<(usize, &mut [f32])> = dr0.chunks_mut(t1 * f1 * d).enumerate().collect();
-            let r0 = &saved.r0;
-            let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, s2);
-            if s2 == 1 {
-                let u = winograd::transform_filter(params.get(w1n)?, d, d);
-                let acc = grouped(items, 16 * d * d, |(bi, dsrc), acc| {
-                    let geo = winograd::Geometry {
-                        rows: t1,
-                        cols: f1,
-                        c_in: d,
-                        c_out: d,
-                        out_rows: valid2[bi],
-                    };
-                    let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                    let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
-                    winograd::backward(src, geo, &u, dout, acc, Some(dsrc));
-                });
-                let mut g = grads.take(w1n, d * d * 9);
-                winograd::add_filter_grad(&acc, d, d, &mut g);
-                grads.put(w1n, g);
-            } else {
-                let w1 = conv_weight_taps_last(params.get(w1n)?, d, d);
-                let dw1 = grouped(items, w1.len(), |(bi, dsrc), acc| {
-                    let src = &r0[bi * t1 * f1 * d..][..t1 * f1 * d];
-                    let dout = &dr1[bi * t2 * f2 * d..][..t2 * f2 * d];
-                    let mut col = Vec::new();
-                    let mut dcol = Vec::new();
-                    let rows2 = valid2[bi];
-                    for tb in (0..rows2).step_by(T_BLOCK) {
-                        let rows_t = T_BLOCK.min(rows2 - tb);
-                        let rows = rows_t * f2;
-                        im2col_channels(src, (f1, d), (tb, rows_t, f2), s2, &mut col);
-                        let g = &dout[tb * f2 * d..][..rows * d];
-                        matmul_serial(
-                            d,
-                            9 * d,
-                            rows,
-                            acc,
-                            9 * d,
-                            Mat::rows(g, d).t(),
-                            Mat::rows(&col, 9 * d),
-                            true,
-                        );
-                        dcol.resize(rows * 9 * d, 0.0);
-                        matmul_serial(
-                            rows,
-                            9 * d,
-                            d,
-                            &mut dcol,
-                            9 * d,
-                            Mat::rows(g, d),
-                            Mat::rows(&w1, 9 * d),
-                            false,
-                        );
-                        col2im_channels_add(&dcol, (f1, d), (tb, rows_t, f2), s2, dsrc);
-                    }
-                });
-                let mut g = grads.take(w1n, w1.len());
-                conv_weight_grad_channels_first(&dw1, d, d, &mut g);
-                grads.put(w1n, g);
-            }
-            drop(dr1);
-            relu_bias_backward(grads, "encoder.embed.conv.0.bias", &mut dr0, &saved.r0, d);
-            let w0n = "encoder.embed.conv.0.weight";
-            let w0 = params.get(w0n)?;
-            let x = &saved.x;
-            let mut dx = vec![0f32; if need_dx { b * t_in * f_in } else { 0 }];
-            let items: Vec<(usize, &mut [f32])> = if need_dx {
-                dx.chunks_mut(t_in * f_in).enumerate().collect()
-            } else {
-                (0..b).map(|bi| (bi, &mut [][..])).collect()
-            };
-            let dr0 = &dr0;
-            let dw0 = grouped(items, 9 * d, |(bi, dxb), acc| {
-                let rows1 = valid1[bi];
-                let g = &dr0[bi * t1 * f1 * d..][..rows1 * f1 * d];
-                let col = im2col_single(&x[bi * t_in * f_in..][..t_in * f_in], f_in, rows1, f1, 2);
-                matmul_serial(
-                    d,
-                    9,
-                    rows1 * f1,
-                    acc,
-                    9,
-                    Mat::rows(g, d).t(),
-                    Mat::rows(&col, 9),
-                    true,
+        match (p, g) {
+            (
+                Embed::Linear { linear, norm },
+                Embed::Linear {
+                    linear: gl,
+                    norm: gn,
+                },
+            ) => {
+                scale_mask(&mut dy, saved.mask.as_deref(), 1.0);
+                let ln = saved.ln.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("engine: the linear embed saved no norm".into())
+                })?;
+                let mut dlin = vec![0f32; dy.len()];
+                norm.layer_norm_backward(gn, &dy, ln, &mut dlin, false);
+                let mut dx = vec![0f32; if need_dx { saved.x.len() } else { 0 }];
+                linear.backward(
+                    gl,
+                    &saved.x,
+                    &dlin,
+                    f_in,
+                    need_dx.then_some(dx.as_mut_slice()),
                 );
-                if !dxb.is_empty() {
-                    let mut dcol = vec![0f32; rows1 * f1 * 9];
-                    matmul_serial(
-                        rows1 * f1,
-                        9,
-                        d,
-                        &mut dcol,
-                        9,
-                        Mat::rows(g, d),
-                        Mat::rows(w0, 9),
-                        false,
-                    );
-                    col2im_single_add(&dcol, f_in, rows1, f1, 2, dxb);
-                }
-            });
-            let mut g = grads.take(w0n, 9 * d);
-            for (a, v) in g.iter_mut().zip(&dw0) {
-                *a += v;
+                Ok(need_dx.then_some(dx))
             }
-            grads.put(w0n, g);
-            need_dx.then_some(dx)
-        };
-        prof.backward.subsampling += t0.elapsed().as_secs_f64();
-        Ok(result)
+            (
+                Embed::Conv { conv0, conv1, out },
+                Embed::Conv {
+                    conv0: g0w,
+                    conv1: g1w,
+                    out: gout,
+                },
+            ) => {
+                let (t1, f1, t2, f2) = saved.dims;
+                let (g0, g1) = subsampling_geometry(self.cfg.input_layer, (t_in, f_in), d);
+                // out linear
+                let wo = conv::flatten_weight_freq_major(&out.weight, d, d, f2);
+                let mut dwo = vec![0f32; wo.len()];
+                let mut dr1 = vec![0f32; saved.r1.len()];
+                let (db, dr) = (gout.bias.as_deref_mut(), Some((dr1.as_mut_slice(), false)));
+                linear_backward(&saved.r1, &wo, &dy, f2 * d, &mut dwo, db, dr);
+                conv::add_flatten_grad_channel_major(&dwo, d, d, f2, &mut gout.weight);
+                drop(dy);
+                relu_bias_backward(&saved.r1, &mut dr1, g1w);
+                // conv1: dW' = Σ dy1ᵀ col, dr0 = col2im(dy1 · W')
+                let mut dr0 = vec![0f32; saved.r0.len()];
+                let items: Vec<(usize, &mut [f32])> =
+                    dr0.chunks_mut(t1 * f1 * d).enumerate().collect();
+                let r0 = &saved.r0;
+                let (valid1, valid2) = valid_conv_rows(&batch.out_lengths, t1, t2, g1.stride);
+                if g1.stride == 1 {
+                    let u = winograd::transform_filter(&conv1.weight, d, d);
+                    let acc = grouped_sum(items, 16 * d * d, |(bi, dsrc), acc| {
+                        let src = utterance(r0, bi, t1 * f1 * d);
+                        let dout = utterance(&dr1, bi, t2 * f2 * d);
+                        let geo = winograd_geometry(&g1, valid2[bi]);
+                        winograd::backward(src, geo, &u, dout, acc, Some(dsrc));
+                    });
+                    winograd::add_filter_grad(&acc, d, d, &mut g1w.weight);
+                } else {
+                    let w1 = conv::weight_taps_last(&conv1.weight, d, d);
+                    let dw1 = grouped_sum(items, w1.len(), |(bi, dsrc), acc| {
+                        let geo = conv::Geometry {
+                            out_rows: valid2[bi],
+                            ..g1
+                        };
+                        let (src, dout) = (
+                            utterance(r0, bi, t1 * f1 * d),
+                            utterance(&dr1, bi, t2 * f2 * d),
+                        );
+                        conv::backward(src, &geo, &w1, dout, acc, Some(dsrc));
+                    });
+                    conv::add_weight_grad_torch_layout(&dw1, d, d, &mut g1w.weight);
+                }
+                drop(dr1);
+                relu_bias_backward(&saved.r0, &mut dr0, g0w);
+                let w0 = conv::weight_taps_last(&conv0.weight, d, 1);
+                let x = &saved.x;
+                let mut dx = vec![0f32; if need_dx { batch.b * t_in * f_in } else { 0 }];
+                let items: Vec<(usize, &mut [f32])> = if need_dx {
+                    dx.chunks_mut(t_in * f_in).enumerate().collect()
+                } else {
+                    (0..batch.b).map(|bi| (bi, &mut [][..])).collect()
+                };
+                let dr0 = &dr0;
+                let dw0 = grouped_sum(items, 9 * d, |(bi, dxb), acc| {
+                    let geo = conv::Geometry {
+                        out_rows: valid1[bi],
+                        ..g0
+                    };
+                    let (xb, g) = (
+                        utterance(x, bi, t_in * f_in),
+                        utterance(dr0, bi, t1 * f1 * d),
+                    );
+                    let dxb = (!dxb.is_empty()).then_some(dxb);
+                    conv::backward(xb, &geo, &w0, g, acc, dxb);
+                });
+                conv::add_weight_grad_torch_layout(&dw0, d, 1, &mut g0w.weight);
+                Ok(need_dx.then_some(dx))
+            }
+            _ => candle_core::bail!("engine: gradients do not have the parameters' shape"),
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1113,143 +1158,91 @@ impl CpuEngine {
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
-        params: &Params,
+        p: &Layer<Vec<f32>>,
         i: usize,
         x: &[f32],
         pe: &[f32],
         batch: &Batch,
         train: bool,
-        prof: &mut StepProfile,
+        prof: &mut Profiler,
     ) -> Result<(Vec<f32>, LayerSaved)> {
         let mut x = x.to_vec();
-        let macaron = if self.cfg.macaron_style {
-            let t0 = Instant::now();
-            let (y, s) = self.ffn_forward(
-                params,
-                &enc(i, "feed_forward_macaron"),
-                &enc(i, "norm_ff_macaron"),
-                &x,
-                0.5,
-                train,
-            )?;
-            prof.forward.feed_forward += t0.elapsed().as_secs_f64();
-            x = y;
-            Some(s)
-        } else {
-            None
+        let macaron = match &p.macaron {
+            Some(ffn) => {
+                let (y, s) = prof.time(Kind::Linear, || self.ffn_forward(ffn, &x, 0.5, train))?;
+                x = y;
+                Some(s)
+            }
+            None => None,
         };
-        let t0 = Instant::now();
-        let (y, attn) = self.attn_forward(params, i, &x, pe, batch, train)?;
-        prof.forward.attention += t0.elapsed().as_secs_f64();
+        let (y, attn) = prof.time(Kind::Attention, || {
+            self.attn_forward(&p.attn, &x, pe, batch, train)
+        })?;
         x = y;
-        let conv = if self.cfg.use_cnn_module {
-            let t0 = Instant::now();
-            let (y, s) = self.conv_forward(params, i, &x, batch, train)?;
-            prof.forward.conv_module += t0.elapsed().as_secs_f64();
-            x = y;
-            Some(s)
-        } else {
-            None
+        let conv = match &p.conv {
+            Some(cm) => {
+                let (y, s) = prof.time(Kind::ConvModule, || {
+                    self.conv_forward(cm, i, &x, batch, train)
+                })?;
+                x = y;
+                Some(s)
+            }
+            None => None,
         };
-        let t0 = Instant::now();
-        let scale = if self.cfg.macaron_style { 0.5 } else { 1.0 };
-        let (y, ffn) = self.ffn_forward(
-            params,
-            &enc(i, "feed_forward"),
-            &enc(i, "norm_ff"),
-            &x,
-            scale,
-            train,
-        )?;
-        prof.forward.feed_forward += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let (out, final_norm) = if self.cfg.use_cnn_module {
-            let mut out = vec![0f32; y.len()];
-            let s = layer_norm_forward(
-                &y,
-                params.get(&enc(i, "norm_final.weight"))?,
-                params.get(&enc(i, "norm_final.bias"))?,
-                1e-12,
-                &mut out,
-            );
-            (out, s)
-        } else {
-            (y, LayerNormSaved::default())
+        let scale = if p.macaron.is_some() { 0.5 } else { 1.0 };
+        let (y, ffn) = prof.time(Kind::Linear, || self.ffn_forward(&p.ffn, &x, scale, train))?;
+        let (out, final_norm) = match &p.final_norm {
+            Some(norm) => prof.time(Kind::Norm, || {
+                let mut out = vec![0f32; y.len()];
+                let s = norm.layer_norm(&y, ESPNET_EPS, &mut out);
+                (out, s)
+            }),
+            None => (y, LayerNormSaved::default()),
         };
-        prof.forward.norms += t0.elapsed().as_secs_f64();
-        Ok((
-            out,
-            LayerSaved {
-                macaron,
-                attn,
-                conv,
-                ffn,
-                final_norm,
-            },
-        ))
+        let saved = LayerSaved {
+            macaron,
+            attn,
+            conv,
+            ffn,
+            final_norm,
+        };
+        Ok((out, saved))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
-        i: usize,
+        (p, g): (&Layer<Vec<f32>>, &mut Layer<Vec<f32>>),
         dy: Vec<f32>,
         s: LayerSaved,
         pe: &[f32],
         batch: &Batch,
-        prof: &mut StepProfile,
+        prof: &mut Profiler,
     ) -> Result<Vec<f32>> {
-        let t0 = Instant::now();
-        let mut dx = if self.cfg.use_cnn_module {
-            let mut dx = vec![0f32; dy.len()];
-            self.ln_bwd(
-                params,
-                grads,
-                &enc(i, "norm_final"),
-                &dy,
-                &s.final_norm,
-                &mut dx,
-                false,
-            )?;
-            dx
-        } else {
-            dy
+        let mut dx = match (&p.final_norm, &mut g.final_norm) {
+            (Some(norm), Some(grad)) => prof.time(Kind::Norm, || {
+                let mut dx = vec![0f32; dy.len()];
+                norm.layer_norm_backward(grad, &dy, &s.final_norm, &mut dx, false);
+                dx
+            }),
+            _ => dy,
         };
-        prof.backward.norms += t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let scale = if self.cfg.macaron_style { 0.5 } else { 1.0 };
-        self.ffn_backward(
-            params,
-            grads,
-            &enc(i, "feed_forward"),
-            &enc(i, "norm_ff"),
-            &mut dx,
-            s.ffn,
-            scale,
-        )?;
-        prof.backward.feed_forward += t0.elapsed().as_secs_f64();
-        if let Some(conv) = s.conv {
-            let t0 = Instant::now();
-            self.conv_backward(params, grads, i, &mut dx, conv, batch)?;
-            prof.backward.conv_module += t0.elapsed().as_secs_f64();
+        let scale = if p.macaron.is_some() { 0.5 } else { 1.0 };
+        prof.time(Kind::Linear, || {
+            self.ffn_backward((&p.ffn, &mut g.ffn), &mut dx, s.ffn, scale)
+        });
+        if let (Some(conv), Some(cm), Some(grad)) = (s.conv, &p.conv, &mut g.conv) {
+            prof.time(Kind::ConvModule, || {
+                self.conv_backward((cm, grad), &mut dx, conv, batch)
+            });
         }
-        let t0 = Instant::now();
-        self.attn_backward(params, grads, i, &mut dx, s.attn, pe, batch)?;
-        prof.backward.attention += t0.elapsed().as_secs_f64();
-        if let Some(mac) = s.macaron {
-            let t0 = Instant::now();
-            self.ffn_backward(
-                params,
-                grads,
-                &enc(i, "feed_forward_macaron"),
-                &enc(i, "norm_ff_macaron"),
-                &mut dx,
-                mac,
-                0.5,
-            )?;
-            prof.backward.feed_forward += t0.elapsed().as_secs_f64();
+        prof.time(Kind::Attention, || {
+            self.attn_backward((&p.attn, &mut g.attn), &mut dx, s.attn, pe, batch)
+        });
+        if let (Some(mac), Some(ffn), Some(grad)) = (s.macaron, &p.macaron, &mut g.macaron) {
+            prof.time(Kind::Linear, || {
+                self.ffn_backward((ffn, grad), &mut dx, mac, 0.5)
+            });
         }
         Ok(dx)
     }
@@ -1257,9 +1250,7 @@ impl CpuEngine {
     /// `x + scale * dropout(w_2(dropout(swish(w_1(LN(x))))))`.
     fn ffn_forward(
         &self,
-        params: &Params,
-        prefix: &str,
-        norm: &str,
+        p: &FeedForward<Vec<f32>>,
         x: &[f32],
         scale: f32,
         train: bool,
@@ -1268,418 +1259,149 @@ impl CpuEngine {
         let f = self.cfg.linear_units;
         let n = x.len() / d;
         let mut xn = vec![0f32; x.len()];
-        let norm_s = layer_norm_forward(
-            x,
-            params.get(&format!("{norm}.weight"))?,
-            params.get(&format!("{norm}.bias"))?,
-            1e-12,
-            &mut xn,
-        );
+        let norm = p.norm.layer_norm(x, ESPNET_EPS, &mut xn);
         let mut h = vec![0f32; n * f];
-        linear_forward(
-            &xn,
-            params.get(&format!("{prefix}.w_1.weight"))?,
-            Some(params.get(&format!("{prefix}.w_1.bias"))?),
-            d,
-            &mut h,
-        );
+        p.w_1.forward(&xn, d, &mut h);
         let inner_mask = dropout_mask(&self.rng, n * f, self.cfg.dropout_rate, train)?;
         let mut a = vec![0f32; n * f];
         silu_forward(&h, inner_mask.as_deref(), &mut a);
-        let (y, out_mask) =
-            self.residual_branch(params, &format!("{prefix}.w_2"), x, &a, f, scale, train)?;
-        Ok((
-            y,
-            FfnSaved {
-                norm: norm_s,
-                xn,
-                h,
-                a,
-                inner_mask,
-                out_mask,
-            },
-        ))
+        let (y, out_mask) = self.residual_branch(&p.w_2, (x, &a), f, scale, train)?;
+        let saved = FfnSaved {
+            norm,
+            xn,
+            h,
+            a,
+            inner_mask,
+            out_mask,
+        };
+        Ok((y, saved))
     }
 
     /// Adds the FFN branch's input gradient to `dx` (which holds the block output's gradient).
-    #[allow(clippy::too_many_arguments)]
     fn ffn_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
-        prefix: &str,
-        norm: &str,
+        (p, g): (&FeedForward<Vec<f32>>, &mut FeedForward<Vec<f32>>),
         dx: &mut [f32],
         s: FfnSaved,
         scale: f32,
-    ) -> Result<()> {
+    ) {
         let d = self.cfg.output_size;
         let f = self.cfg.linear_units;
         let mut dout = dx.to_vec();
         scale_mask(&mut dout, s.out_mask.as_deref(), scale);
         let mut da = vec![0f32; s.a.len()];
-        self.linear_bwd(
-            params,
-            grads,
-            &format!("{prefix}.w_2"),
-            &s.a,
-            &dout,
-            f,
-            Some(&mut da),
-        )?;
+        p.w_2.backward(&mut g.w_2, &s.a, &dout, f, Some(&mut da));
         silu_backward(&s.h, s.inner_mask.as_deref(), &mut da);
         let mut dxn = dout;
-        self.linear_bwd(
-            params,
-            grads,
-            &format!("{prefix}.w_1"),
-            &s.xn,
-            &da,
-            d,
-            Some(&mut dxn),
-        )?;
-        self.ln_bwd(params, grads, norm, &dxn, &s.norm, dx, true)?;
-        Ok(())
+        p.w_1.backward(&mut g.w_1, &s.xn, &da, d, Some(&mut dxn));
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
+    }
+
+    fn attention_geometry(&self, batch: &Batch) -> attention::Geometry {
+        attention::Geometry {
+            batch: batch.b,
+            frames: batch.t,
+            dim: self.cfg.output_size,
+            heads: self.cfg.attention_heads,
+        }
     }
 
     fn attn_forward(
         &self,
-        params: &Params,
-        i: usize,
+        p: &Attention<Vec<f32>>,
         x: &[f32],
         pe: &[f32],
         batch: &Batch,
         train: bool,
     ) -> Result<(Vec<f32>, AttnSaved)> {
         let d = self.cfg.output_size;
-        let heads = self.cfg.attention_heads;
-        let dk = d / heads;
-        let (b, t) = (batch.b, batch.t);
-        let n = b * t;
-        let pn = 2 * t - 1;
-        let get = |k: &str| params.get(&enc(i, k));
+        let geo = self.attention_geometry(batch);
+        let n = batch.b * batch.t;
         let mut xn = vec![0f32; x.len()];
-        let norm = layer_norm_forward(
-            x,
-            get("norm_mha.weight")?,
-            get("norm_mha.bias")?,
-            1e-12,
-            &mut xn,
-        );
-        let proj = |name: &str| -> Result<Vec<f32>> {
-            let mut y = vec![0f32; n * d];
-            linear_forward(
-                &xn,
-                get(&format!("self_attn.{name}.weight"))?,
-                Some(get(&format!("self_attn.{name}.bias"))?),
-                d,
-                &mut y,
-            );
-            Ok(y)
+        let norm = p.norm.layer_norm(x, ESPNET_EPS, &mut xn);
+        let proj = |lin: &Linear<Vec<f32>>, x: &[f32], rows: usize| {
+            let mut y = vec![0f32; rows * d];
+            lin.forward(x, d, &mut y);
+            y
         };
-        let (q, k, v) = (proj("linear_q")?, proj("linear_k")?, proj("linear_v")?);
-        let mut p = vec![0f32; pn * d];
-        linear_forward(pe, get("self_attn.linear_pos.weight")?, None, d, &mut p);
-        let (bu, bv) = (get("self_attn.pos_bias_u")?, get("self_attn.pos_bias_v")?);
-        let mut probs = vec![0f32; b * heads * t * t];
-        let inv = 1.0 / (dk as f32).sqrt();
-        probs
-            .par_chunks_mut(t * t)
-            .enumerate()
-            .for_each(|(bh, pr)| {
-                let (bi, h) = (bh / heads, bh % heads);
-                attention_scores(
-                    (&q, &k, &p),
-                    (bu, bv),
-                    (bi, h, t, d, dk),
-                    &batch.frame_mask[bi * t..][..t],
-                    inv,
-                    pr,
-                );
-            });
-        let att_mask = dropout_mask(
-            &self.rng,
-            probs.len(),
-            self.cfg.attention_dropout_rate,
-            train,
-        )?;
-        // ctx[b, :, h, :] = dropout(probs) · v[b, :, h, :]
+        let (q, k, v) = (proj(&p.q, &xn, n), proj(&p.k, &xn, n), proj(&p.v, &xn, n));
+        let pp = proj(&p.pos, pe, geo.positions());
+        let inp = RelPosInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            p: &pp,
+            bias_u: &p.bias_u,
+            bias_v: &p.bias_v,
+        };
+        let mut probs = vec![0f32; batch.b * geo.heads * batch.t * batch.t];
+        attention::rel_pos_probs(&inp, geo, &batch.frame_mask, &mut probs);
+        let rate = self.cfg.attention_dropout_rate;
+        let att_mask = dropout_mask(&self.rng, probs.len(), rate, train)?;
         let mut ctx = vec![0f32; n * d];
-        ctx.par_chunks_mut(t * d).enumerate().for_each(|(bi, cb)| {
-            let mut pd = vec![0f32; t * t];
-            for h in 0..heads {
-                let pr = &probs[(bi * heads + h) * t * t..][..t * t];
-                let a = match &att_mask {
-                    Some(m) => {
-                        let mm = &m[(bi * heads + h) * t * t..][..t * t];
-                        for ((o, &x), &s) in pd.iter_mut().zip(pr).zip(mm) {
-                            *o = x * s;
-                        }
-                        &pd[..]
-                    }
-                    None => pr,
-                };
-                matmul_serial(
-                    t,
-                    dk,
-                    t,
-                    &mut cb[h * dk..],
-                    d,
-                    Mat::rows(a, t),
-                    Mat {
-                        data: &v[bi * t * d + h * dk..],
-                        rs: d,
-                        cs: 1,
-                    },
-                    false,
-                );
-            }
-        });
-        let (y, out_mask) = self.residual_branch(
-            params,
-            &enc(i, "self_attn.linear_out"),
-            x,
-            &ctx,
-            d,
-            1.0,
-            train,
-        )?;
-        Ok((
-            y,
-            AttnSaved {
-                norm,
-                xn,
-                q,
-                k,
-                v,
-                p,
-                probs,
-                att_mask,
-                ctx,
-                out_mask,
-            },
-        ))
+        attention::rel_pos_context(&probs, att_mask.as_deref(), &v, geo, &mut ctx);
+        let (y, out_mask) = self.residual_branch(&p.out, (x, &ctx), d, 1.0, train)?;
+        let saved = AttnSaved {
+            norm,
+            xn,
+            q,
+            k,
+            v,
+            p: pp,
+            probs,
+            att_mask,
+            ctx,
+            out_mask,
+        };
+        Ok((y, saved))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attn_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
-        i: usize,
+        (p, g): (&Attention<Vec<f32>>, &mut Attention<Vec<f32>>),
         dx: &mut [f32],
         s: AttnSaved,
         pe: &[f32],
         batch: &Batch,
-    ) -> Result<()> {
+    ) {
         let d = self.cfg.output_size;
-        let heads = self.cfg.attention_heads;
-        let dk = d / heads;
-        let (b, t) = (batch.b, batch.t);
-        let n = b * t;
-        let pn = 2 * t - 1;
+        let geo = self.attention_geometry(batch);
+        let n = batch.b * batch.t;
         let mut dout = dx.to_vec();
         scale_mask(&mut dout, s.out_mask.as_deref(), 1.0);
         let mut dctx = vec![0f32; n * d];
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "self_attn.linear_out"),
-            &s.ctx,
-            &dout,
-            d,
-            Some(&mut dctx),
-        )?;
+        p.out
+            .backward(&mut g.out, &s.ctx, &dout, d, Some(&mut dctx));
         drop(dout);
-        let (bu, bv) = (
-            params.get(&enc(i, "self_attn.pos_bias_u"))?,
-            params.get(&enc(i, "self_attn.pos_bias_v"))?,
-        );
-        let inv = 1.0 / (dk as f32).sqrt();
-        let mut dq = vec![0f32; n * d];
-        let mut dk_ = vec![0f32; n * d];
-        let mut dv = vec![0f32; n * d];
-        // per utterance: dq, dk, dv rows; accumulators: dp [pn, d], du [H, dk], dbv [H, dk]
-        let acc_len = pn * d + 2 * d;
-        let items: Vec<(usize, QkvRows)> = dq
-            .chunks_mut(t * d)
-            .zip(dk_.chunks_mut(t * d).zip(dv.chunks_mut(t * d)))
-            .enumerate()
-            .collect();
-        let (q, k, v, p, probs) = (&s.q, &s.k, &s.v, &s.p, &s.probs);
-        let att_mask = s.att_mask.as_deref();
-        let dctx = &dctx;
-        let acc = grouped(items, acc_len, |(bi, (dqb, (dkb, dvb))), acc| {
-            let (dp, rest) = acc.split_at_mut(pn * d);
-            let (du, dbv) = rest.split_at_mut(d);
-            let mut da = vec![0f32; t * t];
-            let mut dbd = vec![0f32; t * pn];
-            let mut qu = vec![0f32; t * dk];
-            let mut qv = vec![0f32; t * dk];
-            let mut pd = vec![0f32; t * t];
-            let mut dqv = vec![0f32; t * dk];
-            for h in 0..heads {
-                let off = (bi * heads + h) * t * t;
-                let pr = &probs[off..][..t * t];
-                let m = att_mask.map(|m| &m[off..][..t * t]);
-                let a: &[f32] = match m {
-                    Some(m) => {
-                        for ((o, &x), &s) in pd.iter_mut().zip(pr).zip(m) {
-                            *o = x * s;
-                        }
-                        &pd
-                    }
-                    None => pr,
-                };
-                let dch = Mat {
-                    data: &dctx[bi * t * d + h * dk..],
-                    rs: d,
-                    cs: 1,
-                };
-                let vh = Mat {
-                    data: &v[bi * t * d + h * dk..],
-                    rs: d,
-                    cs: 1,
-                };
-                // dv_h = aᵀ · dctx_h ; da = dctx_h · v_hᵀ
-                matmul_serial(
-                    t,
-                    dk,
-                    t,
-                    &mut dvb[h * dk..],
-                    d,
-                    Mat::rows(a, t).t(),
-                    dch,
-                    false,
-                );
-                matmul_serial(t, t, dk, &mut da, t, dch, vh.t(), false);
-                // through dropout and softmax, then 1/sqrt(dk)
-                for r in 0..t {
-                    let pr_r = &pr[r * t..][..t];
-                    let da_r = &mut da[r * t..][..t];
-                    if let Some(m) = m {
-                        for (g, &s) in da_r.iter_mut().zip(&m[r * t..][..t]) {
-                            *g *= s;
-                        }
-                    }
-                    let dot: f32 = da_r.iter().zip(pr_r).map(|(&g, &p)| g * p).sum();
-                    for (g, &p) in da_r.iter_mut().zip(pr_r) {
-                        *g = p * (*g - dot) * inv;
-                    }
-                }
-                // ds → matrix_bd gradient in the unshifted [T, 2T-1] layout
-                dbd.fill(0.0);
-                for r in 0..t {
-                    let base = t - 1 - r;
-                    dbd[r * pn + base..r * pn + base + t].copy_from_slice(&da[r * t..][..t]);
-                }
-                let (kh, ph) = head_views((q, k, p), (bu, bv), (bi, h, t, d, dk), &mut qu, &mut qv);
-                // d(q+u) = ds · k ; dk = dsᵀ · (q+u)
-                matmul_serial(
-                    t,
-                    dk,
-                    t,
-                    &mut dqb[h * dk..],
-                    d,
-                    Mat::rows(&da, t),
-                    kh,
-                    false,
-                );
-                matmul_serial(
-                    t,
-                    dk,
-                    t,
-                    &mut dkb[h * dk..],
-                    d,
-                    Mat::rows(&da, t).t(),
-                    Mat::rows(&qu, dk),
-                    false,
-                );
-                // d(q+v) = dbd · p ; dp += dbdᵀ · (q+v)
-                matmul_serial(t, dk, pn, &mut dqv, dk, Mat::rows(&dbd, pn), ph, false);
-                matmul_serial(
-                    pn,
-                    dk,
-                    t,
-                    &mut dp[h * dk..],
-                    d,
-                    Mat::rows(&dbd, pn).t(),
-                    Mat::rows(&qv, dk),
-                    true,
-                );
-                for r in 0..t {
-                    let row = &mut dqb[r * d + h * dk..][..dk];
-                    for j in 0..dk {
-                        du[h * dk + j] += row[j];
-                        dbv[h * dk + j] += dqv[r * dk + j];
-                        row[j] += dqv[r * dk + j];
-                    }
-                }
-            }
-        });
-
-        let (dp, rest) = acc.split_at(pn * d);
-        let (du, dbv) = rest.split_at(d);
-        for (name, g) in [("self_attn.pos_bias_u", du), ("self_attn.pos_bias_v", dbv)] {
-            let key = enc(i, name);
-            let mut acc = grads.take(&key, d);
-            for (a, &v) in acc.iter_mut().zip(g) {
-                *a += v;
-            }
-            grads.put(&key, acc);
-        }
+        let inp = RelPosInputs {
+            q: &s.q,
+            k: &s.k,
+            v: &s.v,
+            p: &s.p,
+            bias_u: &p.bias_u,
+            bias_v: &p.bias_v,
+        };
+        let rg = attention::rel_pos_backward(&inp, &s.probs, s.att_mask.as_deref(), &dctx, geo);
+        add_in_place(&mut g.bias_u, &rg.du);
+        add_in_place(&mut g.bias_v, &rg.dbv);
         // dW_pos += dpᵀ · pe
-        let wpn = enc(i, "self_attn.linear_pos.weight");
-        let mut dwp = grads.take(&wpn, d * d);
-        gemm::matmul(
-            d,
-            d,
-            pn,
-            &mut dwp,
-            d,
-            Mat::rows(dp, d).t(),
-            Mat::rows(pe, d),
-            true,
-        );
-        grads.put(&wpn, dwp);
+        let (dp, pe) = (Mat::rows(&rg.dp, d).t(), Mat::rows(pe, d));
+        gemm::matmul(d, d, geo.positions(), &mut g.pos.weight, d, dp, pe, true);
         let mut dxn = vec![0f32; n * d];
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "self_attn.linear_q"),
-            &s.xn,
-            &dq,
-            d,
-            Some(&mut dxn),
-        )?;
+        p.q.backward(&mut g.q, &s.xn, &rg.dq, d, Some(&mut dxn));
         let mut tmp = vec![0f32; n * d];
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "self_attn.linear_k"),
-            &s.xn,
-            &dk_,
-            d,
-            Some(&mut tmp),
-        )?;
-        add_into(&mut dxn, &tmp);
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "self_attn.linear_v"),
-            &s.xn,
-            &dv,
-            d,
-            Some(&mut tmp),
-        )?;
-        add_into(&mut dxn, &tmp);
-        self.ln_bwd(params, grads, &enc(i, "norm_mha"), &dxn, &s.norm, dx, true)?;
-        Ok(())
+        p.k.backward(&mut g.k, &s.xn, &rg.dk, d, Some(&mut tmp));
+        add_in_place(&mut dxn, &tmp);
+        p.v.backward(&mut g.v, &s.xn, &rg.dv, d, Some(&mut tmp));
+        add_in_place(&mut dxn, &tmp);
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
     }
 
     fn conv_forward(
         &self,
-        params: &Params,
+        p: &ConvModule<Vec<f32>>,
         i: usize,
         x: &[f32],
         batch: &Batch,
@@ -1687,266 +1409,218 @@ impl CpuEngine {
     ) -> Result<(Vec<f32>, ConvSaved)> {
         let d = self.cfg.output_size;
         let n = x.len() / d;
-        let get = |k: &str| params.get(&enc(i, k));
         let mut xn = vec![0f32; x.len()];
-        let norm = layer_norm_forward(
-            x,
-            get("norm_conv.weight")?,
-            get("norm_conv.bias")?,
-            1e-12,
-            &mut xn,
-        );
+        let norm = p.norm.layer_norm(x, ESPNET_EPS, &mut xn);
         let mut h = vec![0f32; n * 2 * d];
-        linear_forward(
-            &xn,
-            get("conv_module.pointwise_conv1.weight")?,
-            Some(get("conv_module.pointwise_conv1.bias")?),
-            d,
-            &mut h,
-        );
+        p.pointwise1.forward(&xn, d, &mut h);
         // GLU and the padding mask
-        let mut gm = vec![0f32; n * d];
         let fm = &batch.frame_mask;
-        gm.par_chunks_mut(d)
-            .zip(h.par_chunks(2 * d))
-            .enumerate()
-            .for_each(|(r, (g, hr))| {
-                let m = fm[r];
-                for j in 0..d {
-                    g[j] = hr[j] * sigmoid(hr[d + j]) * m;
-                }
-            });
+        let mut gm = vec![0f32; n * d];
+        glu_forward(&h, d, Some(fm), &mut gm);
         let k = self.cfg.cnn_module_kernel;
-        let w_kc = kernel_major(get("conv_module.depthwise_conv.weight")?, d, k, false);
+        let w_kc = kernel_major(&p.depthwise.weight, d, k, false);
         let mut c = correlate_rows(&gm, &w_kc, (batch.b, batch.t, d, k), (k - 1) / 2);
-        let bias = get("conv_module.depthwise_conv.bias")?;
+        let bias = bias_of(&p.depthwise)?;
         c.par_chunks_mut(d).for_each(|row| {
             for (v, &bb) in row.iter_mut().zip(bias) {
                 *v += bb;
             }
         });
         let mut bn_out = vec![0f32; n * d];
-        let (cn, rstd, ln) = match self.cfg.cnn_module_norm {
-            CnnModuleNorm::LayerNorm => {
-                let s = layer_norm_forward(
-                    &c,
-                    get("conv_module.norm.weight")?,
-                    get("conv_module.norm.bias")?,
-                    1e-5,
-                    &mut bn_out,
-                );
-                (Vec::new(), Vec::new(), Some(s))
+        let affine = (p.conv_norm.weight.as_slice(), p.conv_norm.bias.as_slice());
+        let conv_norm = match (&p.running, self.cfg.cnn_module_norm) {
+            (_, CnnModuleNorm::LayerNorm) => {
+                ConvNormSaved::Layer(p.conv_norm.layer_norm(&c, TORCH_EPS, &mut bn_out))
             }
-            CnnModuleNorm::BatchNorm => {
-                let gamma = get("conv_module.norm.weight")?;
-                let beta = get("conv_module.norm.bias")?;
+            (Some(running), CnnModuleNorm::BatchNorm) => {
                 // batch statistics of the valid frames in training, running ones in eval
                 let (mean, var) = if train {
                     let (mean, var) = masked_moments(&c, fm, d, batch.valid);
-                    self.update_running_stats(i, &mean, &var, batch.valid)?;
+                    self.update_running_stats(i, (&mean, &var), batch.valid)?;
                     (mean, var)
                 } else {
-                    (
-                        get("conv_module.norm.running_mean")?.to_vec(),
-                        get("conv_module.norm.running_var")?.to_vec(),
-                    )
+                    (running.mean.clone(), running.var.clone())
                 };
-                let rstd: Vec<f32> = var.iter().map(|&v| 1.0 / (v + 1e-5).sqrt()).collect();
-                let mut cn = vec![0f32; n * d];
-                cn.par_chunks_mut(d)
-                    .zip(c.par_chunks(d))
-                    .for_each(|(o, row)| {
-                        for j in 0..d {
-                            o[j] = (row[j] - mean[j]) * rstd[j];
-                        }
-                    });
-                bn_out
-                    .par_chunks_mut(d)
-                    .zip(cn.par_chunks(d))
-                    .for_each(|(o, row)| {
-                        for j in 0..d {
-                            o[j] = row[j] * gamma[j] + beta[j];
-                        }
-                    });
-                (cn, rstd, None)
+                let eps = BATCH_NORM_EPS as f32;
+                let bn = batch_norm_forward(&c, (&mean, &var), affine, eps, &mut bn_out);
+                ConvNormSaved::Batch(bn)
+            }
+            (None, CnnModuleNorm::BatchNorm) => {
+                candle_core::bail!("engine: batch norm without running statistics")
             }
         };
         let mut sw = vec![0f32; n * d];
         silu_forward(&bn_out, None, &mut sw);
-        let (y, out_mask) = self.residual_branch(
-            params,
-            &enc(i, "conv_module.pointwise_conv2"),
-            x,
-            &sw,
-            d,
-            1.0,
-            train,
-        )?;
-        Ok((
-            y,
-            ConvSaved {
-                norm,
-                xn,
-                h,
-                gm,
-                cn,
-                rstd,
-                ln,
-                bn_out,
-                s: sw,
-                out_mask,
-            },
-        ))
+        let (y, out_mask) = self.residual_branch(&p.pointwise2, (x, &sw), d, 1.0, train)?;
+        let saved = ConvSaved {
+            norm,
+            xn,
+            h,
+            gm,
+            conv_norm,
+            bn_out,
+            s: sw,
+            out_mask,
+        };
+        Ok((y, saved))
     }
 
-    /// torch's running update: `(1 - m) * running + m * batch` with the unbiased variance.
-    fn update_running_stats(
-        &self,
-        i: usize,
-        mean: &[f32],
-        var: &[f32],
-        valid: usize,
-    ) -> Result<()> {
-        let n = valid.max(1) as f64;
-        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-        let m = 0.1f64;
-        for (name, batch, factor) in [
-            ("conv_module.norm.running_mean", mean, 1.0),
-            ("conv_module.norm.running_var", var, unbiased),
-        ] {
-            let key = enc(i, name);
-            let var = self
-                .all_vars
-                .get(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("engine: no variable {key}")))?;
-            let old = var.as_tensor().to_vec1::<f32>()?;
-            let new: Vec<f32> = old
-                .iter()
-                .zip(batch)
-                .map(|(&o, &b)| ((o as f64) * (1.0 - m) + (b as f64) * (m * factor)) as f32)
-                .collect();
-            let new = Tensor::from_vec(new, old.len(), &Device::Cpu)?;
-            var.as_tensor().slice_set(&new, 0, 0)?;
+    /// torch's running update of layer `i`'s conv-module batch norm, in its variables.
+    fn update_running_stats(&self, i: usize, batch: (&[f32], &[f32]), valid: usize) -> Result<()> {
+        let running = self.ids.layers[i]
+            .conv
+            .as_ref()
+            .and_then(|c| c.running.as_ref())
+            .ok_or_else(|| candle_core::Error::Msg("engine: no running statistics".into()))?;
+        let (mean_var, var_var) = (&self.vars[running.mean], &self.vars[running.var]);
+        let mut mean = mean_var.as_tensor().to_vec1::<f32>()?;
+        let mut var = var_var.as_tensor().to_vec1::<f32>()?;
+        batch_norm_update_running((&mut mean, &mut var), batch, valid, BATCH_NORM_MOMENTUM);
+        for (v, new) in [(mean_var, mean), (var_var, var)] {
+            let new = Tensor::from_vec(new, v.elem_count(), &Device::Cpu)?;
+            v.as_tensor().slice_set(&new, 0, 0)?;
         }
         Ok(())
     }
 
     fn conv_backward(
         &self,
-        params: &Params,
-        grads: &mut Grads,
-        i: usize,
+        (p, g): (&ConvModule<Vec<f32>>, &mut ConvModule<Vec<f32>>),
         dx: &mut [f32],
         s: ConvSaved,
         batch: &Batch,
-    ) -> Result<()> {
+    ) {
         let d = self.cfg.output_size;
         let n = dx.len() / d;
-        let get = |k: &str| params.get(&enc(i, k));
+        let fm = &batch.frame_mask;
         let mut dout = dx.to_vec();
         scale_mask(&mut dout, s.out_mask.as_deref(), 1.0);
         let mut ds = vec![0f32; n * d];
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "conv_module.pointwise_conv2"),
-            &s.s,
-            &dout,
-            d,
-            Some(&mut ds),
-        )?;
+        p.pointwise2
+            .backward(&mut g.pointwise2, &s.s, &dout, d, Some(&mut ds));
         silu_backward(&s.bn_out, None, &mut ds);
         let mut dc = dout;
-        match (&s.ln, self.cfg.cnn_module_norm) {
-            (Some(ln), _) => {
-                self.ln_bwd(
-                    params,
-                    grads,
-                    &enc(i, "conv_module.norm"),
-                    &ds,
-                    ln,
-                    &mut dc,
-                    false,
-                )?;
+        match &s.conv_norm {
+            ConvNormSaved::Layer(ln) => {
+                p.conv_norm
+                    .layer_norm_backward(&mut g.conv_norm, &ds, ln, &mut dc, false)
             }
-            _ => {
-                let gamma = get("conv_module.norm.weight")?;
-                let mut dg = grads.take(&enc(i, "conv_module.norm.weight"), d);
-                let mut db = grads.take(&enc(i, "conv_module.norm.bias"), d);
-                // Σ dy·x-hat and Σ dy over all rows (padded rows carry zero gradient)
-                let (sg, sb) = col_dot_sums(&ds, &s.cn, d);
-                for j in 0..d {
-                    dg[j] += sg[j];
-                    db[j] += sb[j];
-                }
-                grads.put(&enc(i, "conv_module.norm.weight"), dg);
-                grads.put(&enc(i, "conv_module.norm.bias"), db);
-                let nv = batch.valid.max(1) as f32;
-                // dcn = dy·gamma; Σ dcn and Σ dcn·cn per channel
-                let mut s1 = vec![0f32; d];
-                let mut s2 = vec![0f32; d];
-                for j in 0..d {
-                    s1[j] = sb[j] * gamma[j];
-                    s2[j] = sg[j] * gamma[j];
-                }
-                let fm = &batch.frame_mask;
-                let rstd = &s.rstd;
-                dc.par_chunks_mut(d)
-                    .zip(ds.par_chunks(d).zip(s.cn.par_chunks(d)))
-                    .enumerate()
-                    .for_each(|(r, (o, (g, cn)))| {
-                        let m = fm[r];
-                        for j in 0..d {
-                            o[j] = rstd[j] * (g[j] * gamma[j] - m * (s1[j] + cn[j] * s2[j]) / nv);
-                        }
-                    });
+            ConvNormSaved::Batch(bn) => {
+                let dgb = (
+                    g.conv_norm.weight.as_mut_slice(),
+                    g.conv_norm.bias.as_mut_slice(),
+                );
+                let gamma = &p.conv_norm.weight;
+                batch_norm_backward(&ds, bn, gamma, (fm, batch.valid), &mut dc, dgb);
             }
         }
         drop(ds);
         // depthwise conv: bias, weight, input
         let k = self.cfg.cnn_module_kernel;
         let pad = (k - 1) / 2;
-        let bn = enc(i, "conv_module.depthwise_conv.bias");
-        let mut dbias = grads.take(&bn, d);
-        add_col_sums(&dc, d, &mut dbias);
-        grads.put(&bn, dbias);
-        let wn = enc(i, "conv_module.depthwise_conv.weight");
-        let dwk = weight_grad(&s.gm, &dc, (batch.b, batch.t, d, k), pad);
-        let mut dw = grads.take(&wn, d * k);
-        for (a, v) in dw.iter_mut().zip(&dwk) {
-            *a += v;
+        let geo = (batch.b, batch.t, d, k);
+        if let Some(db) = g.depthwise.bias.as_deref_mut() {
+            add_col_sums(&dc, d, db);
         }
-        grads.put(&wn, dw);
-        let w_flip = kernel_major(get("conv_module.depthwise_conv.weight")?, d, k, true);
-        let dgm = correlate_rows(&dc, &w_flip, (batch.b, batch.t, d, k), k - 1 - pad);
+        add_in_place(&mut g.depthwise.weight, &weight_grad(&s.gm, &dc, geo, pad));
+        let w_flip = kernel_major(&p.depthwise.weight, d, k, true);
+        let dgm = correlate_rows(&dc, &w_flip, geo, k - 1 - pad);
         drop(dc);
         // mask and GLU
         let mut dh = vec![0f32; n * 2 * d];
-        let fm = &batch.frame_mask;
-        dh.par_chunks_mut(2 * d)
-            .zip(s.h.par_chunks(2 * d).zip(dgm.par_chunks(d)))
-            .enumerate()
-            .for_each(|(r, (o, (hr, g)))| {
-                let m = fm[r];
-                for j in 0..d {
-                    let sg = sigmoid(hr[d + j]);
-                    let gv = g[j] * m;
-                    o[j] = gv * sg;
-                    o[d + j] = gv * hr[j] * sg * (1.0 - sg);
-                }
-            });
+        glu_backward(&s.h, &dgm, d, Some(fm), &mut dh);
         let mut dxn = vec![0f32; n * d];
-        self.linear_bwd(
-            params,
-            grads,
-            &enc(i, "conv_module.pointwise_conv1"),
-            &s.xn,
-            &dh,
-            d,
-            Some(&mut dxn),
-        )?;
-        self.ln_bwd(params, grads, &enc(i, "norm_conv"), &dxn, &s.norm, dx, true)?;
-        Ok(())
+        p.pointwise1
+            .backward(&mut g.pointwise1, &s.xn, &dh, d, Some(&mut dxn));
+        p.norm
+            .layer_norm_backward(&mut g.norm, &dxn, &s.norm, dx, true);
+    }
+}
+
+/// Utterance `bi`'s `len` values of a batch buffer.
+fn utterance(buf: &[f32], bi: usize, len: usize) -> &[f32] {
+    &buf[bi * len..][..len]
+}
+
+fn bias_of(linear: &Linear<Vec<f32>>) -> Result<&[f32]> {
+    linear
+        .bias
+        .as_deref()
+        .ok_or_else(|| candle_core::Error::Msg("engine: a convolution has no bias".into()))
+}
+
+/// The two 3×3 convolutions of `Conv2dSubsampling` over `[T, F]` input: 1 → d channels at
+/// stride 2, then d → d at stride 2 (`conv2d`) or 1 (`conv2d2`).
+fn subsampling_geometry(
+    layer: InputLayer,
+    (t_in, f_in): (usize, usize),
+    d: usize,
+) -> (conv::Geometry, conv::Geometry) {
+    let g0 = conv::Geometry {
+        rows: t_in,
+        cols: f_in,
+        c_in: 1,
+        c_out: d,
+        stride: 2,
+        out_rows: 0,
+    };
+    let g1 = conv::Geometry {
+        rows: g0.all_out_rows(),
+        cols: g0.out_cols(),
+        c_in: d,
+        c_out: d,
+        stride: if layer == InputLayer::Conv2d { 2 } else { 1 },
+        out_rows: 0,
+    };
+    (g0, g1)
+}
+
+fn winograd_geometry(g: &conv::Geometry, out_rows: usize) -> winograd::Geometry {
+    winograd::Geometry {
+        rows: g.rows,
+        cols: g.cols,
+        c_in: g.c_in,
+        c_out: g.c_out,
+        out_rows,
+    }
+}
+
+/// `relu(conv(x) + bias)` per utterance of `x` `[B, rows, cols, C_in]`, computing the first
+/// `valid[b]` output rows of each (the rest stay zero).
+fn conv_relu_forward(
+    lin: &Linear<Vec<f32>>,
+    x: &[f32],
+    geo: conv::Geometry,
+    valid: &[usize],
+) -> Result<Vec<f32>> {
+    let (c_in, c_out) = (geo.c_in, geo.c_out);
+    let w = conv::weight_taps_last(&lin.weight, c_out, c_in);
+    let bias = bias_of(lin)?;
+    let in_len = geo.rows * geo.cols * c_in;
+    let out_len = geo.all_out_rows() * geo.out_cols() * c_out;
+    let mut y = vec![0f32; valid.len() * out_len];
+    y.par_chunks_mut(out_len).enumerate().for_each(|(bi, out)| {
+        let g = conv::Geometry {
+            out_rows: valid[bi],
+            ..geo
+        };
+        conv::forward(
+            &x[bi * in_len..][..in_len],
+            &g,
+            (&w, bias),
+            out,
+            relu_in_place,
+        );
+    });
+    Ok(y)
+}
+
+/// Backward of `relu(conv + bias)` in place of `g`: zero where the output `y` was clipped,
+/// then the bias gradient.
+fn relu_bias_backward(y: &[f32], g: &mut [f32], grad: &mut Linear<Vec<f32>>) {
+    relu_backward(y, g);
+    if let Some(db) = grad.bias.as_deref_mut() {
+        add_col_sums(g, db.len(), db);
     }
 }
 
@@ -1970,382 +1644,4 @@ fn valid_conv_rows(
         })
         .collect();
     (valid1, valid2)
-}
-
-/// One utterance's rows of the q, k and v gradients.
-type QkvRows<'a> = (&'a mut [f32], (&'a mut [f32], &'a mut [f32]));
-
-/// Output time-block of the conv1 im2col (bounds its memory).
-const T_BLOCK: usize = 48;
-
-fn apply_mask(mut x: Vec<f32>, mask: Option<&[f32]>) -> Vec<f32> {
-    if let Some(m) = mask {
-        x.par_iter_mut().zip(m).for_each(|(v, &s)| *v *= s);
-    }
-    x
-}
-
-fn add_into(acc: &mut [f32], x: &[f32]) {
-    let per = row_block(acc.len() / 64 + 1) * 64;
-    acc.par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(a, b)| {
-            for (a, &b) in a.iter_mut().zip(b) {
-                *a += b;
-            }
-        });
-}
-
-/// Backward of `relu(conv + bias)`: zeroes `g` where the output was clipped, then adds its
-/// column sums to the bias gradient `bias`.
-fn relu_bias_backward(grads: &mut Grads, bias: &str, g: &mut [f32], out: &[f32], d: usize) {
-    relu_backward(g, out);
-    let mut db = grads.take(bias, d);
-    add_col_sums(g, d, &mut db);
-    grads.put(bias, db);
-}
-
-fn relu_backward(g: &mut [f32], out: &[f32]) {
-    let per = row_block(g.len() / 64 + 1) * 64;
-    g.par_chunks_mut(per)
-        .zip(out.par_chunks(per))
-        .for_each(|(g, o)| {
-            for (g, &o) in g.iter_mut().zip(o) {
-                if o <= 0.0 {
-                    *g = 0.0;
-                }
-            }
-        });
-}
-
-/// Per channel `(Σ_rows a·b, Σ_rows a)` of `[N, d]` matrices, reduced in a fixed order.
-fn col_dot_sums(a: &[f32], b: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = a.len() / d;
-    let per = row_block(rows);
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = a
-        .par_chunks(per * d)
-        .zip(b.par_chunks(per * d))
-        .map(|(ab, bb)| {
-            let (mut s, mut t) = (vec![0f32; d], vec![0f32; d]);
-            for (ar, br) in ab.chunks_exact(d).zip(bb.chunks_exact(d)) {
-                for j in 0..d {
-                    s[j] += ar[j] * br[j];
-                    t[j] += ar[j];
-                }
-            }
-            (s, t)
-        })
-        .collect();
-    let (mut s, mut t) = (vec![0f32; d], vec![0f32; d]);
-    for (ps, pt) in &parts {
-        for j in 0..d {
-            s[j] += ps[j];
-            t[j] += pt[j];
-        }
-    }
-    (s, t)
-}
-
-/// Mean and biased variance per channel over the valid rows of `[N, d]`.
-fn masked_moments(x: &[f32], mask: &[f32], d: usize, valid: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = valid.max(1) as f32;
-    let (sum, _) = col_dot_sums_masked(x, mask, d, None);
-    let mean: Vec<f32> = sum.iter().map(|&s| s / n).collect();
-    let (sq, _) = col_dot_sums_masked(x, mask, d, Some(&mean));
-    (mean, sq.iter().map(|&s| s / n).collect())
-}
-
-/// Σ over valid rows of `x` (or of `(x - center)²` when `center` is given), per channel.
-fn col_dot_sums_masked(
-    x: &[f32],
-    mask: &[f32],
-    d: usize,
-    center: Option<&[f32]>,
-) -> (Vec<f32>, ()) {
-    let rows = x.len() / d;
-    let per = row_block(rows);
-    let parts: Vec<Vec<f32>> = x
-        .par_chunks(per * d)
-        .zip(mask.par_chunks(per))
-        .map(|(xb, mb)| {
-            let mut s = vec![0f32; d];
-            for (row, &m) in xb.chunks_exact(d).zip(mb) {
-                if m == 0.0 {
-                    continue;
-                }
-                match center {
-                    None => s.iter_mut().zip(row).for_each(|(a, &v)| *a += v),
-                    Some(c) => s
-                        .iter_mut()
-                        .zip(row.iter().zip(c))
-                        .for_each(|(a, (&v, &cc))| *a += (v - cc) * (v - cc)),
-                }
-            }
-            s
-        })
-        .collect();
-    let mut s = vec![0f32; d];
-    for p in &parts {
-        for (a, &v) in s.iter_mut().zip(p) {
-            *a += v;
-        }
-    }
-    (s, ())
-}
-
-/// Utterance MVN in place over `[B, T, D]`; returns (normalised x, 1/std per (b, dim)).
-fn utterance_mvn_forward(
-    x: &mut [f32],
-    lengths: &[usize],
-    t: usize,
-    dim: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut rstd = vec![0f32; lengths.len() * dim];
-    x.par_chunks_mut(t * dim)
-        .zip(rstd.par_chunks_mut(dim))
-        .zip(lengths.par_iter())
-        .for_each(|((xb, rb), &len)| {
-            let n = len.min(t);
-            let cnt = len.max(1) as f32;
-            let mut mean = vec![0f32; dim];
-            for row in xb[..n * dim].chunks_exact(dim) {
-                mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v);
-            }
-            mean.iter_mut().for_each(|m| *m /= cnt);
-            let mut var = vec![0f32; dim];
-            for row in xb[..n * dim].chunks_exact(dim) {
-                for j in 0..dim {
-                    var[j] += (row[j] - mean[j]) * (row[j] - mean[j]);
-                }
-            }
-            for j in 0..dim {
-                rb[j] = 1.0 / (var[j] / cnt + 1e-6).sqrt();
-            }
-            for row in xb.chunks_exact_mut(dim) {
-                for j in 0..dim {
-                    row[j] = (row[j] - mean[j]) * rb[j];
-                }
-            }
-        });
-    (x.to_vec(), rstd)
-}
-
-/// Backward of `utterance_mvn_forward` in place of `dy`.
-fn utterance_mvn_backward(
-    dy: &mut [f32],
-    y: &[f32],
-    rstd: &[f32],
-    lengths: &[usize],
-    t: usize,
-    dim: usize,
-) {
-    dy.par_chunks_mut(t * dim)
-        .zip(y.par_chunks(t * dim))
-        .zip(rstd.par_chunks(dim))
-        .zip(lengths.par_iter())
-        .for_each(|(((gb, yb), rb), &len)| {
-            let n = len.min(t);
-            let cnt = len.max(1) as f32;
-            let (mut s1, mut s2) = (vec![0f32; dim], vec![0f32; dim]);
-            for (gr, yr) in gb.chunks_exact(dim).zip(yb.chunks_exact(dim)) {
-                for j in 0..dim {
-                    s1[j] += gr[j];
-                    s2[j] += gr[j] * yr[j];
-                }
-            }
-            for (ti, (gr, yr)) in gb
-                .chunks_exact_mut(dim)
-                .zip(yb.chunks_exact(dim))
-                .enumerate()
-            {
-                let m = if ti < n { 1.0 } else { 0.0 };
-                for j in 0..dim {
-                    gr[j] = rb[j] * (gr[j] - m * (s1[j] + yr[j] * s2[j]) / cnt);
-                }
-            }
-        });
-}
-
-/// For utterance `bi` and head `h`: the query plus each positional bias (`q + u` into `qu`,
-/// `q + v` into `qv`, `[T, dk]`), and strided views of the head's keys `[T, dk]` and projected
-/// positions `[2T - 1, dk]` (no copies).
-fn head_views<'a>(
-    (q, k, p): (&[f32], &'a [f32], &'a [f32]),
-    (bu, bv): (&[f32], &[f32]),
-    (bi, h, t, d, dk): (usize, usize, usize, usize, usize),
-    qu: &mut [f32],
-    qv: &mut [f32],
-) -> (Mat<'a>, Mat<'a>) {
-    for r in 0..t {
-        let qrow = &q[(bi * t + r) * d + h * dk..][..dk];
-        for j in 0..dk {
-            qu[r * dk + j] = qrow[j] + bu[h * dk + j];
-            qv[r * dk + j] = qrow[j] + bv[h * dk + j];
-        }
-    }
-    let head = |x: &'a [f32], row0: usize| Mat {
-        data: &x[row0 * d + h * dk..],
-        rs: d,
-        cs: 1,
-    };
-    (head(k, bi * t), head(p, 0))
-}
-
-/// Softmax probabilities of one utterance and head: `((q+u)·kᵀ + shift((q+v)·pᵀ)) / sqrt(dk)`
-/// with padded keys masked, into `out` `[T, T]`.
-fn attention_scores(
-    (q, k, p): (&[f32], &[f32], &[f32]),
-    (bu, bv): (&[f32], &[f32]),
-    (bi, h, t, d, dk): (usize, usize, usize, usize, usize),
-    key_mask: &[f32],
-    inv: f32,
-    out: &mut [f32],
-) {
-    let pn = 2 * t - 1;
-    let mut qu = vec![0f32; t * dk];
-    let mut qv = vec![0f32; t * dk];
-    let (kh, ph) = head_views((q, k, p), (bu, bv), (bi, h, t, d, dk), &mut qu, &mut qv);
-    matmul_serial(t, t, dk, out, t, Mat::rows(&qu, dk), kh.t(), false);
-    let mut bd = vec![0f32; t * pn];
-    matmul_serial(t, pn, dk, &mut bd, pn, Mat::rows(&qv, dk), ph.t(), false);
-    let key_mask = &key_mask[..t];
-    activation::simd(|| {
-        for r in 0..t {
-            let row = &mut out[r * t..][..t];
-            let shifted = &bd[r * pn + (t - 1 - r)..][..t];
-            for ((v, &s), &m) in row.iter_mut().zip(shifted).zip(key_mask) {
-                *v = (*v + s) * inv + (m - 1.0) * 1e9;
-            }
-            activation::softmax_in_place(row);
-        }
-    });
-}
-
-/// `[T, F]` single-channel input → im2col `[T1 F1, 9]` of 3x3 taps at `stride`.
-fn im2col_single(x: &[f32], f: usize, t1: usize, f1: usize, stride: usize) -> Vec<f32> {
-    let mut col = vec![0f32; t1 * f1 * 9];
-    for ti in 0..t1 {
-        for fi in 0..f1 {
-            let o = &mut col[(ti * f1 + fi) * 9..][..9];
-            for kt in 0..3 {
-                for kf in 0..3 {
-                    o[kt * 3 + kf] = x[(stride * ti + kt) * f + stride * fi + kf];
-                }
-            }
-        }
-    }
-    col
-}
-
-/// Scatter-add of `im2col_single`'s gradient back into `dx` `[T, F]`.
-fn col2im_single_add(dcol: &[f32], f: usize, t1: usize, f1: usize, stride: usize, dx: &mut [f32]) {
-    for ti in 0..t1 {
-        for fi in 0..f1 {
-            let g = &dcol[(ti * f1 + fi) * 9..][..9];
-            for kt in 0..3 {
-                for kf in 0..3 {
-                    dx[(stride * ti + kt) * f + stride * fi + kf] += g[kt * 3 + kf];
-                }
-            }
-        }
-    }
-}
-
-/// Channels-last `[T1, F1, C]` → im2col rows for output frames `tb..tb+rows_t` (all `f2`
-/// frequencies): `[rows_t F2, 9 C]`, column `(kt*3 + kf) * C + c`.
-fn im2col_channels(
-    x: &[f32],
-    (f1, c): (usize, usize),
-    (tb, rows_t, f2): (usize, usize, usize),
-    stride: usize,
-    col: &mut Vec<f32>,
-) {
-    col.resize(rows_t * f2 * 9 * c, 0.0);
-    for ti in 0..rows_t {
-        let t_out = tb + ti;
-        for fi in 0..f2 {
-            let o = &mut col[(ti * f2 + fi) * 9 * c..][..9 * c];
-            for kt in 0..3 {
-                for kf in 0..3 {
-                    let src = ((stride * t_out + kt) * f1 + stride * fi + kf) * c;
-                    o[(kt * 3 + kf) * c..][..c].copy_from_slice(&x[src..src + c]);
-                }
-            }
-        }
-    }
-}
-
-/// Scatter-add of `im2col_channels`'s gradient back into `dx` `[T1, F1, C]`.
-fn col2im_channels_add(
-    dcol: &[f32],
-    (f1, c): (usize, usize),
-    (tb, rows_t, f2): (usize, usize, usize),
-    stride: usize,
-    dx: &mut [f32],
-) {
-    for ti in 0..rows_t {
-        let t_out = tb + ti;
-        for fi in 0..f2 {
-            let g = &dcol[(ti * f2 + fi) * 9 * c..][..9 * c];
-            for kt in 0..3 {
-                for kf in 0..3 {
-                    let dst = ((stride * t_out + kt) * f1 + stride * fi + kf) * c;
-                    for (a, &v) in dx[dst..dst + c]
-                        .iter_mut()
-                        .zip(&g[(kt * 3 + kf) * c..][..c])
-                    {
-                        *a += v;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// torch conv weight `[C_out, C_in, 3, 3]` → `[C_out, 9 C_in]` with column `(kt*3+kf)*C_in + c`.
-fn conv_weight_taps_last(w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for o in 0..c_out {
-        for ci in 0..c_in {
-            for tap in 0..9 {
-                out[o * 9 * c_in + tap * c_in + ci] = w[(o * c_in + ci) * 9 + tap];
-            }
-        }
-    }
-    out
-}
-
-/// Adds a `[C_out, 9 C_in]` (taps-last) gradient into torch's `[C_out, C_in, 3, 3]` layout.
-fn conv_weight_grad_channels_first(g: &[f32], c_out: usize, c_in: usize, acc: &mut [f32]) {
-    for o in 0..c_out {
-        for ci in 0..c_in {
-            for tap in 0..9 {
-                acc[(o * c_in + ci) * 9 + tap] += g[o * 9 * c_in + tap * c_in + ci];
-            }
-        }
-    }
-}
-
-/// ESPnet's `out.0` weight `[odim, C F2]` (channel-major) → `[odim, F2 C]`.
-fn out_weight_freq_major(w: &[f32], odim: usize, c: usize, f2: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for o in 0..odim {
-        for ci in 0..c {
-            for fi in 0..f2 {
-                out[o * f2 * c + fi * c + ci] = w[o * c * f2 + ci * f2 + fi];
-            }
-        }
-    }
-    out
-}
-
-/// Adds a `[odim, F2 C]` gradient into the channel-major `[odim, C F2]` layout.
-fn out_weight_grad_channel_major(g: &[f32], odim: usize, c: usize, f2: usize, acc: &mut [f32]) {
-    for o in 0..odim {
-        for ci in 0..c {
-            for fi in 0..f2 {
-                acc[o * c * f2 + ci * f2 + fi] += g[o * f2 * c + fi * c + ci];
-            }
-        }
-    }
 }

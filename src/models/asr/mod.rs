@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::models::asr::conformer::{ConformerConfig, ConformerEncoder, ConformerError};
-use crate::ops::{frame_mask, DropoutRng, RUNNING_STAT_NAMES};
+use crate::ops::{utterance_mvn, DropoutRng, RUNNING_STAT_NAMES};
 
 /// How features are normalised before the pre-encoder (ESPnet's `normalize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -45,9 +45,6 @@ pub struct AsrModelConfig {
     #[serde(default)]
     pub encoder: ConformerConfig,
 }
-
-/// Variance floor of utterance normalisation (keeps constant dimensions finite).
-const UTTERANCE_VAR_FLOOR: f64 = 1e-6;
 
 /// s3prl `Featurizer` weighted sum (key `frontend.featurizer.weights`, zeros at init): the
 /// softmax of one learnable weight per layer. A single layer needs no weights.
@@ -262,26 +259,6 @@ impl AsrModel {
                 .to_vec1()?),
         }
     }
-}
-
-/// Utterance mean/variance normalisation over valid frames: `[B, T, D]` → `[B, T, D]`.
-/// Padded frames are normalised with their utterance's statistics too (values unused).
-fn utterance_mvn(x: &Tensor, lengths: &[usize]) -> candle_core::Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
-    let mask = frame_mask(lengths, t, x.dtype(), x.device())?; // [B, T, 1]
-    let counts: Vec<f32> = lengths.iter().map(|&n| n.max(1) as f32).collect();
-    let counts = Tensor::from_vec(counts, (b, 1, 1), x.device())?.to_dtype(x.dtype())?;
-    let mean = x
-        .broadcast_mul(&mask)?
-        .sum_keepdim(1)?
-        .broadcast_div(&counts)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred
-        .broadcast_mul(&mask)?
-        .sqr()?
-        .sum_keepdim(1)?
-        .broadcast_div(&counts)?;
-    centred.broadcast_div(&(var + UTTERANCE_VAR_FLOOR)?.sqrt()?)
 }
 
 /// The trainable variables of a `VarMap` holding an `AsrModel`, sorted by name: everything

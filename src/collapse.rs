@@ -14,16 +14,12 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use ndarray::Array2;
-use rayon::prelude::*;
 
 use crate::finetune::layers::LayerWeights;
 use crate::finetune::train::Experiment;
 use crate::models::asr::FeatureNormalize;
 use crate::store::partition::PartSpec;
-use crate::store::{
-    Dtype, ErrorRow, FeatureStore, InputResult, ItemData, PartSlice, StoreKind, StoreWriter,
-    WriterSpec,
-};
+use crate::store::{Dtype, FeatureStore, ItemData, StoreKind, WriterSpec};
 
 /// Collapse a feature store to an experiment's learned weighted sum of its layers.
 #[derive(Args, Debug)]
@@ -233,72 +229,27 @@ pub fn run_collapse(args: &CollapseArgs) -> anyhow::Result<()> {
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    let n = store.len();
-    let opened = match args.part {
-        Some(part) => {
-            let weights: Vec<f64> = store.rows().iter().map(|r| r.length as f64).collect();
-            let owned = part.range_of(&weights);
-            let slice = PartSlice::new(part, &owned, n);
-            StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
-        }
-        None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..n)),
-    };
-    let (mut writer, owned) = opened
-        .with_context(|| format!("cannot write the feature store at {}", args.out.display()))?;
-    if writer.is_complete() {
+    let run = crate::store::mapped::write_mapped(
+        &args.out,
+        spec,
+        store.rows(),
+        args.part,
+        args.jobs,
+        ROWS_PER_ROUND,
+        |i| {
+            store.check_row(i).map_err(|e| e.to_string())?;
+            let x = collapser.row(&store, i).map_err(|e| e.to_string())?;
+            Ok(ItemData::Features(vec![x]))
+        },
+        || store.release_pages(),
+    )?;
+    let Some(run) = run else {
         if !args.quiet {
             eprintln!("collapse: {} is already complete", args.out.display());
         }
         return Ok(());
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.jobs.unwrap_or(0))
-        .build()
-        .context("cannot start the thread pool")?;
-    let first = owned.start + writer.next_input();
-    let rows: Vec<usize> = (first..owned.end).collect();
-    for round in rows.chunks(ROWS_PER_ROUND) {
-        let results: Vec<InputResult> = pool.install(|| {
-            round
-                .par_iter()
-                .map(|&i| {
-                    let row = &store.rows()[i];
-                    let collapsed = store
-                        .check_row(i)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|()| collapser.row(&store, i));
-                    match collapsed {
-                        Ok(x) => {
-                            let mut out = row.clone();
-                            out.checksum = String::new();
-                            InputResult {
-                                items: vec![(out, ItemData::Features(vec![x]))],
-                                errors: vec![],
-                            }
-                        }
-                        Err(e) => InputResult {
-                            items: vec![],
-                            errors: vec![ErrorRow {
-                                path: row.source.clone(),
-                                id: Some(row.id.clone()),
-                                reason: e.to_string(),
-                            }],
-                        },
-                    }
-                })
-                .collect()
-        });
-        for (&i, result) in round.iter().zip(results) {
-            writer
-                .push_input(i - owned.start, result)
-                .with_context(|| {
-                    format!("cannot write the feature store at {}", args.out.display())
-                })?;
-        }
-    }
-    let meta = writer
-        .finish()
-        .with_context(|| format!("cannot finish the feature store at {}", args.out.display()))?;
+    };
+    let meta = run.meta;
     if !args.quiet {
         let before: u64 = store.meta().totals.bytes;
         eprintln!(

@@ -16,16 +16,16 @@ use crate::finetune::data::{
     make_batches, mix_seed, DataError, FeatureSource, GlobalStats, Targets,
 };
 use crate::finetune::layers::{LayerWeights, LAYER_WEIGHTS};
-use crate::models::asr::cpu::{CpuEngine, Params};
-use crate::ops::profile::{Kind, Pass, Profile, Profiler};
 use crate::finetune::metrics::{self, ErrorCounts};
 use crate::finetune::optim::{clip_by_global_norm, Adam, GradAccumulator, NamedVars};
 use crate::finetune::plots;
 use crate::finetune::search;
 use crate::finetune::specaug;
 use crate::finetune::tokenizer::Tokenizer;
+use crate::models::asr::cpu::{CpuEngine, Params};
 use crate::models::asr::{AsrModel, FeatureNormalize};
 use crate::ops::ctc::ctc_loss;
+use crate::ops::profile::{Kind, Pass, Profile, Profiler};
 use crate::ops::RUNNING_STAT_NAMES;
 use crate::store::{Holder, HolderLock, LockRefusal};
 use candle_core::{DType, Device, Tensor, D};

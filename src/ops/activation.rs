@@ -164,7 +164,6 @@ pub fn scale_mask(g: &mut [f32], mask: Option<&[f32]>, scale: f32) {
 // ReLU and GLU (the Conformer's subsampling and convolution module), their backwards, and
 // in-place sums.
 
-
 /// Backward of `y = relu(x)` in place of `dy`, from the output `y`: zero where it was clipped.
 pub fn relu_backward(y: &[f32], dy: &mut [f32]) {
     let per = row_block(dy.len() / 64 + 1) * 64;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 mod inspect;
 mod lock;
+pub mod mapped;
 mod merge;
 pub mod npy;
 pub mod partition;

@@ -415,10 +415,7 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
 const ROWS_PER_ROUND: usize = 64;
 
 pub fn run_units(args: &UnitsArgs) -> anyhow::Result<()> {
-    use crate::store::{
-        ErrorRow, InputResult, ItemData, PartSlice, StoreKind, StoreWriter, WriterSpec,
-    };
-    use rayon::prelude::*;
+    use crate::store::{ItemData, StoreKind, WriterSpec};
     let started = Instant::now();
     let (centroids, k, d, fitted_layer) = load_centroids(&args.kmeans)?;
     let layer = match (args.layer, fitted_layer) {
@@ -468,89 +465,40 @@ pub fn run_units(args: &UnitsArgs) -> anyhow::Result<()> {
         shard_bytes: args.shard_size,
         overwrite: args.overwrite,
     };
-    let n = store.len();
-    let opened = match args.part {
-        Some(part) => {
-            let weights: Vec<f64> = store.rows().iter().map(|r| r.length as f64).collect();
-            let owned = part.range_of(&weights);
-            let slice = PartSlice::new(part, &owned, n);
-            StoreWriter::create_or_resume_part(&args.out, spec, slice).map(|w| (w, owned))
-        }
-        None => StoreWriter::create_or_resume(&args.out, spec).map(|w| (w, 0..n)),
-    };
-    let (mut writer, owned) = opened
-        .with_context(|| format!("cannot write the units store at {}", args.out.display()))?;
-    if writer.is_complete() {
+    let run = crate::store::mapped::write_mapped(
+        &args.out,
+        spec,
+        store.rows(),
+        args.part,
+        args.jobs,
+        ROWS_PER_ROUND,
+        |i| {
+            store.check_row(i).map_err(|e| e.to_string())?;
+            let view = store.view(i, layer).map_err(|e| e.to_string())?;
+            let t = view.frames();
+            let mut x = vec![0f32; t * d];
+            view.write_f32(&mut x);
+            let mut labels = vec![0u32; t];
+            kmeans::assign(&x, d, &centroids, Some(&mut labels));
+            Ok(ItemData::Units(
+                labels.into_iter().map(|l| l as i16).collect(),
+            ))
+        },
+        || store.release_pages(),
+    )?;
+    let Some(run) = run else {
         if !args.quiet {
             eprintln!("units: {} is already complete", args.out.display());
         }
         return Ok(());
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.jobs.unwrap_or(0))
-        .build()
-        .context("cannot start the thread pool")?;
-    let first = owned.start + writer.next_input();
-    let rows: Vec<usize> = (first..owned.end).collect();
-    let mut frames_done = 0u64;
-    for round in rows.chunks(ROWS_PER_ROUND) {
-        let results: Vec<InputResult> = pool.install(|| {
-            round
-                .par_iter()
-                .map(|&i| {
-                    let row = &store.rows()[i];
-                    let assigned = store
-                        .check_row(i)
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| store.view(i, layer).map_err(|e| e.to_string()))
-                        .map(|view| {
-                            let t = view.frames();
-                            let mut x = vec![0f32; t * d];
-                            view.write_f32(&mut x);
-                            let mut labels = vec![0u32; t];
-                            kmeans::assign(&x, d, &centroids, Some(&mut labels));
-                            labels.into_iter().map(|l| l as i16).collect::<Vec<i16>>()
-                        });
-                    match assigned {
-                        Ok(units) => {
-                            let mut out = row.clone();
-                            out.checksum = String::new();
-                            InputResult {
-                                items: vec![(out, ItemData::Units(units))],
-                                errors: vec![],
-                            }
-                        }
-                        Err(reason) => InputResult {
-                            items: vec![],
-                            errors: vec![ErrorRow {
-                                path: row.source.clone(),
-                                id: Some(row.id.clone()),
-                                reason,
-                            }],
-                        },
-                    }
-                })
-                .collect()
-        });
-        for (&i, result) in round.iter().zip(results) {
-            frames_done += store.rows()[i].length;
-            writer
-                .push_input(i - owned.start, result)
-                .with_context(|| {
-                    format!("cannot write the units store at {}", args.out.display())
-                })?;
-        }
-        store.release_pages();
-    }
-    let meta = writer
-        .finish()
-        .with_context(|| format!("cannot finish the units store at {}", args.out.display()))?;
+    };
+    let meta = run.meta;
     if !args.quiet {
         eprintln!(
             "units: {} utterances, {} frames of layer {layer} into {k} units ({} failed), {:.1} s; \
              written to {}",
             meta.totals.items,
-            frames_done,
+            meta.totals.length,
             meta.totals.failed,
             started.elapsed().as_secs_f64(),
             args.out.display()

@@ -7,17 +7,19 @@
 # Run it on an idle machine.
 #
 # usage: benches/kmeans_vs_sklearn.sh [--utts N] [--clusters "100 500"] [--rounds R] [--out DIR]
+#                                    [--store FEATURE_STORE]  (layer 0 of an existing store instead)
 #   data: the finetune bench's synthetic Mandarin corpus (espeak-ng), N train utterances,
 #   80-dim Kaldi fbank (HuBERT's first-iteration targets are k-means of MFCCs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-utts=300 clusters="100 500" rounds=2 out=${TMPDIR:-/tmp}/speechcache-kmeans-bench
+utts=300 clusters="100 500" rounds=2 out=${TMPDIR:-/tmp}/speechcache-kmeans-bench store=""
 while [ $# -gt 0 ]; do
   case $1 in
     --utts) utts=$2; shift 2 ;;
     --clusters) clusters=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --store) store=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -27,15 +29,17 @@ command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -
 cargo build --release -q
 bin=$(pwd)/${CARGO_TARGET_DIR:-target}/release/speechcache
 mkdir -p "$out"; out=$(cd "$out" && pwd)
-corpus=$out/corpus-$utts
-[ -f "$corpus/train.jsonl" ] || "$py" benches/make_finetune_corpus.py "$corpus" --train "$utts" --dev 5 --test 5
-[ -f "$out/audio-$utts/meta.json" ] || "$bin" prepare --quiet --input "$corpus/train.jsonl" --out "$out/audio-$utts"
-store=$out/fbank-$utts
-[ -f "$store/meta.json" ] || "$bin" extract --quiet --data "$out/audio-$utts" --model fbank --dtype f32 --out "$store"
+if [ -z "$store" ]; then
+  corpus=$out/corpus-$utts
+  [ -f "$corpus/train.jsonl" ] || "$py" benches/make_finetune_corpus.py "$corpus" --train "$utts" --dev 5 --test 5
+  [ -f "$out/audio-$utts/meta.json" ] || "$bin" prepare --quiet --input "$corpus/train.jsonl" --out "$out/audio-$utts"
+  store=$out/fbank-$utts
+  [ -f "$store/meta.json" ] || "$bin" extract --quiet --data "$out/audio-$utts" --model fbank --dtype f32 --out "$store"
+fi
 opts="--seed 1 --batch-size 10000 --max-iter 100 --max-no-improvement 100 --n-init 3"
 peak_mb() { sed -n 's/.*Maximum resident set size (kbytes): //p' "$1" | awk '{printf "%.0f", $1 / 1024}'; }
 field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
-echo "80-dim fbank of $utts utterances, $(nproc) cores; options: $opts"
+echo "layer 0 of $store, $(nproc) cores; options: $opts"
 printf '%-4s %-6s %-12s %10s %10s %18s\n' K round side seconds "RSS MB" "inertia/frame"
 for k in $clusters; do
   for r in $(seq 1 "$rounds"); do

@@ -402,6 +402,17 @@ fn depthwise_conv1d_matches_torch_forward_and_gradients() {
             (&prefix, &format!("depthwise {case} (tensor op)")),
             &got,
         );
+        // the shift-and-add composite that devices other than the CPU run
+        let y =
+            speechcache::ops::depthwise_conv1d_shift_add(xv.as_tensor(), wv.as_tensor()).unwrap();
+        let store = vjp_loss(&y, &tensor(&t, &key("dy"))).backward().unwrap();
+        let (y, dx, dw) = (values(&y), grad(&store, &xv), grad(&store, &wv));
+        let got = [("y", &y[..]), ("dx", &dx), ("dw", &dw)];
+        check(
+            &t,
+            (&prefix, &format!("depthwise {case} (shift-add)")),
+            &got,
+        );
     }
 }
 

@@ -176,11 +176,7 @@ const ROWS_PER_ROUND: usize = 32;
 pub fn run_collapse(args: &CollapseArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let collapser = Collapser::from_experiment(&args.exp)?;
-    let store = FeatureStore::open(&args.store)
-        .with_context(|| format!("cannot open the feature store {}", args.store.display()))?;
-    if store.is_empty() {
-        anyhow::bail!("{}: the store holds no utterances", args.store.display());
-    }
+    let store = crate::units::open_features(&args.store)?;
     let missing: Vec<usize> = collapser
         .layers
         .iter()

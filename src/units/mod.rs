@@ -56,6 +56,17 @@ pub struct KmeansArgs {
     pub quiet: bool,
 }
 
+/// Opens a feature store to derive another from (units, collapse, k-means): refused, naming
+/// it, when it cannot be opened or holds no utterances.
+pub fn open_features(path: &Path) -> anyhow::Result<FeatureStore> {
+    let store = FeatureStore::open(path)
+        .with_context(|| format!("cannot open the feature store {}", path.display()))?;
+    if store.is_empty() {
+        anyhow::bail!("{}: the store holds no utterances", path.display());
+    }
+    Ok(store)
+}
+
 /// The frames of one layer of a feature store, over a subset of its utterances.
 pub struct StoreFrames<'a> {
     store: &'a FeatureStore,
@@ -235,11 +246,7 @@ pub fn run_kmeans(args: &KmeansArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let store = FeatureStore::open(&args.data)
-        .with_context(|| format!("cannot open the feature store {}", args.data.display()))?;
-    if store.is_empty() {
-        anyhow::bail!("{}: the store holds no utterances", args.data.display());
-    }
+    let store = crate::units::open_features(&args.data)?;
     let frames = StoreFrames::new(&store, args.layer, args.max_frames, args.seed)?;
     let cfg = KmeansConfig {
         clusters: args.clusters,
@@ -425,11 +432,7 @@ pub fn run_units(args: &UnitsArgs) -> anyhow::Result<()> {
             args.kmeans.display()
         ),
     };
-    let store = FeatureStore::open(&args.data)
-        .with_context(|| format!("cannot open the feature store {}", args.data.display()))?;
-    if store.is_empty() {
-        anyhow::bail!("{}: the store holds no utterances", args.data.display());
-    }
+    let store = crate::units::open_features(&args.data)?;
     if !store.layers().contains(&layer) {
         anyhow::bail!(
             "{}: no layer {layer} (the store holds layers {:?})",

@@ -352,7 +352,23 @@ fn cli_units_bad_input_is_one_clear_line() {
     let mut npy = speechcache::store::npy::header_bytes("<f4", &[2, 5]).unwrap();
     npy.extend_from_slice(&[0u8; 2 * 5 * 4]);
     std::fs::write(&wrong_dim, npy).unwrap();
-    let cases: [(&Path, &[&str], &str); 4] = [
+    // a header that claims far more values than the file holds (no allocation sized by it),
+    // and one whose shape overflows
+    let lying = tmp.path().join("lying.npy");
+    let mut npy = speechcache::store::npy::header_bytes("<f4", &[2, 1 << 40]).unwrap();
+    npy.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&lying, npy).unwrap();
+    let overflow = tmp.path().join("overflow.npy");
+    let mut npy = speechcache::store::npy::header_bytes("<f8", &[3, u64::MAX / 2]).unwrap();
+    npy.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&overflow, npy).unwrap();
+    let cases: [(&Path, &[&str], &str); 6] = [
+        (
+            &lying,
+            &["--layer", "3"],
+            "the header claims [2, 1099511627776] values",
+        ),
+        (&overflow, &["--layer", "3"], "the header claims"),
         (&bare, &[], "does not say its layer: add --layer"),
         (
             &wrong_dim,

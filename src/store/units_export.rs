@@ -42,7 +42,7 @@ pub fn write_km(dir: &Path, meta: &StoreMeta, rows: &[IndexRow]) -> Result<(), S
         })?;
         let all = shard.as_slice::<i16>()?;
         let units = all
-            .get(row.offset as usize..(row.offset + row.length) as usize)
+            .get(row.offset as usize..row.offset.saturating_add(row.length) as usize)
             .ok_or_else(|| {
                 StoreError::corrupt(&shard.path, format!("{} is out of range", row.id))
             })?;

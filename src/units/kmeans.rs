@@ -91,8 +91,8 @@ pub fn fit(src: &dyn FrameSource, cfg: &KmeansConfig) -> anyhow::Result<KmeansFi
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let init_size = cfg
         .init_size
-        .unwrap_or(3 * cfg.batch_size)
-        .max(3 * k)
+        .unwrap_or(cfg.batch_size.saturating_mul(3))
+        .max(k.saturating_mul(3))
         .min(n as usize)
         .max(k);
     let draw = |rng: &mut ChaCha8Rng, m: usize| -> Vec<u64> {

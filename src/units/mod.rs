@@ -145,7 +145,7 @@ impl<'a> StoreFrames<'a> {
 /// Copies frame `f` of `view` into `out` as f32.
 fn copy_frame(view: &FeatureView, f: usize, out: &mut [f32]) {
     match view {
-        FeatureView::F32(v) => out.copy_from_slice(v.row(f).as_slice().unwrap_or(&[])),
+        FeatureView::F32(v) => out.iter_mut().zip(v.row(f)).for_each(|(o, x)| *o = *x),
         FeatureView::F16(v) => out
             .iter_mut()
             .zip(v.row(f))
@@ -391,13 +391,27 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
             file.display()
         );
     };
-    let (k, d) = (k as usize, d as usize);
     anyhow::ensure!(
-        (1..=i16::MAX as usize + 1).contains(&k) && d >= 1,
+        (1..=i16::MAX as u64 + 1).contains(&k) && d >= 1,
         "{}: {k} centroids of dim {d} (1 to 32768 centroids: ids are stored as int16)",
         file.display()
     );
     let descr = npy.dtype().descr();
+    // the header's shape is untrusted: the values it claims must be in the file before any
+    // allocation is sized by it
+    let width = if descr.trim_matches('\'') == "<f8" {
+        8
+    } else {
+        4
+    };
+    let claimed = k.checked_mul(d).and_then(|n| n.checked_mul(width));
+    anyhow::ensure!(
+        claimed.is_some_and(|n| n <= bytes.len() as u64),
+        "{}: the header claims [{k}, {d}] values, the file holds {} bytes",
+        file.display(),
+        bytes.len()
+    );
+    let (k, d) = (k as usize, d as usize);
     let values: Vec<f32> = match descr.trim_matches('\'') {
         "<f4" => npy.into_vec::<f32>()?,
         "<f8" => npy

@@ -7,10 +7,16 @@
 use crate::device::Backend;
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::models::ssl::{normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
+use crate::models::ssl::chunk::Chunking;
+use crate::models::ssl::config::Wav2Vec2Config;
+use crate::models::ssl::cost::estimated_seconds;
+use crate::models::ssl::{
+    normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, StateSink, Wav2Vec2Model,
+    LONG_FRAMES,
+};
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::PartSpec;
-use crate::store::{
+use crate::store::{LayerEncoder, 
     AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, PartSlice,
     StoreKind, StoreWriter, WriterSpec,
 };
@@ -60,6 +66,16 @@ pub struct ExtractArgs {
     /// Utterances longer than this are listed in errors.jsonl instead of run.
     #[arg(long, value_name = "S", default_value_t = 120.0)]
     pub max_seconds_per_utterance: f64,
+    /// Cut utterances longer than S seconds into fixed S-second windows, each run with
+    /// --chunk-context seconds of context on either side that is computed but not kept, and
+    /// stitch the kept frames: the same frame count as a whole-utterance run, bounded memory
+    /// and time for long-form audio, but not the same values (attention sees one window;
+    /// see the README for how far they drift). Off by default; CPU engine only.
+    #[arg(long, value_name = "S")]
+    pub chunk_seconds: Option<f64>,
+    /// Seconds of context each side of a --chunk-seconds window.
+    #[arg(long, value_name = "C", default_value_t = 2.0)]
+    pub chunk_context: f64,
     /// Seal a shard before it grows past this size.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub shard_size: u64,
@@ -503,6 +519,14 @@ fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The CPU engine's states, encoded as the store keeps them as they are computed.
+impl StateSink for LayerEncoder {
+    fn rows(&mut self, k: usize, values: &[f32]) -> candle_core::Result<()> {
+        self.push_rows(k, values);
+        Ok(())
+    }
+}
+
 /// An extract run on the CPU engine: pool threads each take the next utterance (store order)
 /// and run it alone; this thread writes the results in store order as they arrive, so
 /// writing overlaps the model, and every row depends on its own utterance only (the same
@@ -528,31 +552,46 @@ impl EngineJob<'_> {
     ) -> anyhow::Result<()> {
         let (audio, rate) = (self.audio, self.audio.sample_rate() as f64);
         let threads = rayon::current_num_threads();
-        // An utterance may use its share of the memory that is free now.
-        let budget = available_memory().map(|m| m / threads.max(1) as u64);
+        let encoder = writer.feature_encoder();
+        let available = available_memory();
         let mut ready: std::collections::BTreeMap<usize, InputResult> = Default::default();
         let mut runnable = Vec::new();
         let damaged = damaged_rows(audio, self.rows.clone());
         for i in self.rows.clone() {
             let row = &audio.rows()[i];
             let seconds = row.length as f64 / rate;
-            let need = self
-                .engine
-                .peak_bytes(row.length as usize, self.layers.len());
+            let samples = row.length as usize;
+            // A long utterance runs alone over every thread and may use the memory that is
+            // free now; a short one runs beside the others, on its share of it.
+            let long = self.engine.frames_for_samples(samples) >= LONG_FRAMES;
+            let (budget, tasks) = if long {
+                (available, threads)
+            } else {
+                (available.map(|m| m / threads.max(1) as u64), 1)
+            };
+            let need = self.engine.peak_bytes(
+                samples,
+                self.layers.len(),
+                encoder.bytes_per_value(),
+                tasks,
+            );
             let reason = if let Some(damage) = &damaged[i - self.rows.start] {
                 Some(damage.clone())
             } else if seconds > self.args.max_seconds_per_utterance {
-                Some(format!(
-                    "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
-                    self.args.max_seconds_per_utterance
+                Some(too_long(
+                    self.engine.config(),
+                    need,
+                    samples,
+                    rate,
+                    self.args.max_seconds_per_utterance,
                 ))
-            } else if self.engine.frames_for_samples(row.length as usize) == 0 {
+            } else if self.engine.frames_for_samples(samples) == 0 {
                 Some(format!("{seconds:.3} s is too short to give one frame"))
             } else if budget.is_some_and(|b| need > b) {
                 Some(format!(
                     "{seconds:.1} s needs about {} of memory for {} hidden states, more than the {} \
-                     one of {threads} threads may use; extract fewer --layers, use fewer --jobs, \
-                     or cut the utterance",
+                     it may use now; extract fewer --layers, use fewer --jobs, or cut it with \
+                     --chunk-seconds",
                     human_bytes(need),
                     self.layers.len(),
                     human_bytes(budget.unwrap_or(0))
@@ -571,7 +610,6 @@ impl EngineJob<'_> {
         // order appends it (and any finished ones after it) under a lock, so writing never
         // falls behind the model on a saturated machine and the run ends with its last
         // utterance, not with a writer's backlog.
-        let encoder = writer.feature_encoder();
         let flushed_cv = std::sync::Condvar::new();
         let sink = std::sync::Mutex::new(InOrder {
             writer,
@@ -589,9 +627,10 @@ impl EngineJob<'_> {
             .flush();
         flushed?;
         let t = Instant::now();
-        self.engine.run_each(
+        self.engine.run_each_into(
             runnable.len(),
             self.layers,
+            &|j| audio.rows()[runnable[j]].length as usize,
             |j| {
                 let mut wave = audio.samples(runnable[j]).to_vec();
                 if self.normalize {
@@ -599,18 +638,17 @@ impl EngineJob<'_> {
                 }
                 wave
             },
+            // Each state is encoded as the model finishes it, on the thread that computed it;
+            // the lock below is held only to append bytes.
+            |_| encoder.begin(),
             |j, result| {
                 let i = runnable[j];
                 let row = &audio.rows()[i];
-                // Encoded here, in parallel; the lock is held only to append bytes.
                 let result = match result {
-                    Ok((states, t)) => {
-                        let layers: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
-                        match encoder.encode(&layers, t) {
-                            Ok(item) => item_result(row, item),
-                            Err(e) => error_result(row, format!("model output: {e}")),
-                        }
-                    }
+                    Ok((item, t)) => match item.finish(t) {
+                        Ok(item) => item_result(row, item),
+                        Err(e) => error_result(row, format!("model output: {e}")),
+                    },
                     Err(e) => error_result(row, format!("model failed: {e}")),
                 };
                 let bytes: u64 = result.items.iter().map(|(_, d)| d.memory_bytes()).sum();
@@ -646,6 +684,7 @@ impl EngineJob<'_> {
                     }
                 }
             },
+            None,
         );
         summary.model_seconds = t.elapsed().as_secs_f64();
         let sink = sink
@@ -747,6 +786,41 @@ fn error_result(row: &IndexRow, reason: String) -> InputResult {
     }
 }
 
+/// `--chunk-seconds` / `--chunk-context`, checked.
+fn chunking(args: &ExtractArgs) -> anyhow::Result<Option<Chunking>> {
+    let Some(seconds) = args.chunk_seconds else {
+        return Ok(None);
+    };
+    if !(seconds.is_finite() && seconds >= 1.0) {
+        bail!("--chunk-seconds {seconds}: a window is at least 1 second");
+    }
+    if !(args.chunk_context.is_finite() && args.chunk_context >= 0.0) {
+        bail!("--chunk-context {}: give 0 or more seconds", args.chunk_context);
+    }
+    Ok(Some(Chunking {
+        seconds,
+        context: args.chunk_context,
+    }))
+}
+
+/// The error row of an utterance over --max-seconds-per-utterance: the flag that lifts the
+/// limit, the memory and time it would then take here (the time from the encoder's FLOPs at
+/// the engine's measured rate, so it grows with attention's T² term), and the chunked way.
+fn too_long(cfg: &Wav2Vec2Config, need: u64, samples: usize, rate: f64, limit: f64) -> String {
+    let seconds = samples as f64 / rate;
+    let threads = rayon::current_num_threads();
+    let wall = estimated_seconds(cfg, samples, threads);
+    format!(
+        "{seconds:.1} s is longer than --max-seconds-per-utterance {limit}; \
+         --max-seconds-per-utterance {} extracts it whole, which needs about {} of memory and \
+         about {wall:.0} s on {threads} threads ({:.1}x real time at this length), or \
+         --chunk-seconds 30 extracts it in fixed 30 s windows",
+        seconds.ceil(),
+        human_bytes(need),
+        seconds / wall.max(1e-9),
+    )
+}
+
 fn build_extractor(
     args: &ExtractArgs,
     audio: &AudioStore,
@@ -829,8 +903,18 @@ fn build_extractor(
         },
     )
     .with_context(|| format!("cannot load the model {}", args.model))?;
-    let encoder = encoder?;
+    let mut encoder = encoder?;
     let layers = parse_layers(&args.layers, checkpoint.config.num_hidden_layers)?;
+    let chunking = chunking(args)?;
+    match (&mut encoder, chunking) {
+        (SslEncoder::Cpu(engine), c) => engine.set_chunking(c),
+        (SslEncoder::TensorOps(_), Some(_)) => bail!(
+            "--chunk-seconds runs on the CPU engine (f32 on the CPU), not on {} with {:?} compute",
+            args.device,
+            dtype
+        ),
+        (SslEncoder::TensorOps(_), None) => {}
+    }
     let cfg = &checkpoint.config;
     let samples_per_frame: usize = cfg.conv_stride.iter().product();
     let frame_rate = audio.sample_rate() as f64 / samples_per_frame as f64;
@@ -842,6 +926,10 @@ fn build_extractor(
         "format": checkpoint.format,
     });
     let mut ssl_options = serde_json::json!({"model": "ssl", "layers": layers, "compute_dtype": format!("{dtype:?}"), "common": common});
+    if let Some(c) = chunking {
+        // The windows decide the values: a resume or part must use the same ones.
+        ssl_options["chunking"] = serde_json::json!({"seconds": c.seconds, "context": c.context});
+    }
     if matches!(encoder, SslEncoder::TensorOps(_)) {
         // Padded batches: a row's float rounding depends on its batch, so the batch plan is
         // part of what the store is (resumes and parts with another plan are refused).

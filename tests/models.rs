@@ -373,7 +373,9 @@ fn blocked_attention_matches_whole_attention() {
         let wave = inputs["norm_1"].to_vec1::<f32>().unwrap();
         let (whole, t) = engine.forward(&wave, &keep, false).unwrap();
         assert!(t > 3, "{variant}: {t} frames is too short to split");
-        engine.set_attention_block(3 * t); // 3 query rows per block, the last one shorter
+        // 3 query rows per task, 4 keys per tile: the last of each shorter, the online
+        // softmax rescaling many times per row
+        engine.set_attention_blocks(3, 4);
         let (blocked, t2) = engine.forward(&wave, &keep, false).unwrap();
         assert_eq!(t, t2);
         for (a, b) in whole.iter().zip(&blocked) {
@@ -386,8 +388,8 @@ fn blocked_attention_matches_whole_attention() {
         }
         // Spread over the pool, an utterance gets the same bits as on one thread (resumed
         // runs and parts of a run must write the same bytes as one run).
-        for block in [3 * t, 1 << 17] {
-            engine.set_attention_block(block);
+        for block in [(3, 4), (128, 512)] {
+            engine.set_attention_blocks(block.0, block.1);
             let (serial, _) = engine.forward(&wave, &keep, false).unwrap();
             let (parallel, _) = engine.forward(&wave, &keep, true).unwrap();
             assert!(serial == parallel, "{variant}: parallel run differs");

@@ -36,6 +36,11 @@ pub struct ExtractBenchArgs {
     /// f32, f16 or bf16 compute.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Instead of --seconds/--chunk: one utterance of each of these lengths (seconds, e.g.
+    /// `10,60,300`), run alone as extract runs it (CPU engine, every state encoded to f16 as
+    /// it is computed), with its x-real-time, CPU use and peak memory.
+    #[arg(long, value_delimiter = ',', value_name = "S,S,..")]
+    pub lengths: Option<Vec<f64>>,
 }
 
 pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
@@ -66,7 +71,13 @@ pub fn run(args: &ExtractBenchArgs) -> anyhow::Result<()> {
     };
     let backend = Backend::resolve(&args.device, dtype)?;
     match load_encoder(&args.model, &backend)? {
-        SslEncoder::Cpu(engine) => bench_cpu_engine(args, &engine, chunks, chunk_samples),
+        SslEncoder::Cpu(engine) => match &args.lengths {
+            Some(lengths) => bench_lengths(args, &engine, lengths),
+            None => bench_cpu_engine(args, &engine, chunks, chunk_samples),
+        },
+        SslEncoder::TensorOps(_) if args.lengths.is_some() => {
+            anyhow::bail!("--lengths measures the CPU engine (f32 on the CPU)")
+        }
         SslEncoder::TensorOps(model) => bench_tensor_ops(args, &model, chunks, chunk_samples),
     }
 }
@@ -140,10 +151,12 @@ fn bench_cpu_engine(
     let profile = Mutex::new(Profile::default());
     let cpu0 = crate::extract::process_cpu_seconds();
     let t = Instant::now();
-    engine.run_each_profiled(
+    engine.run_each_into(
         chunks,
         &keep,
+        &|i| waves[i].len(),
         |i| waves[i].clone(),
+        |_| Vec::new(),
         |_, r| match r {
             Ok((states, _)) => {
                 for s in states {
@@ -186,6 +199,79 @@ fn bench_cpu_engine(
         "other (f16 output, threads, allocation; of CPU s)",
     );
     Ok(())
+}
+
+/// Per utterance length: one utterance of noise run alone, as extract runs it (every state
+/// encoded to f16 as the engine hands it over), its x-real-time, CPU use (of all threads) and
+/// peak resident memory (reset before each length).
+fn bench_lengths(args: &ExtractBenchArgs, engine: &CpuEncoder, lengths: &[f64]) -> anyhow::Result<()> {
+    crate::ops::gemm::reserve_freed_memory();
+    let cfg = engine.config();
+    let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
+    let encoder = crate::store::FeatureEncoder::new(
+        crate::store::Dtype::F16,
+        cfg.hidden_size,
+        keep.len(),
+    );
+    engine.forward(&noise(16000, 99), &keep[..2], false)?;
+    let threads = rayon::current_num_threads();
+    for &seconds in lengths {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            anyhow::bail!("--lengths: {seconds} is not a length in seconds");
+        }
+        let wave = noise((seconds * 16000.0) as usize, 7);
+        // peak RSS from here (Linux: writing 5 to clear_refs resets VmHWM)
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let cpu0 = crate::extract::process_cpu_seconds();
+        let t = Instant::now();
+        let failed = Mutex::new(None);
+        let done = Mutex::new(None);
+        engine.run_each_into(
+            1,
+            &keep,
+            &|_| wave.len(),
+            |_| wave.clone(),
+            |_| encoder.begin(),
+            |_, r| {
+                let item = r
+                    .map_err(anyhow::Error::from)
+                    .and_then(|(item, t)| Ok(item.finish(t)?));
+                match item {
+                    Ok(item) => *done.lock().unwrap_or_else(|e| e.into_inner()) = Some(item),
+                    Err(e) => *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+                }
+                true
+            },
+            None,
+        );
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = crate::extract::process_cpu_seconds() - cpu0;
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        drop(done);
+        println!(
+            "model={} length_s={seconds} frames={} threads={threads} wall_s={wall:.2} x_realtime={:.2} cpu_pct={:.0} peak_rss_mb={:.0} planned_mb={:.0}",
+            args.model,
+            engine.frames_for_samples(wave.len()),
+            seconds / wall,
+            100.0 * cpu / wall.max(1e-9),
+            peak_rss_bytes() as f64 / 1e6,
+            engine.peak_bytes(wave.len(), keep.len(), 2, threads) as f64 / 1e6,
+        );
+    }
+    Ok(())
+}
+
+/// This process's peak resident set (VmHWM), 0 where unknown.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Seconds per kind of work, their share, and what `total` leaves unaccounted.

@@ -370,3 +370,138 @@ fn utterance_backward(
         }
     }
 }
+
+/// Working memory of [`flash_attention`]: one score block and the running row statistics.
+#[derive(Default)]
+pub struct FlashBuffers {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// Adds a score bias to a block `[rows, cols]` of scores whose first key is `k0` (the caller
+/// knows the head and the query rows).
+pub type ScoreBias<'a> = &'a (dyn Fn(usize, &mut [f32], usize) + Sync);
+
+/// `out [rows, d_k] (row stride out_stride) = softmax(q · kᵀ + bias) · v` for one head, with
+/// `q` already scaled, computed blockwise as FlashAttention does: keys in blocks of
+/// `key_block`, each block's scores through the gemm, an online softmax (running row max and
+/// sum, the partial context rescaled when the max grows), so no `[rows, keys]` matrix exists
+/// and the memory is `rows × key_block` whatever the utterance's length. The bits depend on
+/// `key_block` only, not on the thread that runs it.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention(
+    q: Mat,
+    k: Mat,
+    v: Mat,
+    (rows, keys, dk): (usize, usize, usize),
+    key_block: usize,
+    bias: Option<ScoreBias>,
+    buf: &mut FlashBuffers,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    if rows == 0 {
+        return;
+    }
+    let kb = key_block.clamp(1, keys.max(1));
+    buf.scores.resize(rows * kb, 0.0);
+    buf.acc.clear();
+    buf.acc.resize(rows * dk, 0.0);
+    buf.max.clear();
+    buf.max.resize(rows, f32::NEG_INFINITY);
+    buf.sum.clear();
+    buf.sum.resize(rows, 0.0);
+    let mut k0 = 0;
+    while k0 < keys {
+        let cols = kb.min(keys - k0);
+        let s = &mut buf.scores[..rows * cols];
+        let kt = Mat {
+            data: &k.data[k0 * k.rs..],
+            rs: k.cs,
+            cs: k.rs,
+        };
+        matmul_serial(rows, cols, dk, s, cols, q, kt, false);
+        if let Some(bias) = bias {
+            bias(k0, s, cols);
+        }
+        activation::simd(|| {
+            for (r, row) in s.chunks_exact_mut(cols).enumerate() {
+                online_softmax_row(
+                    row,
+                    &mut buf.max[r],
+                    &mut buf.sum[r],
+                    &mut buf.acc[r * dk..(r + 1) * dk],
+                );
+            }
+        });
+        let vb = Mat {
+            data: &v.data[k0 * v.rs..],
+            rs: v.rs,
+            cs: v.cs,
+        };
+        matmul_serial(
+            rows,
+            dk,
+            cols,
+            &mut buf.acc,
+            dk,
+            Mat::rows(s, cols),
+            vb,
+            true,
+        );
+        k0 += cols;
+    }
+    activation::simd(|| {
+        for r in 0..rows {
+            let inv = 1.0 / buf.sum[r];
+            let dst = &mut out[r * out_stride..r * out_stride + dk];
+            for (o, &a) in dst.iter_mut().zip(&buf.acc[r * dk..(r + 1) * dk]) {
+                *o = a * inv;
+            }
+        }
+    });
+}
+
+/// One row of a key block in [`flash_attention`]: `row = exp(row - m)` with `m` the running
+/// max, rescaling the row's partial sum and context when `m` grows.
+#[inline(always)]
+fn online_softmax_row(row: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [f32]) {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let block_max = chunks
+        .remainder()
+        .iter()
+        .chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if block_max > *max {
+        if *sum > 0.0 {
+            let scale = activation::fast_exp(*max - block_max);
+            *sum *= scale;
+            acc.iter_mut().for_each(|a| *a *= scale);
+        }
+        *max = block_max;
+    }
+    let mx = *max;
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, v) in sums.iter_mut().zip(c.iter_mut()) {
+            *v = activation::fast_exp(*v - mx);
+            *s += *v;
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = activation::fast_exp(*v - mx);
+        total += *v;
+    }
+    *sum += total;
+}

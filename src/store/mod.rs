@@ -35,7 +35,8 @@ pub use merge::{merge_parts, run_merge, MergeArgs, MergeReport};
 pub use prune::{prune_layers, PruneReport};
 pub use reader::{AudioStore, FeatureStore, FeatureView, FlatStore, FlatValue, UnitsStore};
 pub use writer::{
-    EncodedFeatures, FeatureEncoder, InputResult, ItemData, PartSlice, StoreWriter, WriterSpec,
+    EncodedFeatures, FeatureEncoder, InputResult, ItemData, LayerEncoder, PartSlice, StoreWriter,
+    WriterSpec,
 };
 
 /// Version of the layout described above; bumped on any incompatible change.

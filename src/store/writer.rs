@@ -80,38 +80,121 @@ pub struct EncodedFeatures {
 }
 
 impl FeatureEncoder {
+    /// Encodes `layers` layers of `dim` values a frame as `dtype`.
+    pub fn new(dtype: Dtype, dim: usize, layers: usize) -> Self {
+        Self { dtype, dim, layers }
+    }
+
     /// `layers[l]` holds `frames × dim` values, row-major.
     pub fn encode(&self, layers: &[&[f32]], frames: usize) -> Result<ItemData, StoreError> {
-        if layers.len() != self.layers || layers.iter().any(|l| l.len() != frames * self.dim) {
+        let mut item = self.begin();
+        for values in layers {
+            item.push(values);
+        }
+        item.finish(frames)
+    }
+
+    /// Bytes an encoded value takes in memory (int8's per-frame scales not counted).
+    pub fn bytes_per_value(&self) -> usize {
+        match self.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 | Dtype::Int16 => 2,
+            Dtype::Int8 => 1,
+        }
+    }
+
+    /// Encodes an item as its layers are computed, a layer or a block of a layer's frames
+    /// at a time, so an item's f32 layers never all exist at once (`push_rows`, then
+    /// `finish`).
+    pub fn begin(&self) -> LayerEncoder {
+        LayerEncoder {
+            encoder: *self,
+            layers: (0..self.layers).map(|_| EncodedLayer::default()).collect(),
+            error: None,
+        }
+    }
+}
+
+/// One layer of an item being encoded: its values' bytes, int8 scales, per-dim sums.
+#[derive(Default)]
+struct EncodedLayer {
+    bytes: Vec<u8>,
+    scales: Vec<u8>,
+    sums: Option<(Vec<f64>, Vec<f64>)>,
+    values: usize,
+}
+
+/// One item's layers being encoded (see [`FeatureEncoder::begin`]).
+pub struct LayerEncoder {
+    encoder: FeatureEncoder,
+    layers: Vec<EncodedLayer>,
+    error: Option<String>,
+}
+
+impl LayerEncoder {
+    /// Appends `values` (whole `dim`-wide frames, row-major) to layer `layer`.
+    pub fn push_rows(&mut self, layer: usize, values: &[f32]) {
+        let (dtype, dim) = (self.encoder.dtype, self.encoder.dim);
+        let Some(dst) = self.layers.get_mut(layer) else {
+            self.error = Some(format!("layer {layer} of an item with {} layers", self.layers.len()));
+            return;
+        };
+        if values.len() % dim.max(1) != 0 {
+            self.error = Some(format!("{} values are not whole frames of {dim}", values.len()));
+            return;
+        }
+        let sums = dst.sums.get_or_insert_with(|| (vec![0f64; dim], vec![0f64; dim]));
+        accumulate_sums(sums, values, dim);
+        let mut bytes = Vec::new();
+        encode_values(dtype, values, dim, &mut bytes);
+        if dst.bytes.is_empty() {
+            dst.bytes = bytes;
+        } else {
+            dst.bytes.extend_from_slice(&bytes);
+        }
+        if dtype == Dtype::Int8 {
+            let scales = frame_scales(values, dim);
+            dst.scales.extend_from_slice(bytemuck::cast_slice(&scales));
+        }
+        dst.values += values.len();
+    }
+
+    /// Encodes the next whole layer.
+    pub fn push(&mut self, values: &[f32]) {
+        let next = self.layers.iter().position(|l| l.values == 0).unwrap_or(self.layers.len());
+        self.push_rows(next, values);
+    }
+
+    /// The item, once every layer holds `frames × dim` values.
+    pub fn finish(self, frames: usize) -> Result<ItemData, StoreError> {
+        let dim = self.encoder.dim;
+        let lengths: Vec<usize> = self.layers.iter().map(|l| l.values).collect();
+        if let Some(e) = self.error {
+            return Err(StoreError::Format(e));
+        }
+        if lengths.iter().any(|&n| n != frames * dim) {
             return Err(StoreError::Format(format!(
-                "{} layers of {:?} values, expected {} of {frames} × {}",
-                layers.len(),
-                layers.iter().map(|l| l.len()).collect::<Vec<_>>(),
-                self.layers,
-                self.dim
+                "{} layers of {lengths:?} values, expected {} of {frames} × {dim}",
+                lengths.len(),
+                self.encoder.layers,
             )));
         }
+        let int8 = self.encoder.dtype == Dtype::Int8;
         let mut crc = crc32fast::Hasher::new();
-        let mut files = Vec::with_capacity(layers.len() * 2);
-        let mut sums = Vec::with_capacity(layers.len());
-        for values in layers {
-            let mut layer_sums = (vec![0f64; self.dim], vec![0f64; self.dim]);
-            accumulate_sums(&mut layer_sums, values, self.dim);
-            sums.push(layer_sums);
-            let mut bytes = Vec::new();
-            encode_values(self.dtype, values, self.dim, &mut bytes);
-            crc.update(&bytes);
-            files.push(bytes);
-            if self.dtype == Dtype::Int8 {
-                let scales = frame_scales(values, self.dim);
-                let raw: &[u8] = bytemuck::cast_slice(&scales);
-                crc.update(raw);
-                files.push(raw.to_vec());
+        let mut files = Vec::with_capacity(self.layers.len() * 2);
+        let mut sums = Vec::with_capacity(self.layers.len());
+        for layer in self.layers {
+            sums.push(layer.sums.unwrap_or_else(|| (vec![0f64; dim], vec![0f64; dim])));
+            crc.update(&layer.bytes);
+            files.push(layer.bytes);
+            if int8 {
+                crc.update(&layer.scales);
+                files.push(layer.scales);
             }
         }
         Ok(ItemData::Encoded(EncodedFeatures {
             frames,
-            dim: self.dim,
+            dim,
             files,
             sums,
             checksum: crc32_hex_from(crc),

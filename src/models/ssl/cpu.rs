@@ -10,14 +10,16 @@
 //! barrier per op; a lone utterance can instead spread every op over the pool
 //! (`parallel = true`) and gets the same bits. The weights are its own, read from the
 //! checkpoint's tensors (f32 CPU tensors in place, without a copy).
+use super::chunk::Chunking;
 use super::config::{Activation, Wav2Vec2Config};
 use super::{
     activation, check_batch, conv_frames_weight, conv_in_channels, conv_out_len,
     positional_conv_weight, qkv_projection, ConvNormKind, LinearLayout, CONV_NORM_EPS,
 };
 use crate::ops::activation::{
-    gelu_in_place, gelu_tanh_in_place, relu_in_place, silu_in_place, simd, softmax_in_place,
+    gelu_in_place, gelu_tanh_in_place, relu_in_place, silu_in_place, simd,
 };
+use crate::ops::attention::{flash_attention, FlashBuffers};
 use crate::ops::gemm::{matmul_serial, transpose, Mat};
 use crate::ops::norm::layer_norm_rows_in_place;
 use crate::ops::profile::{Kind, Profile, Profiler};
@@ -26,8 +28,19 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// Scores per attention block (query rows × keys): 512 KiB of f32, half a core's L2.
-const BLOCK_SCORES: usize = 1 << 17;
+/// Query rows per attention task (every head of them): each (query block, key block) pair is
+/// one `QUERY_BLOCK × KEY_BLOCK` score tile, 256 KiB of f32, within a core's L2.
+const QUERY_BLOCK: usize = 128;
+/// Keys per score tile of the blockwise (flash-style) attention.
+const KEY_BLOCK: usize = 512;
+/// Output frames per feature-encoder chunk: the conv stack runs over fixed windows of this
+/// many frames (plus their receptive field), so its large early outputs never exist for the
+/// whole utterance (a 5-minute utterance's first conv output alone is 2 GB).
+const FRONT_END_FRAMES: usize = 320;
+/// Frames from which an utterance runs with every op spread over the pool instead of on one
+/// thread of its own (30 s at 50 frames/s): past this, one utterance per thread would leave
+/// cores idle waiting for it, and per-op splitting costs little.
+pub const LONG_FRAMES: usize = 1500;
 /// Rows per task of row-wise work when an op is spread over the pool.
 const ROWS_PER_TASK: usize = 64;
 /// Rows per gemm call (large enough that repacking the weights per call costs ~2%). Every
@@ -288,16 +301,30 @@ impl Conv {
         })
     }
 
-    /// `x` [t_in, c_in] → [t_out, c_out].
-    fn forward(&self, x: &[f32], parallel: bool) -> Vec<f32> {
+    /// `x` [t_in, c_in] → [t_out, c_out]. A GroupNorm first conv takes its per-channel
+    /// `affine` (scale, shift), which [`Conv::group_norm_affine`] computes over the whole
+    /// utterance, so the conv itself can run over any window of it.
+    fn forward(&self, x: &[f32], affine: Option<&Affine>, parallel: bool) -> Vec<f32> {
         let (k, s, c) = (self.kernel, self.stride, self.c_out);
         let t_in = x.len() / self.c_in;
         let t_out = conv_out_len(t_in, k, s);
         let mut out = vec![0f32; t_out * c];
         let bias = self.bias.as_deref();
         if self.c_in == 1 {
-            if let Post::GroupNormAct(norm, act) = &self.post {
-                self.first_conv_group_norm(x, &mut out, norm, *act, parallel);
+            if let Post::GroupNormAct(_, act) = &self.post {
+                let affine = match affine {
+                    Some(a) => a.clone(),
+                    None => self.group_norm_affine(x, parallel),
+                };
+                for_rows(&mut out, c, parallel, |t0, rows| {
+                    direct_conv_rows(x, &self.weight, bias, rows, t0, k, s);
+                    for row in rows.chunks_exact_mut(c) {
+                        for ((v, &sc), &sh) in row.iter_mut().zip(&affine.0).zip(&affine.1) {
+                            *v = *v * sc + sh;
+                        }
+                    }
+                    activate(*act, rows);
+                });
                 return out;
             }
             for_rows(&mut out, c, parallel, |t0, rows| {
@@ -431,19 +458,16 @@ impl Conv {
         }
     }
 
-    /// The one-channel first conv with its GroupNorm and activation: the statistics pass and
-    /// the output pass both compute the (cheap) conv, so its large output is written once.
-    fn first_conv_group_norm(
-        &self,
-        x: &[f32],
-        out: &mut [f32],
-        norm: &Norm,
-        act: Activation,
-        parallel: bool,
-    ) {
+    /// The per-channel scale and shift of a GroupNorm(C, C) first conv over the utterance `x`
+    /// (its statistics in f64): the conv is cheap, so it runs once here for the statistics and
+    /// again where its output is used, and its large output is never held whole.
+    fn group_norm_affine(&self, x: &[f32], parallel: bool) -> Affine {
+        let Post::GroupNormAct(norm, _) = &self.post else {
+            unreachable!("only a GroupNorm conv has a group-norm affine")
+        };
         let (k, s, c) = (self.kernel, self.stride, self.c_out);
         let bias = self.bias.as_deref();
-        let t_out = out.len() / c;
+        let t_out = conv_out_len(x.len(), k, s);
         let stats = |task: usize| {
             let t0 = task * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(t_out - t0);
@@ -481,17 +505,12 @@ impl Conv {
             scale[i] = sc as f32;
             shift[i] = (norm.bias[i] as f64 - mean * sc) as f32;
         }
-        for_rows(out, c, parallel, |t0, rows| {
-            direct_conv_rows(x, &self.weight, bias, rows, t0, k, s);
-            for row in rows.chunks_exact_mut(c) {
-                for ((v, &sc), &sh) in row.iter_mut().zip(&scale).zip(&shift) {
-                    *v = *v * sc + sh;
-                }
-            }
-            activate(act, rows);
-        });
+        (scale, shift)
     }
 }
+
+/// Per-channel (scale, shift) of a GroupNorm(C, C) over a whole utterance.
+type Affine = (Vec<f32>, Vec<f32>);
 
 /// Output rows `t0..` of a one-input-channel conv (K taps, `w` `[K, C]`, C = `w.len() / k`):
 /// `out[t] = bias + Σ_j x[t·s + j] · w[j]`, as direct FMAs (too thin for a gemm).
@@ -517,6 +536,24 @@ fn direct_conv_rows(
             }
         }
     });
+}
+
+/// Receives the hidden states a forward keeps, as each is computed: kept state `k` (in
+/// `keep` order) in one piece, or in blocks of frames, in order, from a chunked forward.
+pub trait StateSink {
+    /// Appends `values`, whole `[rows, H]` frames row-major, to kept state `k`.
+    fn rows(&mut self, k: usize, values: &[f32]) -> Result<()>;
+}
+
+/// Collects copies of the states.
+impl StateSink for Vec<Vec<f32>> {
+    fn rows(&mut self, k: usize, values: &[f32]) -> Result<()> {
+        if self.len() <= k {
+            self.resize_with(k + 1, Vec::new);
+        }
+        self[k].extend_from_slice(values);
+        Ok(())
+    }
 }
 
 /// One Transformer layer's weights (mirrors `Wav2Vec2EncoderLayer`, `vb` at layer l).
@@ -554,7 +591,6 @@ struct Scratch {
     qkv: Vec<f32>,
     ctx: Vec<f32>,
     proj: Vec<f32>,
-    ff: Vec<f32>,
     normed: Vec<f32>,
 }
 
@@ -572,8 +608,10 @@ pub struct CpuEncoder {
     enc_norm: Norm,
     layers: Vec<Layer>,
     ffn_act: Activation,
-    /// Attention scores per block (query rows × keys).
-    block_scores: usize,
+    /// Attention tiles: (query rows per task, keys per score tile).
+    attention_blocks: (usize, usize),
+    /// Fixed windows for long utterances (`extract --chunk-seconds`), off by default.
+    chunking: Option<Chunking>,
 }
 
 impl CpuEncoder {
@@ -611,7 +649,8 @@ impl CpuEncoder {
             enc_norm: Norm::load(enc.pp("layer_norm"), h, eps)?,
             layers,
             ffn_act: activation(&cfg.hidden_act)?,
-            block_scores: BLOCK_SCORES,
+            attention_blocks: (QUERY_BLOCK, KEY_BLOCK),
+            chunking: None,
         })
     }
 
@@ -619,10 +658,11 @@ impl CpuEncoder {
         &self.cfg
     }
 
-    /// Limits attention blocks to `scores` query-key products (at least 1 query row): smaller
-    /// blocks, less memory; the results do not depend on it (tests use tiny blocks).
-    pub fn set_attention_block(&mut self, scores: usize) {
-        self.block_scores = scores.max(1);
+    /// Sets the attention tiles: `query_rows` queries per task, `keys` keys per score tile
+    /// (at least 1 each). Results agree to rounding whatever the tiles (tests use tiny ones);
+    /// the bits depend on the tiles, never on the threads.
+    pub fn set_attention_blocks(&mut self, query_rows: usize, keys: usize) {
+        self.attention_blocks = (query_rows.max(1), keys.max(1));
     }
 
     /// Frames of the model output for `n` samples.
@@ -652,6 +692,57 @@ impl CpuEncoder {
         parallel: bool,
         prof: &mut Profiler,
     ) -> Result<(Vec<Vec<f32>>, usize)> {
+        let mut states = Vec::with_capacity(keep.len());
+        let t = self.forward_into(wave, keep, parallel, prof, &mut states)?;
+        Ok((states, t))
+    }
+
+    /// `forward_profiled`, handing each kept state to `sink` as soon as it is computed (no
+    /// copy of the states is held here: a sink that encodes them to f16 halves their memory).
+    /// With chunking set and an utterance longer than a window, the windows run one after
+    /// the other and each hands its kept frames on. Returns T.
+    pub fn forward_into(
+        &self,
+        wave: &[f32],
+        keep: &[usize],
+        parallel: bool,
+        prof: &mut Profiler,
+        sink: &mut dyn StateSink,
+    ) -> Result<usize> {
+        let Some(windows) = self
+            .chunking
+            .and_then(|c| c.windows(&self.cfg, wave.len()))
+        else {
+            return self.forward_whole_into(wave, keep, parallel, prof, sink);
+        };
+        let h = self.cfg.hidden_size;
+        let mut frames = 0;
+        for w in windows {
+            let mut states: Vec<Vec<f32>> = Vec::with_capacity(keep.len());
+            self.forward_whole_into(&wave[w.samples.clone()], keep, parallel, prof, &mut states)?;
+            for (k, state) in states.iter().enumerate() {
+                sink.rows(k, &state[w.keep.start * h..w.keep.end * h])?;
+            }
+            frames += w.keep.len();
+        }
+        Ok(frames)
+    }
+
+    /// Cuts utterances longer than a window into fixed windows (see [`Chunking`]); `None`
+    /// runs every utterance whole.
+    pub fn set_chunking(&mut self, chunking: Option<Chunking>) {
+        self.chunking = chunking;
+    }
+
+    /// `forward_into` over the whole utterance at once.
+    fn forward_whole_into(
+        &self,
+        wave: &[f32],
+        keep: &[usize],
+        parallel: bool,
+        prof: &mut Profiler,
+        sink: &mut dyn StateSink,
+    ) -> Result<usize> {
         let last = keep.iter().copied().max().unwrap_or(0);
         if last > self.layers.len() {
             candle_core::bail!(
@@ -666,23 +757,8 @@ impl CpuEncoder {
                 wave.len()
             );
         }
-        let mut x = prof.time(Kind::Conv, || {
-            self.convs
-                .iter()
-                .fold(wave.to_vec(), |x, conv| conv.forward(&x, parallel))
-        });
         let (h, pre_ln) = (self.cfg.hidden_size, self.cfg.do_stable_layer_norm);
-        let c = self.convs.last().map_or(1, |c| c.c_out);
-        if let Some(norm) = &self.proj_norm {
-            prof.time(Kind::Norm, || {
-                for_rows(&mut x, c, parallel, |_, rows| norm.rows(rows))
-            });
-        }
-        let mut hs = vec![0f32; t * h];
-        prof.time(Kind::Linear, || {
-            self.projection.forward(&x, c, &mut hs, parallel)
-        });
-        drop(x);
+        let mut hs = prof.time(Kind::Conv, || self.front_end(wave, t, parallel));
         let pos = prof.time(Kind::Conv, || self.positional(&hs, t, parallel));
         prof.time(Kind::Norm, || {
             for_rows(&mut hs, h, parallel, |t0, rows| {
@@ -695,15 +771,15 @@ impl CpuEncoder {
             })
         });
         drop(pos);
-        let mut states = Vec::with_capacity(keep.len());
+        let mut kept = 0;
         if keep.contains(&0) {
-            states.push(prof.time(Kind::Other, || hs.clone()));
+            prof.time(Kind::Other, || sink.rows(kept, &hs))?;
+            kept += 1;
         }
         let mut scratch = Scratch {
             qkv: vec![0f32; t * 3 * h],
             ctx: vec![0f32; t * h],
             proj: vec![0f32; t * h],
-            ff: vec![0f32; t * self.cfg.intermediate_size],
             normed: if pre_ln {
                 vec![0f32; t * h]
             } else {
@@ -719,10 +795,50 @@ impl CpuEncoder {
                         for_rows(&mut hs, h, parallel, |_, rows| self.enc_norm.rows(rows))
                     });
                 }
-                states.push(prof.time(Kind::Other, || hs.clone()));
+                prof.time(Kind::Other, || sink.rows(kept, &hs))?;
+                kept += 1;
             }
         }
-        Ok((states, t))
+        Ok(t)
+    }
+
+    /// The feature encoder and the feature projection: `[t, H]` for `wave`. Runs in fixed
+    /// windows of `FRONT_END_FRAMES` output frames, each with its receptive field of samples
+    /// through the whole conv stack on one thread (windows in parallel when `parallel`), so
+    /// the memory is a window's conv outputs per thread, whatever the length; a GroupNorm
+    /// first conv takes its statistics over the whole utterance first.
+    fn front_end(&self, wave: &[f32], t: usize, parallel: bool) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let c = self.convs.last().map_or(1, |c| c.c_out);
+        let affine = self
+            .convs
+            .first()
+            .filter(|conv| conv.c_in == 1 && matches!(conv.post, Post::GroupNormAct(..)))
+            .map(|conv| conv.group_norm_affine(wave, parallel));
+        let mut hs = vec![0f32; t * h];
+        let window = |wi: usize, rows: &mut [f32]| {
+            let f0 = wi * FRONT_END_FRAMES;
+            let n = rows.len() / h;
+            // The samples the window's frames read: back through every conv.
+            let (mut a, mut b) = (f0, f0 + n);
+            for conv in self.convs.iter().rev() {
+                a *= conv.stride;
+                b = (b - 1) * conv.stride + conv.kernel;
+            }
+            let mut x = self
+                .convs
+                .iter()
+                .enumerate()
+                .fold(wave[a..b].to_vec(), |x, (i, conv)| {
+                    conv.forward(&x, affine.as_ref().filter(|_| i == 0), false)
+                });
+            if let Some(norm) = &self.proj_norm {
+                for_rows(&mut x, c, false, |_, r| norm.rows(r));
+            }
+            self.projection.forward(&x, c, rows, false);
+        };
+        for_chunks(&mut hs, FRONT_END_FRAMES * h, parallel, window);
+        hs
     }
 
     /// The weight-normed grouped positional conv (`K/2` zero padding both sides, the first T
@@ -797,7 +913,7 @@ impl CpuEncoder {
                 s.normed.copy_from_slice(x);
                 for_rows(&mut s.normed, h, parallel, |_, rows| p.ln2.rows(rows));
             });
-            self.feed_forward(p, &s.normed, &mut s.ff, &mut s.proj, parallel, prof);
+            self.feed_forward(p, &s.normed, &mut s.proj, parallel, prof);
             prof.time(Kind::Elementwise, || {
                 add_rows(x, &s.proj, h, None, parallel)
             });
@@ -806,7 +922,7 @@ impl CpuEncoder {
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, Some(&p.ln1), parallel)
             });
-            self.feed_forward(p, x, &mut s.ff, &mut s.proj, parallel, prof);
+            self.feed_forward(p, x, &mut s.proj, parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, Some(&p.ln2), parallel)
             });
@@ -828,31 +944,40 @@ impl CpuEncoder {
         let dh = h / heads;
         prof.time(Kind::Linear, || p.qkv.forward(x, h, qkv, parallel));
         let qkv: &[f32] = qkv;
-        let block = (self.block_scores / t).clamp(1, t);
+        let (block, key_block) = self.attention_blocks;
+        // One task per block of query rows, every head of them: blockwise attention over key
+        // tiles (no [rows, T] scores), the context written in place into its heads' columns.
         let rows_block = |bi: usize, ctx_rows: &mut [f32]| {
             let q0 = bi * block;
             let rows = ctx_rows.len() / h;
-            let mut scores = vec![0f32; rows * t];
+            let mut buf = FlashBuffers::default();
             for head in 0..heads {
                 let q = Mat {
                     data: &qkv[q0 * 3 * h + head * dh..],
                     rs: 3 * h,
                     cs: 1,
                 };
-                let k_t = Mat {
+                let k = Mat {
                     data: &qkv[h + head * dh..],
-                    rs: 1,
-                    cs: 3 * h,
+                    rs: 3 * h,
+                    cs: 1,
                 };
-                matmul_serial(rows, t, dh, &mut scores, t, q, k_t, false);
-                simd(|| scores.chunks_exact_mut(t).for_each(softmax_in_place));
                 let v = Mat {
                     data: &qkv[2 * h + head * dh..],
                     rs: 3 * h,
                     cs: 1,
                 };
-                let dst = &mut ctx_rows[head * dh..];
-                matmul_serial(rows, dh, t, dst, h, Mat::rows(&scores, t), v, false);
+                flash_attention(
+                    q,
+                    k,
+                    v,
+                    (rows, t, dh),
+                    key_block,
+                    None,
+                    &mut buf,
+                    &mut ctx_rows[head * dh..],
+                    h,
+                );
             }
         };
         prof.time(Kind::Attention, || {
@@ -861,50 +986,73 @@ impl CpuEncoder {
         prof.time(Kind::Linear, || p.out.forward(ctx, h, out, parallel));
     }
 
-    /// `out` [T, H] = W2 · act(W1 · x + b1) + b2, through `ff` [T, F].
+    /// `out` [T, H] = W2 · act(W1 · x + b1) + b2, in blocks of `GEMM_ROWS` rows (the blocks
+    /// every gemm uses anyway), each through its own `[rows, F]` buffer: the intermediate is
+    /// never held for the whole utterance.
     fn feed_forward(
         &self,
         p: &Layer,
         x: &[f32],
-        ff: &mut [f32],
         out: &mut [f32],
         parallel: bool,
         prof: &mut Profiler,
     ) {
         let (h, f) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        prof.time(Kind::Linear, || p.ff1.forward(x, h, ff, parallel));
-        prof.time(Kind::Elementwise, || {
-            for_rows(ff, f, parallel, |_, rows| activate(self.ffn_act, rows))
+        prof.time(Kind::Linear, || {
+            for_chunks(out, GEMM_ROWS * h, parallel, |bi, out_rows| {
+                let rows = out_rows.len() / h;
+                let x_rows = &x[bi * GEMM_ROWS * h..(bi * GEMM_ROWS + rows) * h];
+                let mut ff = vec![0f32; rows * f];
+                p.ff1.forward(x_rows, h, &mut ff, false);
+                activate(self.ffn_act, &mut ff);
+                p.ff2.forward(&ff, f, out_rows, false);
+            })
         });
-        prof.time(Kind::Linear, || p.ff2.forward(ff, f, out, parallel));
     }
 
-    /// Runs utterances `0..n` (`wave(i)` gives utterance i, normalised) and hands each result
-    /// to `sink(i, ..)` as soon as it is done, from the thread that computed it; when `sink`
-    /// returns false, no further utterance is started. With at least as many utterances as
-    /// pool threads, each thread takes the next utterance in order and runs it alone (no
-    /// barriers, every core busy); otherwise the utterances run one after the other with every
-    /// op spread over the pool.
-    pub fn run_each<W, S>(&self, n: usize, keep: &[usize], wave: W, sink: S)
-    where
-        W: Fn(usize) -> Vec<f32> + Sync,
-        S: Fn(usize, Result<(Vec<Vec<f32>>, usize)>) -> bool + Sync,
-    {
-        self.run_each_profiled(n, keep, wave, sink, None)
-    }
-
-    /// `run_each`, adding every utterance's profile to `profile` when given (its times are
-    /// summed over the threads).
-    pub fn run_each_profiled<W, S>(
+    /// Runs utterances `0..n` (`wave(i)` gives utterance i, normalised, of `samples(i)`
+    /// samples) and hands each result to `sink(i, ..)` as soon as it is done, from the thread
+    /// that computed it; when `sink` returns false, no further utterance is started. See
+    /// [`CpuEncoder::run_each_into`] for the schedule.
+    pub fn run_each<W, S>(
         &self,
         n: usize,
         keep: &[usize],
+        samples: &(dyn Fn(usize) -> usize + Sync),
         wave: W,
+        sink: S,
+    ) where
+        W: Fn(usize) -> Vec<f32> + Sync,
+        S: Fn(usize, Result<(Vec<Vec<f32>>, usize)>) -> bool + Sync,
+    {
+        self.run_each_into(n, keep, samples, wave, |_| Vec::new(), sink, None)
+    }
+
+    /// `run_each` with the states of utterance i handed to `states(i)`, a [`StateSink`], as
+    /// they are computed, and every utterance's profile added to `profile` when given (its
+    /// times summed over the threads).
+    ///
+    /// The schedule, in store order: a run of short utterances with at least as many as pool
+    /// threads goes one utterance per thread, each thread taking the next (no barriers, every
+    /// core busy); a long one (`LONG_FRAMES` or more) or a run shorter than the pool runs one
+    /// utterance at a time with every op spread over the pool, so a long recording among
+    /// short ones never leaves the other cores idle while one thread grinds through it. An
+    /// utterance's bits do not depend on which way it ran.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_each_into<W, N, K, S>(
+        &self,
+        n: usize,
+        keep: &[usize],
+        samples: &(dyn Fn(usize) -> usize + Sync),
+        wave: W,
+        states: N,
         sink: S,
         profile: Option<&Mutex<Profile>>,
     ) where
         W: Fn(usize) -> Vec<f32> + Sync,
-        S: Fn(usize, Result<(Vec<Vec<f32>>, usize)>) -> bool + Sync,
+        N: Fn(usize) -> K + Sync,
+        K: StateSink,
+        S: Fn(usize, Result<(K, usize)>) -> bool + Sync,
     {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let run = |i: usize, parallel: bool| {
@@ -913,35 +1061,55 @@ impl CpuEncoder {
             } else {
                 Profiler::disabled()
             };
-            let result = self.forward_profiled(&wave(i), keep, parallel, &mut prof);
+            let mut kept = states(i);
+            let result = self
+                .forward_into(&wave(i), keep, parallel, &mut prof, &mut kept)
+                .map(|t| (kept, t));
             if let Some(Ok(mut total)) = profile.map(Mutex::lock) {
                 total.add(&prof.take());
             }
             sink(i, result)
         };
         let threads = rayon::current_num_threads();
-        if n < threads || threads == 1 {
-            for i in 0..n {
-                if !run(i, threads > 1) {
+        let long = |i: usize| self.frames_for_samples(samples(i)) >= LONG_FRAMES;
+        let mut start = 0;
+        while start < n {
+            if long(start) || threads == 1 {
+                if !run(start, threads > 1) {
                     return;
                 }
+                start += 1;
+                continue;
             }
-            return;
+            let end = (start..n).find(|&i| long(i)).unwrap_or(n);
+            if end - start < threads {
+                for i in start..end {
+                    if !run(i, true) {
+                        return;
+                    }
+                }
+                start = end;
+                continue;
+            }
+            let (next, stop) = (AtomicUsize::new(start), AtomicBool::new(false));
+            rayon::scope(|scope| {
+                for _ in 0..threads {
+                    scope.spawn(|_| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= end || stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if !run(i, false) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            start = end;
         }
-        let (next, stop) = (AtomicUsize::new(0), AtomicBool::new(false));
-        rayon::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|_| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n || stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if !run(i, false) {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
     }
 
     /// `Wav2Vec2Model::forward` on this executor: `wave` [B, S] (f32 on the CPU) with
@@ -966,10 +1134,12 @@ impl CpuEncoder {
         let keep: Vec<usize> = (0..=max_hidden_state).collect();
         let runnable: Vec<usize> = (0..b).filter(|&i| valid[i] > 0).collect();
         let results = Mutex::new((0..b).map(|_| None).collect::<Vec<_>>());
-        self.run_each_profiled(
+        self.run_each_into(
             runnable.len(),
             &keep,
+            &|j| lengths[runnable[j]],
             |j| rows[runnable[j]][..lengths[runnable[j]]].to_vec(),
+            |_| Vec::new(),
             |j, r| match results.lock() {
                 Ok(mut slots) => {
                     slots[runnable[j]] = Some(r);
@@ -997,24 +1167,48 @@ impl CpuEncoder {
         Ok((states, valid))
     }
 
-    /// Peak bytes `forward` allocates for an utterance of `samples` samples keeping `kept`
-    /// hidden states (its conv outputs, the states, the layer buffers), for memory planning.
-    pub fn peak_bytes(&self, samples: usize, kept: usize) -> u64 {
-        let mut t_in = samples;
-        let mut c_in = 1;
-        let mut conv_peak = 0;
-        for c in &self.convs {
-            let t_out = conv_out_len(t_in, c.kernel, c.stride);
-            conv_peak = conv_peak.max(t_in * c_in + t_out * c.c_out);
-            t_in = t_out;
-            c_in = c.c_out;
+    /// Peak bytes a forward allocates for an utterance of `samples` samples whose `kept`
+    /// hidden states the sink holds at `state_bytes` bytes a value (4 as f32 copies, 2 as
+    /// f16), with `threads` tasks at a time: a front-end window's conv outputs per thread, the
+    /// positional conv's copies, the layer buffers and a feed-forward block and attention
+    /// tile per thread, and the states. For memory planning (`extract` refuses or schedules
+    /// by it).
+    pub fn peak_bytes(
+        &self,
+        samples: usize,
+        kept: usize,
+        state_bytes: usize,
+        threads: usize,
+    ) -> u64 {
+        let (t, h) = (self.frames_for_samples(samples), self.cfg.hidden_size);
+        let threads = threads.max(1);
+        // the states cover the utterance; the buffers one window of it when chunked
+        let states = (kept * t * h * state_bytes) as u64;
+        let (t, window_states) = match self.chunking {
+            Some(c) if c.windows(&self.cfg, samples).is_some() => {
+                let tw = t.min(c.window_frames(&self.cfg));
+                (tw, kept * tw * h)
+            }
+            _ => (t, 0),
+        };
+        // one window of the conv stack, from its last output back to its samples
+        let mut rows = FRONT_END_FRAMES.min(t.max(1));
+        let mut window = 0;
+        for conv in self.convs.iter().rev() {
+            let rows_in = (rows - 1) * conv.stride + conv.kernel;
+            window = window.max(rows_in * conv.c_in + rows * conv.c_out);
+            rows = rows_in;
         }
-        let (t, h) = (t_in, self.cfg.hidden_size);
-        // padded input copy, the per-group outputs, the output and the states so far
+        let front = t * h + threads * window;
+        // padded group-major copy, the per-group outputs and the output, beside the states
         let pos = (t + self.cfg.num_conv_pos_embeddings) * h + 3 * t * h;
-        let layers = t * (7 * h + self.cfg.intermediate_size) + self.block_scores.max(t);
-        let states = kept * t * h;
-        4 * (conv_peak.max(pos) + states + layers) as u64
+        let pre_ln = usize::from(self.cfg.do_stable_layer_norm);
+        let (qb, kb) = self.attention_blocks;
+        let per_task = GEMM_ROWS * self.cfg.intermediate_size
+            + qb * (kb + 2 * h / self.cfg.num_attention_heads.max(1) + 2);
+        let layers = t * h * (6 + pre_ln) + threads * per_task;
+        let values = (front.max(pos).max(layers) + window_states) as u64 * 4;
+        values + states
     }
 }
 
@@ -1064,8 +1258,8 @@ mod tests {
             let x: Vec<f32> = (0..t_in * c_in)
                 .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
                 .collect();
-            let want = direct.forward(&x, false);
-            let got = fast.forward(&x, false);
+            let want = direct.forward(&x, None, false);
+            let got = fast.forward(&x, None, false);
             assert_eq!(want.len(), got.len());
             let worst = want
                 .iter()
@@ -1074,7 +1268,7 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 2e-6, "t_in {t_in}: {worst}");
             assert_eq!(
-                fast.forward(&x, true),
+                fast.forward(&x, None, true),
                 got,
                 "pool and one thread give the same bits"
             );

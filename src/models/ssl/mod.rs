@@ -29,11 +29,13 @@
 //! - attention adds a large negative value to padded keys.
 //!
 //! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
+pub mod chunk;
 pub mod config;
+pub mod cost;
 mod cpu;
 mod executor;
 
-pub use cpu::CpuEncoder;
+pub use cpu::{CpuEncoder, StateSink, LONG_FRAMES};
 pub use executor::SslEncoder;
 
 use crate::models::checkpoint::LoadedCheckpoint;

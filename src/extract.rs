@@ -1030,8 +1030,10 @@ fn extract_window(
             Some(damage.clone())
         } else if seconds > args.max_seconds_per_utterance {
             Some(format!(
-                "{seconds:.1} s is longer than --max-seconds-per-utterance {}",
-                args.max_seconds_per_utterance
+                "{seconds:.1} s is longer than --max-seconds-per-utterance {}; \
+                 --max-seconds-per-utterance {} extracts it",
+                args.max_seconds_per_utterance,
+                seconds.ceil()
             ))
         } else if extractor.frames_for_samples(row.length as usize) == 0 {
             Some(format!("{seconds:.3} s is too short to give one frame"))

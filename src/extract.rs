@@ -11,14 +11,13 @@ use crate::models::ssl::chunk::Chunking;
 use crate::models::ssl::config::Wav2Vec2Config;
 use crate::models::ssl::cost::estimated_seconds;
 use crate::models::ssl::{
-    normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, StateSink, Wav2Vec2Model,
-    LONG_FRAMES,
+    normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, StateSink, Wav2Vec2Model, LONG_FRAMES,
 };
 use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::PartSpec;
-use crate::store::{LayerEncoder, 
-    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, PartSlice,
-    StoreKind, StoreWriter, WriterSpec,
+use crate::store::{
+    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, LayerEncoder,
+    PartSlice, StoreKind, StoreWriter, WriterSpec,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -795,7 +794,10 @@ fn chunking(args: &ExtractArgs) -> anyhow::Result<Option<Chunking>> {
         bail!("--chunk-seconds {seconds}: a window is at least 1 second");
     }
     if !(args.chunk_context.is_finite() && args.chunk_context >= 0.0) {
-        bail!("--chunk-context {}: give 0 or more seconds", args.chunk_context);
+        bail!(
+            "--chunk-context {}: give 0 or more seconds",
+            args.chunk_context
+        );
     }
     Ok(Some(Chunking {
         seconds,

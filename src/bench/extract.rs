@@ -204,15 +204,16 @@ fn bench_cpu_engine(
 /// Per utterance length: one utterance of noise run alone, as extract runs it (every state
 /// encoded to f16 as the engine hands it over), its x-real-time, CPU use (of all threads) and
 /// peak resident memory (reset before each length).
-fn bench_lengths(args: &ExtractBenchArgs, engine: &CpuEncoder, lengths: &[f64]) -> anyhow::Result<()> {
+fn bench_lengths(
+    args: &ExtractBenchArgs,
+    engine: &CpuEncoder,
+    lengths: &[f64],
+) -> anyhow::Result<()> {
     crate::ops::gemm::reserve_freed_memory();
     let cfg = engine.config();
     let keep: Vec<usize> = (0..=cfg.num_hidden_layers).collect();
-    let encoder = crate::store::FeatureEncoder::new(
-        crate::store::Dtype::F16,
-        cfg.hidden_size,
-        keep.len(),
-    );
+    let encoder =
+        crate::store::FeatureEncoder::new(crate::store::Dtype::F16, cfg.hidden_size, keep.len());
     engine.forward(&noise(16000, 99), &keep[..2], false)?;
     let threads = rayon::current_num_threads();
     for &seconds in lengths {

@@ -136,14 +136,22 @@ impl LayerEncoder {
     pub fn push_rows(&mut self, layer: usize, values: &[f32]) {
         let (dtype, dim) = (self.encoder.dtype, self.encoder.dim);
         let Some(dst) = self.layers.get_mut(layer) else {
-            self.error = Some(format!("layer {layer} of an item with {} layers", self.layers.len()));
+            self.error = Some(format!(
+                "layer {layer} of an item with {} layers",
+                self.layers.len()
+            ));
             return;
         };
         if values.len() % dim.max(1) != 0 {
-            self.error = Some(format!("{} values are not whole frames of {dim}", values.len()));
+            self.error = Some(format!(
+                "{} values are not whole frames of {dim}",
+                values.len()
+            ));
             return;
         }
-        let sums = dst.sums.get_or_insert_with(|| (vec![0f64; dim], vec![0f64; dim]));
+        let sums = dst
+            .sums
+            .get_or_insert_with(|| (vec![0f64; dim], vec![0f64; dim]));
         accumulate_sums(sums, values, dim);
         let mut bytes = Vec::new();
         encode_values(dtype, values, dim, &mut bytes);
@@ -161,7 +169,11 @@ impl LayerEncoder {
 
     /// Encodes the next whole layer.
     pub fn push(&mut self, values: &[f32]) {
-        let next = self.layers.iter().position(|l| l.values == 0).unwrap_or(self.layers.len());
+        let next = self
+            .layers
+            .iter()
+            .position(|l| l.values == 0)
+            .unwrap_or(self.layers.len());
         self.push_rows(next, values);
     }
 
@@ -184,7 +196,11 @@ impl LayerEncoder {
         let mut files = Vec::with_capacity(self.layers.len() * 2);
         let mut sums = Vec::with_capacity(self.layers.len());
         for layer in self.layers {
-            sums.push(layer.sums.unwrap_or_else(|| (vec![0f64; dim], vec![0f64; dim])));
+            sums.push(
+                layer
+                    .sums
+                    .unwrap_or_else(|| (vec![0f64; dim], vec![0f64; dim])),
+            );
             crc.update(&layer.bytes);
             files.push(layer.bytes);
             if int8 {

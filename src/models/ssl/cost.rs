@@ -9,12 +9,21 @@ pub fn forward_flops(cfg: &Wav2Vec2Config, samples: usize) -> f64 {
     let mut n = samples;
     let mut c_in = 1usize;
     let mut macs = 0f64;
-    for ((&c, &k), &s) in cfg.conv_dim.iter().zip(&cfg.conv_kernel).zip(&cfg.conv_stride) {
+    for ((&c, &k), &s) in cfg
+        .conv_dim
+        .iter()
+        .zip(&cfg.conv_kernel)
+        .zip(&cfg.conv_stride)
+    {
         n = if n < k { 0 } else { (n - k) / s + 1 };
         macs += (n * k * c_in * c) as f64;
         c_in = c;
     }
-    let (t, h, f) = (n as f64, cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let (t, h, f) = (
+        n as f64,
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+    );
     let groups = cfg.num_conv_pos_embedding_groups.max(1) as f64;
     macs += t * c_in as f64 * h; // feature projection
     macs += t * cfg.num_conv_pos_embeddings as f64 * h * h / groups;

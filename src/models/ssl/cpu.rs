@@ -709,10 +709,7 @@ impl CpuEncoder {
         prof: &mut Profiler,
         sink: &mut dyn StateSink,
     ) -> Result<usize> {
-        let Some(windows) = self
-            .chunking
-            .and_then(|c| c.windows(&self.cfg, wave.len()))
-        else {
+        let Some(windows) = self.chunking.and_then(|c| c.windows(&self.cfg, wave.len())) else {
             return self.forward_whole_into(wave, keep, parallel, prof, sink);
         };
         let h = self.cfg.hidden_size;

@@ -9,7 +9,7 @@ use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
 use crate::models::ssl::{normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, Wav2Vec2Model};
 use crate::progress::{human_bytes, parse_size, Progress};
-use crate::store::partition::PartSpec;
+use crate::store::partition::{in_fraction, PartSpec};
 use crate::store::{
     AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, PartSlice,
     StoreKind, StoreWriter, WriterSpec,
@@ -84,6 +84,16 @@ pub struct ExtractArgs {
     /// one process per GPU: --part K/N --device cuda:(K-1).
     #[arg(long, value_name = "K/N", value_parser = crate::store::partition::parse_part)]
     pub part: Option<PartSpec>,
+    /// Extract only a deterministic sample of about F of the utterances (0 < F <= 1), e.g. for
+    /// a layer probe: an utterance is in when the first 8 bytes of SHA-256(its id), big-endian,
+    /// are below F·2^64, so the same ids on every run, machine and --part. meta.json records F.
+    #[arg(long, value_name = "F", value_parser = crate::store::partition::parse_fraction)]
+    pub fraction: Option<f64>,
+    /// Store one layer: the experiment EXP's featurizer output (Σ_l w_l · normalize_l(h_l), as
+    /// `speechcache collapse` computes it from an all-layer store), computed while extracting.
+    /// EXP must have been trained on features of this model.
+    #[arg(long, value_name = "EXP")]
+    pub collapse: Option<PathBuf>,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -343,8 +353,20 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
         .num_threads(args.jobs.unwrap_or(0))
         .build()
         .context("cannot start the thread pool")?;
-    let (extractor, spec) = pool.install(|| build_extractor(args, &audio))?;
-    let layers = spec.layers.clone();
+    let (extractor, mut spec) = pool.install(|| build_extractor(args, &audio))?;
+    if let Some(f) = args.fraction {
+        spec.options["fraction"] = serde_json::json!(f);
+    }
+    let collapser = match &args.collapse {
+        Some(exp) => Some(crate::collapse::Collapser::from_experiment(exp)?),
+        None => None,
+    };
+    // The hidden states computed: the experiment's, when collapsing them into one stored layer.
+    let layers = match (&collapser, &args.collapse) {
+        (Some(c), Some(exp)) => c.for_extract(exp, &mut spec)?,
+        _ => spec.layers.clone(),
+    };
+    let stored_layers = spec.layers.len();
     let dim = spec.dim.unwrap_or(0);
     let grid = window_grid(&audio, window_seconds(args));
     let opened = match args.part {
@@ -367,7 +389,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     // Rows are numbered in the whole audio store; the writer counts from the part's start.
     let first = owned.start + writer.next_input();
     let todo = first..owned.end;
-    check_disk_space(args, &audio, &extractor, layers.len(), dim, todo.clone())?;
+    check_disk_space(args, &audio, &extractor, stored_layers, dim, todo.clone())?;
     if writer.next_input() > 0 && !args.quiet {
         eprintln!(
             "resuming {}: continuing at utterance {first} of {}..{}",
@@ -390,6 +412,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             engine,
             normalize: checkpoint.preprocessor.do_normalize,
             layers: &layers,
+            collapser: collapser.as_ref(),
             rows: todo.clone(),
             base: owned.start,
         };
@@ -405,7 +428,8 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             }
             let t = Instant::now();
             let results = pool.install(|| {
-                extract_window(args, &audio, &extractor, window.clone(), &layers, max_layer)
+                let layers = (&layers[..], collapser.as_ref());
+                extract_window(args, &audio, &extractor, window.clone(), layers, max_layer)
             })?;
             summary.model_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -513,6 +537,7 @@ struct EngineJob<'a> {
     engine: &'a CpuEncoder,
     normalize: bool,
     layers: &'a [usize],
+    collapser: Option<&'a crate::collapse::Collapser>,
     /// Rows of the whole store this run computes.
     rows: Range<usize>,
     /// The whole-store row the writer's input 0 is (the part's first row).
@@ -539,7 +564,10 @@ impl EngineJob<'_> {
             let need = self
                 .engine
                 .peak_bytes(row.length as usize, self.layers.len());
-            let reason = if let Some(damage) = &damaged[i - self.rows.start] {
+            let reason = if !in_fraction(self.args.fraction, &row.id) {
+                ready.insert(i, InputResult::default());
+                continue;
+            } else if let Some(damage) = &damaged[i - self.rows.start] {
                 Some(damage.clone())
             } else if seconds > self.args.max_seconds_per_utterance {
                 Some(format!(
@@ -606,6 +634,13 @@ impl EngineJob<'_> {
                 let result = match result {
                     Ok((states, t)) => {
                         let layers: Vec<&[f32]> = states.iter().map(|s| s.as_slice()).collect();
+                        let collapsed = self.collapser.map(|c| {
+                            c.combine(&layers, layers.first().map_or(0, |l| l.len() / t.max(1)))
+                        });
+                        let layers = match &collapsed {
+                            Some(c) => vec![c.as_slice()],
+                            None => layers,
+                        };
                         match encoder.encode(&layers, t) {
                             Ok(item) => item_result(row, item),
                             Err(e) => error_result(row, format!("model output: {e}")),
@@ -883,6 +918,7 @@ fn check_disk_space(
 ) -> anyhow::Result<()> {
     let frames: u64 = audio.rows()[rows]
         .iter()
+        .filter(|r| in_fraction(args.fraction, &r.id))
         .map(|r| extractor.frames_for_samples(r.length as usize) as u64)
         .sum();
     let per_frame =
@@ -928,7 +964,7 @@ fn extract_window(
     audio: &AudioStore,
     extractor: &Extractor,
     range: std::ops::Range<usize>,
-    layers: &[usize],
+    (layers, collapser): (&[usize], Option<&crate::collapse::Collapser>),
     max_layer: usize,
 ) -> anyhow::Result<Vec<InputResult>> {
     let rate = audio.sample_rate() as f64;
@@ -938,7 +974,10 @@ fn extract_window(
     for i in range.clone() {
         let row = &audio.rows()[i];
         let seconds = row.length as f64 / rate;
-        let reason = if let Some(damage) = &damaged[i - range.start] {
+        let reason = if !in_fraction(args.fraction, &row.id) {
+            results[i - range.start] = Some(InputResult::default());
+            continue;
+        } else if let Some(damage) = &damaged[i - range.start] {
             Some(damage.clone())
         } else if seconds > args.max_seconds_per_utterance {
             Some(format!(
@@ -1034,7 +1073,10 @@ fn extract_window(
                 let per_batch = (budget / longest.max(1)).clamp(1, by_memory);
                 let batch = &runnable[batch_start..(batch_start + per_batch).min(runnable.len())];
                 let outputs = run_model_batch(model, checkpoint, audio, batch, layers, max_layer)?;
-                for (&i, feats) in batch.iter().zip(outputs) {
+                for (&i, mut feats) in batch.iter().zip(outputs) {
+                    if let Some(c) = collapser {
+                        feats = vec![collapse_states(c, &feats)];
+                    }
                     results[i - range.start] =
                         Some(item_result(&audio.rows()[i], ItemData::Features(feats)));
                 }
@@ -1043,6 +1085,18 @@ fn extract_window(
         }
     }
     Ok(results.into_iter().map(|r| r.unwrap_or_default()).collect())
+}
+
+/// `extract --collapse`: one utterance's hidden states (the experiment's layers, in order)
+/// as its one collapsed layer.
+fn collapse_states(collapser: &crate::collapse::Collapser, states: &[Array2<f32>]) -> Array2<f32> {
+    let (t, d) = states.first().map_or((0, 0), |s| s.dim());
+    let laid_out: Vec<_> = states.iter().map(|s| s.as_standard_layout()).collect();
+    let views: Vec<&[f32]> = laid_out
+        .iter()
+        .map(|s| s.as_slice().unwrap_or(&[]))
+        .collect();
+    Array2::from_shape_vec((t, d), collapser.combine(&views, d)).unwrap_or_default()
 }
 
 fn item_result(row: &IndexRow, data: ItemData) -> InputResult {

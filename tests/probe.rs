@@ -179,6 +179,7 @@ fn fraction_picks_the_same_ids_by_hash_and_parts_union_to_one_run() {
         assert_eq!(got, small_ids, "{engine}");
     }
     for bad in ["0", "1.5", "-0.1", "x"] {
+        let flag = format!("--fraction={bad}");
         let out = run(&[
             "extract",
             "--data",
@@ -187,8 +188,7 @@ fn fraction_picks_the_same_ids_by_hash_and_parts_union_to_one_run() {
             "fbank",
             "--out",
             s(&tmp.path().join("bad")),
-            "--fraction",
-            bad,
+            &flag,
         ]);
         assert!(!out.status.success(), "--fraction {bad} accepted");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--fraction"));

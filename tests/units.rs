@@ -522,3 +522,67 @@ fn cli_units_refuses_broken_km_bin_files() {
         assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
     }
 }
+
+/// Sealed shards under `store` so far.
+fn seals(store: &Path) -> usize {
+    std::fs::read_dir(store.join("shards")).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seal.json"))
+            .count()
+    })
+}
+
+/// `units` killed with SIGKILL mid-run and run again gives the bytes of an uninterrupted run.
+#[test]
+fn killed_units_resumes_to_the_bytes_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 600, Dtype::F16);
+    let km = kmeans_fixture("mbk_f64.joblib.bin");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "units",
+            "--quiet",
+            "--data",
+            s(&store),
+            "--kmeans",
+            s(&km),
+            "--layer",
+            "3",
+            "--out",
+            s(out),
+            "--shard-size",
+            "1KiB",
+            "--jobs",
+            "1",
+            "--dedup",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let full = tmp.path().join("full");
+    ok(&bin().args(args(&full)).output().unwrap());
+    let shards = std::fs::read_dir(full.join("shards")).unwrap().count();
+    assert!(shards > 20, "{shards} shards");
+    let killed = tmp.path().join("killed");
+    let mut interrupted = 0;
+    for at in [3, 12] {
+        let mut child = bin().args(args(&killed)).spawn().unwrap();
+        let started = std::time::Instant::now();
+        while seals(&killed) < at
+            && started.elapsed().as_secs() < 60
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !killed.join("meta.json").exists() {
+            interrupted += 1;
+        }
+    }
+    assert!(interrupted > 0, "every run finished before it was killed");
+    ok(&bin().args(args(&killed)).output().unwrap());
+    common::assert_same_tree(&killed, &full);
+}

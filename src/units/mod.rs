@@ -143,9 +143,8 @@ impl<'a> StoreFrames<'a> {
     }
 }
 
-/// Random frames gathered between two releases of the mapped pages (at most GATHER_SPAN ×
-/// 64 KiB mapped: 256 MiB).
-const GATHER_SPAN: usize = 4096;
+/// Random frames one thread gathers between two releases of the mapped pages.
+const GATHER_SPAN: usize = 256;
 
 /// Copies frame `f` of `view` into `out` as f32.
 fn copy_frame(view: &FeatureView, f: usize, out: &mut [f32]) {
@@ -178,22 +177,20 @@ impl FrameSource for StoreFrames<'_> {
     fn gather(&self, ids: &[u64], out: &mut [f32]) -> anyhow::Result<()> {
         use rayon::prelude::*;
         let d = self.dim();
-        // A random frame faults in the kernel's fault-around window (64 KiB) of its shard,
-        // so pages are released every GATHER_SPAN frames: the mapped part stays bounded
-        // (measured by benches/kmeans_rss.sh) instead of growing to the whole store.
-        for (out, ids) in out.chunks_mut(d * GATHER_SPAN).zip(ids.chunks(GATHER_SPAN)) {
-            out.par_chunks_mut(d * 256)
-                .zip(ids.par_chunks(256))
-                .try_for_each(|(out, ids)| -> anyhow::Result<()> {
-                    for (o, &f) in out.chunks_exact_mut(d).zip(ids) {
-                        let (i, t) = self.locate(f);
-                        copy_frame(&self.view(i)?, t, o);
-                    }
-                    Ok(())
-                })?;
-            self.store.release_layer_pages(self.layer);
-        }
-        Ok(())
+        // A random frame maps more than itself (fault-around, and on recent kernels the whole
+        // large page-cache folio readahead made: measured ~300 KiB a frame on Linux 6.18), so
+        // each chunk of GATHER_SPAN frames releases its layer's pages: the mapped part stays
+        // bounded (benches/kmeans_rss.sh) instead of growing to the whole store.
+        out.par_chunks_mut(d * GATHER_SPAN)
+            .zip(ids.par_chunks(GATHER_SPAN))
+            .try_for_each(|(out, ids)| -> anyhow::Result<()> {
+                for (o, &f) in out.chunks_exact_mut(d).zip(ids) {
+                    let (i, t) = self.locate(f);
+                    copy_frame(&self.view(i)?, t, o);
+                }
+                self.store.release_layer_pages(self.layer);
+                Ok(())
+            })
     }
 
     fn range(&self, start: u64, out: &mut [f32]) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@
 //! are already normalised: train on them with `normalize = "none"`); `utterance` and `none`
 //! store the plain weighted sum (with `utterance` the new experiment applies the same
 //! per-utterance MVN after it, exactly as the all-layer one did).
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -141,6 +141,37 @@ impl Collapser {
         })
     }
 
+    /// Adds layer `li`'s term, w_l · normalize_l(h), to `acc` (`h` and `acc` are `[frames, d]`):
+    /// the one computation behind `collapse` and `extract --collapse`.
+    pub fn accumulate(&self, li: usize, h: &[f32], acc: &mut [f32], d: usize) {
+        let w = self.weights[li];
+        match (&self.mean, &self.inv_std) {
+            (Some(mean), Some(inv)) => {
+                let (m, s) = (&mean[li], &inv[li]);
+                for (o, x) in acc.chunks_exact_mut(d).zip(h.chunks_exact(d)) {
+                    for j in 0..d {
+                        o[j] += w * ((x[j] - m[j]) * s[j]);
+                    }
+                }
+            }
+            _ => {
+                for (o, &x) in acc.iter_mut().zip(h) {
+                    *o += w * x;
+                }
+            }
+        }
+    }
+
+    /// Σ_l w_l · normalize_l(h_l) of one utterance's hidden states, given in `self.layers`
+    /// order, each `[frames, d]`.
+    pub fn combine(&self, states: &[&[f32]], d: usize) -> Vec<f32> {
+        let mut acc = vec![0f32; states.first().map_or(0, |s| s.len())];
+        for (li, h) in states.iter().enumerate().take(self.layers.len()) {
+            self.accumulate(li, h, &mut acc, d);
+        }
+        acc
+    }
+
     /// Σ_l w_l · normalize_l(h_l) of utterance `i` (`[frames, dim]`).
     pub fn row(&self, store: &FeatureStore, i: usize) -> anyhow::Result<Array2<f32>> {
         let d = store.dim();
@@ -148,25 +179,84 @@ impl Collapser {
         let mut out = Array2::<f32>::zeros((t, d));
         let mut h = vec![0f32; t * d];
         let acc = out.as_slice_mut().unwrap_or(&mut []);
-        for (li, (&layer, &w)) in self.layers.iter().zip(&self.weights).enumerate() {
+        for (li, &layer) in self.layers.iter().enumerate() {
             store.view(i, layer)?.write_f32(&mut h);
-            match (&self.mean, &self.inv_std) {
-                (Some(mean), Some(inv)) => {
-                    let (m, s) = (&mean[li], &inv[li]);
-                    for (o, x) in acc.chunks_exact_mut(d).zip(h.chunks_exact(d)) {
-                        for j in 0..d {
-                            o[j] += w * ((x[j] - m[j]) * s[j]);
-                        }
-                    }
-                }
-                _ => {
-                    for (o, &x) in acc.iter_mut().zip(&h) {
-                        *o += w * x;
-                    }
-                }
-            }
+            self.accumulate(li, &h, acc, d);
         }
         Ok(out)
+    }
+
+    /// For `extract --collapse EXP`: checks that the experiment was trained on features of the
+    /// model `spec` describes (its training store's model identity, its layers within the
+    /// model's, its feature size) and turns `spec` into the one-layer collapsed store's.
+    /// Returns the hidden states to compute, in the experiment's order.
+    pub fn for_extract(&self, exp_dir: &Path, spec: &mut WriterSpec) -> anyhow::Result<Vec<usize>> {
+        let exp = Experiment::load(exp_dir)
+            .map_err(|e| anyhow::anyhow!("{}", e))
+            .with_context(|| format!("cannot open the experiment {}", exp_dir.display()))?;
+        let model = &spec.source["model"];
+        let train = Path::new(&exp.meta.train_store);
+        let trained_on = crate::store::StoreMeta::load(train).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot check which model the experiment was trained on: its training store {} \
+                 is unreadable ({e})",
+                exp_dir.display(),
+                train.display()
+            )
+        })?;
+        let same_model = trained_on.source["model"] == *model
+            || (model["weights_sha256"].is_string()
+                && trained_on.source["model"]["weights_sha256"] == model["weights_sha256"]
+                && trained_on.source["model"]["config"] == model["config"]);
+        if !same_model {
+            anyhow::bail!(
+                "{}: the experiment was trained on features of another model (its training store {} \
+                 was extracted with {}), not of the model being extracted",
+                exp_dir.display(),
+                train.display(),
+                trained_on.extra["model"]["path"]
+                    .as_str()
+                    .or(trained_on.source["model"]["family"].as_str())
+                    .unwrap_or("an unknown model")
+            );
+        }
+        let missing: Vec<usize> = self
+            .layers
+            .iter()
+            .copied()
+            .filter(|l| !spec.layers.contains(l))
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{}: the experiment weighs hidden states {missing:?}, outside the --layers {:?} \
+                 of the model being extracted",
+                exp_dir.display(),
+                spec.layers
+            );
+        }
+        let dim = spec.dim.unwrap_or(0);
+        if exp.meta.feat_dim != dim
+            || self
+                .mean
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|m| m.len() != dim))
+        {
+            anyhow::bail!(
+                "{}: the experiment reads {}-dimensional features, the model gives {dim}",
+                exp_dir.display(),
+                exp.meta.feat_dim
+            );
+        }
+        spec.layers = vec![COLLAPSED_LAYER];
+        spec.options["collapse"] = serde_json::json!({
+            "layers": self.layers,
+            "weights": self.weights,
+            "normalized": self.mean.is_some(),
+        });
+        spec.source["experiment"] = serde_json::json!(
+            std::fs::canonicalize(exp_dir).unwrap_or_else(|_| exp_dir.to_path_buf())
+        );
+        Ok(self.layers.clone())
     }
 }
 

@@ -7,6 +7,7 @@
 use crate::device::Backend;
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
+use crate::collapse::Collapser;
 use crate::models::ssl::chunk::Chunking;
 use crate::models::ssl::config::Wav2Vec2Config;
 use crate::models::ssl::cost::estimated_seconds;
@@ -14,9 +15,10 @@ use crate::models::ssl::{
     normalize_waveform, CpuEncoder, LinearLayout, SslEncoder, StateSink, Wav2Vec2Model, LONG_FRAMES,
 };
 use crate::progress::{human_bytes, parse_size, Progress};
-use crate::store::partition::PartSpec;
+use crate::store::partition::{in_fraction, PartSpec};
 use crate::store::{
-    AudioStore, Dtype, ErrorRow, FeatureStore, IndexRow, InputResult, ItemData, LayerEncoder,
+    AudioStore, Dtype, ErrorRow, FeatureEncoder, FeatureStore, IndexRow, InputResult, ItemData,
+    LayerEncoder,
     PartSlice, StoreKind, StoreWriter, WriterSpec,
 };
 use anyhow::{bail, Context};
@@ -99,6 +101,16 @@ pub struct ExtractArgs {
     /// one process per GPU: --part K/N --device cuda:(K-1).
     #[arg(long, value_name = "K/N", value_parser = crate::store::partition::parse_part)]
     pub part: Option<PartSpec>,
+    /// Extract only a deterministic sample of about F of the utterances (0 < F <= 1), e.g. for
+    /// a layer probe: an utterance is in when the first 8 bytes of SHA-256(its id), big-endian,
+    /// are below F·2^64, so the same ids on every run, machine and --part. meta.json records F.
+    #[arg(long, value_name = "F", value_parser = crate::store::partition::parse_fraction)]
+    pub fraction: Option<f64>,
+    /// Store one layer: the experiment EXP's featurizer output (Σ_l w_l · normalize_l(h_l), as
+    /// `speechcache collapse` computes it from an all-layer store), computed while extracting.
+    /// EXP must have been trained on features of this model.
+    #[arg(long, value_name = "EXP")]
+    pub collapse: Option<PathBuf>,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -358,8 +370,20 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
         .num_threads(args.jobs.unwrap_or(0))
         .build()
         .context("cannot start the thread pool")?;
-    let (extractor, spec) = pool.install(|| build_extractor(args, &audio))?;
-    let layers = spec.layers.clone();
+    let (extractor, mut spec) = pool.install(|| build_extractor(args, &audio))?;
+    if let Some(f) = args.fraction {
+        spec.options["fraction"] = serde_json::json!(f);
+    }
+    let collapser = match &args.collapse {
+        Some(exp) => Some(crate::collapse::Collapser::from_experiment(exp)?),
+        None => None,
+    };
+    // The hidden states computed: the experiment's, when collapsing them into one stored layer.
+    let layers = match (&collapser, &args.collapse) {
+        (Some(c), Some(exp)) => c.for_extract(exp, &mut spec)?,
+        _ => spec.layers.clone(),
+    };
+    let stored_layers = spec.layers.len();
     let dim = spec.dim.unwrap_or(0);
     let grid = window_grid(&audio, window_seconds(args));
     let opened = match args.part {
@@ -382,7 +406,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
     // Rows are numbered in the whole audio store; the writer counts from the part's start.
     let first = owned.start + writer.next_input();
     let todo = first..owned.end;
-    check_disk_space(args, &audio, &extractor, layers.len(), dim, todo.clone())?;
+    check_disk_space(args, &audio, &extractor, stored_layers, dim, todo.clone())?;
     if writer.next_input() > 0 && !args.quiet {
         eprintln!(
             "resuming {}: continuing at utterance {first} of {}..{}",
@@ -405,6 +429,7 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             engine,
             normalize: checkpoint.preprocessor.do_normalize,
             layers: &layers,
+            collapser: collapser.as_ref(),
             rows: todo.clone(),
             base: owned.start,
         };
@@ -420,7 +445,8 @@ pub fn extract(args: &ExtractArgs) -> anyhow::Result<ExtractSummary> {
             }
             let t = Instant::now();
             let results = pool.install(|| {
-                extract_window(args, &audio, &extractor, window.clone(), &layers, max_layer)
+                let layers = (&layers[..], collapser.as_ref());
+                extract_window(args, &audio, &extractor, window.clone(), layers, max_layer)
             })?;
             summary.model_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -526,6 +552,56 @@ impl StateSink for LayerEncoder {
     }
 }
 
+/// Where the CPU engine's states of one utterance go as they are computed: encoded as the
+/// store keeps them, or (`--collapse`) added into the experiment's weighted sum, layer by
+/// layer in the order `collapse` adds them (the same bits).
+enum ItemSink<'a> {
+    Layers(LayerEncoder),
+    Collapsed {
+        collapser: &'a Collapser,
+        /// Σ so far, `[frames, dim]`.
+        acc: Vec<f32>,
+        /// Frames of each kept state added so far (a chunked forward hands them in blocks).
+        rows: Vec<usize>,
+        dim: usize,
+        encoder: FeatureEncoder,
+    },
+}
+
+impl StateSink for ItemSink<'_> {
+    fn rows(&mut self, k: usize, values: &[f32]) -> candle_core::Result<()> {
+        match self {
+            ItemSink::Layers(item) => item.push_rows(k, values),
+            ItemSink::Collapsed {
+                collapser,
+                acc,
+                rows,
+                dim,
+                ..
+            } => {
+                let d = (*dim).max(1);
+                let (Some(start), true) = (rows.get(k).copied(), values.len() % d == 0) else {
+                    candle_core::bail!("state {k} of {} values does not fit the collapse", values.len());
+                };
+                let end = (start * d + values.len()).max(acc.len());
+                acc.resize(end, 0.0);
+                collapser.accumulate(k, values, &mut acc[start * d..start * d + values.len()], d);
+                rows[k] += values.len() / d;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ItemSink<'_> {
+    fn finish(self, frames: usize) -> Result<ItemData, crate::store::StoreError> {
+        match self {
+            ItemSink::Layers(item) => item.finish(frames),
+            ItemSink::Collapsed { acc, encoder, .. } => encoder.encode(&[&acc], frames),
+        }
+    }
+}
+
 /// An extract run on the CPU engine: pool threads each take the next utterance (store order)
 /// and run it alone; this thread writes the results in store order as they arrive, so
 /// writing overlaps the model, and every row depends on its own utterance only (the same
@@ -536,6 +612,7 @@ struct EngineJob<'a> {
     engine: &'a CpuEncoder,
     normalize: bool,
     layers: &'a [usize],
+    collapser: Option<&'a crate::collapse::Collapser>,
     /// Rows of the whole store this run computes.
     rows: Range<usize>,
     /// The whole-store row the writer's input 0 is (the part's first row).
@@ -574,7 +651,10 @@ impl EngineJob<'_> {
                 encoder.bytes_per_value(),
                 tasks,
             );
-            let reason = if let Some(damage) = &damaged[i - self.rows.start] {
+            let reason = if !in_fraction(self.args.fraction, &row.id) {
+                ready.insert(i, InputResult::default());
+                continue;
+            } else if let Some(damage) = &damaged[i - self.rows.start] {
                 Some(damage.clone())
             } else if seconds > self.args.max_seconds_per_utterance {
                 Some(too_long(
@@ -639,7 +719,16 @@ impl EngineJob<'_> {
             },
             // Each state is encoded as the model finishes it, on the thread that computed it;
             // the lock below is held only to append bytes.
-            |_| encoder.begin(),
+            |_| match self.collapser {
+                Some(collapser) => ItemSink::Collapsed {
+                    collapser,
+                    acc: Vec::new(),
+                    rows: vec![0; self.layers.len()],
+                    dim: self.engine.config().hidden_size,
+                    encoder,
+                },
+                None => ItemSink::Layers(encoder.begin()),
+            },
             |j, result| {
                 let i = runnable[j];
                 let row = &audio.rows()[i];
@@ -973,6 +1062,7 @@ fn check_disk_space(
 ) -> anyhow::Result<()> {
     let frames: u64 = audio.rows()[rows]
         .iter()
+        .filter(|r| in_fraction(args.fraction, &r.id))
         .map(|r| extractor.frames_for_samples(r.length as usize) as u64)
         .sum();
     let per_frame =
@@ -1018,7 +1108,7 @@ fn extract_window(
     audio: &AudioStore,
     extractor: &Extractor,
     range: std::ops::Range<usize>,
-    layers: &[usize],
+    (layers, collapser): (&[usize], Option<&crate::collapse::Collapser>),
     max_layer: usize,
 ) -> anyhow::Result<Vec<InputResult>> {
     let rate = audio.sample_rate() as f64;
@@ -1028,7 +1118,10 @@ fn extract_window(
     for i in range.clone() {
         let row = &audio.rows()[i];
         let seconds = row.length as f64 / rate;
-        let reason = if let Some(damage) = &damaged[i - range.start] {
+        let reason = if !in_fraction(args.fraction, &row.id) {
+            results[i - range.start] = Some(InputResult::default());
+            continue;
+        } else if let Some(damage) = &damaged[i - range.start] {
             Some(damage.clone())
         } else if seconds > args.max_seconds_per_utterance {
             Some(format!(
@@ -1126,7 +1219,10 @@ fn extract_window(
                 let per_batch = (budget / longest.max(1)).clamp(1, by_memory);
                 let batch = &runnable[batch_start..(batch_start + per_batch).min(runnable.len())];
                 let outputs = run_model_batch(model, checkpoint, audio, batch, layers, max_layer)?;
-                for (&i, feats) in batch.iter().zip(outputs) {
+                for (&i, mut feats) in batch.iter().zip(outputs) {
+                    if let Some(c) = collapser {
+                        feats = vec![collapse_states(c, &feats)];
+                    }
                     results[i - range.start] =
                         Some(item_result(&audio.rows()[i], ItemData::Features(feats)));
                 }
@@ -1135,6 +1231,18 @@ fn extract_window(
         }
     }
     Ok(results.into_iter().map(|r| r.unwrap_or_default()).collect())
+}
+
+/// `extract --collapse`: one utterance's hidden states (the experiment's layers, in order)
+/// as its one collapsed layer.
+fn collapse_states(collapser: &crate::collapse::Collapser, states: &[Array2<f32>]) -> Array2<f32> {
+    let (t, d) = states.first().map_or((0, 0), |s| s.dim());
+    let laid_out: Vec<_> = states.iter().map(|s| s.as_standard_layout()).collect();
+    let views: Vec<&[f32]> = laid_out
+        .iter()
+        .map(|s| s.as_slice().unwrap_or(&[]))
+        .collect();
+    Array2::from_shape_vec((t, d), collapser.combine(&views, d)).unwrap_or_default()
 }
 
 fn item_result(row: &IndexRow, data: ItemData) -> InputResult {

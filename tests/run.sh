@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/system-deps.sh
-# the fuzz targets (tests/fuzz_*.rs) run PROPTEST_CASES cases each: about 2 minutes in all
+# the fuzz targets (tests/fuzz_*.rs, fuzz_units.rs included) run PROPTEST_CASES cases each: about 2 minutes in all
 PROPTEST_CASES=${PROPTEST_CASES:-20000} cargo test --release
 bash tests/python.sh
 bash tests/slurm.sh        # a real single-node Slurm: the pipeline in 3 parts vs one process (~70 s)

@@ -401,3 +401,188 @@ fn cli_units_bad_input_is_one_clear_line() {
         &["--layer", "3"],
     ));
 }
+
+fn kmeans_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kmeans")
+        .join(name)
+}
+
+/// The reference: a fixture's `cluster_centers_` as numpy saved it, read with npyz, as f32.
+fn npy_centers(name: &str) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(kmeans_fixture(name)).unwrap();
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+    let shape = npy.shape().to_vec();
+    let values = if npy.dtype().descr().contains("f8") {
+        npy.into_vec::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
+    } else {
+        npy.into_vec::<f32>().unwrap()
+    };
+    (shape, values)
+}
+
+/// scikit-learn models pickled by joblib (fairseq's km.bin) and by pickle (protocols 4 and 5),
+/// float64 and float32, C and Fortran order: their `cluster_centers_` as numpy saved them.
+#[test]
+fn km_bin_models_read_as_their_cluster_centers() {
+    for (model, centers) in [
+        ("mbk_f64.joblib.bin", "mbk_f64.centers.npy"),
+        ("mbk_f64.pickle4.bin", "mbk_f64.centers.npy"),
+        ("kmeans_f64.joblib.bin", "kmeans_f64.centers.npy"),
+        ("kmeans_f32.joblib.bin", "kmeans_f32.centers.npy"),
+        ("kmeans_f32.pickle5.bin", "kmeans_f32.centers.npy"),
+        ("kmeans_fortran.joblib.bin", "kmeans_fortran.centers.npy"),
+    ] {
+        let bytes = std::fs::read(kmeans_fixture(model)).unwrap();
+        let (values, k, d) = speechcache::units::parse_centroids(&bytes)
+            .unwrap_or_else(|e| panic!("{model}: {e:#}"));
+        let (shape, want) = npy_centers(centers);
+        assert_eq!(vec![k as u64, d as u64], shape, "{model}");
+        assert!(values == want, "{model}: centers differ from {centers}");
+    }
+}
+
+/// `units --kmeans km.bin` equals `units --kmeans centers.npy` of the same centers.
+#[test]
+fn cli_units_with_km_bin_equal_units_with_the_npy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 12, Dtype::F32);
+    let (a, b) = (tmp.path().join("from-bin"), tmp.path().join("from-npy"));
+    ok(&units(
+        &store,
+        &kmeans_fixture("mbk_f64.joblib.bin"),
+        &a,
+        &["--layer", "3"],
+    ));
+    ok(&units(
+        &store,
+        &kmeans_fixture("mbk_f64.centers.npy"),
+        &b,
+        &["--layer", "3"],
+    ));
+    let km = std::fs::read_to_string(a.join("units.km")).unwrap();
+    assert_eq!(km, std::fs::read_to_string(b.join("units.km")).unwrap());
+    let ids: std::collections::BTreeSet<&str> = km.split_whitespace().collect();
+    assert!(ids.len() > 1, "every frame got one unit: {ids:?}");
+}
+
+/// Hostile or broken km.bin files: one error line naming the file and the reason.
+#[test]
+fn cli_units_refuses_broken_km_bin_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 4, Dtype::F32);
+    let good = std::fs::read(kmeans_fixture("kmeans_f64.joblib.bin")).unwrap();
+    let at = |needle: &[u8]| {
+        good.windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+    };
+    let centers = at(b"cluster_centers_");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    // cut inside the centers' bytes
+    cases.push(("truncated", good[..centers + 200].to_vec(), "truncated"));
+    // the centers' dtype code f8 → i8 (the first dtype after cluster_centers_ is reused by
+    // reference, so patch the shared definition: every float64 array becomes int64)
+    let mut wrong = good.clone();
+    let f8 = at(b"\x8c\x02f8");
+    wrong[f8 + 2] = b'i';
+    cases.push(("wrong-dtype", wrong, "float32 or float64"));
+    // the centers' shape (3, 12) → (2^31-1, 12): more bytes than the file
+    let mut absurd = good[..centers].to_vec();
+    let rest = &good[centers..];
+    let k3 = rest.windows(4).position(|w| w == b"K\x03K\x0c").unwrap();
+    absurd.extend_from_slice(&rest[..k3]);
+    absurd.extend_from_slice(b"J\xff\xff\xff\x7fK\x0c");
+    absurd.extend_from_slice(&rest[k3 + 4..]);
+    cases.push(("absurd-shape", absurd, "needs"));
+    // a model whose cluster_centers_ is the model itself
+    let cycle = b"\x80\x04\x8c\x0fsklearn.cluster\x8c\x0fMiniBatchKMeans\x93)\x81\x94}\x8c\x10cluster_centers_h\x00sb.".to_vec();
+    cases.push(("self-reference", cycle, "not a numpy array"));
+    // deeply nested state
+    let mut deep = b"\x80\x04\x8c\x0fsklearn.cluster\x8c\x0fMiniBatchKMeans\x93)\x81".to_vec();
+    deep.extend(std::iter::repeat_n(b']', 200_000));
+    deep.extend(std::iter::repeat_n(b'a', 199_999));
+    deep.extend_from_slice(b"b.");
+    cases.push(("nested", deep, "k-means"));
+    cases.push(("compressed", vec![0x78, 0x9c, 1, 2, 3], "compressed joblib"));
+    for (name, bytes, needle) in cases {
+        let path = tmp.path().join(format!("{name}.bin"));
+        std::fs::write(&path, &bytes).unwrap();
+        let out = units(&store, &path, &tmp.path().join(name), &["--layer", "3"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(&*path.to_string_lossy()), "{name}: {err}");
+        assert!(err.contains(needle), "{name}: expected {needle:?} in {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{name}: {err}");
+    }
+}
+
+/// Sealed shards under `store` so far.
+fn seals(store: &Path) -> usize {
+    std::fs::read_dir(store.join("shards")).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seal.json"))
+            .count()
+    })
+}
+
+/// `units` killed with SIGKILL mid-run and run again gives the bytes of an uninterrupted run.
+#[test]
+fn killed_units_resumes_to_the_bytes_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("feats");
+    write_store(&store, 600, Dtype::F16);
+    let km = kmeans_fixture("mbk_f64.joblib.bin");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "units",
+            "--quiet",
+            "--data",
+            s(&store),
+            "--kmeans",
+            s(&km),
+            "--layer",
+            "3",
+            "--out",
+            s(out),
+            "--shard-size",
+            "1KiB",
+            "--jobs",
+            "1",
+            "--dedup",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let full = tmp.path().join("full");
+    ok(&bin().args(args(&full)).output().unwrap());
+    let shards = std::fs::read_dir(full.join("shards")).unwrap().count();
+    assert!(shards > 20, "{shards} shards");
+    let killed = tmp.path().join("killed");
+    let mut interrupted = 0;
+    for at in [3, 12] {
+        let mut child = bin().args(args(&killed)).spawn().unwrap();
+        let started = std::time::Instant::now();
+        while seals(&killed) < at
+            && started.elapsed().as_secs() < 60
+            && child.try_wait().unwrap().is_none()
+        {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !killed.join("meta.json").exists() {
+            interrupted += 1;
+        }
+    }
+    assert!(interrupted > 0, "every run finished before it was killed");
+    ok(&bin().args(args(&killed)).output().unwrap());
+    common::assert_same_tree(&killed, &full);
+}

@@ -72,6 +72,34 @@ pub fn parse_part(text: &str) -> Result<PartSpec, String> {
     text.parse()
 }
 
+/// `--fraction F`: a number with 0 < F <= 1.
+pub fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "--fraction {text:?} is not a number in (0, 1], e.g. --fraction 0.1"
+        )),
+    }
+}
+
+/// Whether utterance `id` is in the `fraction` sample (`None`: everything). An utterance is in
+/// when the first 8 bytes of SHA-256 of its id (UTF-8), read as a big-endian integer, are
+/// below F · 2^64: a function of the id alone, so the same utterances on every run, machine and
+/// `--part`. In Python: `int.from_bytes(hashlib.sha256(id.encode()).digest()[:8], "big") < F * 2**64`.
+pub fn in_fraction(fraction: Option<f64>, id: &str) -> bool {
+    use sha2::Digest;
+    let Some(f) = fraction else { return true };
+    // F · 2^64 is exact in f64; for an integer h, h < t exactly when h < ceil(t)
+    let threshold = f * 18_446_744_073_709_551_616.0;
+    if threshold >= 18_446_744_073_709_551_616.0 {
+        return true;
+    }
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(head) < threshold.ceil() as u64
+}
+
 /// Cuts units `0..weights.len()` into `n` contiguous ranges of about equal total weight: a
 /// unit belongs to the first part whose share its midpoint falls in. All-zero weights count
 /// units instead.

@@ -309,6 +309,18 @@ impl FeatureStore {
         }
     }
 
+    /// `release_pages` for one hidden state's files only (what a reader of one layer mapped).
+    pub fn release_layer_pages(&self, layer: usize) {
+        if let Ok(pos) = self.layer_position(layer) {
+            for shard in &self.shards {
+                let scales = shard.scales.get(pos).and_then(Option::as_ref);
+                for m in shard.layers.get(pos).into_iter().chain(scales) {
+                    m.release_pages();
+                }
+            }
+        }
+    }
+
     /// Utterance `i`, hidden state `layer` (a number from `layers()`), zero-copy.
     pub fn view(&self, i: usize, layer: usize) -> Result<FeatureView<'_>, StoreError> {
         let pos = self.layer_position(layer)?;

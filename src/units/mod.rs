@@ -1,6 +1,7 @@
 //! Discrete units from a feature store: `kmeans` fits centroids to one layer's frames,
 //! streamed from the store's memory maps (memory bounded by the batch, not the corpus).
 pub mod kmeans;
+pub mod sklearn_kmeans;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -142,6 +143,9 @@ impl<'a> StoreFrames<'a> {
     }
 }
 
+/// Random frames one thread gathers between two releases of the mapped pages.
+const GATHER_SPAN: usize = 256;
+
 /// Copies frame `f` of `view` into `out` as f32.
 fn copy_frame(view: &FeatureView, f: usize, out: &mut [f32]) {
     match view {
@@ -173,13 +177,18 @@ impl FrameSource for StoreFrames<'_> {
     fn gather(&self, ids: &[u64], out: &mut [f32]) -> anyhow::Result<()> {
         use rayon::prelude::*;
         let d = self.dim();
-        out.par_chunks_mut(d * 256)
-            .zip(ids.par_chunks(256))
+        // A random frame maps more than itself (fault-around, and on recent kernels the whole
+        // large page-cache folio readahead made: measured ~300 KiB a frame on Linux 6.18), so
+        // each chunk of GATHER_SPAN frames releases its layer's pages: the mapped part stays
+        // bounded (benches/kmeans_rss.sh) instead of growing to the whole store.
+        out.par_chunks_mut(d * GATHER_SPAN)
+            .zip(ids.par_chunks(GATHER_SPAN))
             .try_for_each(|(out, ids)| -> anyhow::Result<()> {
                 for (o, &f) in out.chunks_exact_mut(d).zip(ids) {
                     let (i, t) = self.locate(f);
                     copy_frame(&self.view(i)?, t, o);
                 }
+                self.store.release_layer_pages(self.layer);
                 Ok(())
             })
     }
@@ -338,10 +347,11 @@ pub struct UnitsArgs {
     /// Feature store to read.
     #[arg(long)]
     pub data: PathBuf,
-    /// A `speechcache kmeans` output directory (centroids.npy + kmeans.json), or a centroids
-    /// .npy file (`[K, D]` float32 or float64, e.g. `np.save(…, km.cluster_centers_)` of a
-    /// scikit-learn model) together with --layer.
-    #[arg(long, value_name = "KM_DIR")]
+    /// A `speechcache kmeans` output directory (centroids.npy + kmeans.json); or, together
+    /// with --layer, a centroids .npy file (`[K, D]` float32 or float64) or a scikit-learn
+    /// k-means model: fairseq's `km.bin` (`joblib.dump` of a MiniBatchKMeans) or a
+    /// `pickle.dump` of MiniBatchKMeans/KMeans, read without executing it.
+    #[arg(long, value_name = "KM_DIR|centroids.npy|km.bin")]
     pub kmeans: PathBuf,
     /// Layer to assign (default: the layer the k-means model was fitted on).
     #[arg(long)]
@@ -374,7 +384,7 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
         let meta_path = path.join(KMEANS_JSON);
         let text = crate::regular_file::read_regular_to_string(&meta_path)
             .with_context(|| format!("{}: not a k-means model directory", meta_path.display()))?;
-        let meta: KmeansMeta = serde_json::from_str(&text)
+        let meta = parse_kmeans_json(&text)
             .with_context(|| format!("{}: not a kmeans.json", meta_path.display()))?;
         (path.join(CENTROIDS), Some(meta.layer))
     } else {
@@ -382,19 +392,55 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
     };
     let bytes = crate::regular_file::read_regular(&file)
         .with_context(|| format!("cannot read the centroids {}", file.display()))?;
-    let npy = npyz::NpyFile::new(&bytes[..])
-        .with_context(|| format!("{}: not a .npy file", file.display()))?;
-    let shape = npy.shape().to_vec();
-    let [k, d] = shape[..] else {
-        anyhow::bail!(
-            "{}: centroids must be [K, D], found shape {shape:?}",
-            file.display()
-        );
+    let (values, k, d) =
+        parse_centroids(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok((values, k, d, layer))
+}
+
+/// A `kmeans.json`.
+pub fn parse_kmeans_json(text: &str) -> anyhow::Result<KmeansMeta> {
+    let meta: KmeansMeta = serde_json::from_str(text)?;
+    anyhow::ensure!(
+        meta.clusters >= 1 && meta.dim >= 1,
+        "{} clusters of dim {}",
+        meta.clusters,
+        meta.dim
+    );
+    Ok(meta)
+}
+
+/// Centroids `[K, D]` (row-major f32, K, D) from a centroids file's bytes: a `.npy` of float32
+/// or float64, or a pickled scikit-learn k-means model (fairseq's joblib `km.bin`, or a plain
+/// `pickle.dump`), read without executing it. The error is the reason, without the file.
+pub fn parse_centroids(bytes: &[u8]) -> anyhow::Result<(Vec<f32>, usize, usize)> {
+    let (values, k, d) = match bytes.first() {
+        Some(b'\x93') => parse_npy_centroids(bytes)?,
+        // a pickle starts with PROTO (protocol 2+), which fairseq's km.bin always has
+        Some(0x80) => sklearn_kmeans::read_cluster_centers(bytes)
+            .map_err(|e| anyhow::anyhow!("not a readable scikit-learn k-means pickle: {e}"))?,
+        // joblib.dump(..., compress=N) writes zlib, gzip, bz2, lzma/xz or lz4 streams
+        Some(0x78 | 0x1f | b'B' | 0xfd | 0x5d | 0x04) => anyhow::bail!(
+            "a compressed joblib file (read uncompressed ones only): save it again with \
+             joblib.dump(km, path) (no compress), or np.save(path, km.cluster_centers_)"
+        ),
+        _ => anyhow::bail!("neither a .npy file nor a pickled scikit-learn k-means model"),
     };
     anyhow::ensure!(
-        (1..=i16::MAX as u64 + 1).contains(&k) && d >= 1,
-        "{}: {k} centroids of dim {d} (1 to 32768 centroids: ids are stored as int16)",
-        file.display()
+        values.iter().all(|v| v.is_finite()),
+        "centroids hold NaN or infinite values"
+    );
+    Ok((values, k, d))
+}
+
+fn parse_npy_centroids(bytes: &[u8]) -> anyhow::Result<(Vec<f32>, usize, usize)> {
+    let npy = npyz::NpyFile::new(bytes).context("not a .npy file")?;
+    let shape = npy.shape().to_vec();
+    let [k, d] = shape[..] else {
+        anyhow::bail!("centroids must be [K, D], found shape {shape:?}");
+    };
+    anyhow::ensure!(
+        (1..=sklearn_kmeans::MAX_CLUSTERS).contains(&k) && d >= 1,
+        "{k} centroids of dim {d} (1 to 32768 centroids: ids are stored as int16)"
     );
     let descr = npy.dtype().descr();
     // the header's shape is untrusted: the values it claims must be in the file before any
@@ -407,8 +453,7 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
     let claimed = k.checked_mul(d).and_then(|n| n.checked_mul(width));
     anyhow::ensure!(
         claimed.is_some_and(|n| n <= bytes.len() as u64),
-        "{}: the header claims [{k}, {d}] values, the file holds {} bytes",
-        file.display(),
+        "the header claims [{k}, {d}] values, the file holds {} bytes",
         bytes.len()
     );
     let (k, d) = (k as usize, d as usize);
@@ -419,17 +464,14 @@ fn load_centroids(path: &Path) -> anyhow::Result<(Vec<f32>, usize, usize, Option
             .into_iter()
             .map(|v| v as f32)
             .collect(),
-        other => anyhow::bail!(
-            "{}: centroids of dtype {other} (float32 or float64 expected)",
-            file.display()
-        ),
+        other => anyhow::bail!("centroids of dtype {other} (float32 or float64 expected)"),
     };
     anyhow::ensure!(
-        values.iter().all(|v| v.is_finite()),
-        "{}: centroids hold NaN or infinite values",
-        file.display()
+        values.len() == k * d,
+        "the file holds {} values for [{k}, {d}]",
+        values.len()
     );
-    Ok((values, k, d, layer))
+    Ok((values, k, d))
 }
 
 /// Rows assigned per parallel round (each row's frames go through one gemm).

@@ -34,7 +34,8 @@ use std::path::{Path, PathBuf};
 pub mod parsers {
     pub use super::fairseq::{config_from_fairseq, StoredConfigError};
     pub use super::pickle::{
-        unpickle, Node, Pickle, PickleError, Value, MAX_NESTING, MAX_NODES, MAX_VALUES,
+        lookup, unpickle, unpickle_with_inline_data, InlineData, Node, Pickle, PickleError, Value,
+        MAX_NESTING, MAX_NODES, MAX_VALUES,
     };
     pub use super::torch::{StorageDtype, TensorRef, TorchFile};
 }

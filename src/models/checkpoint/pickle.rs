@@ -98,7 +98,17 @@ pub struct Pickle {
     /// For each node, the node whose pairs [`Pickle::entries`] returns, resolved once when the
     /// program ends so that no query ever walks the (possibly cyclic) graph.
     entries_of: Vec<Option<usize>>,
+    /// Raw bytes that followed an object's BUILD in the input (joblib's arrays), by node:
+    /// claimed by the [`InlineData`] hook of [`unpickle_with_inline_data`].
+    inline: HashMap<usize, std::ops::Range<usize>>,
 }
+
+/// Asked after every BUILD with the program so far, the built object and the input after the
+/// BUILD opcode: `Some(range)` claims `rest[range]` as the object's raw data (the program
+/// resumes at `range.end`), `None` leaves the input alone. joblib writes each numpy array's
+/// bytes right after its `NumpyArrayWrapper`'s BUILD; only the caller knows how many there are.
+pub type InlineData<'h> =
+    dyn FnMut(&Pickle, &Value, &[u8]) -> Result<Option<std::ops::Range<usize>>, String> + 'h;
 
 /// Runs one pickle program starting at `data[0]`; returns it and the bytes it used (up to STOP).
 ///
@@ -107,6 +117,15 @@ pub struct Pickle {
 /// [`MAX_NESTING`]); a program past a cap, or whose object states refer back to themselves,
 /// is an error.
 pub fn unpickle(data: &[u8]) -> Result<(Pickle, usize), PickleError> {
+    unpickle_with_inline_data(data, &mut |_, _, _| Ok(None))
+}
+
+/// [`unpickle`], pausing after each BUILD to let `inline` claim raw bytes that follow it
+/// (see [`InlineData`]); the claimed ranges are then [`Pickle::inline_data`].
+pub fn unpickle_with_inline_data(
+    data: &[u8],
+    inline: &mut InlineData<'_>,
+) -> Result<(Pickle, usize), PickleError> {
     let mut vm = Vm {
         data,
         pos: 0,
@@ -115,6 +134,7 @@ pub fn unpickle(data: &[u8]) -> Result<(Pickle, usize), PickleError> {
         memo: HashMap::new(),
         out: Pickle::default(),
         created: 0,
+        inline,
     };
     vm.run()?;
     let mut out = vm.out;
@@ -131,6 +151,7 @@ struct Vm<'a> {
     out: Pickle,
     /// Values pushed or memoised so far, against [`MAX_VALUES`].
     created: usize,
+    inline: &'a mut InlineData<'a>,
 }
 
 impl<'a> Vm<'a> {
@@ -248,6 +269,23 @@ impl<'a> Vm<'a> {
             .cloned()
             .ok_or_else(|| self.bad(&format!("memo key {key} missing")))?;
         self.push(v)?;
+        Ok(())
+    }
+
+    /// After BUILD: raw bytes the [`InlineData`] hook says belong to `target` are skipped
+    /// and remembered.
+    fn claim_inline(&mut self, target: &Value) -> Result<(), PickleError> {
+        let rest = &self.data[self.pos..];
+        let claimed = (self.inline)(&self.out, target, rest).map_err(|reason| self.bad(&reason))?;
+        let (Some(range), Value::Ref(node)) = (claimed, target) else {
+            return Ok(());
+        };
+        if range.start > range.end || range.end > rest.len() {
+            return Err(PickleError::Truncated(self.data.len()));
+        }
+        let start = self.pos + range.start;
+        self.out.inline.insert(*node, start..self.pos + range.end);
+        self.pos += range.end;
         Ok(())
     }
 
@@ -517,6 +555,7 @@ impl<'a> Vm<'a> {
                         Node::Dict(_) => {}
                         _ => return Err(self.bad("BUILD on a non-object")),
                     }
+                    self.claim_inline(&target)?;
                 }
                 b'p' => {
                     let key = self
@@ -605,6 +644,24 @@ impl Pickle {
     pub fn node(&self, v: &Value) -> Option<&Node> {
         match v {
             Value::Ref(i) => self.nodes.get(*i),
+            _ => None,
+        }
+    }
+
+    /// The input bytes the [`InlineData`] hook claimed for object `v` (a range of the data
+    /// given to [`unpickle_with_inline_data`]).
+    pub fn inline_data(&self, v: &Value) -> Option<std::ops::Range<usize>> {
+        match v {
+            Value::Ref(i) => self.inline.get(i).cloned(),
+            _ => None,
+        }
+    }
+
+    /// The pairs of a plain dict, readable while the program runs (before [`Pickle::entries`]
+    /// is resolved).
+    pub fn dict_items(&self, v: &Value) -> Option<&[(Value, Value)]> {
+        match self.node(v)? {
+            Node::Dict(d) => Some(d),
             _ => None,
         }
     }

@@ -1,4 +1,5 @@
-//! wav2vec 2.0 / HuBERT encoder against transformers 4.46.3 (fixtures: tests/fixtures/gen_models.py).
+//! wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoders against transformers 4.46.3 (fixtures:
+//! tests/fixtures/gen_models.py and gen_models_families.py).
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -11,7 +12,18 @@ use speechcache::models::ssl::{
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const VARIANTS: [&str; 4] = ["w2v_base", "w2v_large", "hubert_base", "hubert_large"];
+const VARIANTS: [&str; 10] = [
+    "w2v_base",
+    "w2v_large",
+    "hubert_base",
+    "hubert_large",
+    "wavlm_base",
+    "wavlm_large",
+    "wavlm_odd",
+    "wavlm_large_odd",
+    "d2v_base",
+    "d2v_odd",
+];
 const N_UTTS: usize = 3;
 
 fn fixtures() -> PathBuf {
@@ -137,6 +149,10 @@ fn half_precision_runs_close() {
         ("hubert_large", DType::BF16),
         ("w2v_large", DType::F16),
         ("hubert_base", DType::F16),
+        ("wavlm_base", DType::F16),
+        ("wavlm_large", DType::BF16),
+        ("d2v_odd", DType::F16),
+        ("d2v_base", DType::BF16),
     ] {
         let worst = worst_single(variant, &SslEncoder::TensorOps(load(variant, dtype).1));
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
@@ -206,7 +222,8 @@ fn forward_waveforms_pads_for_the_caller() {
 fn early_stop_returns_the_first_states_of_the_full_run() {
     let wave = inputs()["norm_1"].unsqueeze(0).unwrap();
     let n = wave.dim(1).unwrap();
-    for (name, model) in ["w2v_base", "w2v_large"].into_iter().flat_map(f32_encoders) {
+    let variants = ["w2v_base", "w2v_large", "wavlm_odd", "d2v_odd"];
+    for (name, model) in variants.into_iter().flat_map(f32_encoders) {
         let cfg = model.config();
         let (full, _) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
         for last in 0..cfg.num_hidden_layers {

@@ -11,6 +11,8 @@
 //! (`parallel = true`) and gets the same bits. The weights are its own, read from the
 //! checkpoint's tensors (f32 CPU tensors in place, without a copy).
 use super::config::{Activation, Wav2Vec2Config};
+use super::data2vec::CpuPositionalStack;
+use super::wavlm::{BiasTable, Gate, PositionBias, RelativePositions};
 use super::{
     activation, check_batch, conv_frames_weight, conv_in_channels, conv_out_len,
     positional_conv_weight, qkv_projection, ConvNormKind, LinearLayout, CONV_NORM_EPS,
@@ -528,6 +530,8 @@ struct Layer {
     ff1: Dense,
     ff2: Dense,
     ln2: Norm,
+    /// WavLM: the gate of the relative position bias.
+    gate: Option<Gate>,
 }
 
 impl Layer {
@@ -545,7 +549,13 @@ impl Layer {
             ff1: Dense::load(ff.pp("intermediate_dense"), h, f, layout)?,
             ff2: Dense::load(ff.pp("output_dense"), f, h, layout)?,
             ln2: Norm::load(vb.pp("final_layer_norm"), h, eps)?,
+            gate: cfg.is_wavlm().then(|| Gate::load(&attn, cfg)).transpose()?,
         })
+    }
+
+    /// WavLM: this layer's gated position bias for its attention input `x`.
+    fn position_bias<'a>(&self, table: Option<&'a BiasTable>, x: &[f32], h: usize) -> Option<PositionBias<'a>> {
+        Some(self.gate.as_ref()?.bias(table?, x, h))
     }
 }
 
@@ -556,6 +566,8 @@ struct Scratch {
     proj: Vec<f32>,
     ff: Vec<f32>,
     normed: Vec<f32>,
+    /// WavLM: the utterance's ungated relative position bias.
+    bias_table: Option<BiasTable>,
 }
 
 /// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT encoder, over its own f32 copy
@@ -574,6 +586,10 @@ pub struct CpuEncoder {
     ffn_act: Activation,
     /// Attention scores per block (query rows × keys).
     block_scores: usize,
+    /// WavLM: the first layer's relative position embedding.
+    rel_positions: Option<RelativePositions>,
+    /// data2vec-audio: the positional conv stack (instead of `pos_w`, `pos_b`).
+    pos_stack: Option<CpuPositionalStack>,
 }
 
 impl CpuEncoder {
@@ -597,6 +613,13 @@ impl CpuEncoder {
             .into_par_iter()
             .map(|l| Layer::load(enc.pp("layers").pp(l), cfg, layout))
             .collect::<Result<Vec<_>>>()?;
+        let (pos_w, pos_b, pos_stack) = if cfg.is_data2vec_audio() {
+            let stack = CpuPositionalStack::load(&enc.pp("pos_conv_embed"), cfg)?;
+            (Weights::Owned(Vec::new()), Vec::new(), Some(stack))
+        } else {
+            let w = Weights::of(&positional_conv_weight(&pos, cfg)?)?;
+            (w, to_vec(&pos.get(h, "bias")?)?, None)
+        };
         Ok(Self {
             cfg: cfg.clone(),
             convs,
@@ -605,13 +628,18 @@ impl CpuEncoder {
                 .then(|| Norm::load(fp.pp("layer_norm"), c, eps))
                 .transpose()?,
             projection: Dense::load(fp.pp("projection"), c, h, layout)?,
-            pos_w: Weights::of(&positional_conv_weight(&pos, cfg)?)?,
-            pos_b: to_vec(&pos.get(h, "bias")?)?,
+            pos_w,
+            pos_b,
             pos_act: activation(&cfg.feat_extract_activation)?,
             enc_norm: Norm::load(enc.pp("layer_norm"), h, eps)?,
             layers,
             ffn_act: activation(&cfg.hidden_act)?,
             block_scores: BLOCK_SCORES,
+            rel_positions: cfg
+                .is_wavlm()
+                .then(|| RelativePositions::load(&enc.pp("layers").pp(0).pp("attention"), cfg))
+                .transpose()?,
+            pos_stack,
         })
     }
 
@@ -709,6 +737,7 @@ impl CpuEncoder {
             } else {
                 Vec::new()
             },
+            bias_table: self.rel_positions.as_ref().map(|r| r.table(t)),
         };
         for (l, layer) in self.layers[..last].iter().enumerate() {
             self.layer(layer, &mut hs, t, &mut scratch, parallel, prof);
@@ -728,6 +757,9 @@ impl CpuEncoder {
     /// The weight-normed grouped positional conv (`K/2` zero padding both sides, the first T
     /// outputs) and its activation.
     fn positional(&self, x: &[f32], t: usize, parallel: bool) -> Vec<f32> {
+        if let Some(stack) = &self.pos_stack {
+            return stack.forward(x, t, parallel);
+        }
         let (h, g, k) = (
             self.cfg.hidden_size,
             self.cfg.num_conv_pos_embedding_groups,
@@ -791,7 +823,8 @@ impl CpuEncoder {
                 s.normed.copy_from_slice(x);
                 for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
             });
-            self.attention(p, &s.normed, t, buffers, parallel, prof);
+            let bias = p.position_bias(s.bias_table.as_ref(), &s.normed, h);
+            self.attention(p, &s.normed, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, None, parallel);
                 s.normed.copy_from_slice(x);
@@ -802,7 +835,8 @@ impl CpuEncoder {
                 add_rows(x, &s.proj, h, None, parallel)
             });
         } else {
-            self.attention(p, x, t, buffers, parallel, prof);
+            let bias = p.position_bias(s.bias_table.as_ref(), x, h);
+            self.attention(p, x, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, Some(&p.ln1), parallel)
             });
@@ -821,6 +855,7 @@ impl CpuEncoder {
         x: &[f32],
         t: usize,
         (qkv, ctx, out): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        bias: Option<&PositionBias>,
         parallel: bool,
         prof: &mut Profiler,
     ) {
@@ -845,6 +880,9 @@ impl CpuEncoder {
                     cs: 3 * h,
                 };
                 matmul_serial(rows, t, dh, &mut scores, t, q, k_t, false);
+                if let Some(b) = bias {
+                    b.add_to_block(head, q0, 0, &mut scores, t)
+                }
                 simd(|| scores.chunks_exact_mut(t).for_each(softmax_in_place));
                 let v = Mat {
                     data: &qkv[2 * h + head * dh..],

@@ -28,7 +28,7 @@ pub struct ExtractArgs {
     /// Audio store made by `speechcache prepare`.
     #[arg(long, value_name = "AUDIO_STORE")]
     pub data: PathBuf,
-    /// A wav2vec2/HuBERT checkpoint (Hugging Face directory, model.safetensors,
+    /// A wav2vec2/HuBERT/WavLM/data2vec-audio checkpoint (Hugging Face directory, model.safetensors,
     /// pytorch_model.bin or fairseq .pt), or `fbank` for Kaldi filterbanks.
     #[arg(long, value_name = "PATH|fbank")]
     pub model: String,

@@ -451,3 +451,43 @@ fn cpu_engine_equals_tensor_op_path() {
         }
     }
 }
+
+/// The parity above can fail: without WavLM's relative position bias, with its gate constants
+/// changed, or with one of data2vec-audio's positional conv layers dropped, both executors are
+/// far from transformers.
+#[test]
+fn wavlm_bias_and_data2vec_pos_stack_matter() {
+    let edits: [(&str, &str, fn(&str, &Tensor) -> Option<Tensor>); 3] = [
+        ("wavlm_base", "no relative position bias", |name, t| {
+            name.ends_with("rel_attn_embed.weight")
+                .then(|| t.zeros_like().unwrap())
+        }),
+        ("wavlm_large_odd", "gate constants 1", |name, t| {
+            name.ends_with("gru_rel_pos_const")
+                .then(|| t.ones_like().unwrap())
+        }),
+        ("d2v_odd", "second pos-conv layer as the first", |name, _| {
+            let first = name.replace("pos_conv_embed.layers.1.", "pos_conv_embed.layers.0.");
+            (first != name).then(|| checkpoint("d2v_odd")[&first].clone())
+        }),
+    ];
+    for (variant, what, edit) in edits {
+        let tensors: HashMap<String, Tensor> = checkpoint(variant)
+            .into_iter()
+            .map(|(name, t)| {
+                let t = edit(&name, &t).unwrap_or(t);
+                (name, t)
+            })
+            .collect();
+        let cfg = config(variant);
+        let vb = || VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let encoders = [
+            SslEncoder::Cpu(CpuEncoder::load(vb(), &cfg, LinearLayout::OutIn).unwrap()),
+            SslEncoder::TensorOps(Wav2Vec2Model::load(vb(), &cfg).unwrap()),
+        ];
+        for model in encoders {
+            let worst = worst_single(variant, &model);
+            assert!(worst > 1e-2, "{variant} {what}: {worst}");
+        }
+    }
+}

@@ -398,11 +398,10 @@ fn wavlm_and_data2vec_audio_load_from_every_format() {
         assert_eq!(ck.format, format, "{file}");
         let info = speechcache::models::describe(&ck);
         assert_eq!(info["family"], family, "{file}");
-        let reference =
-            speechcache::models::ssl::config::Wav2Vec2Config::from_file(
-                &models.join(variant).join("config.json"),
-            )
-            .unwrap();
+        let reference = speechcache::models::ssl::config::Wav2Vec2Config::from_file(
+            &models.join(variant).join("config.json"),
+        )
+        .unwrap();
         let cfg = &ck.config;
         assert_eq!(
             speechcache::models::ssl::config::expected_tensors(cfg),
@@ -442,7 +441,10 @@ fn unusable_fairseq_configs_name_the_problem() {
     let e = load_err(&fixtures().join("families/broken_wavlm_no_gate.pt"));
     assert!(matches!(e, CheckpointError::Config { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("broken_wavlm_no_gate.pt") && msg.contains("gru_rel_pos"), "{msg}");
+    assert!(
+        msg.contains("broken_wavlm_no_gate.pt") && msg.contains("gru_rel_pos"),
+        "{msg}"
+    );
     // the binary: exit 2 and one error line naming the file and the reason
     let p = fixtures().join("families/broken_wavlm_no_gate.pt");
     let out = common::bin().arg("model-info").arg(&p).output().unwrap();
@@ -451,7 +453,10 @@ fn unusable_fairseq_configs_name_the_problem() {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].starts_with("error: "), "{err}");
-    assert!(lines[0].contains(common::s(&p)) && lines[0].contains("gru_rel_pos"), "{err}");
+    assert!(
+        lines[0].contains(common::s(&p)) && lines[0].contains("gru_rel_pos"),
+        "{err}"
+    );
 }
 
 #[test]

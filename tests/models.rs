@@ -457,7 +457,8 @@ fn cpu_engine_equals_tensor_op_path() {
 /// far from transformers.
 #[test]
 fn wavlm_bias_and_data2vec_pos_stack_matter() {
-    let edits: [(&str, &str, fn(&str, &Tensor) -> Option<Tensor>); 3] = [
+    type Edit = fn(&str, &Tensor) -> Option<Tensor>;
+    let edits: [(&str, &str, Edit); 3] = [
         ("wavlm_base", "no relative position bias", |name, t| {
             name.ends_with("rel_attn_embed.weight")
                 .then(|| t.zeros_like().unwrap())
@@ -466,10 +467,14 @@ fn wavlm_bias_and_data2vec_pos_stack_matter() {
             name.ends_with("gru_rel_pos_const")
                 .then(|| t.ones_like().unwrap())
         }),
-        ("d2v_odd", "second pos-conv layer as the first", |name, _| {
-            let first = name.replace("pos_conv_embed.layers.1.", "pos_conv_embed.layers.0.");
-            (first != name).then(|| checkpoint("d2v_odd")[&first].clone())
-        }),
+        (
+            "d2v_odd",
+            "second pos-conv layer as the first",
+            |name, _| {
+                let first = name.replace("pos_conv_embed.layers.1.", "pos_conv_embed.layers.0.");
+                (first != name).then(|| checkpoint("d2v_odd")[&first].clone())
+            },
+        ),
     ];
     for (variant, what, edit) in edits {
         let tensors: HashMap<String, Tensor> = checkpoint(variant)

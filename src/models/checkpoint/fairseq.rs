@@ -238,7 +238,10 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
         ));
     }
     if !data2vec && pos_depth != 1 {
-        return Err(format!("{o}.pos_conv_depth > 1 is not supported for {}", s.family));
+        return Err(format!(
+            "{o}.pos_conv_depth > 1 is not supported for {}",
+            s.family
+        ));
     }
     if s.family == "wavlm"
         && !(s.bool_or("relative_position_embedding", false)? && s.bool_or("gru_rel_pos", false)?)

@@ -578,7 +578,10 @@ mod tests {
         assert!(d2v.is_data2vec_audio());
         assert_eq!(d2v.feat_extract_norm, "layer");
         assert!(!d2v.do_stable_layer_norm);
-        assert_eq!((d2v.num_conv_pos_embeddings, d2v.conv_pos_kernel_size), (5, 19));
+        assert_eq!(
+            (d2v.num_conv_pos_embeddings, d2v.conv_pos_kernel_size),
+            (5, 19)
+        );
         // Data2VecAudioModel(Data2VecAudioConfig()) state dict, transformers 4.46.3
         assert_eq!(parameter_count(&d2v), 93_163_520);
     }

@@ -554,7 +554,12 @@ impl Layer {
     }
 
     /// WavLM: this layer's gated position bias for its attention input `x`.
-    fn position_bias<'a>(&self, table: Option<&'a BiasTable>, x: &[f32], h: usize) -> Option<PositionBias<'a>> {
+    fn position_bias<'a>(
+        &self,
+        table: Option<&'a BiasTable>,
+        x: &[f32],
+        h: usize,
+    ) -> Option<PositionBias<'a>> {
         Some(self.gate.as_ref()?.bias(table?, x, h))
     }
 }

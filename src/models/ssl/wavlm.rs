@@ -60,7 +60,13 @@ impl RelativePositions {
     pub fn table(&self, t: usize) -> BiasTable {
         let span = 2 * t.max(1) - 1;
         let buckets: Vec<usize> = (0..span)
-            .map(|r| relative_bucket(r as i64 - (t as i64 - 1), self.num_buckets, self.max_distance))
+            .map(|r| {
+                relative_bucket(
+                    r as i64 - (t as i64 - 1),
+                    self.num_buckets,
+                    self.max_distance,
+                )
+            })
             .collect();
         let mut values = vec![0f32; self.heads * span];
         for (row, embed) in values
@@ -173,7 +179,10 @@ pub struct RelativePositionsOps {
 impl RelativePositionsOps {
     pub fn load(vb: &VarBuilder, cfg: &Wav2Vec2Config) -> Result<Self> {
         Ok(Self {
-            embed: vb.get((cfg.num_buckets, cfg.num_attention_heads), "rel_attn_embed.weight")?,
+            embed: vb.get(
+                (cfg.num_buckets, cfg.num_attention_heads),
+                "rel_attn_embed.weight",
+            )?,
             num_buckets: cfg.num_buckets,
             max_distance: cfg.max_bucket_distance,
         })
@@ -184,8 +193,7 @@ impl RelativePositionsOps {
         let idx: Vec<u32> = (q0..q0 + rows)
             .flat_map(|q| {
                 (0..t).map(move |k| {
-                    relative_bucket(k as i64 - q as i64, self.num_buckets, self.max_distance)
-                        as u32
+                    relative_bucket(k as i64 - q as i64, self.num_buckets, self.max_distance) as u32
                 })
             })
             .collect();
@@ -219,7 +227,8 @@ impl GateOps {
                 .t()?
                 .contiguous()?,
             bias: f32(vb.get(8, "gru_rel_pos_linear.bias")?)?,
-            scale: f32(vb.get((1, heads, 1, 1), "gru_rel_pos_const")?)?.reshape((1, 1, heads, 1))?,
+            scale: f32(vb.get((1, heads, 1, 1), "gru_rel_pos_const")?)?
+                .reshape((1, 1, heads, 1))?,
             heads,
         })
     }
@@ -239,7 +248,9 @@ impl GateOps {
         let gates = candle_nn::ops::sigmoid(&proj)?;
         let (a, g) = (gates.narrow(3, 0, 1)?, gates.narrow(3, 1, 1)?);
         let gate = (a.mul(&(g.broadcast_mul(&self.scale)? - 1.0)?)? + 2.0)?;
-        gate.permute((0, 2, 1, 3))?.contiguous()?.to_dtype(x.dtype())
+        gate.permute((0, 2, 1, 3))?
+            .contiguous()?
+            .to_dtype(x.dtype())
     }
 }
 

@@ -575,8 +575,8 @@ struct Scratch {
     bias_table: Option<BiasTable>,
 }
 
-/// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT encoder, over its own f32 copy
-/// of the weights (f32 CPU tensors are read in place).
+/// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoder,
+/// over its own f32 copy of the weights (f32 CPU tensors are read in place).
 pub struct CpuEncoder {
     cfg: Wav2Vec2Config,
     convs: Vec<Conv>,
@@ -760,7 +760,7 @@ impl CpuEncoder {
     }
 
     /// The weight-normed grouped positional conv (`K/2` zero padding both sides, the first T
-    /// outputs) and its activation.
+    /// outputs) and its activation; data2vec-audio's stack instead when the model has one.
     fn positional(&self, x: &[f32], t: usize, parallel: bool) -> Vec<f32> {
         if let Some(stack) = &self.pos_stack {
             return stack.forward(x, t, parallel);
@@ -828,7 +828,9 @@ impl CpuEncoder {
                 s.normed.copy_from_slice(x);
                 for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
             });
-            let bias = p.position_bias(s.bias_table.as_ref(), &s.normed, h);
+            let bias = prof.time(Kind::Attention, || {
+                p.position_bias(s.bias_table.as_ref(), &s.normed, h)
+            });
             self.attention(p, &s.normed, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, None, parallel);
@@ -840,7 +842,9 @@ impl CpuEncoder {
                 add_rows(x, &s.proj, h, None, parallel)
             });
         } else {
-            let bias = p.position_bias(s.bias_table.as_ref(), x, h);
+            let bias = prof.time(Kind::Attention, || {
+                p.position_bias(s.bias_table.as_ref(), x, h)
+            });
             self.attention(p, x, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, Some(&p.ln1), parallel)

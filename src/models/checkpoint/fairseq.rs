@@ -25,6 +25,9 @@ pub enum StoredConfigError {
     UnsupportedModel(String),
     /// A key is missing or unreadable; the message names it.
     Unreadable(String),
+    /// A variant of a supported family that the encoder does not implement (no config.json
+    /// can make it loadable); the message names the setting.
+    NotImplemented(String),
 }
 
 impl From<String> for StoredConfigError {
@@ -46,6 +49,7 @@ pub fn config_from_fairseq(
     root: &Value,
 ) -> Result<(Wav2Vec2Config, PreprocessorConfig), StoredConfigError> {
     let s = locate(p, root)?;
+    check_implemented(&s).map_err(StoredConfigError::NotImplemented)?;
     let cfg = encoder_config(&s)?;
     let pre = preprocessor(&s, &cfg);
     Ok((cfg, pre))
@@ -221,14 +225,9 @@ impl ModelSettings<'_> {
 /// fairseq's default `conv_feature_layers` (wav2vec2 and HuBERT alike).
 const DEFAULT_CONV_LAYERS: &str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2";
 
-fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
+/// Refuses the stored variants of a supported family that the encoder does not implement.
+fn check_implemented(s: &ModelSettings) -> Result<(), String> {
     let o = &s.origin;
-    let layer_type = s.str_or("layer_type", "transformer")?;
-    if layer_type != "transformer" {
-        return Err(format!(
-            "{o}.layer_type is \"{layer_type}\"; only the Transformer encoder is supported"
-        ));
-    }
     let pos_depth = s.usize_or("pos_conv_depth", 1)?;
     let data2vec = s.family == "data2vec-audio";
     if data2vec && pos_depth == 1 {
@@ -251,6 +250,19 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
              and gru_rel_pos both true) is not supported"
         ));
     }
+    Ok(())
+}
+
+fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
+    let o = &s.origin;
+    let layer_type = s.str_or("layer_type", "transformer")?;
+    if layer_type != "transformer" {
+        return Err(format!(
+            "{o}.layer_type is \"{layer_type}\"; only the Transformer encoder is supported"
+        ));
+    }
+    let pos_depth = s.usize_or("pos_conv_depth", 1)?;
+    let data2vec = s.family == "data2vec-audio";
     let mode = s.str_or("extractor_mode", "default")?;
     let feat_extract_norm = match mode.as_str() {
         "default" => "group",

@@ -653,6 +653,12 @@ fn resolve_config(
                         model_type: name,
                     })
                 }
+                Err(StoredConfigError::NotImplemented(reason)) => {
+                    return Err(CheckpointError::Config {
+                        path: weights.to_path_buf(),
+                        reason: format!("not implemented: {reason}"),
+                    })
+                }
                 Err(StoredConfigError::Unreadable(reason)) if !beside.is_file() => {
                     return Err(CheckpointError::Config {
                         path: weights.to_path_buf(),

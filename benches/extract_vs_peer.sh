@@ -5,16 +5,20 @@
 # kaldi-native-fbank. Run it on an otherwise idle machine: other jobs slow PyTorch's threads far
 # more than ours and flatter the ratio.
 #
-# usage: benches/extract_vs_peer.sh [--rounds R] [--sizes "base large"] [--out DIR] [--no-fbank]
+# usage: benches/extract_vs_peer.sh [--family wav2vec2|wavlm|data2vec-audio] [--rounds R]
+#                                   [--sizes "base large"] [--out DIR] [--no-fbank]
 #
 # Input: six 10 s files of noise at 0.1 rms (what the peer feeds its model), prepared once into
-# an audio store; models: wav2vec2 base / large geometry with random weights (transformers,
-# seed 0), saved once as safetensors. Every hidden state is stored, f16, 2 threads.
+# an audio store; models: the family's base / large geometry with random weights (transformers,
+# seed 0, save_pretrained), saved once as safetensors. Every hidden state is stored, f16, 2
+# threads. wav2vec2 is compared with ../shared/peers/peer_extract.py, the other families with
+# benches/peer_extract_family.py (the same protocol on the saved model, loaded by AutoModel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rounds=3 sizes="base large" out=bench-out/extract fbank=1
+rounds=3 sizes="base large" out=bench-out/extract fbank=1 family=wav2vec2
 while [ $# -gt 0 ]; do
   case $1 in
+    --family) family=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --sizes) sizes=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
@@ -22,6 +26,12 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+case $family in
+  wav2vec2) tag=w2v2 ;;
+  wavlm) tag=wavlm ;;
+  data2vec-audio) tag=d2v-audio ;;
+  *) echo "unknown --family $family (wav2vec2, wavlm or data2vec-audio)" >&2; exit 2 ;;
+esac
 py=$(bash ../shared/peers/setup.sh --torch | sed -n 's/^peers ready: //p')
 cargo build --release -q
 bin=${CARGO_TARGET_DIR:-target}/release/speechcache
@@ -41,34 +51,45 @@ EOF
 fi
 
 for size in $sizes; do
-  model=$out/w2v2-$size-random
-  [ -f "$model/model.safetensors" ] || "$py" - "$model" "$size" <<'EOF'
+  model=$out/$tag-$size-random
+  [ -f "$model/model.safetensors" ] || "$py" - "$model" "$size" "$family" <<'EOF'
 import sys, torch
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import (Data2VecAudioConfig, Data2VecAudioModel, Wav2Vec2Config,
+                          Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
 large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
              feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+family, is_large = sys.argv[3], sys.argv[2] == "large"
+cfg_cls, model_cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model), "wavlm": (WavLMConfig, WavLMModel),
+                      "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel)}[family]
+if family == "data2vec-audio":  # always LayerNorm convs and post-LN; no such options
+    large = {k: v for k, v in large.items() if k not in ("feat_extract_norm", "do_stable_layer_norm")}
 torch.manual_seed(0)
-cfg = Wav2Vec2Config(**(large if sys.argv[2] == "large" else {}))
-Wav2Vec2Model(cfg).save_pretrained(sys.argv[1])
-Wav2Vec2FeatureExtractor(do_normalize=sys.argv[2] == "large").save_pretrained(sys.argv[1])
+cfg = cfg_cls(**(large if is_large else {}))
+model_cls(cfg).save_pretrained(sys.argv[1])
+Wav2Vec2FeatureExtractor(do_normalize=is_large or family == "data2vec-audio").save_pretrained(sys.argv[1])
 EOF
   ours=() peer=()
   for r in $(seq 1 "$rounds"); do
-    p=$("$py" ../shared/peers/peer_extract.py --size "$size" --seconds 60 --chunk 10 --batch 4 \
+    if [ "$family" = wav2vec2 ]; then
+      peer_cmd=(../shared/peers/peer_extract.py --size "$size")
+    else
+      peer_cmd=(benches/peer_extract_family.py --model "$model")
+    fi
+    p=$("$py" "${peer_cmd[@]}" --seconds 60 --chunk 10 --batch 4 \
         --threads "$threads" | tail -1 | sed -n 's/.*x_realtime=\([0-9.]*\).*/\1/p')
-    rm -rf "$out/features-$size"
+    rm -rf "$out/features-$tag-$size"
     start=$(date +%s.%N)
-    "$bin" extract --quiet --data "$out/audio" --model "$model" --out "$out/features-$size" \
-      > "$out/extract-$size-$r.log"
+    "$bin" extract --quiet --data "$out/audio" --model "$model" --out "$out/features-$tag-$size" \
+      > "$out/extract-$tag-$size-$r.log"
     wall=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{print e - s}')
     o=$(awk -v w="$wall" 'BEGIN{printf "%.2f", 60 / w}')
     echo "round $r, $size: transformers (model only) ${p}x, speechcache extract (whole process, ${wall} s) ${o}x"
-    sed -n '2p' "$out/extract-$size-$r.log"
+    sed -n '2p' "$out/extract-$tag-$size-$r.log"
     peer+=("$p") ours+=("$o")
   done
   median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
   om=$(median "${ours[@]}") pm=$(median "${peer[@]}")
-  echo "== wav2vec2-$size, 60 s (six 10 s files), all hidden states f16, $threads threads, $rounds rounds: \
+  echo "== $family-$size, 60 s (six 10 s files), all hidden states f16, $threads threads, $rounds rounds: \
 median speechcache ${om}x real time (whole process) vs transformers ${pm}x (model only): \
 $(awk -v a="$om" -v b="$pm" 'BEGIN{printf "%.2f", a / b}')x"
 done

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 #[command(
     name = "speechcache",
     version,
-    about = "Decode a speech corpus once, cache wav2vec 2.0 / HuBERT features once, finetune Conformer-CTC on the cache many times.",
-    long_about = "speechcache turns the expensive, repeated parts of SSL-frontend ASR finetuning into one-off stores on disk:\n\n  prepare   corpus (WAV/FLAC/MP3/Ogg/Opus/M4A, any rate) -> audio store (16 kHz float32 shards)\n  extract   audio store -> feature store (wav2vec2/HuBERT hidden states, or Kaldi fbank)\n  finetune  feature store -> Conformer-CTC experiment\n  decode    experiment + feature store -> hypotheses, CER/WER\n\nEvery store is plain .npy shards plus index.jsonl and meta.json (see README)."
+    about = "Decode a speech corpus once, cache wav2vec 2.0 / HuBERT / WavLM / data2vec-audio features once, finetune Conformer-CTC on the cache many times.",
+    long_about = "speechcache turns the expensive, repeated parts of SSL-frontend ASR finetuning into one-off stores on disk:\n\n  prepare   corpus (WAV/FLAC/MP3/Ogg/Opus/M4A, any rate) -> audio store (16 kHz float32 shards)\n  extract   audio store -> feature store (wav2vec2/HuBERT/WavLM/data2vec-audio hidden states, or Kaldi fbank)\n  finetune  feature store -> Conformer-CTC experiment\n  decode    experiment + feature store -> hypotheses, CER/WER\n\nEvery store is plain .npy shards plus index.jsonl and meta.json (see README)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -22,7 +22,7 @@ enum Command {
     Info(speechcache::store::InfoArgs),
     /// Re-check every shard and row of a store against its checksums.
     Verify(speechcache::store::VerifyArgs),
-    /// Print what a wav2vec2/HuBERT checkpoint is (family, variant, sizes, parameters).
+    /// Print what a wav2vec2/HuBERT/WavLM/data2vec-audio checkpoint is (family, variant, sizes, parameters).
     ModelInfo(speechcache::models::ModelInfoArgs),
     /// Run a model (or Kaldi fbank) once over an audio store and cache the features.
     Extract(speechcache::extract::ExtractArgs),

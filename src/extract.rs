@@ -4,10 +4,10 @@
 //! Utterances are taken in windows of store order; inside a window they are sorted by length
 //! and batched by total audio seconds (little padding), and results are written back in store
 //! order, so the store is identical whatever the batching and resumes like `prepare`.
+use crate::collapse::Collapser;
 use crate::device::Backend;
 use crate::models::checkpoint::{load_checkpoint_then, LoadedCheckpoint};
 use crate::models::fbank::{Fbank, FbankOptions};
-use crate::collapse::Collapser;
 use crate::models::ssl::chunk::Chunking;
 use crate::models::ssl::config::Wav2Vec2Config;
 use crate::models::ssl::cost::estimated_seconds;
@@ -18,8 +18,7 @@ use crate::progress::{human_bytes, parse_size, Progress};
 use crate::store::partition::{in_fraction, PartSpec};
 use crate::store::{
     AudioStore, Dtype, ErrorRow, FeatureEncoder, FeatureStore, IndexRow, InputResult, ItemData,
-    LayerEncoder,
-    PartSlice, StoreKind, StoreWriter, WriterSpec,
+    LayerEncoder, PartSlice, StoreKind, StoreWriter, WriterSpec,
 };
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -35,7 +34,7 @@ pub struct ExtractArgs {
     /// Audio store made by `speechcache prepare`.
     #[arg(long, value_name = "AUDIO_STORE")]
     pub data: PathBuf,
-    /// A wav2vec2/HuBERT checkpoint (Hugging Face directory, model.safetensors,
+    /// A wav2vec2/HuBERT/WavLM/data2vec-audio checkpoint (Hugging Face directory, model.safetensors,
     /// pytorch_model.bin or fairseq .pt), or `fbank` for Kaldi filterbanks.
     #[arg(long, value_name = "PATH|fbank")]
     pub model: String,
@@ -581,7 +580,10 @@ impl StateSink for ItemSink<'_> {
             } => {
                 let d = (*dim).max(1);
                 let (Some(start), true) = (rows.get(k).copied(), values.len() % d == 0) else {
-                    candle_core::bail!("state {k} of {} values does not fit the collapse", values.len());
+                    candle_core::bail!(
+                        "state {k} of {} values does not fit the collapse",
+                        values.len()
+                    );
                 };
                 let end = (start * d + values.len()).max(acc.len());
                 acc.resize(end, 0.0);

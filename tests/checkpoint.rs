@@ -350,14 +350,79 @@ fn unknown_model_types_are_refused() {
     )
     .unwrap();
     let cfg = std::fs::read_to_string(fixtures().join("w2v_group/config.json")).unwrap();
-    let cfg = cfg.replace(
-        "\"model_type\": \"wav2vec2\"",
-        "\"model_type\": \"data2vec-audio\"",
+    let with_type = |model_type: &str| {
+        let c = cfg.replace(
+            "\"model_type\": \"wav2vec2\"",
+            &format!("\"model_type\": \"{model_type}\""),
+        );
+        assert!(c.contains(model_type));
+        std::fs::write(dir.path().join("config.json"), c).unwrap();
+        load_err(dir.path())
+    };
+    let e = with_type("data2vec-text");
+    assert!(
+        matches!(&e, CheckpointError::UnsupportedModel { model_type, .. } if model_type == "data2vec-text"),
+        "{e}"
     );
-    assert!(cfg.contains("data2vec-audio"));
-    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
-    let e = load_err(dir.path());
-    assert!(e.to_string().contains("data2vec-audio"), "{e}");
+    // a family it implements, over weights of another: the first missing tensor is named
+    // (data2vec-audio's convs are always LayerNorm'd: the first one that is not here)
+    let e = with_type("data2vec-audio");
+    assert!(
+        e.to_string()
+            .contains("missing tensor feature_extractor.conv_layers.1.layer_norm.weight"),
+        "{e}"
+    );
+    let e = with_type("wavlm");
+    assert!(
+        e.to_string()
+            .contains("encoder.layers.0.attention.gru_rel_pos_const"),
+        "{e}"
+    );
+}
+
+/// The WavLM and data2vec-audio fixtures of tests/models.rs (tests/fixtures/models) saved in
+/// the other formats by gen_models_families.py: every hidden state of both executors equals
+/// transformers' within 1e-4.
+#[test]
+fn wavlm_and_data2vec_audio_load_from_every_format() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let inputs =
+        candle_core::safetensors::load(models.join("inputs.safetensors"), &Device::Cpu).unwrap();
+    for (file, variant, format, family) in [
+        ("wavlm_bin", "wavlm_odd", "pytorch", "WavLM"),
+        ("d2v_legacy", "d2v_odd", "pytorch", "data2vec-audio"),
+        ("wavlm_unilm.pt", "wavlm_large", "fairseq", "WavLM"),
+        ("d2v_fairseq.pt", "d2v_base", "fairseq", "data2vec-audio"),
+    ] {
+        let ck = load(&fixtures().join("families").join(file));
+        assert_eq!(ck.format, format, "{file}");
+        let info = speechcache::models::describe(&ck);
+        assert_eq!(info["family"], family, "{file}");
+        let reference = speechcache::models::ssl::config::Wav2Vec2Config::from_file(
+            &models.join(variant).join("config.json"),
+        )
+        .unwrap();
+        let cfg = &ck.config;
+        assert_eq!(
+            speechcache::models::ssl::config::expected_tensors(cfg),
+            speechcache::models::ssl::config::expected_tensors(&reference),
+            "{file}"
+        );
+        let refs = candle_core::safetensors::load(
+            models.join(variant).join("refs.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let wave = inputs["norm_1"].unsqueeze(0).unwrap();
+        let n = wave.dim(1).unwrap();
+        for model in executors(&ck) {
+            let (states, _) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
+            for (j, st) in states.iter().enumerate() {
+                let d = max_abs_diff(&st.get(0).unwrap(), &refs[&format!("utt1.hidden{j}")]);
+                assert!(d < 1e-4, "{file} state {j}: {d}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -368,10 +433,29 @@ fn unusable_fairseq_configs_name_the_problem() {
     assert!(msg.contains("cfg.model.encoder_layers"), "{msg}");
     assert!(msg.contains("--config"), "{msg}");
 
+    // data2vec_audio with one weight-normed positional conv (not the released layout)
     let e = load_err(&fixtures().join("broken/fairseq_data2vec.pt"));
+    assert!(matches!(e, CheckpointError::Config { .. }), "{e}");
+    assert!(e.to_string().contains("cfg.model.pos_conv_depth"), "{e}");
+
+    let e = load_err(&fixtures().join("families/broken_wavlm_no_gate.pt"));
+    assert!(matches!(e, CheckpointError::Config { .. }), "{e}");
+    let msg = e.to_string();
     assert!(
-        matches!(&e, CheckpointError::UnsupportedModel { model_type, .. } if model_type == "data2vec_audio"),
-        "{e}"
+        msg.contains("broken_wavlm_no_gate.pt") && msg.contains("gru_rel_pos"),
+        "{msg}"
+    );
+    // the binary: exit 2 and one error line naming the file and the reason
+    let p = fixtures().join("families/broken_wavlm_no_gate.pt");
+    let out = common::bin().arg("model-info").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        lines[0].contains(common::s(&p)) && lines[0].contains("gru_rel_pos"),
+        "{err}"
     );
 }
 
@@ -872,7 +956,7 @@ fn dup_and_memo_get_share_bytes_instead_of_copying_them() {
     let text = r.exited(2);
     assert!(text.contains(common::s(&weights)), "{text}");
     assert!(
-        text.contains("no wav2vec2/HuBERT encoder tensors"),
+        text.contains("no wav2vec2/HuBERT/WavLM/data2vec-audio encoder tensors"),
         "{text}"
     );
 }

@@ -27,7 +27,18 @@ use speechcache::ops::ctc::ctc_loss;
 use speechcache::ops::{Dropout, DropoutRng};
 use speechcache::store::FeatureStore;
 
-const VARIANTS: [&str; 4] = ["w2v_base", "w2v_large", "hubert_base", "hubert_large"];
+const VARIANTS: [&str; 10] = [
+    "w2v_base",
+    "w2v_large",
+    "hubert_base",
+    "hubert_large",
+    "wavlm_base",
+    "wavlm_large",
+    "wavlm_odd",
+    "wavlm_large_odd",
+    "d2v_base",
+    "d2v_odd",
+];
 
 /// The device under test: `SPEECHCACHE_TEST_DEVICE` (cpu, cuda:N), the CPU by default.
 fn test_device_name() -> String {

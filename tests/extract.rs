@@ -88,7 +88,7 @@ fn alone(model: &SslEncoder, samples: &[f32], normalize: bool) -> Vec<Vec<f32>> 
 fn model_features_equal_each_utterance_run_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let audio = audio_store(tmp.path());
-    for variant in ["w2v_base", "hubert_large"] {
+    for variant in ["w2v_base", "hubert_large", "wavlm_base", "d2v_odd"] {
         let out = tmp.path().join(format!("feats_{variant}"));
         let text = ok(&extract(&[
             "--data",

@@ -1,4 +1,5 @@
-//! wav2vec 2.0 / HuBERT encoder against transformers 4.46.3 (fixtures: tests/fixtures/gen_models.py).
+//! wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoders against transformers 4.46.3 (fixtures:
+//! tests/fixtures/gen_models.py and gen_models_families.py).
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -11,7 +12,18 @@ use speechcache::models::ssl::{
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const VARIANTS: [&str; 4] = ["w2v_base", "w2v_large", "hubert_base", "hubert_large"];
+const VARIANTS: [&str; 10] = [
+    "w2v_base",
+    "w2v_large",
+    "hubert_base",
+    "hubert_large",
+    "wavlm_base",
+    "wavlm_large",
+    "wavlm_odd",
+    "wavlm_large_odd",
+    "d2v_base",
+    "d2v_odd",
+];
 const N_UTTS: usize = 3;
 
 fn fixtures() -> PathBuf {
@@ -137,6 +149,10 @@ fn half_precision_runs_close() {
         ("hubert_large", DType::BF16),
         ("w2v_large", DType::F16),
         ("hubert_base", DType::F16),
+        ("wavlm_base", DType::F16),
+        ("wavlm_large", DType::BF16),
+        ("d2v_odd", DType::F16),
+        ("d2v_base", DType::BF16),
     ] {
         let worst = worst_single(variant, &SslEncoder::TensorOps(load(variant, dtype).1));
         let scale = max_abs(&refs(variant)["utt1.hidden2"]);
@@ -206,7 +222,8 @@ fn forward_waveforms_pads_for_the_caller() {
 fn early_stop_returns_the_first_states_of_the_full_run() {
     let wave = inputs()["norm_1"].unsqueeze(0).unwrap();
     let n = wave.dim(1).unwrap();
-    for (name, model) in ["w2v_base", "w2v_large"].into_iter().flat_map(f32_encoders) {
+    let variants = ["w2v_base", "w2v_large", "wavlm_odd", "d2v_odd"];
+    for (name, model) in variants.into_iter().flat_map(f32_encoders) {
         let cfg = model.config();
         let (full, _) = model.forward(&wave, &[n], cfg.num_hidden_layers).unwrap();
         for last in 0..cfg.num_hidden_layers {
@@ -433,6 +450,51 @@ fn cpu_engine_equals_tensor_op_path() {
                     assert!(d < 1e-5, "{variant} state up to {last}, utterance {i}: {d}");
                 }
             }
+        }
+    }
+}
+
+/// The parity above can fail: without WavLM's relative position bias, with its gate constants
+/// changed, or with one of data2vec-audio's positional conv layers dropped, both executors are
+/// far from transformers.
+#[test]
+fn wavlm_bias_and_data2vec_pos_stack_matter() {
+    type Edit = fn(&str, &Tensor) -> Option<Tensor>;
+    let edits: [(&str, &str, Edit); 3] = [
+        ("wavlm_base", "no relative position bias", |name, t| {
+            name.ends_with("rel_attn_embed.weight")
+                .then(|| t.zeros_like().unwrap())
+        }),
+        ("wavlm_large_odd", "gate constants 1", |name, t| {
+            name.ends_with("gru_rel_pos_const")
+                .then(|| t.ones_like().unwrap())
+        }),
+        (
+            "d2v_odd",
+            "second pos-conv layer as the first",
+            |name, _| {
+                let first = name.replace("pos_conv_embed.layers.1.", "pos_conv_embed.layers.0.");
+                (first != name).then(|| checkpoint("d2v_odd")[&first].clone())
+            },
+        ),
+    ];
+    for (variant, what, edit) in edits {
+        let tensors: HashMap<String, Tensor> = checkpoint(variant)
+            .into_iter()
+            .map(|(name, t)| {
+                let t = edit(&name, &t).unwrap_or(t);
+                (name, t)
+            })
+            .collect();
+        let cfg = config(variant);
+        let vb = || VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        let encoders = [
+            SslEncoder::Cpu(CpuEncoder::load(vb(), &cfg, LinearLayout::OutIn).unwrap()),
+            SslEncoder::TensorOps(Wav2Vec2Model::load(vb(), &cfg).unwrap()),
+        ];
+        for model in encoders {
+            let worst = worst_single(variant, &model);
+            assert!(worst > 1e-2, "{variant} {what}: {worst}");
         }
     }
 }

@@ -360,6 +360,65 @@ fn extract_parts_and_resumes_give_the_bytes_of_one_run() {
     }
 }
 
+/// WavLM and data2vec-audio stores: parts merged equal one run byte for byte, on both
+/// executors, with a layer selection and f16.
+#[test]
+fn wavlm_and_data2vec_audio_parts_merge_to_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let audio = train_audio(tmp.path());
+    for (engine, variant) in [("candle", "wavlm_base"), ("cpu-engine", "d2v_odd")] {
+        let name = format!("{engine}-{variant}");
+        let model = root().join("tests/fixtures/models").join(variant);
+        let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "extract",
+                "--quiet",
+                "--data",
+                s(&audio),
+                "--model",
+                s(&model),
+                "--out",
+                s(out),
+                "--dtype",
+                "f16",
+                "--layers",
+                "0,2",
+                "--shard-size",
+                "48KiB",
+                "--batch-seconds",
+                "3",
+            ]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+            a.extend(extra.iter().map(|x| x.to_string()));
+            a
+        };
+        let env = Some(engine);
+        let full = tmp.path().join(format!("{name}-full"));
+        ok(&run_with(&args(&full, &[]), env));
+        let parts: Vec<PathBuf> = (1..=2)
+            .map(|k| tmp.path().join(format!("{name}-p{k}")))
+            .collect();
+        for (k, part) in parts.iter().enumerate() {
+            let spec = format!("{}/2", k + 1);
+            ok(&run_with(&args(part, &["--part", &spec]), env));
+        }
+        let merged = tmp.path().join(format!("{name}-merged"));
+        let mut merge: Vec<String> = vec!["merge".into()];
+        merge.extend(parts.iter().map(|p| s(p).to_string()));
+        merge.extend(["--out".into(), s(&merged).into()]);
+        ok(&run_with(&merge, None));
+        let (m, f) = (feature_rows(&merged), feature_rows(&full));
+        assert!(f.len() > 20, "{name}: {} rows", f.len());
+        assert_eq!(m.len(), f.len(), "{name}");
+        for (a, b) in m.iter().zip(&f) {
+            assert!(a == b, "{name}: row {} differs from the single run", a.0);
+        }
+        assert_eq!(FeatureStore::open(&full).unwrap().layers(), &[0, 2]);
+    }
+}
+
 /// A second writer on a store that is being written is refused at once, naming the holder;
 /// readers refuse it too; the first writer finishes unharmed.
 #[test]

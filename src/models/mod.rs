@@ -1,4 +1,4 @@
-//! Models: wav2vec 2.0 / HuBERT encoders, checkpoint loading, Kaldi fbank, the Conformer.
+//! Models: wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoders, checkpoint loading, Kaldi fbank, the Conformer.
 use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
@@ -8,11 +8,13 @@ pub mod checkpoint;
 pub mod fbank;
 pub mod ssl;
 
-/// Print what a wav2vec 2.0 / HuBERT checkpoint is, after checking it is complete.
+/// Print what a wav2vec 2.0 / HuBERT / WavLM / data2vec-audio checkpoint is, after checking it
+/// is complete.
 #[derive(Args, Debug)]
 #[command(
-    long_about = "Print what a wav2vec 2.0 / HuBERT checkpoint is: family, variant (group- or layer-norm \
-conv features, post-LN or pre-LN Transformer), sizes, frame rate, parameter count, weights format \
+    long_about = "Print what a wav2vec 2.0 / HuBERT / WavLM / data2vec-audio checkpoint is: family, \
+variant (group- or layer-norm conv features, post-LN or pre-LN Transformer, WavLM's relative \
+position buckets, data2vec-audio's positional conv layers), sizes, frame rate, parameter count, weights format \
 and sha256.\n\nPATH is a Hugging Face model directory (config.json + model.safetensors or \
 pytorch_model.bin), one of those weights files, or a fairseq checkpoint (.pt) whose stored config \
 is read. The command loads every tensor and fails, naming the tensor, if one the config implies \
@@ -49,11 +51,7 @@ pub fn run_model_info(args: &ModelInfoArgs) -> anyhow::Result<()> {
 /// The facts `model-info` reports, as JSON.
 pub fn describe(ckpt: &checkpoint::LoadedCheckpoint) -> serde_json::Value {
     let c = &ckpt.config;
-    let family = if c.is_hubert() {
-        "HuBERT"
-    } else {
-        "wav2vec 2.0"
-    };
+    let family = c.family().map_or("unknown", |f| f.display_name());
     let conv_norm = if c.feat_extract_norm == "layer" {
         "layer-norm conv features"
     } else {
@@ -64,6 +62,21 @@ pub fn describe(ckpt: &checkpoint::LoadedCheckpoint) -> serde_json::Value {
     } else {
         "post-LN Transformer (\"base\" style)"
     };
+    let mut variant = format!("{conv_norm}, {transformer}");
+    let (pos_kernel, pos_layers) = if c.is_data2vec_audio() {
+        (c.conv_pos_kernel_size, c.num_conv_pos_embeddings)
+    } else {
+        (c.num_conv_pos_embeddings, 1)
+    };
+    if c.is_wavlm() {
+        variant += &format!(
+            ", gated relative position bias ({} buckets up to distance {})",
+            c.num_buckets, c.max_bucket_distance
+        );
+    }
+    if c.is_data2vec_audio() {
+        variant += &format!(", {pos_layers} positional conv layers");
+    }
     let conv: Vec<[usize; 3]> = c
         .conv_dim
         .iter()
@@ -75,7 +88,7 @@ pub fn describe(ckpt: &checkpoint::LoadedCheckpoint) -> serde_json::Value {
         "path": ckpt.path,
         "family": family,
         "model_type": c.model_type,
-        "variant": format!("{conv_norm}, {transformer}"),
+        "variant": variant,
         "feat_extract_norm": c.feat_extract_norm,
         "do_stable_layer_norm": c.do_stable_layer_norm,
         "hidden_size": c.hidden_size,
@@ -86,7 +99,8 @@ pub fn describe(ckpt: &checkpoint::LoadedCheckpoint) -> serde_json::Value {
         "hidden_act": c.hidden_act,
         "conv_layers": conv,
         "conv_bias": c.conv_bias,
-        "pos_conv_kernel": c.num_conv_pos_embeddings,
+        "pos_conv_kernel": pos_kernel,
+        "pos_conv_layers": pos_layers,
         "pos_conv_groups": c.num_conv_pos_embedding_groups,
         "samples_per_frame": c.samples_per_frame(),
         "frame_rate": c.frame_rate(),
@@ -118,7 +132,7 @@ fn render(info: &serde_json::Value) -> String {
          variant:       {}\n\
          sizes:         hidden {}, layers {}, heads {}, ffn {} ({})\n\
          conv stack:    {} (dim, kernel, stride){}\n\
-         pos conv:      kernel {}, groups {}\n\
+         pos conv:      kernel {}, groups {}, layers {}\n\
          frame rate:    {} frames/s ({} samples per frame at 16 kHz, receptive field {} samples)\n\
          hidden states: {} (0 = projected conv features, {} = last layer)\n\
          parameters:    {} ({:.1} M)\n\
@@ -143,6 +157,7 @@ fn render(info: &serde_json::Value) -> String {
         },
         s("pos_conv_kernel"),
         s("pos_conv_groups"),
+        s("pos_conv_layers"),
         s("frame_rate"),
         s("samples_per_frame"),
         s("receptive_field"),

@@ -1,7 +1,8 @@
-//! fairseq wav2vec 2.0 / HuBERT checkpoints: the stored model configuration (`cfg.model`, an
-//! omegaconf DictConfig or plain dict, or the legacy argparse `args`) mapped onto transformers'
-//! config fields, the way transformers' `convert_*_original_pytorch_checkpoint_to_pytorch.py`
-//! would build a `Wav2Vec2Config` / `HubertConfig` for it.
+//! fairseq wav2vec 2.0 / HuBERT / data2vec-audio checkpoints and the official (unilm) WavLM
+//! checkpoints: the stored model configuration (`cfg.model`, an omegaconf DictConfig or plain
+//! dict, the legacy argparse `args`, or unilm's flat `cfg` dict of `WavLMConfig` fields) mapped
+//! onto transformers' config fields, the way transformers'
+//! `convert_*_original_pytorch_checkpoint_to_pytorch.py` would build the config for it.
 use super::pickle::{Pickle, Value};
 use crate::models::ssl::config::{PreprocessorConfig, Wav2Vec2Config};
 use serde_json::json;
@@ -24,6 +25,9 @@ pub enum StoredConfigError {
     UnsupportedModel(String),
     /// A key is missing or unreadable; the message names it.
     Unreadable(String),
+    /// A variant of a supported family that the encoder does not implement (no config.json
+    /// can make it loadable); the message names the setting.
+    NotImplemented(String),
 }
 
 impl From<String> for StoredConfigError {
@@ -45,6 +49,7 @@ pub fn config_from_fairseq(
     root: &Value,
 ) -> Result<(Wav2Vec2Config, PreprocessorConfig), StoredConfigError> {
     let s = locate(p, root)?;
+    check_implemented(&s).map_err(StoredConfigError::NotImplemented)?;
     let cfg = encoder_config(&s)?;
     let pre = preprocessor(&s, &cfg);
     Ok((cfg, pre))
@@ -72,6 +77,16 @@ fn locate<'p>(p: &'p Pickle, root: &'p Value) -> Result<ModelSettings<'p>, Store
 }
 
 fn from_cfg<'p>(p: &'p Pickle, cfg: &'p Value) -> Result<ModelSettings<'p>, StoredConfigError> {
+    // unilm's WavLM.pt: `cfg` is the flat WavLMConfig, with the relative position settings.
+    if p.get(cfg, "model").is_none() && p.get(cfg, "relative_position_embedding").is_some() {
+        return Ok(ModelSettings {
+            pickle: p,
+            model: cfg,
+            task: Some(cfg),
+            origin: "cfg".into(),
+            family: "wavlm".into(),
+        });
+    }
     let model = p
         .get(cfg, "model")
         .filter(|v| p.entries(v).is_some())
@@ -136,6 +151,7 @@ fn family(name: &str) -> Result<String, StoredConfigError> {
     match name {
         "wav2vec2" => Ok("wav2vec2".into()),
         "hubert" => Ok("hubert".into()),
+        "data2vec_audio" => Ok("data2vec-audio".into()),
         "" => Err(
             "the stored model config has no _name/arch (cannot tell wav2vec2 from hubert)".into(),
         ),
@@ -209,6 +225,34 @@ impl ModelSettings<'_> {
 /// fairseq's default `conv_feature_layers` (wav2vec2 and HuBERT alike).
 const DEFAULT_CONV_LAYERS: &str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2";
 
+/// Refuses the stored variants of a supported family that the encoder does not implement.
+fn check_implemented(s: &ModelSettings) -> Result<(), String> {
+    let o = &s.origin;
+    let pos_depth = s.usize_or("pos_conv_depth", 1)?;
+    let data2vec = s.family == "data2vec-audio";
+    if data2vec && pos_depth == 1 {
+        return Err(format!(
+            "{o}.pos_conv_depth is 1 (one weight-normed positional conv); data2vec-audio is \
+             supported with its stack of positional conv layers (pos_conv_depth > 1)"
+        ));
+    }
+    if !data2vec && pos_depth != 1 {
+        return Err(format!(
+            "{o}.pos_conv_depth > 1 is not supported for {}",
+            s.family
+        ));
+    }
+    if s.family == "wavlm"
+        && !(s.bool_or("relative_position_embedding", false)? && s.bool_or("gru_rel_pos", false)?)
+    {
+        return Err(format!(
+            "{o}: WavLM without the gated relative position bias (relative_position_embedding \
+             and gru_rel_pos both true) is not supported"
+        ));
+    }
+    Ok(())
+}
+
 fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
     let o = &s.origin;
     let layer_type = s.str_or("layer_type", "transformer")?;
@@ -217,9 +261,8 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
             "{o}.layer_type is \"{layer_type}\"; only the Transformer encoder is supported"
         ));
     }
-    if s.usize_or("pos_conv_depth", 1)? != 1 {
-        return Err(format!("{o}.pos_conv_depth > 1 is not supported"));
-    }
+    let pos_depth = s.usize_or("pos_conv_depth", 1)?;
+    let data2vec = s.family == "data2vec-audio";
     let mode = s.str_or("extractor_mode", "default")?;
     let feat_extract_norm = match mode.as_str() {
         "default" => "group",
@@ -232,7 +275,8 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
         format!("{o}.conv_feature_layers {shown}: {e}")
     })?;
     let activation = s.str_or("activation_fn", "gelu")?;
-    let cfg = json!({
+    let conv_pos = s.usize_or("conv_pos", 128)?;
+    let mut cfg = json!({
         "model_type": s.family,
         "hidden_size": s.usize_req("encoder_embed_dim")?,
         "num_hidden_layers": s.usize_req("encoder_layers")?,
@@ -246,12 +290,22 @@ fn encoder_config(s: &ModelSettings) -> Result<Wav2Vec2Config, String> {
         "conv_kernel": conv.iter().map(|c| c.1).collect::<Vec<_>>(),
         "conv_stride": conv.iter().map(|c| c.2).collect::<Vec<_>>(),
         "conv_bias": s.bool_or("conv_bias", false)?,
-        "num_conv_pos_embeddings": s.usize_or("conv_pos", 128)?,
+        "num_conv_pos_embeddings": conv_pos,
         "num_conv_pos_embedding_groups": s.usize_or("conv_pos_groups", 16)?,
         "do_stable_layer_norm": s.bool_or("layer_norm_first", false)?,
         "feat_proj_layer_norm": true,
         "conv_pos_batch_norm": false,
     });
+    if data2vec {
+        // fairseq's stack: pos_conv_depth layers of kernel max(3, conv_pos / depth).
+        cfg["num_conv_pos_embeddings"] = pos_depth.into();
+        cfg["conv_pos_kernel_size"] = (conv_pos / pos_depth).max(3).into();
+    }
+    if s.family == "wavlm" {
+        // unilm WavLMConfig's defaults
+        cfg["num_buckets"] = s.usize_or("num_buckets", 320)?.into();
+        cfg["max_bucket_distance"] = s.usize_or("max_distance", 1280)?.into();
+    }
     // Fields we do not set take the config's serde defaults (transformers' defaults).
     serde_json::from_value(cfg).map_err(|e| format!("cannot build a config from {o}: {e}"))
 }
@@ -407,6 +461,20 @@ pub fn fairseq_to_canonical(name: &str) -> String {
         ["post_extract_proj", leaf] => format!("feature_projection.projection.{leaf}"),
         ["layer_norm", leaf] => format!("feature_projection.layer_norm.{leaf}"),
         ["encoder", "pos_conv", "0", leaf] => format!("encoder.pos_conv_embed.conv.{leaf}"),
+        // data2vec-audio's stack: Sequential(Conv1d, SamePad, TransposeLast, LayerNorm, ...)
+        ["encoder", "pos_conv", j, "0", leaf] => {
+            format!("encoder.pos_conv_embed.layers.{j}.conv.{leaf}")
+        }
+        // unilm WavLM's gate and relative position embedding
+        ["encoder", "layers", i, "self_attn", "grep_linear", leaf] => {
+            format!("encoder.layers.{i}.attention.gru_rel_pos_linear.{leaf}")
+        }
+        ["encoder", "layers", i, "self_attn", "grep_a"] => {
+            format!("encoder.layers.{i}.attention.gru_rel_pos_const")
+        }
+        ["encoder", "layers", i, "self_attn", "relative_attention_bias", leaf] => {
+            format!("encoder.layers.{i}.attention.rel_attn_embed.{leaf}")
+        }
         ["encoder", "layers", i, "self_attn", proj, leaf] => {
             format!("encoder.layers.{i}.attention.{proj}.{leaf}")
         }
@@ -475,6 +543,22 @@ mod tests {
                 "encoder.layers.0.feed_forward.output_dense.weight",
             ),
             ("encoder.layer_norm.weight", "encoder.layer_norm.weight"),
+            (
+                "encoder.pos_conv.2.0.bias",
+                "encoder.pos_conv_embed.layers.2.conv.bias",
+            ),
+            (
+                "encoder.layers.3.self_attn.grep_linear.weight",
+                "encoder.layers.3.attention.gru_rel_pos_linear.weight",
+            ),
+            (
+                "encoder.layers.3.self_attn.grep_a",
+                "encoder.layers.3.attention.gru_rel_pos_const",
+            ),
+            (
+                "encoder.layers.0.self_attn.relative_attention_bias.weight",
+                "encoder.layers.0.attention.rel_attn_embed.weight",
+            ),
         ] {
             assert_eq!(fairseq_to_canonical(f), c);
         }

@@ -17,7 +17,9 @@ pub(crate) mod torch;
 
 use self::fairseq::{config_from_fairseq, fairseq_to_canonical, StoredConfigError};
 use self::torch::{conversion_hint, StorageDtype, TensorRef, TorchFile};
-use crate::models::ssl::config::{expected_tensors, PreprocessorConfig, Wav2Vec2Config};
+use crate::models::ssl::config::{
+    expected_tensors, PreprocessorConfig, Wav2Vec2Config, MODEL_TYPES,
+};
 use crate::models::ssl::LinearLayout;
 use crate::ops::gemm::transpose;
 use candle_core::safetensors::MmapedSafetensors;
@@ -56,9 +58,9 @@ pub enum CheckpointError {
     Unreadable { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("{path}: model_type \"{model_type}\" is not a wav2vec2/HuBERT encoder (speechcache loads model_type \"wav2vec2\" or \"hubert\")")]
+    #[error("{path}: model_type \"{model_type}\" is not an encoder speechcache implements (it loads model_type \"wav2vec2\", \"hubert\", \"wavlm\" or \"data2vec-audio\")")]
     UnsupportedModel { path: PathBuf, model_type: String },
-    #[error("{path}: no wav2vec2/HuBERT encoder tensors found among its {count} tensors{example}")]
+    #[error("{path}: no wav2vec2/HuBERT/WavLM/data2vec-audio encoder tensors found among its {count} tensors{example}")]
     NoEncoder {
         path: PathBuf,
         count: usize,
@@ -652,6 +654,12 @@ fn resolve_config(
                         model_type: name,
                     })
                 }
+                Err(StoredConfigError::NotImplemented(reason)) => {
+                    return Err(CheckpointError::Config {
+                        path: weights.to_path_buf(),
+                        reason: format!("not implemented: {reason}"),
+                    })
+                }
                 Err(StoredConfigError::Unreadable(reason)) if !beside.is_file() => {
                     return Err(CheckpointError::Config {
                         path: weights.to_path_buf(),
@@ -699,7 +707,7 @@ fn read_config_json(path: &Path) -> Result<Wav2Vec2Config, CheckpointError> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(io)?;
-    let cfg: Wav2Vec2Config = serde_json::from_str(&text).map_err(|e| CheckpointError::Config {
+    let cfg = Wav2Vec2Config::from_json_str(&text).map_err(|e| CheckpointError::Config {
         path: path.to_path_buf(),
         reason: format!("invalid config.json: {e}"),
     })?;
@@ -708,7 +716,7 @@ fn read_config_json(path: &Path) -> Result<Wav2Vec2Config, CheckpointError> {
     if raw.get("model_type").is_none() {
         return Err(CheckpointError::Config {
             path: path.to_path_buf(),
-            reason: "config.json has no model_type (expected \"wav2vec2\" or \"hubert\")".into(),
+            reason: format!("config.json has no model_type (expected {MODEL_TYPES})"),
         });
     }
     check_model_type(path, &cfg)?;
@@ -721,7 +729,7 @@ fn read_config_json(path: &Path) -> Result<Wav2Vec2Config, CheckpointError> {
 
 fn check_model_type(path: &Path, cfg: &Wav2Vec2Config) -> Result<(), CheckpointError> {
     match cfg.model_type.as_str() {
-        "wav2vec2" | "hubert" => Ok(()),
+        "wav2vec2" | "hubert" | "wavlm" | "data2vec-audio" => Ok(()),
         other => Err(CheckpointError::UnsupportedModel {
             path: path.to_path_buf(),
             model_type: other.to_string(),
@@ -741,6 +749,8 @@ pub fn canonical_name(name: &str) -> String {
             "module.",
             "wav2vec2.",
             "hubert.",
+            "wavlm.",
+            "data2vec_audio.",
             "w2v_encoder.w2v_model.",
             "w2v_model.",
         ] {

@@ -1,5 +1,6 @@
-//! `config.json` / `preprocessor_config.json` of wav2vec 2.0 and HuBERT checkpoints.
-//! Serde defaults equal transformers' `Wav2Vec2Config` / `HubertConfig` defaults.
+//! `config.json` / `preprocessor_config.json` of wav2vec 2.0, HuBERT, WavLM and data2vec-audio
+//! checkpoints. Serde defaults equal transformers' `Wav2Vec2Config` / `HubertConfig` /
+//! `WavLMConfig` defaults; [`Wav2Vec2Config::from_json_str`] adds `Data2VecAudioConfig`'s.
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -21,10 +22,11 @@ pub enum ConfigError {
     Unsupported(String),
 }
 
-/// The encoder configuration shared by wav2vec 2.0 and HuBERT (transformers' field names).
+/// The encoder configuration shared by wav2vec 2.0, HuBERT, WavLM and data2vec-audio
+/// (transformers' field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Wav2Vec2Config {
-    /// "wav2vec2" or "hubert" (data2vec-audio and others are refused by the loader).
+    /// "wav2vec2", "hubert", "wavlm" or "data2vec-audio" (others are refused by the loader).
     #[serde(default = "default_model_type")]
     pub model_type: String,
     #[serde(default = "d_768")]
@@ -52,6 +54,7 @@ pub struct Wav2Vec2Config {
     pub conv_kernel: Vec<usize>,
     #[serde(default)]
     pub conv_bias: bool,
+    /// The positional conv's kernel; data2vec-audio: the number of positional conv layers.
     #[serde(default = "d_128")]
     pub num_conv_pos_embeddings: usize,
     #[serde(default = "d_16")]
@@ -69,7 +72,52 @@ pub struct Wav2Vec2Config {
     /// MMS attention adapters inside every layer change the hidden states: refused by `validate`.
     #[serde(default)]
     pub adapter_attn_dim: Option<usize>,
+    /// WavLM: relative position buckets (both directions together) of the attention bias.
+    #[serde(default = "d_320")]
+    pub num_buckets: usize,
+    /// WavLM: the distance the log-spaced buckets reach (farther ones share the last bucket).
+    #[serde(default = "d_800")]
+    pub max_bucket_distance: usize,
+    /// data2vec-audio: the kernel of every positional conv layer.
+    #[serde(default = "d_19")]
+    pub conv_pos_kernel_size: usize,
 }
+
+/// The encoder families this definition implements (transformers' `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Wav2Vec2,
+    Hubert,
+    /// Gated relative position bias in every attention layer.
+    WavLm,
+    /// LayerNorm conv features, a stack of positional conv layers, post-LN.
+    Data2VecAudio,
+}
+
+impl Family {
+    pub fn of(model_type: &str) -> Option<Self> {
+        match model_type {
+            "wav2vec2" => Some(Self::Wav2Vec2),
+            "hubert" => Some(Self::Hubert),
+            "wavlm" => Some(Self::WavLm),
+            "data2vec-audio" => Some(Self::Data2VecAudio),
+            _ => None,
+        }
+    }
+
+    /// How people name it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Self::Wav2Vec2 => "wav2vec 2.0",
+            Self::Hubert => "HuBERT",
+            Self::WavLm => "WavLM",
+            Self::Data2VecAudio => "data2vec-audio",
+        }
+    }
+}
+
+/// The `model_type`s the loader accepts, for error messages.
+pub const MODEL_TYPES: &str = "\"wav2vec2\", \"hubert\", \"wavlm\" or \"data2vec-audio\"";
 
 fn default_model_type() -> String {
     "wav2vec2".into()
@@ -94,6 +142,15 @@ fn d_128() -> usize {
 }
 fn d_16() -> usize {
     16
+}
+fn d_320() -> usize {
+    320
+}
+fn d_800() -> usize {
+    800
+}
+fn d_19() -> usize {
+    19
 }
 fn d_eps() -> f64 {
     1e-5
@@ -146,7 +203,7 @@ impl Wav2Vec2Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+        let cfg = Self::from_json_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
         })?;
@@ -154,9 +211,39 @@ impl Wav2Vec2Config {
         Ok(cfg)
     }
 
+    /// Parses a `config.json` with the defaults of its family: data2vec-audio's config class
+    /// has no `feat_extract_norm` or `do_stable_layer_norm` (its convs are always
+    /// LayerNorm'd, its Transformer post-LN) and defaults to 5 positional conv layers.
+    pub fn from_json_str(text: &str) -> Result<Self, serde_json::Error> {
+        let mut raw: serde_json::Value = serde_json::from_str(text)?;
+        if let Some(obj) = raw.as_object_mut() {
+            if obj.get("model_type").and_then(|v| v.as_str()) == Some("data2vec-audio") {
+                obj.insert("feat_extract_norm".into(), "layer".into());
+                obj.insert("do_stable_layer_norm".into(), false.into());
+                obj.entry("num_conv_pos_embeddings").or_insert(5.into());
+            }
+        }
+        serde_json::from_value(raw)
+    }
+
+    /// The family `model_type` names (None for one this encoder does not implement).
+    pub fn family(&self) -> Option<Family> {
+        Family::of(&self.model_type)
+    }
+
     /// Whether this is a HuBERT checkpoint (differs only in the feature projection).
     pub fn is_hubert(&self) -> bool {
         self.model_type == "hubert"
+    }
+
+    /// Whether attention adds WavLM's gated relative position bias.
+    pub fn is_wavlm(&self) -> bool {
+        self.family() == Some(Family::WavLm)
+    }
+
+    /// Whether the positional embedding is data2vec-audio's stack of conv layers.
+    pub fn is_data2vec_audio(&self) -> bool {
+        self.family() == Some(Family::Data2VecAudio)
     }
 
     /// Whether the feature projection has its LayerNorm (always for wav2vec 2.0).
@@ -192,11 +279,26 @@ impl Wav2Vec2Config {
     /// Checks that this encoder implements the configuration exactly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Unsupported(m));
-        if self.model_type != "wav2vec2" && self.model_type != "hubert" {
+        if self.family().is_none() {
             return bad(format!(
-                "model_type {:?} (only \"wav2vec2\" and \"hubert\" are implemented)",
+                "model_type {:?} (only {MODEL_TYPES} are implemented)",
                 self.model_type
             ));
+        }
+        if self.is_data2vec_audio() && (self.conv_pos_kernel_size == 0) {
+            return bad("conv_pos_kernel_size is 0".into());
+        }
+        if self.is_wavlm() {
+            // transformers' bucket function: num_buckets / 4 exact distances per direction,
+            // then log-spaced up to max_bucket_distance.
+            let max_exact = self.num_buckets / 4;
+            if max_exact == 0 || self.max_bucket_distance <= max_exact {
+                return bad(format!(
+                    "num_buckets {} with max_bucket_distance {} (need num_buckets >= 4 and \
+                     max_bucket_distance > num_buckets / 4)",
+                    self.num_buckets, self.max_bucket_distance
+                ));
+            }
         }
         if self.feat_extract_norm != "group" && self.feat_extract_norm != "layer" {
             return bad(format!(
@@ -314,14 +416,23 @@ pub fn expected_tensors(cfg: &Wav2Vec2Config) -> Vec<(String, Vec<usize>)> {
     }
     add("feature_projection.projection.weight".into(), vec![h, c_in]);
     add("feature_projection.projection.bias".into(), vec![h]);
-    let k = cfg.num_conv_pos_embeddings;
     let g = cfg.num_conv_pos_embedding_groups.max(1);
-    add("encoder.pos_conv_embed.conv.weight_g".into(), vec![1, 1, k]);
-    add(
-        "encoder.pos_conv_embed.conv.weight_v".into(),
-        vec![h, h / g, k],
-    );
-    add("encoder.pos_conv_embed.conv.bias".into(), vec![h]);
+    if cfg.is_data2vec_audio() {
+        let k = cfg.conv_pos_kernel_size;
+        for j in 0..cfg.num_conv_pos_embeddings {
+            let p = format!("encoder.pos_conv_embed.layers.{j}.conv");
+            add(format!("{p}.weight"), vec![h, h / g, k]);
+            add(format!("{p}.bias"), vec![h]);
+        }
+    } else {
+        let k = cfg.num_conv_pos_embeddings;
+        add("encoder.pos_conv_embed.conv.weight_g".into(), vec![1, 1, k]);
+        add(
+            "encoder.pos_conv_embed.conv.weight_v".into(),
+            vec![h, h / g, k],
+        );
+        add("encoder.pos_conv_embed.conv.bias".into(), vec![h]);
+    }
     add("encoder.layer_norm.weight".into(), vec![h]);
     add("encoder.layer_norm.bias".into(), vec![h]);
     let f = cfg.intermediate_size;
@@ -342,6 +453,19 @@ pub fn expected_tensors(cfg: &Wav2Vec2Config) -> Vec<(String, Vec<usize>)> {
         add(format!("{p}.feed_forward.intermediate_dense.bias"), vec![f]);
         add(format!("{p}.feed_forward.output_dense.weight"), vec![h, f]);
         add(format!("{p}.feed_forward.output_dense.bias"), vec![h]);
+        if cfg.is_wavlm() {
+            let (heads, a) = (cfg.num_attention_heads, format!("{p}.attention"));
+            add(format!("{a}.gru_rel_pos_const"), vec![1, heads, 1, 1]);
+            add(format!("{a}.gru_rel_pos_linear.weight"), vec![8, h / heads]);
+            add(format!("{a}.gru_rel_pos_linear.bias"), vec![8]);
+            if l == 0 {
+                // computed in the first layer and passed on to the others
+                add(
+                    format!("{a}.rel_attn_embed.weight"),
+                    vec![cfg.num_buckets, heads],
+                );
+            }
+        }
     }
     out
 }
@@ -405,9 +529,17 @@ mod tests {
     #[test]
     fn refuses_what_the_encoder_does_not_implement() {
         let parse = |json: &str| serde_json::from_str::<Wav2Vec2Config>(json).unwrap();
-        assert!(parse(r#"{"model_type": "data2vec-audio"}"#)
+        assert!(parse(r#"{"model_type": "data2vec-text"}"#)
             .validate()
             .is_err());
+        assert!(parse(r#"{"model_type": "wavlm", "num_buckets": 3}"#)
+            .validate()
+            .is_err());
+        assert!(
+            parse(r#"{"model_type": "wavlm", "num_buckets": 320, "max_bucket_distance": 80}"#)
+                .validate()
+                .is_err()
+        );
         assert!(parse(r#"{"feat_extract_norm": "batch"}"#)
             .validate()
             .is_err());
@@ -425,5 +557,32 @@ mod tests {
         assert!(!hubert.has_feat_proj_layer_norm());
         // wav2vec2 always has the projection LayerNorm, whatever the (HuBERT-only) flag says.
         assert!(parse(r#"{"feat_proj_layer_norm": false}"#).has_feat_proj_layer_norm());
+    }
+
+    /// Parameter counts of the released base checkpoints (transformers 4.46 state dicts
+    /// without `masked_spec_embed`), and data2vec-audio's family defaults.
+    #[test]
+    fn wavlm_and_data2vec_audio_configs() {
+        let wavlm = Wav2Vec2Config::from_json_str(r#"{"model_type": "wavlm"}"#).unwrap();
+        wavlm.validate().unwrap();
+        assert!(wavlm.is_wavlm());
+        assert_eq!((wavlm.num_buckets, wavlm.max_bucket_distance), (320, 800));
+        // microsoft/wavlm-base: wav2vec2-base + 12 × (gate 8·64 + 8 + 12) + 320 × 12 buckets
+        assert_eq!(parameter_count(&wavlm), 94_370_944 + 12 * 532 + 3840);
+        let d2v = Wav2Vec2Config::from_json_str(
+            r#"{"model_type": "data2vec-audio", "feat_extract_norm": "group",
+                "do_stable_layer_norm": true}"#,
+        )
+        .unwrap();
+        d2v.validate().unwrap();
+        assert!(d2v.is_data2vec_audio());
+        assert_eq!(d2v.feat_extract_norm, "layer");
+        assert!(!d2v.do_stable_layer_norm);
+        assert_eq!(
+            (d2v.num_conv_pos_embeddings, d2v.conv_pos_kernel_size),
+            (5, 19)
+        );
+        // Data2VecAudioModel(Data2VecAudioConfig()) state dict, transformers 4.46.3
+        assert_eq!(parameter_count(&d2v), 93_163_520);
     }
 }

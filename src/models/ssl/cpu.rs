@@ -12,6 +12,8 @@
 //! checkpoint's tensors (f32 CPU tensors in place, without a copy).
 use super::chunk::Chunking;
 use super::config::{Activation, Wav2Vec2Config};
+use super::data2vec::CpuPositionalStack;
+use super::wavlm::{BiasTable, Gate, PositionBias, RelativePositions};
 use super::{
     activation, check_batch, conv_frames_weight, conv_in_channels, conv_out_len,
     positional_conv_weight, qkv_projection, ConvNormKind, LinearLayout, CONV_NORM_EPS,
@@ -19,7 +21,7 @@ use super::{
 use crate::ops::activation::{
     gelu_in_place, gelu_tanh_in_place, relu_in_place, silu_in_place, simd,
 };
-use crate::ops::attention::{flash_attention, FlashBuffers};
+use crate::ops::attention::{flash_attention, FlashBuffers, ScoreBias};
 use crate::ops::gemm::{matmul_serial, transpose, Mat};
 use crate::ops::norm::layer_norm_rows_in_place;
 use crate::ops::profile::{Kind, Profile, Profiler};
@@ -565,6 +567,8 @@ struct Layer {
     ff1: Dense,
     ff2: Dense,
     ln2: Norm,
+    /// WavLM: the gate of the relative position bias.
+    gate: Option<Gate>,
 }
 
 impl Layer {
@@ -582,7 +586,18 @@ impl Layer {
             ff1: Dense::load(ff.pp("intermediate_dense"), h, f, layout)?,
             ff2: Dense::load(ff.pp("output_dense"), f, h, layout)?,
             ln2: Norm::load(vb.pp("final_layer_norm"), h, eps)?,
+            gate: cfg.is_wavlm().then(|| Gate::load(&attn, cfg)).transpose()?,
         })
+    }
+
+    /// WavLM: this layer's gated position bias for its attention input `x`.
+    fn position_bias<'a>(
+        &self,
+        table: Option<&'a BiasTable>,
+        x: &[f32],
+        h: usize,
+    ) -> Option<PositionBias<'a>> {
+        Some(self.gate.as_ref()?.bias(table?, x, h))
     }
 }
 
@@ -592,10 +607,12 @@ struct Scratch {
     ctx: Vec<f32>,
     proj: Vec<f32>,
     normed: Vec<f32>,
+    /// WavLM: the utterance's ungated relative position bias.
+    bias_table: Option<BiasTable>,
 }
 
-/// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT encoder, over its own f32 copy
-/// of the weights (f32 CPU tensors are read in place).
+/// The CPU f32 inference executor of the wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoder,
+/// over its own f32 copy of the weights (f32 CPU tensors are read in place).
 pub struct CpuEncoder {
     cfg: Wav2Vec2Config,
     convs: Vec<Conv>,
@@ -612,6 +629,10 @@ pub struct CpuEncoder {
     attention_blocks: (usize, usize),
     /// Fixed windows for long utterances (`extract --chunk-seconds`), off by default.
     chunking: Option<Chunking>,
+    /// WavLM: the first layer's relative position embedding.
+    rel_positions: Option<RelativePositions>,
+    /// data2vec-audio: the positional conv stack (instead of `pos_w`, `pos_b`).
+    pos_stack: Option<CpuPositionalStack>,
 }
 
 impl CpuEncoder {
@@ -635,6 +656,13 @@ impl CpuEncoder {
             .into_par_iter()
             .map(|l| Layer::load(enc.pp("layers").pp(l), cfg, layout))
             .collect::<Result<Vec<_>>>()?;
+        let (pos_w, pos_b, pos_stack) = if cfg.is_data2vec_audio() {
+            let stack = CpuPositionalStack::load(&enc.pp("pos_conv_embed"), cfg)?;
+            (Weights::Owned(Vec::new()), Vec::new(), Some(stack))
+        } else {
+            let w = Weights::of(&positional_conv_weight(&pos, cfg)?)?;
+            (w, to_vec(&pos.get(h, "bias")?)?, None)
+        };
         Ok(Self {
             cfg: cfg.clone(),
             convs,
@@ -643,14 +671,19 @@ impl CpuEncoder {
                 .then(|| Norm::load(fp.pp("layer_norm"), c, eps))
                 .transpose()?,
             projection: Dense::load(fp.pp("projection"), c, h, layout)?,
-            pos_w: Weights::of(&positional_conv_weight(&pos, cfg)?)?,
-            pos_b: to_vec(&pos.get(h, "bias")?)?,
+            pos_w,
+            pos_b,
             pos_act: activation(&cfg.feat_extract_activation)?,
             enc_norm: Norm::load(enc.pp("layer_norm"), h, eps)?,
             layers,
             ffn_act: activation(&cfg.hidden_act)?,
             attention_blocks: (QUERY_BLOCK, KEY_BLOCK),
             chunking: None,
+            rel_positions: cfg
+                .is_wavlm()
+                .then(|| RelativePositions::load(&enc.pp("layers").pp(0).pp("attention"), cfg))
+                .transpose()?,
+            pos_stack,
         })
     }
 
@@ -782,6 +815,7 @@ impl CpuEncoder {
             } else {
                 Vec::new()
             },
+            bias_table: self.rel_positions.as_ref().map(|r| r.table(t)),
         };
         for (l, layer) in self.layers[..last].iter().enumerate() {
             self.layer(layer, &mut hs, t, &mut scratch, parallel, prof);
@@ -839,8 +873,11 @@ impl CpuEncoder {
     }
 
     /// The weight-normed grouped positional conv (`K/2` zero padding both sides, the first T
-    /// outputs) and its activation.
+    /// outputs) and its activation; data2vec-audio's stack instead when the model has one.
     fn positional(&self, x: &[f32], t: usize, parallel: bool) -> Vec<f32> {
+        if let Some(stack) = &self.pos_stack {
+            return stack.forward(x, t, parallel);
+        }
         let (h, g, k) = (
             self.cfg.hidden_size,
             self.cfg.num_conv_pos_embedding_groups,
@@ -904,7 +941,10 @@ impl CpuEncoder {
                 s.normed.copy_from_slice(x);
                 for_rows(&mut s.normed, h, parallel, |_, rows| p.ln1.rows(rows));
             });
-            self.attention(p, &s.normed, t, buffers, parallel, prof);
+            let bias = prof.time(Kind::Attention, || {
+                p.position_bias(s.bias_table.as_ref(), &s.normed, h)
+            });
+            self.attention(p, &s.normed, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, None, parallel);
                 s.normed.copy_from_slice(x);
@@ -915,7 +955,10 @@ impl CpuEncoder {
                 add_rows(x, &s.proj, h, None, parallel)
             });
         } else {
-            self.attention(p, x, t, buffers, parallel, prof);
+            let bias = prof.time(Kind::Attention, || {
+                p.position_bias(s.bias_table.as_ref(), x, h)
+            });
+            self.attention(p, x, t, buffers, bias.as_ref(), parallel, prof);
             prof.time(Kind::Norm, || {
                 add_rows(x, &s.proj, h, Some(&p.ln1), parallel)
             });
@@ -934,6 +977,7 @@ impl CpuEncoder {
         x: &[f32],
         t: usize,
         (qkv, ctx, out): (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        bias: Option<&PositionBias>,
         parallel: bool,
         prof: &mut Profiler,
     ) {
@@ -964,13 +1008,20 @@ impl CpuEncoder {
                     rs: 3 * h,
                     cs: 1,
                 };
+                // WavLM: the gated relative position bias of this head and these queries,
+                // added to each score tile
+                let add = |k0: usize, tile: &mut [f32], cols: usize| {
+                    if let Some(b) = bias {
+                        b.add_to_block(head, q0, k0, tile, cols)
+                    }
+                };
                 flash_attention(
                     q,
                     k,
                     v,
                     (rows, t, dh),
                     key_block,
-                    None,
+                    bias.map(|_| &add as ScoreBias),
                     &mut buf,
                     &mut ctx_rows[head * dh..],
                     h,

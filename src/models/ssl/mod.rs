@@ -1,11 +1,14 @@
-//! The wav2vec 2.0 / HuBERT encoder (transformers' `Wav2Vec2Model` and `HubertModel`),
-//! returning every hidden state as `output_hidden_states=True` does.
+//! The wav2vec 2.0 / HuBERT / WavLM / data2vec-audio encoder (transformers' `Wav2Vec2Model`,
+//! `HubertModel`, `WavLMModel` and `Data2VecAudioModel`), returning every hidden state as
+//! `output_hidden_states=True` does.
 //!
-//! One definition covers both families and every variant released checkpoints use:
+//! One definition covers the four families and every variant released checkpoints use:
 //! `feat_extract_norm` "group" (GroupNorm on the first conv) or "layer" (LayerNorm after every
 //! conv), `conv_bias`, any conv stack, the projection LayerNorm switch of HuBERT
 //! (`feat_proj_layer_norm`), the weight-normed grouped positional conv (even or odd kernel),
-//! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer.
+//! and the post-LN ("base") or pre-LN (`do_stable_layer_norm`, "large") Transformer; WavLM adds
+//! a gated relative position bias to attention (`wavlm.rs`), data2vec-audio replaces the
+//! positional conv with a stack of LayerNorm'd conv layers (`data2vec.rs`).
 //!
 //! It runs two ways, chosen once from the [`Backend`](crate::device::Backend) by
 //! [`SslEncoder`]:
@@ -24,8 +27,8 @@
 //!   convs need nothing more; the first conv's GroupNorm takes its per-channel statistics over
 //!   each utterance's valid frames only (transformers takes them over the padded length, so its
 //!   own batched output of group-norm models depends on the padding);
-//! - padded frames are zeroed before the positional conv, which then sees exactly the zero
-//!   padding it sees alone;
+//! - padded frames are zeroed before the positional conv (and before every layer of
+//!   data2vec-audio's stack), which then sees exactly the zero padding it sees alone;
 //! - attention adds a large negative value to padded keys.
 //!
 //! Values on padded frames are unspecified; read only the first `valid_frames[b]` frames.
@@ -33,7 +36,9 @@ pub mod chunk;
 pub mod config;
 pub mod cost;
 mod cpu;
+mod data2vec;
 mod executor;
+pub mod wavlm;
 
 pub use cpu::{CpuEncoder, StateSink, LONG_FRAMES};
 pub use executor::SslEncoder;
@@ -554,6 +559,8 @@ struct Attention {
     qkv_proj: Linear,
     out_proj: Linear,
     heads: usize,
+    /// WavLM: this layer's gate of the relative position bias.
+    gate: Option<wavlm::GateOps>,
 }
 
 impl Attention {
@@ -568,15 +575,30 @@ impl Attention {
             },
             out_proj: Linear::load(vb.pp("out_proj"), h, h, layout)?,
             heads: cfg.num_attention_heads,
+            gate: cfg
+                .is_wavlm()
+                .then(|| wavlm::GateOps::load(&vb, cfg))
+                .transpose()?,
         })
     }
 
-    /// `mask`: [B, 1, 1, T], 0 on valid keys (None when nothing is padded).
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, prof: &mut Profiler) -> Result<Tensor> {
+    /// `mask`: [B, 1, 1, T], 0 on valid keys (None when nothing is padded); `rel`: WavLM's
+    /// relative position embedding (from the first layer), gated by this layer.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rel: Option<&wavlm::RelativePositionsOps>,
+        prof: &mut Profiler,
+    ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let dev = x.device();
         let dh = h / self.heads;
         let qkv = timed(prof, Kind::Linear, dev, || self.qkv_proj.forward(x))?;
+        let gate = match (&self.gate, rel) {
+            (Some(gate), Some(_)) => Some(gate.forward(x)?),
+            _ => None,
+        };
         let ctx = timed(prof, Kind::Attention, dev, || {
             let qkv = qkv
                 .reshape((b, t, 3, self.heads, dh))?
@@ -589,7 +611,13 @@ impl Attention {
             let rows = (ATTENTION_BLOCK_ELEMS / (b * self.heads * t).max(1)).clamp(1, t.max(1));
             let mut blocks = Vec::with_capacity(t.div_ceil(rows));
             for q0 in (0..t).step_by(rows) {
-                let scores = q.narrow(2, q0, rows.min(t - q0))?.matmul(&k_t)?;
+                let n = rows.min(t - q0);
+                let mut scores = q.narrow(2, q0, n)?.matmul(&k_t)?;
+                if let (Some(gate), Some(rel)) = (&gate, rel) {
+                    let bias = rel.block(q0, n, t, dev)?.to_dtype(scores.dtype())?;
+                    let gated = gate.narrow(2, q0, n)?.broadcast_mul(&bias)?;
+                    scores = (scores + gated)?;
+                }
                 blocks.push(masked_softmax(&scores, mask)?.matmul(&v)?);
             }
             Tensor::cat(&blocks, 2)?.transpose(1, 2)?.reshape((b, t, h))
@@ -646,7 +674,13 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, prof: &mut Profiler) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        rel: Option<&wavlm::RelativePositionsOps>,
+        prof: &mut Profiler,
+    ) -> Result<Tensor> {
         let dev = x.device();
         let norm = |prof: &mut Profiler, ln: &LayerNorm, x: &Tensor| {
             timed(prof, Kind::Norm, dev, || ln.forward(x))
@@ -656,13 +690,13 @@ impl EncoderLayer {
         };
         if self.pre_ln {
             let normed = norm(prof, &self.layer_norm, x)?;
-            let a = self.attention.forward(&normed, mask, prof)?;
+            let a = self.attention.forward(&normed, mask, rel, prof)?;
             let x = add(prof, x, &a)?;
             let normed = norm(prof, &self.final_layer_norm, &x)?;
             let f = self.feed_forward.forward(&normed, prof)?;
             add(prof, &x, &f)
         } else {
-            let a = self.attention.forward(x, mask, prof)?;
+            let a = self.attention.forward(x, mask, rel, prof)?;
             let x = add(prof, x, &a)?;
             let x = norm(prof, &self.layer_norm, &x)?;
             let f = self.feed_forward.forward(&x, prof)?;
@@ -672,12 +706,21 @@ impl EncoderLayer {
     }
 }
 
-/// Mirrors `Wav2Vec2Encoder` / `Wav2Vec2EncoderStableLayerNorm` with `output_hidden_states`.
+/// The positional embedding: one weight-normed conv, or data2vec-audio's stack.
+enum Positional {
+    Conv(PositionalConv),
+    Stack(data2vec::PositionalStack),
+}
+
+/// Mirrors `Wav2Vec2Encoder` / `Wav2Vec2EncoderStableLayerNorm` with `output_hidden_states`
+/// (and WavLM's / data2vec-audio's, which differ in the blocks).
 struct Encoder {
-    pos_conv_embed: PositionalConv,
+    pos_conv_embed: Positional,
     layer_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     pre_ln: bool,
+    /// WavLM: the first layer's relative position embedding, shared by every layer.
+    rel_positions: Option<wavlm::RelativePositionsOps>,
 }
 
 impl Encoder {
@@ -690,33 +733,52 @@ impl Encoder {
                     .map(|l| EncoderLayer::load(vb.pp("layers").pp(l), cfg, layout))
                     .collect::<Result<Vec<_>>>()
             },
-            || PositionalConv::load(vb.pp("pos_conv_embed").pp("conv"), cfg),
+            || {
+                let vb = vb.pp("pos_conv_embed");
+                if cfg.is_data2vec_audio() {
+                    data2vec::PositionalStack::load(&vb, cfg).map(Positional::Stack)
+                } else {
+                    PositionalConv::load(vb.pp("conv"), cfg).map(Positional::Conv)
+                }
+            },
         );
+        let rel_positions = cfg
+            .is_wavlm()
+            .then(|| {
+                let vb = vb.pp("layers").pp(0).pp("attention");
+                wavlm::RelativePositionsOps::load(&vb, cfg)
+            })
+            .transpose()?;
         Ok(Self {
             pos_conv_embed: pos_conv_embed?,
             layer_norm: LayerNorm::load(vb.pp("layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             layers: layers?,
             pre_ln: cfg.do_stable_layer_norm,
+            rel_positions,
         })
     }
 
-    /// Hidden states 0..=`last` (`x` has its padded frames zeroed).
+    /// Hidden states 0..=`last` (`x` has its padded frames zeroed; `keep` [B, T, 1] is 1 on
+    /// valid frames, None when nothing is padded).
     fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        (mask, keep): (Option<&Tensor>, Option<&Tensor>),
         last: usize,
         prof: &mut Profiler,
     ) -> Result<Vec<Tensor>> {
         let dev = x.device();
-        let pos = timed(prof, Kind::Conv, dev, || self.pos_conv_embed.forward(x))?;
+        let pos = timed(prof, Kind::Conv, dev, || match &self.pos_conv_embed {
+            Positional::Conv(conv) => conv.forward(x),
+            Positional::Stack(stack) => stack.forward(x, keep),
+        })?;
         let mut x = timed(prof, Kind::Elementwise, dev, || x + pos)?;
         if !self.pre_ln {
             x = timed(prof, Kind::Norm, dev, || self.layer_norm.forward(&x))?;
         }
         let mut states = Vec::with_capacity(last + 1);
         for layer in &self.layers[..last] {
-            let next = layer.forward(&x, mask, prof)?;
+            let next = layer.forward(&x, mask, self.rel_positions.as_ref(), prof)?;
             states.push(std::mem::replace(&mut x, next));
         }
         // The stable-LN encoder normalises only its final output.
@@ -825,8 +887,8 @@ impl Wav2Vec2Model {
         }
         let x = self.feature_projection.forward(&x, prof)?;
         let t = x.dim(1)?;
-        let (x, mask) = if valid.iter().all(|&n| n == t) {
-            (x, None)
+        let (x, mask, keep) = if valid.iter().all(|&n| n == t) {
+            (x, None, None)
         } else {
             let keep: Vec<f32> = valid
                 .iter()
@@ -843,11 +905,12 @@ impl Wav2Vec2Model {
                 .affine(-neg, neg)?
                 .reshape((b, 1, 1, t))?
                 .to_dtype(self.dtype)?;
-            (x.broadcast_mul(&keep.to_dtype(self.dtype)?)?, Some(mask))
+            let keep = keep.to_dtype(self.dtype)?;
+            (x.broadcast_mul(&keep)?, Some(mask), Some(keep))
         };
-        let states = self
-            .encoder
-            .forward(&x, mask.as_ref(), max_hidden_state, prof)?;
+        let states =
+            self.encoder
+                .forward(&x, (mask.as_ref(), keep.as_ref()), max_hidden_state, prof)?;
         Ok((states, valid))
     }
 }

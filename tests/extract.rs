@@ -141,6 +141,49 @@ fn model_features_equal_each_utterance_run_alone() {
             }
         }
     }
+    // finetune and decode train on the WavLM and data2vec-audio features unchanged: the
+    // learned weighted sum spans every stored state
+    let conf = std::fs::read_to_string(root().join("manifests/conf/ssl_base_conformer.toml"))
+        .unwrap()
+        .replace("num_blocks = 12", "num_blocks = 2")
+        .replace("output_size = 256", "output_size = 64")
+        .replace("linear_units = 1024", "linear_units = 128")
+        .replace("freq_mask_width = 27", "freq_mask_width = 4");
+    let conf_path = tmp.path().join("conf.toml");
+    std::fs::write(&conf_path, conf).unwrap();
+    for variant in ["wavlm_base", "d2v_odd"] {
+        let feats = tmp.path().join(format!("feats_{variant}"));
+        let exp = tmp.path().join(format!("exp_{variant}"));
+        ok(&bin()
+            .args(["finetune", "--train", s(&feats), "--valid", s(&feats)])
+            .args([
+                "--config",
+                s(&conf_path),
+                "--out",
+                s(&exp),
+                "--max-steps",
+                "2",
+            ])
+            .output()
+            .unwrap());
+        let weights: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(exp.join("layer_weights.json")).unwrap())
+                .unwrap();
+        let layers = FeatureStore::open(&feats).unwrap().layers().len();
+        assert_eq!(
+            weights["layers"].as_array().unwrap().len(),
+            layers,
+            "{variant}"
+        );
+        let decoded = ok(&bin()
+            .args(["decode", "--exp", s(&exp), "--data", s(&feats)])
+            .output()
+            .unwrap());
+        assert!(
+            decoded.contains("CER") || decoded.contains("cer"),
+            "{variant}: {decoded}"
+        );
+    }
 }
 
 #[test]

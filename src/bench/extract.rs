@@ -227,6 +227,7 @@ fn bench_lengths(
         let t = Instant::now();
         let failed = Mutex::new(None);
         let done = Mutex::new(None);
+        let profile = Mutex::new(Profile::default());
         engine.run_each_into(
             1,
             &keep,
@@ -243,7 +244,7 @@ fn bench_lengths(
                 }
                 true
             },
-            None,
+            Some(&profile),
         );
         let wall = t.elapsed().as_secs_f64();
         let cpu = crate::extract::process_cpu_seconds() - cpu0;
@@ -259,6 +260,16 @@ fn bench_lengths(
             100.0 * cpu / wall.max(1e-9),
             peak_rss_bytes() as f64 / 1e6,
             engine.peak_bytes(wave.len(), keep.len(), 2, threads) as f64 / 1e6,
+        );
+        // a lone long utterance spreads each op over the pool: these are wall seconds
+        let profile = profile
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("a CPU engine thread panicked"))?;
+        print_profile(
+            &profile,
+            wall,
+            "wall s",
+            "other (state encoding, allocation)",
         );
     }
     Ok(())

@@ -117,19 +117,22 @@ fn masked_elementwise(
         .enumerate()
         .for_each(|(blk, (db, hb))| {
             let off = blk * per;
-            simd(|| match mask {
-                Some(m) => {
-                    let m = &m[off..off + db.len()];
-                    for ((o, &v), &k) in db.iter_mut().zip(hb).zip(m) {
-                        f(o, v, k);
+            simd(
+                #[inline(always)]
+                || match mask {
+                    Some(m) => {
+                        let m = &m[off..off + db.len()];
+                        for ((o, &v), &k) in db.iter_mut().zip(hb).zip(m) {
+                            f(o, v, k);
+                        }
                     }
-                }
-                None => {
-                    for (o, &v) in db.iter_mut().zip(hb) {
-                        f(o, v, 1.0);
+                    None => {
+                        for (o, &v) in db.iter_mut().zip(hb) {
+                            f(o, v, 1.0);
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -245,22 +248,34 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// `xs = gelu(xs)` (exact, erf) on this thread, vectorised through [`simd`].
 pub fn gelu_in_place(xs: &mut [f32]) {
-    simd(|| xs.iter_mut().for_each(|x| *x = gelu_erf(*x)));
+    simd(
+        #[inline(always)]
+        || xs.iter_mut().for_each(|x| *x = gelu_erf(*x)),
+    );
 }
 
 /// `xs = gelu_tanh(xs)` on this thread.
 pub fn gelu_tanh_in_place(xs: &mut [f32]) {
-    simd(|| xs.iter_mut().for_each(|x| *x = gelu_tanh(*x)));
+    simd(
+        #[inline(always)]
+        || xs.iter_mut().for_each(|x| *x = gelu_tanh(*x)),
+    );
 }
 
 /// `xs = max(xs, 0)` on this thread.
 pub fn relu_in_place(xs: &mut [f32]) {
-    simd(|| xs.iter_mut().for_each(|x| *x = x.max(0.0)));
+    simd(
+        #[inline(always)]
+        || xs.iter_mut().for_each(|x| *x = x.max(0.0)),
+    );
 }
 
 /// `xs = silu(xs)` on this thread.
 pub fn silu_in_place(xs: &mut [f32]) {
-    simd(|| xs.iter_mut().for_each(|x| *x *= sigmoid(*x)));
+    simd(
+        #[inline(always)]
+        || xs.iter_mut().for_each(|x| *x *= sigmoid(*x)),
+    );
 }
 
 #[cfg(test)]

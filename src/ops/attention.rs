@@ -77,24 +77,27 @@ pub fn masked_softmax(
 ) {
     let key_mask = &key_mask[..keys];
     let pn = 2 * keys - 1;
-    activation::simd(|| {
-        for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
-            match rel {
-                Some(RelShift { bd, row0 }) => {
-                    let shifted = &bd[r * pn + (keys - 1 - (row0 + r))..][..keys];
-                    for ((v, &s), &m) in row.iter_mut().zip(shifted).zip(key_mask) {
-                        *v = (*v + s) * scale + (m - 1.0) * 1e9;
+    activation::simd(
+        #[inline(always)]
+        || {
+            for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+                match rel {
+                    Some(RelShift { bd, row0 }) => {
+                        let shifted = &bd[r * pn + (keys - 1 - (row0 + r))..][..keys];
+                        for ((v, &s), &m) in row.iter_mut().zip(shifted).zip(key_mask) {
+                            *v = (*v + s) * scale + (m - 1.0) * 1e9;
+                        }
+                    }
+                    None => {
+                        for (v, &m) in row.iter_mut().zip(key_mask) {
+                            *v = *v * scale + (m - 1.0) * 1e9;
+                        }
                     }
                 }
-                None => {
-                    for (v, &m) in row.iter_mut().zip(key_mask) {
-                        *v = *v * scale + (m - 1.0) * 1e9;
-                    }
-                }
+                softmax_in_place(row);
             }
-            softmax_in_place(row);
-        }
-    });
+        },
+    );
 }
 
 /// `out [rows, d_k] (row stride out_stride) = probs [rows, keys] · v [keys, d_k]`.
@@ -426,16 +429,19 @@ pub fn flash_attention(
         if let Some(bias) = bias {
             bias(k0, s, cols);
         }
-        activation::simd(|| {
-            for (r, row) in s.chunks_exact_mut(cols).enumerate() {
-                online_softmax_row(
-                    row,
-                    &mut buf.max[r],
-                    &mut buf.sum[r],
-                    &mut buf.acc[r * dk..(r + 1) * dk],
-                );
-            }
-        });
+        activation::simd(
+            #[inline(always)]
+            || {
+                for (r, row) in s.chunks_exact_mut(cols).enumerate() {
+                    online_softmax_row(
+                        row,
+                        &mut buf.max[r],
+                        &mut buf.sum[r],
+                        &mut buf.acc[r * dk..(r + 1) * dk],
+                    );
+                }
+            },
+        );
         let vb = Mat {
             data: &v.data[k0 * v.rs..],
             rs: v.rs,
@@ -453,15 +459,18 @@ pub fn flash_attention(
         );
         k0 += cols;
     }
-    activation::simd(|| {
-        for r in 0..rows {
-            let inv = 1.0 / buf.sum[r];
-            let dst = &mut out[r * out_stride..r * out_stride + dk];
-            for (o, &a) in dst.iter_mut().zip(&buf.acc[r * dk..(r + 1) * dk]) {
-                *o = a * inv;
+    activation::simd(
+        #[inline(always)]
+        || {
+            for r in 0..rows {
+                let inv = 1.0 / buf.sum[r];
+                let dst = &mut out[r * out_stride..r * out_stride + dk];
+                for (o, &a) in dst.iter_mut().zip(&buf.acc[r * dk..(r + 1) * dk]) {
+                    *o = a * inv;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// One row of a key block in [`flash_attention`]: `row = exp(row - m)` with `m` the running
@@ -504,4 +513,71 @@ fn online_softmax_row(row: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [
         total += *v;
     }
     *sum += total;
+}
+
+#[cfg(test)]
+mod flash_tests {
+    use super::*;
+
+    /// Blockwise attention with any tiles equals softmax(q·kᵀ + bias)·v computed directly in
+    /// f64 (the bias a function of the query and key positions, as WavLM's).
+    #[test]
+    fn flash_attention_equals_direct_softmax_attention() {
+        let (rows, keys, dk) = (37, 301, 8);
+        let mut seed = 12345u64;
+        let mut rand = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 20_000) as f32 / 10_000.0 - 1.0
+        };
+        let q: Vec<f32> = (0..rows * dk).map(|_| 2.0 * rand()).collect();
+        let k: Vec<f32> = (0..keys * dk).map(|_| 2.0 * rand()).collect();
+        let v: Vec<f32> = (0..keys * dk).map(|_| rand()).collect();
+        let bias_of = |i: usize, j: usize| ((i as f32 - j as f32) * 0.05).sin();
+        let mut want = vec![0f64; rows * dk];
+        for i in 0..rows {
+            let s: Vec<f64> = (0..keys)
+                .map(|j| {
+                    (0..dk)
+                        .map(|d| (q[i * dk + d] * k[j * dk + d]) as f64)
+                        .sum::<f64>()
+                        + bias_of(i, j) as f64
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..dk {
+                want[i * dk + d] = (0..keys).map(|j| e[j] * v[j * dk + d] as f64).sum::<f64>() / z;
+            }
+        }
+        for key_block in [1, 7, 64, 301, 1000] {
+            let bias = |k0: usize, tile: &mut [f32], cols: usize| {
+                for (i, row) in tile.chunks_exact_mut(cols).enumerate() {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s += bias_of(i, k0 + j);
+                    }
+                }
+            };
+            let mut out = vec![0f32; rows * dk];
+            flash_attention(
+                Mat::rows(&q, dk),
+                Mat::rows(&k, dk),
+                Mat::rows(&v, dk),
+                (rows, keys, dk),
+                key_block,
+                Some(&bias),
+                &mut FlashBuffers::default(),
+                &mut out,
+                dk,
+            );
+            let err = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0f64, f64::max);
+            assert!(err < 1e-5, "key block {key_block}: {err}");
+        }
+    }
 }

@@ -108,12 +108,15 @@ impl DropoutRng {
             .enumerate()
             .for_each(|(c, chunk)| {
                 let first = start + (c * CHUNK) as u64;
-                activation::simd(|| {
-                    for (i, o) in chunk.iter_mut().enumerate() {
-                        let keep = (mix(key, first + i as u64) >> 40) >= threshold;
-                        *o = if keep { scale } else { 0.0 };
-                    }
-                })
+                activation::simd(
+                    #[inline(always)]
+                    || {
+                        for (i, o) in chunk.iter_mut().enumerate() {
+                            let keep = (mix(key, first + i as u64) >> 40) >= threshold;
+                            *o = if keep { scale } else { 0.0 };
+                        }
+                    },
+                )
             });
         Ok(out)
     }

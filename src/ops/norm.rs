@@ -527,17 +527,20 @@ pub fn global_normalize(
 /// per SIMD lane.
 pub fn layer_norm_rows_in_place(xs: &mut [f32], gamma: &[f32], beta: &[f32], eps: f64) {
     let dim = gamma.len();
-    super::activation::simd(|| {
-        for row in xs.chunks_exact_mut(dim) {
-            let mean = lane_sum(row, |v| v) / dim as f64;
-            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
-            let (mean, rstd) = (mean as f32, rstd as f32);
-            for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-                *y = (*y - mean) * rstd * g + b;
+    super::activation::simd(
+        #[inline(always)]
+        || {
+            for row in xs.chunks_exact_mut(dim) {
+                let mean = lane_sum(row, |v| v) / dim as f64;
+                let var = lane_sum(row, |v| (v - mean) * (v - mean)) / dim as f64;
+                let rstd = 1.0 / (var + eps).sqrt();
+                let (mean, rstd) = (mean as f32, rstd as f32);
+                for ((y, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                    *y = (*y - mean) * rstd * g + b;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// `Σ f(v)` in f64 over `row`, with one accumulator per SIMD lane (a single running sum would

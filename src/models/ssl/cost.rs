@@ -33,10 +33,11 @@ pub fn forward_flops(cfg: &Wav2Vec2Config, samples: usize) -> f64 {
     2.0 * macs
 }
 
-/// Sustained f32 GFLOP/s per thread of the CPU engine, measured with
-/// `benches/long_utterances.sh` (wav2vec2-base, one 300 s utterance, 2 threads, AMD EPYC with
-/// AVX-512) — the rate the error rows' time estimates use.
-pub const ENGINE_GFLOPS_PER_THREAD: f64 = 40.0;
+/// Sustained f32 GFLOP/s per thread of the CPU engine, the rate the error rows' time
+/// estimates use: `speechcache bench extract --model base --lengths 60,300` gave 78.9 and 79.7
+/// (1.17 and 12.5 TFLOP by `forward_flops` in 7.4 and 78.2 s, 2 threads, AMD EPYC with
+/// AVX-512, 2026-12-04), rounded down for the whole process (loading, writing).
+pub const ENGINE_GFLOPS_PER_THREAD: f64 = 75.0;
 
 /// Predicted seconds for one utterance of `samples` samples on `threads` threads.
 pub fn estimated_seconds(cfg: &Wav2Vec2Config, samples: usize, threads: usize) -> f64 {

@@ -56,9 +56,14 @@ const MIN_GEMM_ROWS: usize = 256;
 
 /// Rows per gemm call for an `m`-row product: a multiple of 8 blocks where the sizes allow
 /// (so 2, 4 or 8 threads get equal shares: 3,000 rows in 3 blocks of 1,024 left one of two
-/// cores idle a third of the time), between `MIN_GEMM_ROWS` and `GEMM_ROWS` rows each. It
+/// cores idle a third of the time), between `MIN_GEMM_ROWS` and `GEMM_ROWS` rows each; up to
+/// `GEMM_ROWS` rows, one call. It
 /// depends on `m` alone, so a row's bits never depend on the pool.
 fn gemm_block_rows(m: usize) -> usize {
+    if m <= GEMM_ROWS {
+        // a short utterance's product in one call (its thread has no one to share with)
+        return GEMM_ROWS;
+    }
     let blocks = 8 * m.div_ceil(8 * GEMM_ROWS).max(1);
     m.div_ceil(blocks)
         .next_multiple_of(16)

@@ -905,8 +905,8 @@ fn too_long(cfg: &Wav2Vec2Config, need: u64, samples: usize, rate: f64, limit: f
     let wall = estimated_seconds(cfg, samples, threads);
     format!(
         "{seconds:.1} s is longer than --max-seconds-per-utterance {limit}; \
-         --max-seconds-per-utterance {} extracts it whole, which needs about {} of memory and \
-         about {wall:.0} s on {threads} threads ({:.1}x real time at this length), or \
+         --max-seconds-per-utterance {} extracts it whole, which needs about {} of memory \
+         besides the model's weights and about {wall:.0} s on {threads} threads ({:.1}x real time at this length), or \
          --chunk-seconds 30 extracts it in fixed 30 s windows",
         seconds.ceil(),
         human_bytes(need),

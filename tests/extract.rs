@@ -3,7 +3,7 @@
 //! against the fbank computed directly.
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{assert_same_tree, bin, ok, s};
+use common::{assert_same_tree, bin, noise_wav, ok, s};
 use speechcache::device::Backend;
 use speechcache::models::checkpoint::load_checkpoint;
 use speechcache::models::fbank::{Fbank, FbankOptions};
@@ -433,32 +433,6 @@ fn fbank_follows_the_audio_store_rate() {
         feats.to_array(0, 0).unwrap(),
         fbank.compute_from_unit_scale(audio.samples(0))
     );
-}
-
-/// A 16-bit mono WAV of deterministic noise.
-fn noise_wav(path: &Path, seconds: f64, seed: u32) {
-    let n = (seconds * 16000.0) as u32;
-    let mut bytes = Vec::with_capacity(44 + 2 * n as usize);
-    bytes.extend_from_slice(b"RIFF");
-    bytes.extend_from_slice(&(36 + 2 * n).to_le_bytes());
-    bytes.extend_from_slice(b"WAVEfmt ");
-    bytes.extend_from_slice(&16u32.to_le_bytes());
-    bytes.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    bytes.extend_from_slice(&1u16.to_le_bytes()); // mono
-    bytes.extend_from_slice(&16000u32.to_le_bytes());
-    bytes.extend_from_slice(&32000u32.to_le_bytes());
-    bytes.extend_from_slice(&2u16.to_le_bytes());
-    bytes.extend_from_slice(&16u16.to_le_bytes());
-    bytes.extend_from_slice(b"data");
-    bytes.extend_from_slice(&(2 * n).to_le_bytes());
-    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-    for _ in 0..n {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        bytes.extend_from_slice(&((state % 6000) as i16 - 3000).to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// The hubert_base fixture's shapes with a 20x conv stack (800 frames/s) and random weights.

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{assert_same_tree, bin, ok, s};
+use common::{assert_same_tree, bin, noise_wav, ok, s};
 use speechcache::models::ssl::chunk::Chunking;
 use speechcache::models::ssl::config::Wav2Vec2Config;
 use speechcache::models::ssl::{CpuEncoder, LinearLayout, Wav2Vec2Model};
@@ -160,32 +160,6 @@ fn chunked_forward_stitches_the_windows() {
         everything == whole,
         "full-context windows differ from the whole run"
     );
-}
-
-/// A 16-bit mono WAV of deterministic noise.
-fn noise_wav(path: &Path, seconds: f64, seed: u32) {
-    let n = (seconds * 16000.0) as u32;
-    let mut bytes = Vec::with_capacity(44 + 2 * n as usize);
-    bytes.extend_from_slice(b"RIFF");
-    bytes.extend_from_slice(&(36 + 2 * n).to_le_bytes());
-    bytes.extend_from_slice(b"WAVEfmt ");
-    bytes.extend_from_slice(&16u32.to_le_bytes());
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&16000u32.to_le_bytes());
-    bytes.extend_from_slice(&32000u32.to_le_bytes());
-    bytes.extend_from_slice(&2u16.to_le_bytes());
-    bytes.extend_from_slice(&16u16.to_le_bytes());
-    bytes.extend_from_slice(b"data");
-    bytes.extend_from_slice(&(2 * n).to_le_bytes());
-    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
-    for _ in 0..n {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        bytes.extend_from_slice(&((state % 6000) as i16 - 3000).to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 /// A long utterance (6 s: 2,399 frames at 400 frames/s, past the engine's long threshold)

@@ -191,3 +191,29 @@ pub fn run_limited(mut cmd: Command) -> Limited {
         text,
     }
 }
+
+/// A 16-bit mono WAV of deterministic noise.
+pub fn noise_wav(path: &Path, seconds: f64, seed: u32) {
+    let n = (seconds * 16000.0) as u32;
+    let mut bytes = Vec::with_capacity(44 + 2 * n as usize);
+    bytes.extend_from_slice(b"RIFF");
+    bytes.extend_from_slice(&(36 + 2 * n).to_le_bytes());
+    bytes.extend_from_slice(b"WAVEfmt ");
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // mono
+    bytes.extend_from_slice(&16000u32.to_le_bytes());
+    bytes.extend_from_slice(&32000u32.to_le_bytes());
+    bytes.extend_from_slice(&2u16.to_le_bytes());
+    bytes.extend_from_slice(&16u16.to_le_bytes());
+    bytes.extend_from_slice(b"data");
+    bytes.extend_from_slice(&(2 * n).to_le_bytes());
+    let mut state = seed.wrapping_mul(2_654_435_761).max(1);
+    for _ in 0..n {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        bytes.extend_from_slice(&((state % 6000) as i16 - 3000).to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}

@@ -33,7 +33,7 @@ impl Chunking {
         let rate = 16000.0;
         let per = ((self.seconds * rate / spf as f64).round() as usize).max(1);
         let ctx = (self.context.max(0.0) * rate / spf as f64).round() as usize;
-        if t <= per + per / 4 {
+        if t <= per.saturating_add(per / 4) {
             return None;
         }
         let mut cuts: Vec<usize> = (0..t).step_by(per).collect();
@@ -45,7 +45,7 @@ impl Chunking {
             .windows(2)
             .map(|w| {
                 let (f0, f1) = (w[0], w[1]);
-                let (a, b) = (f0.saturating_sub(ctx), (f1 + ctx).min(t));
+                let (a, b) = (f0.saturating_sub(ctx), f1.saturating_add(ctx).min(t));
                 Window {
                     samples: a * spf..(b - 1) * spf + field,
                     keep: f0 - a..f1 - a,
@@ -90,5 +90,19 @@ mod tests {
             assert_eq!(next, t, "{n} samples");
         }
         assert!(chunking.windows(&cfg, 16000 * 12).is_none());
+        // lengths from a command line can be absurd: no overflow, no empty plan
+        let huge = Chunking {
+            seconds: 1e30,
+            context: 1e30,
+        };
+        assert!(huge.windows(&cfg, 16000 * 300).is_none());
+        let wide = Chunking {
+            seconds: 10.0,
+            context: 1e30,
+        };
+        let windows = wide.windows(&cfg, 16000 * 60).unwrap();
+        assert!(windows
+            .iter()
+            .all(|w| w.samples.end <= 16000 * 60 && !w.keep.is_empty()));
     }
 }
